@@ -1,0 +1,1138 @@
+"""Stage 01 - pretraining: a world, a tokenizer, and a Transformer that learns the world's facts.
+
+Every assistant starts as a next-token predictor trained on a large pile of text. Here the pile is
+written by this script: a seeded fictional world (people, towns, creatures, guilds, objects, events)
+is generated, saved as `world.json` (the ground truth every later stage grades against), and told
+in many kinds of documents - encyclopedia entries, biographies, letters, stories, dialogues, news,
+question-answer pages, worked arithmetic. A byte-level BPE tokenizer is trained on that text, and a
+decoder-only Transformer of the kind frontier labs build (RoPE, RMSNorm, grouped-query attention,
+SwiGLU, optional Mixture-of-Experts, KV cache) learns to predict it.
+
+What the chapter measures, and how:
+  * validation loss in bits per byte (comparable across tokenizers);
+  * fact completion: "<person> was born in" -> greedy continuation, scored against world.json, both
+    in a phrasing the documents use ("seen") and in one they never use ("held-out"): the second asks
+    whether the model stored a fact or a sentence (Allen-Zhu & Li, arXiv 2309.14316).
+
+Reads: nothing (or --data text).  Writes: runs/01_pretrain/ with model.pt, tokenizer.json,
+world.json, metrics.json, loss.png, report.md (and train_state.pt for --resume).
+
+    python 01_pretrain.py                      # the default for this machine (CUDA or CPU)
+    python 01_pretrain.py --preset tiny        # seconds on a laptop CPU (tests, CI)
+    torchrun --nproc_per_node 8 01_pretrain.py # DDP, same script
+    python 01_pretrain.py --resume             # continue an interrupted run exactly
+
+Departures from frontier practice, on purpose: the corpus is synthetic and tiny, so a fact gets
+hundreds of exposures (a small model needs them, see shared notes/world.md); and the token budget
+follows the world, not only Chinchilla's 20 tokens per parameter (printed for comparison).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import itertools
+import json
+import math
+import os
+import pathlib
+import random
+import re
+import signal
+import sys
+import time
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import kernels  # noqa: E402  (attention and MoE: Triton on CUDA, PyTorch elsewhere)
+
+# =====================================================================================
+# 1. Configuration
+# =====================================================================================
+# One dial, --depth, sets the model: width = depth * aspect, heads = width / head_dim, and from the
+# width the learning rate. A preset bundles a depth with a world size and a token budget that fit a
+# machine. Any flag given on the command line wins over the preset.
+
+PRESETS = {
+    # seconds on 2 CPU cores: tests and CI. Learns little; proves the plumbing.
+    "tiny": dict(depth=2, aspect=32, head_dim=16, seq_len=64, vocab_size=384, n_people=12,
+                 batch_tokens=2048, micro_batch=16, steps=30, eval_every=10, save_every=10,
+                 tokenizer_chars=150_000, probe_limit=40, val_tokens=4096),
+    # under 15 minutes on 2 CPU cores; the world is sized so each fact is seen 250+ times.
+    "cpu": dict(depth=4, aspect=32, head_dim=32, seq_len=256, vocab_size=2048, n_people=200,
+                batch_tokens=16384, micro_batch=32, tokens_per_param=8.0, eval_every=100,
+                save_every=200, tokenizer_chars=2_000_000, probe_limit=600, val_tokens=65536),
+    # the one-GPU course size (H100-class): unmeasured until a GPU run is recorded in README.
+    "gpu": dict(depth=8, aspect=64, head_dim=64, seq_len=1024, vocab_size=8192, n_people=2000,
+                batch_tokens=131072, micro_batch=64, tokens_per_param=20.0, eval_every=250,
+                save_every=1000, tokenizer_chars=20_000_000, probe_limit=2000, val_tokens=1_048_576),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="size bundle (default: gpu on CUDA, cpu otherwise)")
+    g.add_argument("--out", default="runs/01_pretrain", help="output directory")
+    g.add_argument("--seed", type=int, default=1337, help="seeds the world, the data order and the weights")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    g.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda if available)")
+    g.add_argument("--compile", type=int, default=None, help="torch.compile the model (default: 1 on CUDA)")
+    g.add_argument("--stop_after_step", type=int, default=None,
+                   help="save and exit after this step, as an interruption would (for testing --resume)")
+    g = p.add_argument_group("data")
+    g.add_argument("--n_people", type=int, help="world size: people (towns, guilds, ... scale with it)")
+    g.add_argument("--data", default=None, help="a UTF-8 text file or folder, or 'tinystories'")
+    g.add_argument("--data_mix", type=float, default=1.0,
+                   help="with --data: fraction of documents taken from it (the rest from the world)")
+    g.add_argument("--data_url", default=TINYSTORIES_URL, help="where --data tinystories downloads from")
+    g.add_argument("--tokenizer", default="bpe",
+                   help="'bpe' trains one here; or a stock tiktoken name (gpt2, cl100k_base) if cached locally")
+    g.add_argument("--vocab_size", type=int, help="BPE vocabulary including special tokens")
+    g.add_argument("--tokenizer_chars", type=int, help="characters of text the BPE is trained on")
+    g = p.add_argument_group("model")
+    g.add_argument("--depth", type=int, help="number of Transformer blocks: the one dial")
+    g.add_argument("--aspect", type=int, help="width per layer: n_embd = depth * aspect")
+    g.add_argument("--head_dim", type=int, help="attention head size")
+    g.add_argument("--gqa", type=int, default=2, help="query heads per key/value head")
+    g.add_argument("--seq_len", type=int, help="context length")
+    g.add_argument("--n_experts", type=int, default=0, help="Mixture-of-Experts experts (0: dense MLPs)")
+    g.add_argument("--top_k", type=int, default=2, help="experts per token")
+    g.add_argument("--moe_every", type=int, default=2, help="every k-th block is MoE (when n_experts > 0)")
+    g.add_argument("--moe_aux", type=float, default=0.01, help="Switch load-balancing loss weight")
+    g.add_argument("--moe_bias_gamma", type=float, default=1e-3,
+                   help="DeepSeek-V3 aux-free balancing: router-bias step per update (0: off)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 * sqrt(128 / n_embd))")
+    g.add_argument("--weight_decay", type=float, default=0.1)
+    g.add_argument("--grad_clip", type=float, default=1.0)
+    g.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
+                   help="cosine decay, or warmup-stable-decay (linear decay over the last 20%%)")
+    g.add_argument("--warmup_frac", type=float, default=0.03)
+    g.add_argument("--batch_tokens", type=int, help="tokens per optimizer step, over all ranks")
+    g.add_argument("--micro_batch", type=int, help="sequences per forward pass per rank")
+    g.add_argument("--steps", type=int, help="optimizer steps (default: from --tokens_per_param)")
+    g.add_argument("--tokens_per_param", type=float, help="token budget as a multiple of the parameters")
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval_every", type=int)
+    g.add_argument("--save_every", type=int)
+    g.add_argument("--val_tokens", type=int)
+    g.add_argument("--probe_limit", type=int, help="fact probes per kind in the knowledge evaluation")
+    args = p.parse_args(argv)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = device
+    preset = PRESETS[args.preset or ("gpu" if device == "cuda" else "cpu")]
+    args.preset = args.preset or ("gpu" if device == "cuda" else "cpu")
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.compile is None:
+        args.compile = int(device == "cuda")
+    return args
+
+
+def model_config_from_args(args, vocab_size):
+    """The depth dial: everything about the network's shape follows from a few numbers."""
+    n_embd = args.depth * args.aspect
+    if n_embd % args.head_dim:
+        sys.exit(f"error: n_embd = depth * aspect = {n_embd} is not a multiple of --head_dim {args.head_dim}.")
+    n_head = n_embd // args.head_dim
+    n_kv_head = n_head // args.gqa if n_head % args.gqa == 0 else n_head
+    # SwiGLU has three matrices, so 8/3 * n_embd keeps the MLP's parameters at 8 * n_embd^2 like GELU's 4x MLP.
+    mlp_hidden = 32 * math.ceil(8 * n_embd / 3 / 32)
+    return GPTConfig(vocab_size=vocab_size, n_layer=args.depth, n_embd=n_embd, n_head=n_head,
+                     n_kv_head=n_kv_head, mlp_hidden=mlp_hidden, seq_len=args.seq_len,
+                     n_experts=args.n_experts, top_k=args.top_k, moe_every=args.moe_every)
+
+
+# =====================================================================================
+# 2. The world
+# =====================================================================================
+# (pasted below from the world chapter: make_world, document, arithmetic_problem, fact_probes)
+
+# @@WORLD@@
+
+# =====================================================================================
+# 3. Data: the document stream, the user's text, packing into training rows
+# =====================================================================================
+
+TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStories-valid.txt"
+
+
+class DataError(Exception):
+    """Bad input data: reported to the user as one sentence, never as a traceback."""
+
+
+def read_user_text(path):
+    """A UTF-8 text file, or every .txt/.md file under a folder, split into documents at blank lines."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise DataError(f"--data {path}: no such file or folder.")
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".md")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"--data {path}: the folder holds no .txt or .md files.")
+    docs = []
+    for f in files:
+        raw = f.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"--data {f}: not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start}).")
+        # TinyStories separates stories with a marker line; plain text with blank lines.
+        parts = re.split(r"\n\s*<\|endoftext\|>\s*\n|\n\s*\n\s*\n", text)
+        docs.extend(p.strip() for p in parts if p.strip())
+    if not docs:
+        raise DataError(f"--data {path}: the text is empty.")
+    return docs
+
+
+def fetch_tinystories(url, cache_dir=None):
+    """Download TinyStories once into a cache folder (atomically), then read it from there."""
+    import urllib.request
+    cache_dir = pathlib.Path(cache_dir or os.environ.get("HIWT_CACHE", pathlib.Path.home() / ".cache" / "hiwt"))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    target = cache_dir / ("tinystories-" + hashlib.sha1(url.encode()).hexdigest()[:12] + ".txt")
+    if not target.exists():
+        tmp = target.with_suffix(".tmp")
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"could not download TinyStories from {url} ({err}); pass --data with a local file.")
+        os.replace(tmp, target)
+    return read_user_text(target)
+
+
+class DocumentSource:
+    """Document i of the training stream, drawn from the world or (with --data) from the user's text.
+
+    Random access by index, so a resumed run or a DDP rank can continue from any document."""
+
+    def __init__(self, world, seed, user_docs=None, user_mix=1.0):
+        self.world, self.seed, self.user_docs, self.user_mix = world, seed, user_docs, user_mix
+
+    def __call__(self, index):
+        if self.user_docs:
+            r = random.Random(self.seed * 7_919 + index)
+            if r.random() < self.user_mix:
+                return self.user_docs[r.randrange(len(self.user_docs))]
+        return document(self.world, index, self.seed)
+
+
+class TokenRows:
+    """Packs documents into rows of seq_len + 1 tokens: <|bos|> doc <|bos|> doc ...
+
+    Rows are numbered globally. At optimizer step s, rank r's micro-step m reads rows
+    s*R + (m*W + r)*B ... +B (R rows per step, W ranks, B rows per micro-batch), so a run on W
+    ranks with accumulation A sees exactly the batches of one process with accumulation W*A.
+    The state (next document, unread tokens) is tiny and is saved with the checkpoint."""
+
+    def __init__(self, source, tokenizer, seq_len, chunk_docs=256):
+        self.source, self.tokenizer, self.row_len, self.chunk_docs = source, tokenizer, seq_len + 1, chunk_docs
+        self.bos = tokenizer.encode_single_token("<|bos|>")
+        self.next_doc, self.buffer, self.next_row = 0, [], 0
+
+    def _fill(self):
+        texts = [self.source(i) for i in range(self.next_doc, self.next_doc + self.chunk_docs)]
+        self.next_doc += self.chunk_docs
+        for ids in self.tokenizer.encode_ordinary_batch(texts):
+            self.buffer.append(self.bos)
+            self.buffer.extend(ids)
+
+    def row(self):
+        while len(self.buffer) < self.row_len:
+            self._fill()
+        out, self.buffer = self.buffer[:self.row_len], self.buffer[self.row_len:]
+        self.next_row += 1
+        return out
+
+    def batch(self, first_row, n_rows):
+        """Rows first_row .. first_row + n_rows - 1 as (inputs, targets), skipping other ranks' rows."""
+        assert first_row >= self.next_row, "rows are read in order"
+        while self.next_row < first_row:
+            self.row()
+        rows = torch.tensor([self.row() for _ in range(n_rows)], dtype=torch.long)
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self):
+        return {"next_doc": self.next_doc, "next_row": self.next_row,
+                "buffer": torch.tensor(self.buffer, dtype=torch.long)}
+
+    def load_state_dict(self, state):
+        self.next_doc, self.next_row = int(state["next_doc"]), int(state["next_row"])
+        self.buffer = state["buffer"].tolist()
+
+
+# =====================================================================================
+# 4. Tokenizer: byte-level BPE, trained here, served by tiktoken
+# =====================================================================================
+# GPT-4's pre-split pattern (letters, punctuation, whitespace kept apart before merging), with one
+# change: numbers split into single digits, so "46" and "146" share their digits' tokens and
+# column arithmetic stays learnable for a small model (as in DeepSeek's and Llama 1's tokenizers).
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+# Reserved now for every later stage: turns of a chat (02), tool use (02, 08), thinking (05).
+SPECIAL_TOKENS = ["<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+                  "<|tool_call|>", "<|tool_result|>", "<|think|>", "<|/think|>", "<|pad|>"]
+
+
+def train_bpe(texts, vocab_size, pattern=SPLIT_PATTERN):
+    """Learn vocab_size - len(SPECIAL_TOKENS) - 256 merges over the pre-split chunks of texts.
+
+    Words are counted once with their frequency (the corpus repeats words a lot), and each merge
+    touches only the words that contain the merged pair. Returns {token bytes: rank}, the form
+    tiktoken takes; ranks 0..255 are the single bytes, so every string round-trips exactly."""
+    import regex
+    n_merges = vocab_size - len(SPECIAL_TOKENS) - 256
+    if n_merges < 0:
+        raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} special tokens.")
+    split = regex.compile(pattern)
+    word_freq = Counter(chunk for text in texts for chunk in split.findall(text))
+    words = [list(w.encode("utf-8")) for w in word_freq]
+    freqs = list(word_freq.values())
+    token_bytes = [bytes([b]) for b in range(256)]
+    ranks = {b: i for i, b in enumerate(token_bytes)}
+
+    pair_count, pair_words = Counter(), {}
+    for wi, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pair_count[pair] += freqs[wi]
+            pair_words.setdefault(pair, set()).add(wi)
+
+    for _ in range(n_merges):
+        if not pair_count:
+            break  # every word is a single token already: the corpus is too small for this vocab
+        # Most frequent pair; ties broken by the pair itself so training is deterministic.
+        best = max(pair_count.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        merged = token_bytes[best[0]] + token_bytes[best[1]]
+        if merged in ranks:      # a second route to an existing token: reuse it, add nothing
+            new_id = ranks[merged]
+        else:
+            new_id = len(token_bytes)
+            token_bytes.append(merged)
+            ranks[merged] = new_id
+        for wi in pair_words.pop(best, ()):
+            w, f = words[wi], freqs[wi]
+            for pair in zip(w, w[1:]):          # forget this word's old pairs ...
+                pair_count[pair] -= f
+                if pair_count[pair] <= 0:
+                    del pair_count[pair]
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            words[wi] = out
+            for pair in zip(out, out[1:]):      # ... and count its new ones
+                pair_count[pair] += f
+                pair_words.setdefault(pair, set()).add(wi)
+        pair_count.pop(best, None)
+    return ranks
+
+
+def make_encoding(name, mergeable_ranks, pattern=SPLIT_PATTERN):
+    """Wrap ranks as a tiktoken.Encoding, with the special tokens numbered after them."""
+    import tiktoken
+    n = len(mergeable_ranks)
+    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                             special_tokens={tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)})
+
+
+def stock_encoding(name):
+    """A stock tiktoken encoding plus our special tokens, only if tiktoken has it cached locally."""
+    import tiktoken
+    import tiktoken.load
+    download = tiktoken.load.read_file
+
+    def refuse(blobpath):  # tiktoken calls this only on a cache miss: never go to the network
+        raise DataError(f"--tokenizer {name} is not in tiktoken's local cache; use --tokenizer bpe.")
+    tiktoken.load.read_file = refuse
+    try:
+        base = tiktoken.get_encoding(name)
+    except ValueError as err:
+        raise DataError(f"--tokenizer {name}: {err}")
+    finally:
+        tiktoken.load.read_file = download
+    return make_encoding(name, base._mergeable_ranks, base._pat_str)
+
+
+def tokenizer_to_json(enc):
+    """The tokenizer as JSON text: split pattern, merged tokens in rank order (base64), specials."""
+    ranks = sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1])
+    return json.dumps({"name": enc.name, "pat_str": enc._pat_str, "special_tokens": SPECIAL_TOKENS,
+                       "mergeable_ranks": [base64.b64encode(b).decode("ascii") for b, _ in ranks]})
+
+
+# --- shared: tokenizer (origin: 01_pretrain.py) ---
+def tokenizer_from_json(text):
+    """JSON text -> tiktoken.Encoding with the special tokens numbered after the merged tokens."""
+    import tiktoken
+    payload = json.loads(text)
+    ranks = {base64.b64decode(b): i for i, b in enumerate(payload["mergeable_ranks"])}
+    specials = {tok: len(ranks) + i for i, tok in enumerate(payload["special_tokens"])}
+    return tiktoken.Encoding(payload["name"], pat_str=payload["pat_str"], mergeable_ranks=ranks,
+                             special_tokens=specials)
+
+
+def load_tokenizer(directory):
+    path = pathlib.Path(directory) / "tokenizer.json"
+    if not path.exists():
+        sys.exit(f"error: no tokenizer at {path}: run 01_pretrain.py first, or pass --init.")
+    return tokenizer_from_json(path.read_text(encoding="utf-8"))
+# --- end shared: tokenizer ---
+
+
+# =====================================================================================
+# 5. The model
+# =====================================================================================
+
+# --- shared: model (origin: 01_pretrain.py) ---
+@dataclasses.dataclass
+class GPTConfig:
+    vocab_size: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int       # grouped-query attention: n_head // n_kv_head query heads share one K/V head
+    mlp_hidden: int
+    seq_len: int
+    rope_theta: float = 10000.0
+    n_experts: int = 0   # 0: every MLP is dense; otherwise every moe_every-th block is a Mixture-of-Experts
+    top_k: int = 2
+    moe_every: int = 2
+
+
+def rope_tables(head_dim, length, theta, device):
+    """cos/sin of the rotary angles, (length, head_dim // 2) each (Su et al., arXiv 2104.09864)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (first half, second half) pair of x (B, H, T, D) by its position's angle."""
+    a, b = x.float().chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for generation one token at a time."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled (advanced by the model after its last layer)
+
+    def update(self, layer, k, v):
+        t0, t1 = self.length, self.length + k.size(2)
+        self.k[layer, :, :, t0:t1], self.v[layer, :, :, t0:t1] = k, v
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.wq = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
+        self.wkv = nn.Linear(config.n_embd, 2 * config.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)          # (B, H, T, D)
+        k, v = self.wkv(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # attend to everything cached so far, (B, Hkv, T_total, D)
+        y = kernels.attention(q, k, v, causal=True)                                     # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    """silu(x W_gate) * (x W_up) W_down (Shazeer, arXiv 2002.05202)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.up = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.down = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts. Balancing: the Switch auxiliary loss (kept in self.aux_loss for
+    the trainer to add) and DeepSeek-V3's router bias, nudged toward balance after every training
+    forward pass; the bias only chooses experts and never scales their outputs."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, C, Hd = config.n_experts, config.n_embd, config.mlp_hidden
+        self.n_experts, self.top_k = E, config.top_k
+        self.router = nn.Linear(C, E, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(E, C, Hd))
+        self.w_up = nn.Parameter(torch.empty(E, C, Hd))
+        self.w_down = nn.Parameter(torch.empty(E, Hd, C))
+        self.register_buffer("router_bias", torch.zeros(E))
+        self.bias_gamma = 0.0  # set by the trainer; 0 leaves the bias alone (eval, later stages)
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                                    # (N, C)
+        gates, experts, probs = kernels.route(self.router(x), self.top_k, self.router_bias)
+        if self.training:
+            self.aux_loss = kernels.load_balancing_loss(probs, experts, self.n_experts)
+            if self.bias_gamma > 0:
+                kernels.update_router_bias(self.router_bias, experts, self.n_experts, self.bias_gamma)
+        y = kernels.moe_swiglu(x, gates.to(x.dtype), experts, self.w_gate, self.w_up, self.w_down)
+        return y.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.n_embd)
+        self.attn = Attention(config)
+        self.mlp_norm = nn.RMSNorm(config.n_embd)
+        use_moe = config.n_experts > 0 and config.moe_every > 0 and layer % config.moe_every == config.moe_every - 1
+        self.mlp = MoE(config) if use_moe else SwiGLU(config)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)   # pre-norm residual blocks
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables for 4x the training context (generation may run past it); not saved.
+        cos, sin = rope_tables(config.n_embd // config.n_head, 4 * config.seq_len, config.rope_theta, "cpu")
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def init_weights(self, seed):
+        """GPT-2 style: N(0, 0.02), with the residual-stream outputs scaled by 1/sqrt(2 * n_layer)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)   # RMSNorm gains
+                continue
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith(("wo.weight", "down.weight", "w_down")) else 0.02
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) -> logits (B, T, vocab); with targets (B, T), the mean cross-entropy over the
+        positions whose target is not -1 (later stages mask prompts that way) instead."""
+        T = idx.size(1)
+        t0 = cache.length if cache is not None else 0
+        cos, sin = self.rope_cos[t0:t0 + T], self.rope_sin[t0:t0 + T]
+        x = self.embed(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.norm(x)).float()
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    def aux_loss(self):
+        """Sum of the MoE layers' load-balancing losses from the last forward pass (0 when dense)."""
+        return sum((b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoE)), torch.zeros(()))
+# --- end shared: model ---
+
+
+def count_parameters(model):
+    """Total parameters, and the ones a token's forward pass multiplies by (no embedding lookup,
+    only top_k of the experts)."""
+    total = sum(p.numel() for p in model.parameters())
+    active = total - model.embed.weight.numel()
+    for block in model.blocks:
+        if isinstance(block.mlp, MoE):
+            per_expert = sum(p[0].numel() for p in (block.mlp.w_gate, block.mlp.w_up, block.mlp.w_down))
+            active -= per_expert * (block.mlp.n_experts - block.mlp.top_k)
+    return total, active
+
+
+def flops_per_token(config, active_params):
+    """Training FLOPs per token: 6 per active weight (forward 2, backward 4) plus attention's
+    QK^T and AV, 12 * n_layer * n_embd * seq_len (the PaLM paper's appendix B count, no causal discount)."""
+    return 6 * active_params + 12 * config.n_layer * config.n_embd * config.seq_len
+
+
+# Peak dense bf16 TFLOP/s per GPU, by device-name substring (not the 2:4-sparse figures).
+PEAK_TFLOPS = {"H200": 989, "H100 NVL": 835, "H100 PCIe": 756, "H100": 989, "GH200": 989, "A100": 312,
+               "L40S": 362, "L4": 121, "A10G": 125, "RTX 4090": 165, "RTX 3090": 71}
+
+
+def peak_flops(device):
+    if device != "cuda":
+        return None  # no meaningful MFU on a CPU
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+# =====================================================================================
+# 6. Checkpoints: plain tensors and config, written atomically
+# =====================================================================================
+
+# --- shared: checkpoint (origin: 01_pretrain.py) ---
+def write_atomic(path, data):
+    """Write bytes (or a torch-saveable object) to path via a temp file and a rename, so a crash or a
+    full disk leaves the previous file intact. Raises OSError on failure, after cleaning up."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            torch.save(data, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_model(model, path, extra=None):
+    """model.pt: {"config": dict, "model": state dict of plain tensors, ...extra}. Unwraps DDP and
+    torch.compile first, so no "module." or "_orig_mod." prefixes ever reach the file."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    write_atomic(path, {"config": dataclasses.asdict(model.config), "model": state, **(extra or {})})
+
+
+def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass --init"):
+    """Load DIR/model.pt into a GPT. A missing or unreadable checkpoint exits with one sentence."""
+    path = pathlib.Path(directory) / "model.pt"
+    if not path.exists():
+        sys.exit(f"error: no checkpoint at {path}: {hint}.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
+        sys.exit(f"error: {path} is not a checkpoint this code can load ({type(err).__name__}: {err}).")
+    return model.to(device), ckpt
+# --- end shared: checkpoint ---
+
+
+# --- shared: sampling (origin: 01_pretrain.py) ---
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, stop_ids=(), generator=None):
+    """Yield new token ids one at a time for a batch of equal-length prompts (B, T), using a KV
+    cache: the prompt is read in one forward pass, then each step feeds only the newest token.
+    temperature 0 is greedy. Stops early once every row has produced a stop id."""
+    model.eval()
+    idx = torch.as_tensor(prompt_ids, device=model.embed.weight.device).view(len(prompt_ids), -1)
+    max_len = min(idx.size(1) + max_new_tokens, model.rope_cos.size(0))
+    cache = KVCache(model.config, idx.size(0), max_len, idx.device, model.embed.weight.dtype)
+    logits = model(idx, cache=cache)[:, -1]
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    stop = torch.tensor(list(stop_ids), device=idx.device, dtype=torch.long)
+    for step in range(max_len - idx.size(1)):
+        if temperature == 0:
+            next_id = logits.argmax(-1)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_id = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+        yield next_id
+        done |= torch.isin(next_id, stop)
+        if done.all() or step == max_len - idx.size(1) - 1:
+            return
+        logits = model(next_id[:, None], cache=cache)[:, -1]
+# --- end shared: sampling ---
+
+
+# =====================================================================================
+# 7. Evaluation: bits per byte, and does the model know its world?
+# =====================================================================================
+
+def token_byte_lengths(enc, device):
+    """UTF-8 bytes each token stands for; 0 for special tokens, which carry no text."""
+    n = enc.n_vocab
+    lengths = [len(enc.decode_single_token_bytes(i)) if i < n - len(SPECIAL_TOKENS) else 0 for i in range(n)]
+    return torch.tensor(lengths, dtype=torch.float32, device=device)
+
+
+@torch.no_grad()
+def bits_per_byte(model, inputs, targets, byte_lengths, batch_size, autocast):
+    """Summed next-token loss in bits over the bytes of the predicted text. Unlike loss per token,
+    this does not change when the tokenizer does (nanochat and the Chinchilla paper report it)."""
+    model.eval()
+    nats, n_bytes = 0.0, 0.0
+    for i in range(0, len(inputs), batch_size):
+        x, y = inputs[i:i + batch_size], targets[i:i + batch_size]
+        with autocast:
+            logits = model(x)
+        nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        weight = byte_lengths[y.reshape(-1)]
+        nats += (nll * (weight > 0)).sum().item()
+        n_bytes += weight.sum().item()
+    model.train()
+    return nats / (math.log(2) * n_bytes)
+
+
+@torch.no_grad()
+def knowledge_probe(model, enc, probes, device, batch_size=64):
+    """Greedy completion of each probe prompt; right when the continuation starts with the answer
+    as a whole word ("Orrin" does not count for "Orrinford"). Prompts are batched by token length,
+    so no padding is needed."""
+    by_length = {}
+    for probe in probes:
+        ids = [enc.encode_single_token("<|bos|>")] + enc.encode_ordinary(probe["prompt"])
+        by_length.setdefault(len(ids), []).append((ids, probe))
+    results = []
+    for items in by_length.values():
+        for i in range(0, len(items), batch_size):
+            chunk = items[i:i + batch_size]
+            n_new = max(len(enc.encode_ordinary(" " + p["answer"])) for _, p in chunk) + 1
+            prompt = torch.tensor([ids for ids, _ in chunk], device=device)
+            new = torch.stack(list(generate(model, prompt, n_new, temperature=0)), dim=1).tolist()
+            for (_, probe), ids in zip(chunk, new):
+                text = enc.decode([t for t in ids if t < enc.n_vocab - len(SPECIAL_TOKENS)])
+                expected = " " + probe["answer"]
+                correct = text.startswith(expected) and not text[len(expected):len(expected) + 1].isalnum()
+                results.append({**probe, "completion": text, "correct": correct})
+    model.train()
+    return results
+
+
+def summarise_probes(results):
+    """Accuracy by prompt kind (seen / held-out phrasing) and by QA split of the subject."""
+    summary = {}
+    for key in ("kind", "qa_split", "relation"):
+        for value in sorted({r[key] for r in results}):
+            group = [r["correct"] for r in results if r[key] == value]
+            summary[f"{key}={value}"] = {"accuracy": sum(group) / len(group), "n": len(group)}
+    return summary
+
+
+def majority_baseline(world, probes):
+    """Accuracy of always answering a relation's most common object: the bar to beat."""
+    common = {}
+    for rel in {p["relation"] for p in probes}:
+        objects = Counter(f["object"] for f in world["facts"] if f["relation"] == rel)
+        common[rel] = objects.most_common(1)[0][0]
+    return sum(p["answer"] == common[p["relation"]] for p in probes) / max(1, len(probes))
+
+
+def choose_probes(world, limit, seed):
+    """Up to `limit` probes of each kind, the same subset every time for a given world."""
+    chosen = []
+    for kind in ("seen", "heldout"):
+        pool = [p for p in fact_probes(world) if p["kind"] == kind]
+        chosen += random.Random(seed).sample(pool, min(limit, len(pool)))
+    return chosen
+
+
+# =====================================================================================
+# 8. Training
+# =====================================================================================
+
+def learning_rate(step, total, peak, warmup_frac, schedule):
+    """Linear warmup, then cosine decay to 10% of the peak, or warmup-stable-decay (hold the peak,
+    then decay linearly to 0 over the last 20%; Hu et al., MiniCPM, arXiv 2404.06395)."""
+    warmup = max(1, int(warmup_frac * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "wsd":
+        decay_start = int(0.8 * total)
+        return peak if step < decay_start else peak * (total - step) / max(1, total - decay_start)
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, lr, weight_decay, device):
+    """AdamW; decay only matrices (embeddings, projections, experts), not norm gains."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device == "cuda")
+
+
+# Flags that must match for --resume to continue the same run (the others, e.g. eval_every, may change).
+RESUME_MUST_MATCH = ("seed", "n_people", "data", "data_mix", "tokenizer", "vocab_size", "depth", "aspect",
+                     "head_dim", "gqa", "seq_len", "n_experts", "top_k", "moe_every", "moe_aux",
+                     "moe_bias_gamma", "lr", "weight_decay", "grad_clip", "schedule", "warmup_frac",
+                     "batch_tokens", "micro_batch", "steps", "tokens_per_param")
+
+
+def fail(message, code=1):
+    """One sentence to the user, a non-zero exit, no traceback."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = pathlib.Path(args.out)
+    state_path = out / "train_state.pt"
+
+    # --- distributed set-up: torchrun sets these variables; a plain run is rank 0 of 1 ---
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world_size > 1:
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else args.device
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if args.device == "cuda"
+                else contextlib.nullcontext())
+
+    # --- resume, or refuse to clobber an unfinished run ---
+    saved = None
+    if args.resume:
+        if not state_path.exists():
+            fail(f"nothing to resume: {state_path} does not exist (an unfinished run leaves it there).")
+        try:
+            saved = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001
+            fail(f"{state_path} is not a training state this code can read ({type(err).__name__}).")
+        different = [f"--{k} {saved['args'].get(k)!r} (now {getattr(args, k)!r})"
+                     for k in RESUME_MUST_MATCH if saved["args"].get(k) != getattr(args, k)]
+        if different:
+            fail(f"{state_path} was trained with " + ", ".join(different) +
+                 "; pass the same flags to resume, or a new --out to start another run.")
+    elif state_path.exists():
+        fail(f"{out} holds an unfinished run ({state_path.name}): pass --resume to continue it, "
+             f"or delete that file (or choose another --out) to start over.")
+
+    # --- the world and the data ---
+    t_setup = time.time()
+    try:
+        if saved:
+            world = json.loads(saved["world_json"])
+        else:
+            world = make_world(args.n_people, args.seed)
+        user_docs = None
+        if args.data == "tinystories":
+            user_docs = fetch_tinystories(args.data_url)
+        elif args.data:
+            user_docs = read_user_text(args.data)
+        source = DocumentSource(world, args.seed, user_docs, args.data_mix)
+        if saved:
+            tokenizer_json = saved["tokenizer_json"]
+            enc = tokenizer_from_json(tokenizer_json)
+        else:
+            if args.tokenizer == "bpe":
+                texts, n_chars, i = [], 0, 0
+                while n_chars < args.tokenizer_chars:
+                    texts.append(source(i))
+                    n_chars += len(texts[-1])
+                    i += 1
+                enc = make_encoding("hiwt-bpe", train_bpe(texts, args.vocab_size))
+            else:
+                enc = stock_encoding(args.tokenizer)
+            tokenizer_json = tokenizer_to_json(enc)
+    except DataError as err:
+        fail(str(err))
+    log(f"world: {len(world['people'])} people, {len(world['facts'])} facts | tokenizer: {enc.n_vocab} tokens "
+        f"| set-up {time.time() - t_setup:.1f}s")
+
+    # --- the model, sized by the depth dial ---
+    config = model_config_from_args(args, enc.n_vocab)
+    model = GPT(config)
+    model.init_weights(args.seed)
+    model.to(device)
+    for block in model.blocks:
+        if isinstance(block.mlp, MoE):
+            block.mlp.bias_gamma = args.moe_bias_gamma
+    n_params, n_active = count_parameters(model)
+    flops_tok = flops_per_token(config, n_active)
+    rows_per_micro = args.micro_batch
+    tokens_per_micro = rows_per_micro * args.seq_len * world_size
+    if args.batch_tokens % tokens_per_micro:
+        fail(f"--batch_tokens {args.batch_tokens} is not a multiple of micro_batch * seq_len * ranks "
+             f"= {tokens_per_micro}.")
+    accum = args.batch_tokens // tokens_per_micro
+    steps = args.steps or max(1, int(args.tokens_per_param * n_active / args.batch_tokens))
+    lr = args.lr or 3e-3 * math.sqrt(128 / config.n_embd)
+    total_tokens = steps * args.batch_tokens
+    log(f"model: depth {config.n_layer}, width {config.n_embd}, heads {config.n_head}/{config.n_kv_head} (q/kv), "
+        f"mlp {config.mlp_hidden}{f', {config.n_experts} experts top-{config.top_k}' if config.n_experts else ''}")
+    log(f"params: {n_params / 1e6:.2f}M total, {n_active / 1e6:.2f}M active (no embedding) | "
+        f"FLOPs/token {flops_tok / 1e6:.1f}M | peak lr {lr:.2e}")
+    log(f"budget: {steps} steps x {args.batch_tokens} tokens = {total_tokens / 1e6:.1f}M tokens "
+        f"({total_tokens / n_active:.1f} tokens/param; Chinchilla's rule of thumb is 20) | "
+        f"grad accumulation {accum} x {world_size} rank(s)")
+
+    optimizer = make_optimizer(model, lr, args.weight_decay, args.device)
+    rows = TokenRows(source, enc, args.seq_len)
+    metrics = {"train": [], "val": [], "probes": []}
+    start_step = 0
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        rows.load_state_dict(saved["data"][rank] if isinstance(saved["data"], list) else saved["data"])
+        metrics, start_step = saved["metrics"], saved["step"]
+        log(f"resumed from {state_path} at step {start_step}")
+
+    train_model = model
+    if args.compile:
+        train_model = torch.compile(model)
+    if world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[torch.cuda.current_device()] if args.device == "cuda" else None,
+            find_unused_parameters=config.n_experts > 0)  # an expert may get no tokens in a step
+
+    # Fixed evaluation data: documents from another seed of the same world.
+    val_rows = TokenRows(DocumentSource(world, args.seed + 1, user_docs, args.data_mix), enc, args.seq_len)
+    val_x, val_y = val_rows.batch(0, max(1, args.val_tokens // args.seq_len))
+    val_x, val_y = val_x.to(device), val_y.to(device)
+    byte_lengths = token_byte_lengths(enc, device)
+    probes = choose_probes(world, args.probe_limit, args.seed)
+
+    def save_train_state(step):
+        """Everything --resume needs; the model's own files are written only when the run ends."""
+        data_states = [rows.state_dict()]
+        if world_size > 1:
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, rows.state_dict())
+            data_states = gathered
+        if not master:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            write_atomic(state_path, {
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "config": dataclasses.asdict(config), "optimizer": optimizer.state_dict(), "step": step,
+                "data": data_states, "metrics": metrics, "args": vars(args),
+                "world_json": json.dumps(world), "tokenizer_json": tokenizer_json})
+        except OSError as err:
+            fail(f"could not save {state_path} ({os.strerror(err.errno) if err.errno else err}); "
+                 f"the previous checkpoint is intact.")
+
+    def evaluate(step):
+        bpb = bits_per_byte(model, val_x, val_y, byte_lengths, args.micro_batch, autocast)
+        metrics["val"].append({"step": step, "tokens": step * args.batch_tokens, "val_bpb": bpb})
+        sample_ids = [enc.encode_single_token("<|bos|>")] + enc.encode_ordinary(world["people"][0]["name"])
+        new = torch.cat(list(generate(model, [sample_ids], 40, temperature=0)))
+        sample = enc.decode(sample_ids[1:] + [t for t in new.tolist() if t < enc.n_vocab - len(SPECIAL_TOKENS)])
+        tqdm_write(f"step {step:>6}/{steps} | val bpb {bpb:.4f} | sample: {sample[:160]!r}")
+        return bpb
+
+    # Ctrl-C (SIGINT) finishes the current step, saves, and exits; a second Ctrl-C stops at once.
+    interrupted = []
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+
+    from tqdm import tqdm
+    tqdm_write = tqdm.write if master else (lambda *a, **k: None)
+    rows_per_step = args.micro_batch * accum * world_size
+    peak = peak_flops(args.device)
+    t_last, tokens_since = time.time(), 0
+    train_start = time.time() - (metrics["train"][-1]["time"] if metrics["train"] else 0.0)
+    bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not master,
+               desc="pretrain", dynamic_ncols=True)
+    try:
+        for step in bar:
+            if master and step % args.eval_every == 0 and (step > start_step or step == 0):
+                evaluate(step)
+            step_lr = learning_rate(step, steps, lr, args.warmup_frac, args.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                first = step * rows_per_step + (micro * world_size + rank) * args.micro_batch
+                x, y = rows.batch(first, args.micro_batch)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = contextlib.nullcontext() if (world_size == 1 or micro == accum - 1) else train_model.no_sync()
+                with sync:
+                    with autocast:
+                        loss = train_model(x, y)
+                        total = loss + args.moe_aux * model.aux_loss().to(device) if config.n_experts else loss
+                    (total / accum).backward()
+                loss_sum += loss.detach() / accum
+            if world_size > 1:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            loss_value = loss_sum.item()
+            if not math.isfinite(loss_value):
+                fail(f"the loss became {loss_value} at step {step}; the last good checkpoint "
+                     f"({state_path if state_path.exists() else 'none yet'}) is intact: lower --lr and --resume.")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            tokens_since += args.batch_tokens
+            now = time.time()
+            record = {"step": step + 1, "tokens": (step + 1) * args.batch_tokens, "loss": loss_value,
+                      "lr": step_lr, "grad_norm": grad_norm, "time": now - train_start}
+            metrics["train"].append(record)
+            if now - t_last > 1.0 or step == steps - 1:
+                tok_s = tokens_since / (now - t_last)
+                mfu = f" mfu {100 * tok_s * flops_tok / (peak * world_size):.1f}%" if peak else ""
+                bar.set_postfix_str(f"loss {loss_value:.4f} lr {step_lr:.2e} {tok_s:,.0f} tok/s{mfu}")
+                t_last, tokens_since = now, 0
+            if (step + 1) % args.save_every == 0 and step + 1 < steps:
+                save_train_state(step + 1)
+            stop = bool(interrupted) or (args.stop_after_step is not None and args.stop_after_step <= step + 1 < steps)
+            if world_size > 1:  # every rank must agree to stop at the same step, or the save deadlocks
+                flag = torch.tensor(float(stop), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+            if stop:
+                save_train_state(step + 1)
+                log(f"\nstopped after step {step + 1}; continue with the same flags plus --resume.")
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+                sys.exit(130 if interrupted else 0)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        bar.close()
+    train_seconds = time.time() - train_start
+
+    # --- final evaluation and report (rank 0) ---
+    if master:
+        final_bpb = evaluate(steps)
+        log("knowledge probe ...")
+        results = knowledge_probe(model, enc, probes, device)
+        summary = summarise_probes(results)
+        metrics["probes"] = results
+        baseline = majority_baseline(world, probes)
+        out.mkdir(parents=True, exist_ok=True)
+        summary_metrics = {
+            "val_bpb": final_bpb, "final_train_loss": metrics["train"][-1]["loss"],
+            "probe": summary, "probe_majority_baseline": baseline, "params": n_params,
+            "active_params": n_active, "flops_per_token": flops_tok, "tokens": total_tokens,
+            "steps": steps, "train_seconds": train_seconds, "device": describe_device(args.device),
+            "world_size": world_size, "preset": args.preset, "config": dataclasses.asdict(config),
+            "args": vars(args)}
+        try:
+            write_atomic(out / "tokenizer.json", tokenizer_json.encode("utf-8"))
+            write_atomic(out / "world.json", json.dumps(world, indent=1).encode("utf-8"))
+            write_atomic(out / "metrics.json", json.dumps({**summary_metrics, "history": metrics},
+                                                          indent=1).encode("utf-8"))
+            plot_losses(metrics, out / "loss.png")
+            write_atomic(out / "report.md", make_report(summary_metrics, results, world).encode("utf-8"))
+            save_model(model, out / "model.pt", {"step": steps, "args": vars(args)})
+        except OSError as err:
+            fail(f"could not write the results to {out} ({err.strerror or err}); "
+                 f"{state_path.name if state_path.exists() else 'nothing'} was kept.")
+        state_path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
+        seen = summary.get("kind=seen", {}).get("accuracy", float("nan"))
+        held = summary.get("kind=heldout", {}).get("accuracy", float("nan"))
+        print(f"\n== stage 01 done in {train_seconds / 60:.1f} min | val bpb {metrics['val'][0]['val_bpb'] if metrics['val'] else float('nan'):.3f}"
+              f" -> {final_bpb:.3f} | fact completion: seen phrasing {seen:.1%}, held-out phrasing {held:.1%} "
+              f"(majority baseline {baseline:.1%}) | wrote {out}/")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def describe_device(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{device} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+# =====================================================================================
+# 9. Report
+# =====================================================================================
+
+def plot_losses(metrics, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tokens = [r["tokens"] / 1e6 for r in metrics["train"]]
+    losses = [r["loss"] for r in metrics["train"]]
+    ax.plot(tokens, losses, lw=0.8, alpha=0.5, label="train loss (nats/token)")
+    if len(losses) > 20:  # a moving average makes the trend readable
+        k = max(5, len(losses) // 50)
+        smooth = [sum(losses[max(0, i - k):i + 1]) / len(losses[max(0, i - k):i + 1]) for i in range(len(losses))]
+        ax.plot(tokens, smooth, lw=1.5, label=f"train loss, {k}-step mean")
+    ax.set_xlabel("tokens (millions)")
+    ax.set_ylabel("loss (nats/token)")
+    if metrics["val"]:
+        ax2 = ax.twinx()
+        ax2.plot([r["tokens"] / 1e6 for r in metrics["val"]], [r["val_bpb"] for r in metrics["val"]],
+                 "o-", color="C3", label="val bits/byte")
+        ax2.set_ylabel("validation bits per byte")
+        ax2.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    ax.set_title("Stage 01: pretraining")
+    fig.tight_layout()
+    tmp = pathlib.Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def make_report(m, results, world):
+    rows = "\n".join(f"| {key} | {v['accuracy']:.1%} | {v['n']} |" for key, v in m["probe"].items())
+    wrong = [r for r in results if not r["correct"]][:5]
+    right = [r for r in results if r["correct"]][:5]
+    examples = "\n".join(f"- {'right' if r['correct'] else 'wrong'}: `{r['prompt']}` -> `{r['completion'].strip()[:60]}` "
+                         f"(answer: {r['answer']})" for r in right + wrong)
+    return f"""# Stage 01 - pretraining report
+
+Preset `{m['preset']}` on {m['device']}, {m['world_size']} process(es).
+World: {len(world['people'])} people, {len(world['facts'])} facts (`world.json`).
+
+| | |
+|---|---|
+| parameters | {m['params'] / 1e6:.2f}M total, {m['active_params'] / 1e6:.2f}M active per token |
+| FLOPs per token (training) | {m['flops_per_token'] / 1e6:.1f}M |
+| tokens seen | {m['tokens'] / 1e6:.1f}M in {m['steps']} steps ({m['tokens'] / m['active_params']:.1f} per active parameter) |
+| training time | {m['train_seconds'] / 60:.1f} min |
+| final train loss | {m['final_train_loss']:.3f} nats/token |
+| validation | {m['val_bpb']:.3f} bits per byte |
+
+## Does the model know its world?
+
+Greedy completion of fact prompts, scored against `world.json`. "seen" prompts use a phrasing the
+documents use; "heldout" prompts use a phrasing no document contains. `qa_split=heldout` subjects
+never appear in question-answer text (stage 02 asks them questions). Majority-class baseline:
+{m['probe_majority_baseline']:.1%}.
+
+| group | accuracy | probes |
+|---|---|---|
+{rows}
+
+{examples}
+"""
+
+
+if __name__ == "__main__":
+    main()

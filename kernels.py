@@ -1,0 +1,891 @@
+"""kernels.py -- the two fast kernels every stage shares: causal flash attention and Mixture-of-Experts.
+
+Every stage of the pipeline runs the same decoder-only Transformer, and two operations dominate its
+time: attention and, when the model has MoE layers, the experts' MLPs. This file holds a Triton
+kernel for each, a plain PyTorch version of each, and the small dispatch that picks between them.
+
+Attention (FlashAttention-2, Dao 2023)
+  * Online softmax: a program owns a block of queries, walks the keys block by block, and keeps a
+    running row maximum m and row sum l, rescaling its output accumulator whenever m grows. The
+    (T x T) score matrix never exists in memory, only one (BLOCK_M x BLOCK_N) tile at a time.
+  * exp2 instead of exp: log2(e) is folded into the softmax scale, so every exponential is a
+    single hardware exp2.
+  * Recomputation: the forward saves only the output and the log-sum-exp per row. The backward
+    recomputes each probability tile from Q, K and that log-sum-exp instead of storing P.
+  * Grouped-query attention through indexing: query head h reads key/value head h // (H // Hkv)
+    through strides; K and V are never repeated in memory. In the backward one program per key
+    block loops over all query heads of its group, so dK and dV need no atomics.
+  * Causal masks are bottom-right aligned (query i of Tq sits at position Tk - Tq + i), so the
+    same kernel trains (Tq == Tk) and decodes against a KV cache (Tq < Tk). Ragged lengths are
+    masked inside the kernel; key blocks entirely in the future are skipped, and only the blocks
+    that straddle the diagonal or the end of the sequence pay for a mask.
+
+Mixture-of-Experts (top-k routing, SwiGLU experts)
+  * route() picks each token's top-k experts from a softmax over router logits; an optional
+    per-expert bias (DeepSeek-V3's auxiliary-loss-free balancing) shifts the choice only.
+  * The N*k (token, expert) assignments are sorted by expert, so each expert's tokens form one
+    contiguous segment. A grouped GEMM then runs every expert in a single launch: each program owns
+    a (row block, column block) tile of one expert's segment, looked up in a schedule built on the
+    GPU with torch ops (no host synchronisation, no Python loop over experts).
+  * Forward: one kernel computes gate and up projections together and applies SiLU(g) * u in its
+    epilogue; a second computes the down projection. Backward: the same grouped GEMM through
+    transposed weights (by swapping strides) gives dH, with the SwiGLU derivative fused into its
+    epilogue, and dX; a per-expert reduction kernel gives the weight gradients (zero for experts
+    that received no tokens).
+
+Dispatch
+  BACKEND is "auto" (default), "torch" or "triton"; the environment variable HIWT_KERNELS sets its
+  initial value and set_backend() changes it. "auto" uses Triton when it imports and the tensors
+  are on a CUDA device, and the PyTorch functions otherwise (CPU, or head dims the kernel does not
+  support). "torch" forces the PyTorch functions, for comparison. "triton" forces the kernels; on a
+  CPU that only works under the Triton interpreter (TRITON_INTERPRET=1), which is how the tests run.
+
+`python kernels.py --bench` times both kernels on a CUDA GPU; `python kernels.py --check` compares
+them with the references on whatever device is present.
+"""
+import argparse
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # no Triton wheel (macOS, Windows): the PyTorch paths still work
+    HAS_TRITON = False
+
+    class _NoTriton:  # stands in for triton and triton.language so the kernel definitions below parse
+        constexpr = None
+
+        @staticmethod
+        def jit(fn):
+            return fn
+
+    triton = tl = _NoTriton()
+
+# Under the interpreter every program runs one after another in numpy: small tiles keep it quick
+# and make even tiny test shapes cross several blocks.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_BACKENDS = ("auto", "torch", "triton")
+BACKEND = os.environ.get("HIWT_KERNELS", "auto")
+if BACKEND not in _BACKENDS:
+    raise ValueError(f"HIWT_KERNELS must be one of {', '.join(_BACKENDS)}, not {BACKEND!r}")
+
+
+def set_backend(name: str) -> None:
+    """Choose the kernels: "auto" (Triton on CUDA, PyTorch elsewhere), "torch" or "triton"."""
+    global BACKEND
+    if name not in _BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(_BACKENDS)}, not {name!r}")
+    BACKEND = name
+
+
+def _use_triton(x: torch.Tensor, unsupported: str | None = None) -> bool:
+    """Whether to run the Triton kernel on x. `unsupported` names why the kernel cannot take this
+    input (None if it can): "auto" then falls back to PyTorch, "triton" refuses loudly."""
+    if BACKEND == "torch":
+        return False
+    if BACKEND == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("BACKEND is 'triton' but triton is not installed")
+        if unsupported:
+            raise ValueError(f"the Triton kernel does not support this input: {unsupported}")
+        return True
+    return HAS_TRITON and x.is_cuda and unsupported is None
+
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# ============================================================================================
+# Attention: PyTorch versions
+# ============================================================================================
+
+
+def attention_reference(q, k, v, causal=True):
+    """Attention written out in full: the test oracle. Works in any dtype, float64 included.
+
+    q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). Computes in float32 (float64 if given float64)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k = k.to(work).repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, D): head h reads kv head h // G
+    v = v.to(work).repeat_interleave(H // Hkv, dim=1)
+    scores = q.to(work) @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, Tq, Tk)
+    if causal:
+        # query i sits at absolute position Tk - Tq + i and sees keys 0 .. Tk - Tq + i
+        visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return (scores.softmax(dim=-1) @ v).to(q.dtype)
+
+
+def attention_torch(q, k, v, causal=True):
+    """PyTorch's fused attention (the CPU path): same contract as attention()."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    mask, is_causal = None, False
+    if causal and Tq == Tk:
+        is_causal = True  # SDPA's own causal flag is top-left aligned, which is right only when Tq == Tk
+    elif causal and Tq > 1:  # a single query is the newest position and sees the whole cache
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+# ============================================================================================
+# Attention: Triton kernels
+# ============================================================================================
+
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) for each kernel, chosen for an H100.
+# fp32 tiles take twice the shared memory, so they get smaller tiles and fewer pipeline stages.
+_ATTN_TILES = {
+    32: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
+    64: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
+    128: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
+}
+_ATTN_TILES_FP32 = dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
+# Interpreter tiles: BLOCK_M != BLOCK_N on purpose, so the diagonal bookkeeping is exercised.
+_ATTN_TILES_INTERPRET = dict(fwd=(16, 32, 1, 1), dkdv=(16, 32, 1, 1), dq=(32, 16, 1, 1))
+
+
+def _attn_tiles(head_dim, dtype):
+    if _INTERPRET:
+        return _ATTN_TILES_INTERPRET
+    return _ATTN_TILES_FP32 if dtype == torch.float32 else _ATTN_TILES[head_dim]
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n,
+                    lo, hi, Tk, causal_offset, qk_scale,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    """Fold key blocks lo, lo+BLOCK_N, .. < hi into the running softmax of one query block.
+    MASKED is False for blocks every query sees in full (no mask work), True for the rest."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n  # (BLOCK_N,) key positions
+        if MASKED:
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[:, None] < Tk, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < Tk, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kt)
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) scores in log2 units
+        if MASKED:
+            visible = cols[None, :] < Tk
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+            s = tl.where(visible, s, float("-inf"))
+        # Online softmax: raise the row maximum, rescale what was summed under the old one.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                     n_heads, group_size, Tq, Tk, qk_scale,
+                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HEAD_DIM: tl.constexpr):
+    """One program: BLOCK_M queries of one (batch, head). Writes O and the row log-sum-exp (log2)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    h_kv = h // group_size  # GQA: the key/value head this query head shares
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
+                mask=rows[:, None] < Tq, other=0.0)
+    k_ptrs = K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    causal_offset = Tk - Tq  # query row r sits at absolute position r + causal_offset
+    if CAUSAL:
+        # Keys 0..start_m + causal_offset are visible to every row of this block: no mask there.
+        full_end = (start_m + causal_offset + 1) // BLOCK_N * BLOCK_N
+        # Keys past the last row's position are never visible: those blocks are skipped.
+        end = tl.minimum(start_m + BLOCK_M + causal_offset, Tk)
+    else:
+        full_end = Tk // BLOCK_N * BLOCK_N
+        end = Tk
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n,
+                                    0, full_end, Tk, causal_offset, qk_scale, BLOCK_N, False, CAUSAL)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n,
+                                    full_end, end, Tk, causal_offset, qk_scale, BLOCK_N, True, CAUSAL)
+    # Every valid row saw key 0, so l_i > 0 and nothing here divides by zero.
+    acc = acc / l_i[:, None]
+    tl.store(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=rows[:, None] < Tq)
+    tl.store(LSE + bh * Tq + rows, m_i + tl.log2(l_i), mask=rows < Tq)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, dO, Delta, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt,
+                           n_heads, Tq, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Delta = rowsum(O * dO): the term the softmax backward subtracts, computed once per row."""
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+                mask=rows[:, None] < Tq, other=0.0).to(tl.float32)
+    do = tl.load(dO + b * stride_db + h * stride_dh + rows[:, None] * stride_dt + offs_d[None, :],
+                 mask=rows[:, None] < Tq, other=0.0).to(tl.float32)
+    tl.store(Delta + bh * Tq + rows, tl.sum(o * do, 1), mask=rows < Tq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dt,
+                         offs_m, cols, lo, hi, Tq, causal_offset, qk_scale,
+                         BLOCK_M: tl.constexpr, MASKED: tl.constexpr):
+    """Add query blocks lo.. < hi of one head to the dK, dV of one key block. Works transposed,
+    (keys x queries), so the key block stays the row dimension throughout."""
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        # Rows past Tq load q = dO = lse = delta = 0, so they add exactly nothing below.
+        q = tl.load(q_ptrs + start_m * stride_qt, mask=rows[:, None] < Tq, other=0.0)
+        do = tl.load(do_ptrs + start_m * stride_dt, mask=rows[:, None] < Tq, other=0.0)
+        lse = tl.load(lse_ptr + rows, mask=rows < Tq, other=0.0)
+        delta = tl.load(delta_ptr + rows, mask=rows < Tq, other=0.0)
+        # Recompute P^T from the saved log-sum-exp instead of having stored it.
+        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        if MASKED:
+            p_t = tl.where(cols[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)  # dV = P^T dO
+        dp_t = tl.dot(v, tl.trans(do))  # dP^T = V dO^T
+        ds_t = p_t * (dp_t - delta[None, :])  # softmax backward: dS = P * (dP - rowsum(dO * O))
+        dk += tl.dot(ds_t.to(q.dtype), q)  # dK = dS^T Q (times the scale, applied once at the end)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV,
+                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                          stride_vb, stride_vh, stride_vt, stride_db, stride_dh, stride_dt,
+                          stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                          n_heads, n_kv_heads, group_size, Tq, Tk, qk_scale, sm_scale,
+                          CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          HEAD_DIM: tl.constexpr):
+    """One program: dK and dV of BLOCK_N keys of one (batch, kv head), summed over the query
+    heads that share it. Each program owns its output rows, so no atomics are needed."""
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = (bhk // n_kv_heads).to(tl.int64)
+    h_kv = (bhk % n_kv_heads).to(tl.int64)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(K + b * stride_kb + h_kv * stride_kh + cols[:, None] * stride_kt + offs_d[None, :],
+                mask=cols[:, None] < Tk, other=0.0)
+    v = tl.load(V + b * stride_vb + h_kv * stride_vh + cols[:, None] * stride_vt + offs_d[None, :],
+                mask=cols[:, None] < Tk, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    causal_offset = Tk - Tq
+    if CAUSAL:
+        # Query rows before start_n - causal_offset see none of these keys: start at that block.
+        lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M
+        # From row start_n + BLOCK_N - 1 - causal_offset on, every row sees every key here: no mask.
+        mid = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0)
+        mid = tl.minimum((mid + BLOCK_M - 1) // BLOCK_M * BLOCK_M, Tq)
+    else:
+        lo = 0
+        mid = 0
+    for g in range(group_size):
+        h = h_kv * group_size + g
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = dO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :]
+        lse_ptr = LSE + (b * n_heads + h) * Tq
+        delta_ptr = Delta + (b * n_heads + h) * Tq
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dt,
+                                      offs_m, cols, lo, mid, Tq, causal_offset, qk_scale, BLOCK_M, True)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dt,
+                                      offs_m, cols, mid, Tq, Tq, causal_offset, qk_scale, BLOCK_M, False)
+    tl.store(dK + b * stride_dkb + h_kv * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :],
+             (dk * sm_scale).to(dK.dtype.element_ty), mask=cols[:, None] < Tk)
+    tl.store(dV + b * stride_dvb + h_kv * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(dV.dtype.element_ty), mask=cols[:, None] < Tk)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n,
+                       lo, hi, Tk, causal_offset, qk_scale,
+                       BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    """Add key blocks lo.. < hi to dQ of one query block (same block ranges as the forward)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[:, None] < Tk, other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < Tk, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kt)
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            visible = cols[None, :] < Tk
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+            p = tl.where(visible, p, 0.0)
+        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)  # dQ = dS K (times the scale, applied at the end)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ,
+                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                        stride_vb, stride_vh, stride_vt, stride_db, stride_dh, stride_dt,
+                        stride_dqb, stride_dqh, stride_dqt,
+                        n_heads, group_size, Tq, Tk, qk_scale, sm_scale,
+                        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        HEAD_DIM: tl.constexpr):
+    """One program: dQ of BLOCK_M queries of one (batch, head)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    h_kv = h // group_size
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :],
+                mask=rows[:, None] < Tq, other=0.0)
+    do = tl.load(dO + b * stride_db + h * stride_dh + rows[:, None] * stride_dt + offs_d[None, :],
+                 mask=rows[:, None] < Tq, other=0.0)
+    lse = tl.load(LSE + bh * Tq + rows, mask=rows < Tq, other=0.0)
+    delta = tl.load(Delta + bh * Tq + rows, mask=rows < Tq, other=0.0)
+    k_ptrs = K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    causal_offset = Tk - Tq
+    if CAUSAL:
+        full_end = (start_m + causal_offset + 1) // BLOCK_N * BLOCK_N
+        end = tl.minimum(start_m + BLOCK_M + causal_offset, Tk)
+    else:
+        full_end = Tk // BLOCK_N * BLOCK_N
+        end = Tk
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n,
+                            0, full_end, Tk, causal_offset, qk_scale, BLOCK_N, False, CAUSAL)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n,
+                            full_end, end, Tk, causal_offset, qk_scale, BLOCK_N, True, CAUSAL)
+    tl.store(dQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :],
+             (dq * sm_scale).to(dQ.dtype.element_ty), mask=rows[:, None] < Tq)
+
+
+def _bht(t):
+    """The (batch, head, time) strides of a (B, H, T, D) tensor whose last dim is contiguous."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal):
+        # Any layout works as long as the head dim is contiguous (e.g. a transposed (B, T, H, D)).
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        B, H, Tq, D = q.shape
+        Hkv, Tk = k.shape[1], k.shape[2]
+        sm_scale = 1.0 / math.sqrt(D)
+        o = torch.empty(B, H, Tq, D, device=q.device, dtype=q.dtype)
+        lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # log2-sum-exp of each row
+        block_m, block_n, warps, stages = _attn_tiles(D, q.dtype)["fwd"]
+        _attn_fwd_kernel[(triton.cdiv(Tq, block_m), B * H)](
+            q, k, v, o, lse, *_bht(q), *_bht(k), *_bht(v), *_bht(o),
+            H, H // Hkv, Tq, Tk, sm_scale * math.log2(math.e),
+            CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, num_warps=warps, num_stages=stages)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal = causal
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = do if do.stride(-1) == 1 else do.contiguous()
+        B, H, Tq, D = q.shape
+        Hkv, Tk = k.shape[1], k.shape[2]
+        sm_scale = 1.0 / math.sqrt(D)
+        qk_scale = sm_scale * math.log2(math.e)
+        tiles = _attn_tiles(D, q.dtype)
+        delta = torch.empty_like(lse)
+        _attn_bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
+            o, do, delta, *_bht(o), *_bht(do), H, Tq, BLOCK_M=64, HEAD_DIM=D)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        block_m, block_n, warps, stages = tiles["dkdv"]
+        _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, block_n), B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dk), *_bht(dv),
+            H, Hkv, H // Hkv, Tq, Tk, qk_scale, sm_scale,
+            CAUSAL=ctx.causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, num_warps=warps, num_stages=stages)
+        block_m, block_n, warps, stages = tiles["dq"]
+        _attn_bwd_dq_kernel[(triton.cdiv(Tq, block_m), B * H)](
+            q, k, v, do, lse, delta, dq, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dq),
+            H, H // Hkv, Tq, Tk, qk_scale, sm_scale,
+            CAUSAL=ctx.causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, num_warps=warps, num_stages=stages)
+        return dq, dk, dv, None
+
+
+def attention(q, k, v, causal: bool = True):
+    """Scaled dot-product attention with grouped-query heads and a bottom-right causal mask.
+
+    q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) with H % Hkv == 0 and Tq <= Tk. Returns (B, H, Tq, D)
+    in q's dtype, softmax scale 1/sqrt(D). Query i sits at absolute position Tk - Tq + i and sees
+    keys 0..Tk - Tq + i: Tq == Tk is ordinary causal training, Tq < Tk decoding against a KV cache
+    (the kernel handles both; a single new token costs one program per (batch, head)).
+    Dispatch: Triton when BACKEND == "triton", or BACKEND == "auto" and Triton imports and q is on
+    CUDA; otherwise attention_torch. Under "auto", head dims outside SUPPORTED_HEAD_DIMS and dtypes
+    other than fp16/bf16/fp32 also go to attention_torch."""
+    B, H, Tq, D = q.shape
+    assert k.shape == v.shape and k.shape[0] == B and k.shape[3] == D, "k, v must be (B, Hkv, Tk, D)"
+    assert H % k.shape[1] == 0, f"n_heads ({H}) must be a multiple of n_kv_heads ({k.shape[1]})"
+    assert 0 < Tq <= k.shape[2], f"need 0 < Tq <= Tk, got Tq={Tq}, Tk={k.shape[2]}"
+    unsupported = None
+    if D not in SUPPORTED_HEAD_DIMS:
+        unsupported = f"head dim {D} (supported: {SUPPORTED_HEAD_DIMS})"
+    elif q.dtype not in _KERNEL_DTYPES or not (q.dtype == k.dtype == v.dtype):
+        unsupported = f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (need one of fp16, bf16, fp32 for all)"
+    if _use_triton(q, unsupported):
+        return _FlashAttention.apply(q, k, v, causal)
+    return attention_torch(q, k, v, causal)
+
+
+# ============================================================================================
+# Mixture-of-Experts: routing and load balancing
+# ============================================================================================
+
+
+def route(router_logits, top_k: int, bias=None, normalize: bool = True):
+    """Choose top_k experts per token. router_logits: (N, E).
+
+    probs = softmax(logits) in float32. The choice is made on probs + bias (bias: (E,) or None; in
+    DeepSeek-V3's auxiliary-loss-free balancing the bias steers the choice but never the gates).
+    Gates are the chosen probs renormalised over the k choices (Mixtral). With top_k == 1 that makes
+    every gate 1, so the router then learns only from a balancing loss; normalize=False keeps the
+    raw probs instead (Switch Transformer). Returns gates (N, k) float32, experts (N, k) int64,
+    probs (N, E)."""
+    probs = router_logits.float().softmax(dim=-1)
+    scores = probs if bias is None else probs + bias.detach().float()
+    experts = scores.topk(top_k, dim=-1).indices  # (N, k)
+    gates = probs.gather(-1, experts)  # (N, k)
+    if normalize:
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+    return gates, experts, probs
+
+
+def _expert_load(experts, n_experts: int):
+    """How many of the N*k assignments each expert got: (E,) int64, without a host sync."""
+    flat = experts.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
+
+
+def load_balancing_loss(probs, experts, n_experts: int):
+    """Switch Transformer's auxiliary loss: E * sum_i f_i * P_i, where f_i is the fraction of the
+    N*k assignments sent to expert i and P_i the mean router probability of expert i. It is 1.0 at
+    perfect balance and grows as routing concentrates; its gradient flows through P (f is a count)."""
+    f = _expert_load(experts, n_experts).to(probs.dtype) / experts.numel()  # (E,)
+    P = probs.mean(dim=0)  # (E,)
+    return n_experts * (f * P).sum()
+
+
+@torch.no_grad()
+def update_router_bias(bias, experts, n_experts: int, gamma: float = 1e-3):
+    """DeepSeek-V3 balancing, in place: raise the bias of under-loaded experts by gamma, lower the
+    over-loaded ones, so the next top-k choice drifts toward an even load. Call once per step."""
+    load = _expert_load(experts, n_experts).to(bias.dtype)
+    bias += gamma * torch.sign(load.mean() - load)
+    return bias
+
+
+# ============================================================================================
+# Mixture-of-Experts: SwiGLU experts, PyTorch reference
+# ============================================================================================
+
+
+def _sort_by_expert(experts, n_experts: int):
+    """Sort the N*k assignments by expert. Returns order (N*k,) assignment ids in expert order,
+    token (N*k,) the token of each sorted assignment, and counts (E,) assignments per expert."""
+    order = torch.argsort(experts.reshape(-1), stable=True)
+    return order, order // experts.shape[1], _expert_load(experts, n_experts)
+
+
+def moe_swiglu_reference(x, gates, experts, w_gate, w_up, w_down):
+    """The MoE layer with one Python loop over experts: the CPU path and the test oracle.
+
+    x: (N, C); gates (N, k); experts (N, k) int64; w_gate, w_up: (E, C, F); w_down: (E, F, C).
+    out[n] = sum_j gates[n, j] * ((silu(x[n] @ w_gate[e]) * (x[n] @ w_up[e])) @ w_down[e]), e = experts[n, j]."""
+    N, C = x.shape
+    order, token, counts = _sort_by_expert(experts, w_gate.shape[0])
+    xs = x[token]  # (N*k, C) token rows, grouped by expert
+    ys = []
+    for e, rows in enumerate(torch.split(xs, counts.tolist())):  # one host sync for the segment sizes
+        ys.append((F.silu(rows @ w_gate[e]) * (rows @ w_up[e])) @ w_down[e])
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    weighted = torch.cat(ys).to(work) * gates.reshape(-1)[order].to(work)[:, None]
+    return torch.zeros(N, C, dtype=work, device=x.device).index_add(0, token, weighted).to(x.dtype)
+
+
+# ============================================================================================
+# Mixture-of-Experts: Triton grouped GEMM
+# ============================================================================================
+
+# BLOCK_M: rows per program, shared by all grouped kernels (each expert's segment is cut into
+# BLOCK_M-row blocks, so an expert wastes at most BLOCK_M - 1 rows of padding work).
+_MOE_TILES = dict(block_m=128, gate_up=(64, 64, 8, 3), mm=(128, 64, 8, 3), wgrad=(128, 128, 64, 8, 3))
+_MOE_TILES_FP32 = dict(block_m=64, gate_up=(64, 32, 4, 2), mm=(64, 32, 4, 2), wgrad=(64, 64, 32, 4, 2))
+_MOE_TILES_INTERPRET = dict(block_m=16, gate_up=(16, 16, 1, 1), mm=(32, 16, 1, 1), wgrad=(16, 32, 16, 1, 1))
+
+
+def _moe_tiles(dtype):
+    if _INTERPRET:
+        return _MOE_TILES_INTERPRET
+    return _MOE_TILES_FP32 if dtype == torch.float32 else _MOE_TILES
+
+
+def _moe_schedule(counts, offsets, block_m: int, n_rows: int):
+    """Which expert and which sorted rows each row-block program handles, built with torch ops on
+    the device: no host sync. The grid is an upper bound on the number of blocks (every expert adds
+    at most one partial block); the surplus programs get an empty row range and return at once.
+
+    Returns (expert, row_start, row_end) int32 tensors of length n_programs, and n_programs."""
+    n_experts = counts.numel()
+    blocks = (counts + block_m - 1) // block_m  # (E,) row blocks per expert
+    block_end = torch.cumsum(blocks, 0)  # (E,) one past each expert's last block
+    n_programs = triton.cdiv(n_rows, block_m) + n_experts
+    pid = torch.arange(n_programs, device=counts.device)
+    expert = torch.searchsorted(block_end, pid, right=True).clamp_(max=n_experts - 1)
+    row_start = offsets[expert] + (pid - (block_end - blocks)[expert]) * block_m
+    row_end = offsets[expert + 1]
+    row_start = torch.where(pid < block_end[-1], row_start, row_end)
+    return expert.int(), row_start.int(), row_end.int(), n_programs
+
+
+@triton.jit
+def _moe_gate_up_kernel(X, Wg, Wu, G, U, Hid, block_expert, block_row_start, block_row_end,
+                        C, d_ff, stride_xm, stride_we, stride_wk, stride_wn, stride_hm,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """G = X Wg[e], U = X Wu[e], Hid = silu(G) * U for one (row block, column block) of expert e.
+    Both products share the loads of X; G and U are kept for the backward."""
+    pid = tl.program_id(0)
+    row_start = tl.load(block_row_start + pid)
+    row_end = tl.load(block_row_end + pid)
+    if row_start >= row_end:  # a surplus program of the schedule
+        return
+    e = tl.load(block_expert + pid).to(tl.int64)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        kk = k0 + ks
+        x = tl.load(X + rows[:, None] * stride_xm + kk[None, :],
+                    mask=(rows[:, None] < row_end) & (kk[None, :] < C), other=0.0)
+        w_off = e * stride_we + kk[:, None] * stride_wk + cols[None, :] * stride_wn
+        w_mask = (kk[:, None] < C) & (cols[None, :] < d_ff)
+        acc_g += tl.dot(x, tl.load(Wg + w_off, mask=w_mask, other=0.0))
+        acc_u += tl.dot(x, tl.load(Wu + w_off, mask=w_mask, other=0.0))
+    hid = acc_g * tl.sigmoid(acc_g) * acc_u  # SwiGLU: silu(g) * u
+    out = rows[:, None] * stride_hm + cols[None, :]
+    mask = (rows[:, None] < row_end) & (cols[None, :] < d_ff)
+    tl.store(G + out, acc_g.to(G.dtype.element_ty), mask=mask)
+    tl.store(U + out, acc_u.to(U.dtype.element_ty), mask=mask)
+    tl.store(Hid + out, hid.to(Hid.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _moe_grouped_mm_kernel(A, W, A2, W2, Y, Y2, G, U, block_expert, block_row_start, block_row_end,
+                           K, N, stride_am, stride_we, stride_wk, stride_wn, stride_ym,
+                           TWO_PRODUCTS: tl.constexpr, SWIGLU_BWD: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Y = A W[e] (+ A2 W2[e] if TWO_PRODUCTS) for one (row block, column block) of expert e.
+    W[e] is read as a (K, N) matrix through strides, so a transposed weight costs nothing.
+    With SWIGLU_BWD the product is dHid, and the epilogue writes dG to Y and dU to Y2 from the
+    saved pre-activations G and U."""
+    pid = tl.program_id(0)
+    row_start = tl.load(block_row_start + pid)
+    row_end = tl.load(block_row_end + pid)
+    if row_start >= row_end:
+        return
+    e = tl.load(block_expert + pid).to(tl.int64)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ks
+        a_off = rows[:, None] * stride_am + kk[None, :]
+        a_mask = (rows[:, None] < row_end) & (kk[None, :] < K)
+        w_off = e * stride_we + kk[:, None] * stride_wk + cols[None, :] * stride_wn
+        w_mask = (kk[:, None] < K) & (cols[None, :] < N)
+        acc += tl.dot(tl.load(A + a_off, mask=a_mask, other=0.0), tl.load(W + w_off, mask=w_mask, other=0.0))
+        if TWO_PRODUCTS:
+            acc += tl.dot(tl.load(A2 + a_off, mask=a_mask, other=0.0), tl.load(W2 + w_off, mask=w_mask, other=0.0))
+    out = rows[:, None] * stride_ym + cols[None, :]
+    mask = (rows[:, None] < row_end) & (cols[None, :] < N)
+    if SWIGLU_BWD:
+        # hid = silu(g) * u  =>  du = dhid * silu(g),  dg = dhid * u * silu'(g),
+        # silu'(g) = sig(g) * (1 + g * (1 - sig(g)))
+        g = tl.load(G + out, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + out, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        tl.store(Y + out, (acc * u * sig * (1.0 + g * (1.0 - sig))).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Y2 + out, (acc * g * sig).to(Y2.dtype.element_ty), mask=mask)
+    else:
+        tl.store(Y + out, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _moe_weight_grad_kernel(A, B, dW, offsets, K, N, stride_am, stride_bm, stride_we, stride_wk,
+                            BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dW[e] = A[seg]^T B[seg] for one (K, N) tile of expert e, summing over the rows of its segment.
+    An expert with no tokens runs zero iterations and writes zeros."""
+    e = tl.program_id(0)
+    n_col_tiles = tl.cdiv(N, BLOCK_N)
+    kk = (tl.program_id(1) // n_col_tiles) * BLOCK_K + tl.arange(0, BLOCK_K)
+    nn = (tl.program_id(1) % n_col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    seg_start = tl.load(offsets + e)
+    seg_end = tl.load(offsets + e + 1)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
+    for m0 in range(seg_start, seg_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        a_t = tl.load(A + rows[None, :] * stride_am + kk[:, None],  # (BLOCK_K, BLOCK_M), A transposed
+                      mask=(rows[None, :] < seg_end) & (kk[:, None] < K), other=0.0)
+        b = tl.load(B + rows[:, None] * stride_bm + nn[None, :],
+                    mask=(rows[:, None] < seg_end) & (nn[None, :] < N), other=0.0)
+        acc += tl.dot(a_t, b)
+    tl.store(dW + e.to(tl.int64) * stride_we + kk[:, None] * stride_wk + nn[None, :],
+             acc.to(dW.dtype.element_ty), mask=(kk[:, None] < K) & (nn[None, :] < N))
+
+
+def _grouped_mm(a, w_t, sched, tiles, a2=None, w2_t=None, swiglu=None):
+    """Launch _moe_grouped_mm_kernel: rows of `a` (R, K) times w_t[e] (a (K, N) view of each expert's
+    weight, possibly a transpose). swiglu=(g, u) returns (dG, dU) instead of the product."""
+    expert, row_start, row_end, n_programs = sched
+    R, K = a.shape
+    N = w_t.shape[2]
+    y = torch.empty(R, N, device=a.device, dtype=a.dtype)
+    y2 = torch.empty_like(y) if swiglu else y
+    g, u = swiglu if swiglu else (y, y)
+    block_n, block_k, warps, stages = tiles["mm"]
+    _moe_grouped_mm_kernel[(n_programs, triton.cdiv(N, block_n))](
+        a, w_t, a if a2 is None else a2, w_t if w2_t is None else w2_t, y, y2, g, u, expert, row_start, row_end,
+        K, N, a.stride(0), w_t.stride(0), w_t.stride(1), w_t.stride(2), y.stride(0),
+        TWO_PRODUCTS=a2 is not None, SWIGLU_BWD=swiglu is not None,
+        BLOCK_M=tiles["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return (y, y2) if swiglu else y
+
+
+def _weight_grad(a, b, offsets, n_experts, dtype, tiles):
+    """Per-expert a[seg]^T b[seg]: (E, K, N) in the weights' dtype."""
+    K, N = a.shape[1], b.shape[1]
+    dw = torch.empty(n_experts, K, N, device=a.device, dtype=dtype)
+    block_k, block_n, block_m, warps, stages = tiles["wgrad"]
+    _moe_weight_grad_kernel[(n_experts, triton.cdiv(K, block_k) * triton.cdiv(N, block_n))](
+        a, b, dw, offsets, K, N, a.stride(0), b.stride(0), dw.stride(0), dw.stride(1),
+        BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_M=block_m, num_warps=warps, num_stages=stages)
+    return dw
+
+
+class _MoESwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gates, experts, w_gate, w_up, w_down):
+        N, C = x.shape
+        n_experts, _, d_ff = w_gate.shape
+        w_gate, w_up, w_down = w_gate.contiguous(), w_up.contiguous(), w_down.contiguous()
+        tiles = _moe_tiles(x.dtype)
+        order, token, counts = _sort_by_expert(experts, n_experts)
+        offsets = F.pad(torch.cumsum(counts, 0), (1, 0))  # (E+1,) segment bounds in sorted order
+        R = order.numel()  # N*k assignments
+        sched = _moe_schedule(counts, offsets, tiles["block_m"], R)
+        xs = x[token].contiguous()  # (R, C) token rows, grouped by expert
+
+        g = torch.empty(R, d_ff, device=x.device, dtype=x.dtype)
+        u, hid = torch.empty_like(g), torch.empty_like(g)
+        block_n, block_k, warps, stages = tiles["gate_up"]
+        _moe_gate_up_kernel[(sched[3], triton.cdiv(d_ff, block_n))](
+            xs, w_gate, w_up, g, u, hid, *sched[:3], C, d_ff, xs.stride(0), *w_gate.stride(), g.stride(0),
+            BLOCK_M=tiles["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        y = _grouped_mm(hid, w_down, sched, tiles)  # (R, C) each assignment's expert output
+
+        # Combine: out[token] += gate * y, accumulated in fp32 (index_add_ is deterministic enough
+        # here: at most k terms per token).
+        gate_sorted = gates.reshape(-1)[order].float()  # (R,)
+        out = torch.zeros(N, C, device=x.device, dtype=torch.float32)
+        out.index_add_(0, token, y.float() * gate_sorted[:, None])
+        ctx.save_for_backward(xs, g, u, hid, y, gate_sorted, order, token, offsets, *sched[:3], w_gate, w_up, w_down)
+        ctx.n_programs, ctx.n_tokens, ctx.gates_dtype = sched[3], N, gates.dtype
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        xs, g, u, hid, y, gate_sorted, order, token, offsets, expert, row_start, row_end, w_gate, w_up, w_down = \
+            ctx.saved_tensors
+        sched = (expert, row_start, row_end, ctx.n_programs)
+        tiles = _moe_tiles(xs.dtype)
+        n_experts = w_gate.shape[0]
+        dout_s = dout[token].float()  # (R, C) upstream gradient of each assignment's token
+
+        # out = sum gate * y: the gate's gradient is <dout, y>, y's is gate * dout.
+        dgates = torch.empty_like(gate_sorted)
+        dgates[order] = (dout_s * y.float()).sum(dim=1)  # back to (token, choice) order
+        dy = (dout_s * gate_sorted[:, None]).to(xs.dtype).contiguous()  # (R, C)
+
+        # Down projection y = hid W_down[e]: dHid = dy W_down[e]^T, fused with the SwiGLU backward.
+        dg, du = _grouped_mm(dy, w_down.transpose(1, 2), sched, tiles, swiglu=(g, u))  # (R, F) each
+        # Gate/up projections: dX = dG W_gate[e]^T + dU W_up[e]^T in one launch.
+        dxs = _grouped_mm(dg, w_gate.transpose(1, 2), sched, tiles, a2=du, w2_t=w_up.transpose(1, 2))
+        dx = torch.zeros(ctx.n_tokens, xs.shape[1], device=xs.device, dtype=torch.float32)
+        dx.index_add_(0, token, dxs.float())
+
+        dw_gate = _weight_grad(xs, dg, offsets, n_experts, w_gate.dtype, tiles)  # (E, C, F)
+        dw_up = _weight_grad(xs, du, offsets, n_experts, w_up.dtype, tiles)  # (E, C, F)
+        dw_down = _weight_grad(hid, dy, offsets, n_experts, w_down.dtype, tiles)  # (E, F, C)
+        return (dx.to(xs.dtype), dgates.view(ctx.n_tokens, -1).to(ctx.gates_dtype), None,
+                dw_gate, dw_up, dw_down)
+
+
+def moe_swiglu(x, gates, experts, w_gate, w_up, w_down):
+    """Mixture of SwiGLU experts.
+
+    x: (N, C); gates (N, k); experts (N, k) int64; w_gate, w_up: (E, C, F); w_down: (E, F, C).
+    out[n] = sum_j gates[n, j] * ((silu(x[n] @ w_gate[e]) * (x[n] @ w_up[e])) @ w_down[e]), e = experts[n, j].
+    Differentiable w.r.t. x, gates and the three weights. Dispatch as for attention(): the Triton
+    grouped GEMM on CUDA, moe_swiglu_reference otherwise."""
+    assert x.dim() == 2 and gates.shape == experts.shape and experts.shape[0] == x.shape[0]
+    assert w_gate.shape == w_up.shape and w_down.shape == (w_gate.shape[0], w_gate.shape[2], w_gate.shape[1])
+    unsupported = None
+    if x.dtype not in _KERNEL_DTYPES or not (x.dtype == w_gate.dtype == w_up.dtype == w_down.dtype):
+        unsupported = f"dtypes x {x.dtype}, weights {w_gate.dtype} (need one of fp16, bf16, fp32 for all)"
+    if _use_triton(x, unsupported):
+        return _MoESwiGLU.apply(x if x.stride(-1) == 1 else x.contiguous(), gates, experts, w_gate, w_up, w_down)
+    return moe_swiglu_reference(x, gates, experts, w_gate, w_up, w_down)
+
+
+# ============================================================================================
+# Command line: --bench and --check
+# ============================================================================================
+
+
+def _median_ms(fn, warmup=5, repeats=20):
+    """Median wall time of fn() on the GPU, in milliseconds (CUDA events; the first calls compile)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _bench_attention(dtype):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    print(f"\nCausal attention, {dtype}, B*T = 16k tokens, H*D = 2048 (TFLOP/s; 4*B*H*T^2*D/2 forward, x3.5 fwd+bwd)")
+    print(f"{'T':>6} {'D':>4} | {'fwd triton':>10} {'fwd sdpa':>9} {'ratio':>6} | {'f+b triton':>10} {'f+b sdpa':>9} {'ratio':>6}")
+    sdpa_flash = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    for D in (64, 128):
+        for T in (1024, 2048, 4096, 8192):
+            B, H = 16384 // T, 2048 // D
+            q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+            do = torch.randn_like(q)
+            fwd_flops = 4 * B * H * T * T * D / 2
+            results = []
+            for fn in (lambda q, k, v: _FlashAttention.apply(q, k, v, True), sdpa_flash):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    with torch.no_grad():
+                        fwd = _median_ms(lambda: fn(q, k, v))
+                    both = _median_ms(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do))
+                results.append((fwd_flops / fwd / 1e9, 3.5 * fwd_flops / both / 1e9))
+            (tf, tb), (sf, sb) = results
+            print(f"{T:>6} {D:>4} | {tf:>10.1f} {sf:>9.1f} {tf / sf:>6.2f} | {tb:>10.1f} {sb:>9.1f} {tb / sb:>6.2f}")
+
+
+def _bench_moe(dtype):
+    print(f"\nMoE SwiGLU forward+backward, {dtype}, 8 experts, top-2 (ms; TFLOP/s at 18*N*k*C*F FLOPs)")
+    print(f"{'N':>6} {'C':>5} {'F':>5} | {'triton':>13} {'per-expert loop':>16} {'speedup':>7} | {'dense matmul':>13} {'of dense':>8}")
+    E, top_k = 8, 2
+    for N, C, d_ff in ((8192, 512, 1024), (16384, 1024, 2816)):
+        x = torch.randn(N, C, device="cuda", dtype=dtype, requires_grad=True)
+        logits = torch.randn(N, E, device="cuda", requires_grad=True)
+        ws = [(torch.randn(E, *shape, device="cuda", dtype=dtype) / shape[0] ** 0.5).requires_grad_()
+              for shape in ((C, d_ff), (C, d_ff), (d_ff, C))]
+        dout = torch.randn(N, C, device="cuda", dtype=dtype)
+        flops = 18 * N * top_k * C * d_ff
+
+        def step(fn):
+            gates, experts, _ = route(logits, top_k)
+            torch.autograd.grad(fn(x, gates, experts, *ws), (x, logits, *ws), dout)
+
+        # The same FLOPs with no routing: N*k rows through one dense SwiGLU MLP.
+        xd = torch.randn(N * top_k, C, device="cuda", dtype=dtype, requires_grad=True)
+        wd = [w[0].detach().clone().requires_grad_() for w in ws]
+        dense = lambda: torch.autograd.grad(  # noqa: E731
+            (F.silu(xd @ wd[0]) * (xd @ wd[1])) @ wd[2], (xd, *wd), torch.randn(N * top_k, C, device="cuda", dtype=dtype))
+        ms = [_median_ms(lambda: step(_MoESwiGLU.apply)), _median_ms(lambda: step(moe_swiglu_reference)), _median_ms(dense)]
+        tf = [flops / m / 1e9 for m in ms]
+        print(f"{N:>6} {C:>5} {d_ff:>5} | {ms[0]:>6.2f} {tf[0]:>6.1f} {ms[1]:>9.2f} {tf[1]:>6.1f} {ms[1] / ms[0]:>7.2f}"
+              f" | {ms[2]:>6.2f} {tf[2]:>6.1f} {ms[2] / ms[0]:>8.2f}")
+
+
+def _check():
+    """Compare the kernels with the references on the present device (CPU needs TRITON_INTERPRET=1)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not HAS_TRITON or (device == "cpu" and not _INTERPRET):
+        print("Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 on a CPU); checking the PyTorch path only.")
+    else:
+        set_backend("triton")
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    worst = 0.0
+    for B, H, Hkv, Tq, Tk, D in ((1, 4, 2, 100, 100, 64), (2, 4, 1, 1, 77, 128), (1, 2, 2, 33, 33, 32)):
+        q = torch.randn(B, H, Tq, D, device=device, dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(B, Hkv, Tk, D, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+        do = torch.randn_like(q)
+        got = [attention(q, k, v)] + list(torch.autograd.grad(attention(q, k, v), (q, k, v), do))
+        ref = [attention_reference(*(t.double() for t in (q, k, v)))]
+        ref += torch.autograd.grad(attention_reference(*(t.double() for t in (q, k, v))), (q, k, v), do.double())
+        worst = max([worst] + [(a.double() - b).abs().max().item() for a, b in zip(got, ref)])
+    x = torch.randn(64, 64, device=device, dtype=dtype, requires_grad=True)
+    ws = [(torch.randn(4, *s, device=device, dtype=dtype) / 8).requires_grad_() for s in ((64, 96), (64, 96), (96, 64))]
+    gates, experts, _ = route(torch.randn(64, 4, device=device), 2)
+    got = moe_swiglu(x, gates, experts, *ws)
+    ref = moe_swiglu_reference(x.double(), gates.double(), experts, *(w.double() for w in ws))
+    worst = max(worst, (got.double() - ref).abs().max().item())
+    print(f"device {device}, backend {BACKEND}, {dtype}: largest abs error vs float64 reference {worst:.2e}")
+    return worst < (5e-2 if dtype == torch.float16 else 1e-3)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bench", action="store_true", help="time the kernels against PyTorch (CUDA only)")
+    parser.add_argument("--check", action="store_true", help="compare the kernels with the references")
+    args = parser.parse_args()
+    if args.check:
+        sys.exit(0 if _check() else 1)
+    if args.bench:
+        if not (torch.cuda.is_available() and HAS_TRITON):
+            print("The benchmark needs a CUDA GPU with Triton; none was found, so nothing was measured.")
+            sys.exit(1)
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+        _bench_attention(torch.bfloat16)
+        _bench_moe(torch.bfloat16)
+        sys.exit(0)
+    parser.print_help()

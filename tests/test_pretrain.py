@@ -1,0 +1,360 @@
+"""Stage 01: tokenizer, model, data, checkpoints, resume, DDP and bad input."""
+import contextlib
+import errno
+import http.server
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from conftest import ROOT, load_stage
+
+P = load_stage("01_pretrain")
+PY = sys.executable
+
+
+def run_stage(*args, env=None, timeout=300):
+    """Run 01_pretrain.py as a user would; returns the CompletedProcess."""
+    return subprocess.run([PY, str(ROOT / "01_pretrain.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def history(out):
+    return json.loads((out / "metrics.json").read_text())["history"]
+
+
+@pytest.fixture(scope="module")
+def world():
+    return P.make_world(12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def enc(world):
+    texts = [P.document(world, i, 3) for i in range(200)]
+    return P.make_encoding("test", P.train_bpe(texts, 512))
+
+
+def tiny_model(vocab=300, n_experts=0, seed=0):
+    torch.manual_seed(seed)
+    cfg = P.GPTConfig(vocab_size=vocab, n_layer=2, n_embd=64, n_head=4, n_kv_head=2, mlp_hidden=96,
+                      seq_len=32, n_experts=n_experts, top_k=2, moe_every=1)
+    model = P.GPT(cfg)
+    model.init_weights(seed)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- tokenizer
+
+def test_bpe_round_trips_random_unicode(enc):
+    rng = random.Random(0)
+    alphabets = [(0x20, 0x7e), (0xa0, 0x24f), (0x370, 0x3ff), (0x4e00, 0x4fff), (0x1f300, 0x1f64f), (0x0, 0x1f)]
+    for _ in range(300):
+        chars = []
+        for _ in range(rng.randint(0, 40)):
+            lo, hi = rng.choice(alphabets)
+            chars.append(chr(rng.randint(lo, hi)))
+        text = "".join(chars)
+        assert enc.decode(enc.encode_ordinary(text)) == text
+
+
+def test_bpe_learns_frequent_words_and_is_deterministic(world, enc):
+    texts = [P.document(world, i, 3) for i in range(200)]
+    again = P.make_encoding("test", P.train_bpe(texts, 512))
+    assert again._mergeable_ranks == enc._mergeable_ranks
+    name = " " + world["people"][0]["name"].split()[0]
+    assert len(enc.encode_ordinary(name)) <= 2        # a name the corpus repeats is one or two tokens
+    assert enc.n_vocab == 512
+
+
+def test_special_tokens_never_come_from_ordinary_text(enc):
+    special_ids = {enc.encode_single_token(t) for t in P.SPECIAL_TOKENS}
+    text = "".join(P.SPECIAL_TOKENS) + " <|user|> hello <|end|><|assistant|>"
+    ids = enc.encode_ordinary(text)
+    assert not special_ids & set(ids)
+    assert enc.decode(ids) == text
+    assert len(special_ids) == len(P.SPECIAL_TOKENS) and min(special_ids) == enc.n_vocab - len(P.SPECIAL_TOKENS)
+
+
+def test_tokenizer_json_round_trip(enc, tmp_path):
+    (tmp_path / "tokenizer.json").write_text(P.tokenizer_to_json(enc))
+    loaded = P.load_tokenizer(tmp_path)
+    text = "Orla Penn was born in 812. <|user|> 🦊"
+    assert loaded.encode_ordinary(text) == enc.encode_ordinary(text)
+    assert loaded.encode_single_token("<|end|>") == enc.encode_single_token("<|end|>")
+
+
+def test_stock_tokenizer_needs_local_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty cache: must not reach the network
+    with pytest.raises(P.DataError, match="not in tiktoken's local cache"):
+        P.stock_encoding("gpt2")
+
+
+# ---------------------------------------------------------------- model
+
+@pytest.mark.parametrize("n_experts", [0, 4])
+def test_future_tokens_do_not_change_past_logits(n_experts):
+    model = tiny_model(n_experts=n_experts)
+    idx = torch.randint(0, 300, (2, 20))
+    changed = idx.clone()
+    changed[:, 12:] = torch.randint(0, 300, (2, 8))
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-5)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-3   # and the future ones do change
+
+
+@pytest.mark.parametrize("n_experts", [0, 4])
+def test_kv_cache_matches_full_recomputation(n_experts):
+    model = tiny_model(n_experts=n_experts)
+    prompt = torch.randint(0, 300, (3, 7))
+    cached = torch.stack(list(P.generate(model, prompt, 12, temperature=0)), dim=1)
+    seq = prompt
+    for _ in range(12):  # the slow way: recompute the whole sequence for every new token
+        with torch.no_grad():
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, seq[:, 7:])
+    # and the cached logits themselves match the full forward pass position by position
+    cache = P.KVCache(model.config, 3, 19, "cpu", torch.float32)
+    with torch.no_grad():
+        step_logits = [model(seq[:, :7], cache=cache)[:, -1]] + [model(seq[:, t:t + 1], cache=cache)[:, -1] for t in range(7, 18)]
+        full = model(seq[:, :18])[:, 6:]
+    torch.testing.assert_close(torch.stack(step_logits, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_stops_at_stop_token_and_samples_reproducibly():
+    model = tiny_model()
+    prompt = torch.randint(0, 300, (1, 5))
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = torch.cat(list(P.generate(model, prompt, 10, temperature=1.0, top_k=20, generator=g1)))
+    b = torch.cat(list(P.generate(model, prompt, 10, temperature=1.0, top_k=20, generator=g2)))
+    assert torch.equal(a, b) and len(a) == 10
+    stop = int(a[3])
+    c = torch.cat(list(P.generate(model, prompt, 10, temperature=1.0, top_k=20,
+                                  generator=torch.Generator().manual_seed(1), stop_ids=[stop])))
+    assert int(c[-1]) == stop and len(c) == list(a).index(stop) + 1
+
+
+def test_masked_targets_are_ignored():
+    model = tiny_model()
+    idx, targets = torch.randint(0, 300, (2, 10)), torch.randint(0, 300, (2, 10))
+    masked = targets.clone()
+    masked[:, :5] = -1
+    logits = model(idx)
+    expected = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 300), targets[:, 5:].reshape(-1))
+    torch.testing.assert_close(model(idx, masked), expected)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_model(n_experts=4)
+    P.save_model(model, tmp_path / "model.pt", {"step": 7})
+    raw = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert raw["step"] == 7 and not any(k.startswith(("module.", "_orig_mod.")) for k in raw["model"])
+    loaded, _ = P.load_model(tmp_path)
+    idx = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(idx), loaded.eval()(idx))
+
+
+def test_failed_save_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    P.write_atomic(path, {"step": 1})
+
+    def disk_full(obj, f):
+        open(f, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(P.torch, "save", disk_full)
+    with pytest.raises(OSError):
+        P.write_atomic(path, {"step": 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert not (tmp_path / "model.pt.tmp").exists()
+
+
+def test_load_model_missing_or_corrupt_gives_one_sentence(tmp_path):
+    with pytest.raises(SystemExit, match="run 01_pretrain.py first"):
+        P.load_model(tmp_path)
+    (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a checkpoint this code can load"):
+        P.load_model(tmp_path)
+
+
+# ---------------------------------------------------------------- data
+
+def test_token_rows_resume_mid_stream(world, enc):
+    source = P.DocumentSource(world, seed=5)
+    straight = P.TokenRows(source, enc, seq_len=32, chunk_docs=4)
+    expected = [straight.batch(r, 3)[0] for r in range(0, 30, 3)]
+    first = P.TokenRows(source, enc, seq_len=32, chunk_docs=4)
+    got = [first.batch(r, 3)[0] for r in range(0, 15, 3)]
+    second = P.TokenRows(source, enc, seq_len=32, chunk_docs=4)
+    second.load_state_dict(first.state_dict())
+    got += [second.batch(r, 3)[0] for r in range(15, 30, 3)]
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+def test_rows_start_with_bos_and_targets_shift_by_one(world, enc):
+    rows = P.TokenRows(P.DocumentSource(world, seed=5), enc, seq_len=16, chunk_docs=2)
+    x, y = rows.batch(0, 2)
+    assert x[0, 0] == enc.encode_single_token("<|bos|>")
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_user_text_file_folder_and_bad_input(tmp_path):
+    (tmp_path / "a.txt").write_text("First story.\n\n\nSecond story.", encoding="utf-8")
+    sub = tmp_path / "more"
+    sub.mkdir()
+    (sub / "b.md").write_text("Third.", encoding="utf-8")
+    assert P.read_user_text(tmp_path / "a.txt") == ["First story.", "Second story."]
+    assert P.read_user_text(tmp_path) == ["First story.", "Second story.", "Third."]
+    with pytest.raises(P.DataError, match="no such file"):
+        P.read_user_text(tmp_path / "missing.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(P.DataError, match="not UTF-8 text .byte 0xe9 at offset 3"):
+        P.read_user_text(tmp_path / "latin1.txt")
+
+
+def test_tinystories_download_from_local_server(tmp_path):
+    served = tmp_path / "srv"
+    served.mkdir()
+    (served / "stories.txt").write_text("Once upon a time.\n<|endoftext|>\nThe end came.\n", encoding="utf-8")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(served), **k)
+
+        def log_message(self, *a):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/stories.txt"
+        docs = P.fetch_tinystories(url, cache_dir=tmp_path / "cache")
+        assert docs == ["Once upon a time.", "The end came."]
+        assert len(list((tmp_path / "cache").glob("*.txt"))) == 1
+        server.shutdown()
+        assert P.fetch_tinystories(url, cache_dir=tmp_path / "cache") == docs   # served from the cache
+        with pytest.raises(P.DataError, match="could not download"):
+            P.fetch_tinystories(url + "x", cache_dir=tmp_path / "cache2")
+    finally:
+        server.server_close()
+
+
+def test_learning_rate_schedules():
+    lr = [P.learning_rate(s, 100, 1.0, 0.1, "cosine") for s in range(100)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0) and lr[-1] == pytest.approx(0.1, abs=0.01)
+    assert all(a >= b for a, b in zip(lr[9:], lr[10:]))
+    wsd = [P.learning_rate(s, 100, 1.0, 0.1, "wsd") for s in range(100)]
+    assert wsd[50] == 1.0 and wsd[79] == 1.0 and wsd[99] == pytest.approx(0.05)
+
+
+# ---------------------------------------------------------------- whole runs
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    result = run_stage("--preset", "tiny", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result
+
+
+def test_tiny_run_lowers_loss_and_writes_the_stage_contract(tiny_run):
+    out, result = tiny_run
+    for name in ("model.pt", "tokenizer.json", "world.json", "metrics.json", "loss.png", "report.md"):
+        assert (out / name).exists(), name
+    assert not (out / "train_state.pt").exists()
+    h = history(out)
+    first, last = sum(r["loss"] for r in h["train"][:3]) / 3, sum(r["loss"] for r in h["train"][-3:]) / 3
+    assert last < first - 1.0
+    assert h["val"][-1]["val_bpb"] < h["val"][0]["val_bpb"]
+    assert "fact completion" in result.stdout
+    model, ckpt = P.load_model(out)
+    assert ckpt["config"]["vocab_size"] == P.load_tokenizer(out).n_vocab
+
+
+def test_resume_continues_exactly(tiny_run, tmp_path):
+    out, _ = tiny_run
+    first = run_stage("--preset", "tiny", "--out", str(tmp_path), "--stop_after_step", "13")
+    assert first.returncode == 0 and (tmp_path / "train_state.pt").exists(), first.stderr[-2000:]
+    assert not (tmp_path / "model.pt").exists()
+    again = run_stage("--preset", "tiny", "--out", str(tmp_path))      # forgot --resume: refused
+    assert again.returncode == 1 and "unfinished run" in again.stderr and "Traceback" not in again.stderr
+    other = run_stage("--preset", "tiny", "--out", str(tmp_path), "--resume", "--depth", "3")
+    assert other.returncode == 1 and "--depth 2 (now 3)" in other.stderr
+    second = run_stage("--preset", "tiny", "--out", str(tmp_path), "--resume")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert [r["loss"] for r in history(tmp_path)["train"]] == [r["loss"] for r in history(out)["train"]]
+    a = torch.load(out / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    common = ["--preset", "tiny", "--steps", "4", "--eval_every", "100", "--probe_limit", "2"]
+    single = run_stage(*common, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert "grad accumulation 2 x 1 rank(s)" in single.stdout
+    ddp = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "01_pretrain.py"), *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert "grad accumulation 1 x 2 rank(s)" in ddp.stdout
+    one, two = history(tmp_path / "one")["train"], history(tmp_path / "two")["train"]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    wa = torch.load(tmp_path / "one" / "model.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "two" / "model.pt", weights_only=True)["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_bad_data_is_one_sentence_and_nothing_is_written(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe binary")
+    for flag, expected in ((str(tmp_path / "nope.txt"), "no such file"), (str(bad), "not UTF-8")):
+        result = run_stage("--preset", "tiny", "--out", str(tmp_path / "out"), "--data", flag)
+        assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr
+        assert not (tmp_path / "out").exists()
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    real_forward, calls = P.GPT.forward, []
+
+    def forward(self, idx, targets=None, cache=None):
+        out = real_forward(self, idx, targets, cache)
+        if targets is not None:
+            calls.append(1)
+            if len(calls) > 2 * 12:       # micro-batches of steps 0..11 are fine, then NaN
+                return out * float("nan")
+        return out
+    monkeypatch.setattr(P.GPT, "forward", forward)
+    with pytest.raises(SystemExit) as stop:
+        P.main(["--preset", "tiny", "--out", str(tmp_path), "--device", "cpu"])
+    assert stop.value.code == 1
+    assert "loss became nan at step 12" in capsys.readouterr().err
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    assert state["step"] == 10           # the last periodic checkpoint, untouched
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_full_disk_on_save_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
+    real_save, saves = torch.save, []
+
+    def save(obj, f, *a, **k):
+        saves.append(1)
+        if len(saves) == 2:               # the step-20 checkpoint finds the disk full
+            open(f, "wb").write(b"half a file")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(P.torch, "save", save)
+    with pytest.raises(SystemExit) as stop:
+        P.main(["--preset", "tiny", "--out", str(tmp_path), "--device", "cpu"])
+    assert stop.value.code == 1
+    assert "No space left on device" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "train_state.pt", weights_only=True)["step"] == 10
+    assert not (tmp_path / "train_state.pt.tmp").exists()
