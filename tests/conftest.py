@@ -17,3 +17,26 @@ def load_stage(name):
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+PY = sys.executable
+
+
+def run_script(script, *args, timeout=600, stdin=None):
+    """Run a stage as a user would (one thread, like CI's small machines); returns CompletedProcess."""
+    return subprocess.run([PY, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, input=stdin, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrain(tmp_path_factory):
+    """One `01_pretrain.py --preset tiny` run shared by every test that needs a stage-01 checkpoint."""
+    out = tmp_path_factory.mktemp("01_pretrain")
+    result = run_script("01_pretrain.py", "--preset", "tiny", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result

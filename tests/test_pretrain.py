@@ -1,27 +1,22 @@
 """Stage 01: tokenizer, model, data, checkpoints, resume, DDP and bad input."""
-import contextlib
 import errno
 import http.server
 import json
 import os
 import random
 import subprocess
-import sys
 import threading
 
 import pytest
 import torch
 
-from conftest import ROOT, load_stage
+from conftest import PY, ROOT, load_stage, run_script
 
 P = load_stage("01_pretrain")
-PY = sys.executable
 
 
-def run_stage(*args, env=None, timeout=300):
-    """Run 01_pretrain.py as a user would; returns the CompletedProcess."""
-    return subprocess.run([PY, str(ROOT / "01_pretrain.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+def run_stage(*args):
+    return run_script("01_pretrain.py", *args)
 
 
 def history(out):
@@ -254,16 +249,8 @@ def test_learning_rate_schedules():
 
 # ---------------------------------------------------------------- whole runs
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    result = run_stage("--preset", "tiny", "--out", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out, result
-
-
-def test_tiny_run_lowers_loss_and_writes_the_stage_contract(tiny_run):
-    out, result = tiny_run
+def test_tiny_run_lowers_loss_and_writes_the_stage_contract(tiny_pretrain):
+    out, result = tiny_pretrain
     for name in ("model.pt", "tokenizer.json", "world.json", "metrics.json", "loss.png", "report.md"):
         assert (out / name).exists(), name
     assert not (out / "train_state.pt").exists()
@@ -276,8 +263,8 @@ def test_tiny_run_lowers_loss_and_writes_the_stage_contract(tiny_run):
     assert ckpt["config"]["vocab_size"] == P.load_tokenizer(out).n_vocab
 
 
-def test_resume_continues_exactly(tiny_run, tmp_path):
-    out, _ = tiny_run
+def test_resume_continues_exactly(tiny_pretrain, tmp_path):
+    out, _ = tiny_pretrain
     first = run_stage("--preset", "tiny", "--out", str(tmp_path), "--stop_after_step", "13")
     assert first.returncode == 0 and (tmp_path / "train_state.pt").exists(), first.stderr[-2000:]
     assert not (tmp_path / "model.pt").exists()

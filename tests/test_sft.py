@@ -1,0 +1,113 @@
+"""Stage 02: the chat format and its loss mask, batching, user data, the chat CLI, a tiny run."""
+import json
+
+import pytest
+import torch
+
+from conftest import load_stage, run_script
+
+S = load_stage("02_sft")
+P = load_stage("01_pretrain")
+
+
+@pytest.fixture(scope="module")
+def enc():
+    world = P.make_world(12, seed=3)
+    return P.make_encoding("test", P.train_bpe([P.document(world, i, 3) for i in range(100)], 512))
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 3 * 4?"},
+    {"role": "assistant", "content": "Let me compute.", "thinking": "3 * 4 = 12",
+     "tool_call": {"name": "calculator", "arguments": {"expression": "3 * 4"}}},
+    {"role": "tool", "content": "12"},
+    {"role": "assistant", "content": "Answer: 12"},
+]
+
+
+def test_mask_covers_exactly_the_assistant_tokens(enc):
+    ids, trained = S.render_conversation(enc, CONVERSATION)
+    assert len(ids) == len(trained)
+    pieces = [(enc.decode([t]), flag) for t, flag in zip(ids, trained)]
+    # Walk the sequence: after <|assistant|> everything up to and including <|end|> is trained;
+    # everything else (bos, system, user, tool result, the <|assistant|> token itself) is not.
+    inside, expected = False, []
+    for text, _ in pieces:
+        if text == "<|assistant|>":
+            expected.append(False)
+            inside = True
+        else:
+            expected.append(inside)
+            if text == "<|end|>":
+                inside = False
+    assert [flag for _, flag in pieces] == expected
+    trained_text = "".join(text for text, flag in pieces if flag)
+    call = json.dumps(CONVERSATION[2]["tool_call"])
+    assert trained_text == ("<|think|>3 * 4 = 12<|/think|>Let me compute.<|tool_call|>" + call + "<|end|>"
+                            "Answer: 12<|end|>")
+    untrained = "".join(text for text, flag in pieces if not flag)
+    assert untrained == ("<|bos|><|system|>Be brief.<|end|><|user|>What is 3 * 4?<|end|><|assistant|>"
+                         "<|tool_result|>12<|end|><|assistant|>")
+
+
+def test_targets_are_shifted_by_one(enc):
+    (x, y), = [S.encode_examples(enc, [{"messages": CONVERSATION}], 512)[0][0]]
+    ids, trained = S.render_conversation(enc, CONVERSATION)
+    assert x == ids[:-1]
+    for t in range(len(y)):   # target t is the token at t+1, trained iff that token is the assistant's
+        assert y[t] == (ids[t + 1] if trained[t + 1] else -1)
+    # the first trained target is predicted from the <|assistant|> position
+    first = next(t for t in range(len(y)) if y[t] != -1)
+    assert enc.decode([x[first]]) == "<|assistant|>" and enc.decode([y[first]]) == "<|think|>"
+
+
+def test_reply_parsing_round_trip(enc):
+    ids, _ = S.render_conversation(enc, CONVERSATION[:3])
+    start = ids.index(enc.encode_single_token("<|assistant|>")) + 1
+    reply = S.parse_reply(enc, ids[start:])
+    assert reply["thinking"] == "3 * 4 = 12" and reply["content"] == "Let me compute."
+    assert reply["tool_call"] == CONVERSATION[2]["tool_call"] and reply["ended"]
+    assert not reply["wrote_other_turn"]
+    broken = enc.encode_ordinary("Sure.") + [enc.encode_single_token("<|tool_call|>")] + enc.encode_ordinary("{oops")
+    reply = S.parse_reply(enc, broken)
+    assert reply["tool_call"] is None and reply["tool_call_error"] and not reply["ended"]
+    rogue = enc.encode_ordinary("Hi.") + [enc.encode_single_token("<|user|>")] + enc.encode_ordinary("more")
+    assert S.parse_reply(enc, rogue)["wrote_other_turn"]
+
+
+def test_padding_never_leaks_between_examples(enc):
+    convs = [{"messages": [{"role": "user", "content": "x" * n}, {"role": "assistant", "content": "ok " * n}]}
+             for n in (1, 5, 9, 2, 7)]
+    encoded, dropped = S.encode_examples(enc, convs, 512)
+    assert dropped == 0
+    rows = {tuple(x[:len(x)]) for x, _ in encoded}
+    pad = enc.encode_single_token("<|pad|>")
+    seen = 0
+    for x, y in S.make_batches(encoded, 2, pad, seed=0, epoch=0):
+        for r in range(x.size(0)):
+            n = int((x[r] != pad).sum())
+            assert tuple(x[r, :n].tolist()) in rows          # each row is exactly one conversation ...
+            assert (x[r, n:] == pad).all() and (y[r, n:] == -1).all()   # ... and its pads are never targets
+            seen += 1
+    assert seen == len(convs)
+
+
+def test_too_long_conversations_are_dropped(enc):
+    convs = [{"messages": [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]}]
+    assert S.encode_examples(enc, convs, 64) == ([], 1)
+
+
+def test_user_jsonl_is_checked_line_by_line(tmp_path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    lines = [json.dumps(good), "{not json", json.dumps({"messages": [{"role": "robot", "content": "x"}]}), "",
+             json.dumps({"messages": [{"role": "user", "content": "only a question"}]})]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(S.DataError) as err:
+        S.read_conversations(path)
+    message = str(err.value)
+    assert "3 malformed line(s)" in message
+    assert "line 2: not JSON" in message and "line 3: message 0: 'role'" in message and "line 5: no assistant" in message
+    path.write_text(json.dumps(good) + "\n", encoding="utf-8")
+    assert S.read_conversations(path)[0]["messages"] == good["messages"]
