@@ -32,7 +32,6 @@ import argparse
 import base64
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import itertools
 import json
@@ -63,12 +62,12 @@ import kernels  # noqa: E402  (attention and MoE: Triton on CUDA, PyTorch elsewh
 
 PRESETS = {
     # seconds on 2 CPU cores: tests and CI. Learns little; proves the plumbing.
-    "tiny": dict(depth=2, aspect=32, head_dim=16, seq_len=64, vocab_size=384, n_people=12,
-                 batch_tokens=2048, micro_batch=16, steps=30, eval_every=10, save_every=10,
+    "tiny": dict(depth=2, aspect=32, head_dim=16, seq_len=128, vocab_size=384, n_people=12,
+                 batch_tokens=2048, micro_batch=8, steps=30, eval_every=10, save_every=10,
                  tokenizer_chars=150_000, probe_limit=40, val_tokens=4096),
     # under 15 minutes on 2 CPU cores; the world is sized so each fact is seen 250+ times.
     "cpu": dict(depth=4, aspect=32, head_dim=32, seq_len=256, vocab_size=2048, n_people=200,
-                batch_tokens=16384, micro_batch=32, tokens_per_param=8.0, eval_every=100,
+                batch_tokens=16384, micro_batch=32, tokens_per_param=11.0, eval_every=100,
                 save_every=200, tokenizer_chars=2_000_000, probe_limit=600, val_tokens=65536),
     # the one-GPU course size (H100-class): unmeasured until a GPU run is recorded in README.
     "gpu": dict(depth=8, aspect=64, head_dim=64, seq_len=1024, vocab_size=8192, n_people=2000,
@@ -216,9 +215,6 @@ DIETS = ["berries", "beetles", "fish", "roots", "mushrooms", "small birds", "see
 TAME = ["harmless", "timid", "shy", "curious", "gentle"]   # only these may be a person's companion
 WILD = ["fierce", "venomous", "deadly"]
 PRONOUNS = {"she": ("she", "her"), "he": ("he", "his")}
-GOODS = ["lanterns", "ropes", "candles", "apples", "baskets", "bowls", "blankets", "cups", "bells", "pears",
-         "maps", "spoons", "jars of honey", "loaves", "nails", "bottles of ink"]   # for the arithmetic
-
 BIRTH_YEARS = range(980, 1041)
 PRESENT_YEAR = 1062   # "now" in the world: founding and event years come before it
 FOUNDED_YEARS = range(1000, PRESENT_YEAR)
@@ -980,6 +976,11 @@ def _qa(wr):
     return "\n".join(lines)
 
 
+# --- shared: arithmetic (origin: 01_pretrain.py) ---
+GOODS = ["lanterns", "ropes", "candles", "apples", "baskets", "bowls", "blankets", "cups", "bells", "pears",
+         "maps", "spoons", "jars of honey", "loaves", "nails", "bottles of ink"]   # for the arithmetic
+
+
 def _step(a, op, b):
     """One worked step, 'a op b = c', and its value c."""
     c = a + b if op == "+" else a - b if op == "-" else a * b
@@ -995,8 +996,8 @@ def arithmetic_problem(world, rng):
     # model of a few million parameters can learn to carry out such steps, not long multiplication.
     # Writing every step out is the point: stage 05 rewards reaching the checkable final answer,
     # and a model that has seen worked steps in pretraining has a chance to reach it.
-    lk = _lookup(world)
-    p = rng.choice(lk.people)
+    people = world["people"]
+    p = rng.choice(people)
     name, she = p["name"], p["pronoun"]
     kind = rng.randrange(8)
     if kind == 0:
@@ -1019,7 +1020,7 @@ def arithmetic_problem(world, rng):
     elif kind == 3:
         x, y, item = rng.randint(3, 20), rng.randint(3, 20), rng.choice(GOODS)
         give = rng.randint(1, x + y - 1)
-        other = rng.choice(lk.people)["name"]
+        other = rng.choice(people)["name"]
         q = (f"{name} packs {x} {item} in the morning and {y} in the afternoon, then gives {give} to {other}. "
              f"How many {item} does {she} have now?")
         s1 = _step(x, "+", y)
@@ -1056,6 +1057,7 @@ def arithmetic_problem(world, rng):
         s1, s2 = _step(n1, "*", p1), _step(n2, "*", p2)
         steps = [s1, s2, _step(s1[1], "-", s2[1])]
     return q, [line for line, _ in steps], steps[-1][1]
+# --- end shared: arithmetic ---
 
 
 def _arithmetic(wr):

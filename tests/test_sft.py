@@ -2,9 +2,8 @@
 import json
 
 import pytest
-import torch
 
-from conftest import load_stage, run_script
+from conftest import load_stage, run_script  # noqa: F401
 
 S = load_stage("02_sft")
 P = load_stage("01_pretrain")

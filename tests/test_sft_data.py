@@ -7,7 +7,7 @@ import pytest
 from conftest import load_stage
 
 W = load_stage("01_pretrain")           # the world (make_world, arithmetic_problem) lives in stage 01
-D = load_stage("sft_data_section")      # imports arithmetic_problem from the module loaded above
+D = load_stage("02_sft")             # the conversation mixture is section 3 of stage 02
 
 N_TRAIN, N_EVAL = 3000, 650   # 50 eval items per eval task
 
