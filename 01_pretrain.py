@@ -1637,8 +1637,8 @@ def bits_per_byte(model, inputs, targets, byte_lengths, batch_size, autocast):
 @torch.no_grad()
 def knowledge_probe(model, enc, probes, device, batch_size=64):
     """Greedy completion of each probe prompt; right when the continuation starts with the answer
-    as a whole word ("Orrin" does not count for "Orrinford"). Prompts are batched by token length,
-    so no padding is needed."""
+    as a whole word ("Pen" does not count for "Penford"). Prompts are batched by token length, so
+    no padding is needed."""
     by_length = {}
     for probe in probes:
         ids = [enc.encode_single_token("<|bos|>")] + enc.encode_ordinary(probe["prompt"])
@@ -1650,8 +1650,11 @@ def knowledge_probe(model, enc, probes, device, batch_size=64):
             n_new = max(len(enc.encode_ordinary(" " + p["answer"])) for _, p in chunk) + 1
             prompt = torch.tensor([ids for ids, _ in chunk], device=device)
             new = torch.stack(list(generate(model, prompt, n_new, temperature=0)), dim=1).tolist()
+            first_special = enc.n_vocab - len(SPECIAL_TOKENS)
             for (_, probe), ids in zip(chunk, new):
-                text = enc.decode([t for t in ids if t < enc.n_vocab - len(SPECIAL_TOKENS)])
+                # The completion ends at the first special token (often <|bos|>: "the document ends here").
+                ids = list(itertools.takewhile(lambda t: t < first_special, ids))
+                text = enc.decode(ids)
                 expected = " " + probe["answer"]
                 correct = text.startswith(expected) and not text[len(expected):len(expected) + 1].isalnum()
                 results.append({**probe, "completion": text, "correct": correct})

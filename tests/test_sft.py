@@ -110,3 +110,52 @@ def test_user_jsonl_is_checked_line_by_line(tmp_path):
     assert "line 2: not JSON" in message and "line 3: message 0: 'role'" in message and "line 5: no assistant" in message
     path.write_text(json.dumps(good) + "\n", encoding="utf-8")
     assert S.read_conversations(path)[0]["messages"] == good["messages"]
+
+
+# ---------------------------------------------------------------- whole runs
+
+@pytest.fixture(scope="module")
+def tiny_sft(tiny_pretrain, tmp_path_factory):
+    init, _ = tiny_pretrain
+    out = tmp_path_factory.mktemp("02_sft")
+    result = run_script("02_sft.py", "--preset", "tiny", "--init", init, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_tiny_sft_lowers_assistant_loss_and_writes_the_stage_contract(tiny_sft):
+    out, result = tiny_sft
+    for name in ("model.pt", "tokenizer.json", "world.json", "metrics.json", "sft.png", "report.md"):
+        assert (out / name).exists(), name
+    m = json.loads((out / "metrics.json").read_text())
+    losses = [h["loss"] for h in m["history"]]
+    assert len(losses) >= 10
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert m["before"] is not None and "fact_qa_heldout" in m["after"]
+    assert "pretrained -> SFT" in result.stdout
+
+
+def test_chat_cli_reads_a_scripted_conversation(tiny_sft):
+    out, _ = tiny_sft
+    script = "Who are you?\nWhat is 2 + 3?\n/reset\nHello\n/quit\nnever read\n"
+    first = run_script("02_sft.py", "--chat", out, "--temperature", "0", "--max_new_tokens", "12", stdin=script)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("assistant> ") == 3 and "(new conversation)" in first.stdout
+    assert "never read" not in first.stdout
+    again = run_script("02_sft.py", "--chat", out, "--temperature", "0", "--max_new_tokens", "12", stdin=script)
+    assert again.stdout == first.stdout           # greedy decoding is deterministic
+
+
+def test_missing_previous_stage_is_one_sentence(tmp_path):
+    result = run_script("02_sft.py", "--preset", "tiny", "--init", tmp_path / "nope", "--out", tmp_path / "out")
+    assert result.returncode == 1 and "run 01_pretrain.py first" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_malformed_user_data_stops_with_line_numbers(tiny_pretrain, tmp_path):
+    init, _ = tiny_pretrain
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": []}\n', encoding="utf-8")
+    result = run_script("02_sft.py", "--preset", "tiny", "--init", init, "--out", tmp_path / "out", "--data", bad)
+    assert result.returncode == 1 and "line 1: 'messages' must be a non-empty list" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
