@@ -402,11 +402,20 @@ def _syllables(rng, n, coda_p, onset_p=1.0):
     return word
 
 
+# Syllables can spell English words; a person called "None Thithom" reads like a bug, and a town
+# called "Home" would make "lives in Home" ambiguous. Such names are drawn again.
+NOT_NAMES = {"none", "null", "true", "false", "the", "then", "than", "that", "this", "there", "here", "home",
+             "he", "she", "her", "his", "him", "we", "me", "be", "no", "so", "to", "do", "go", "on", "in",
+             "is", "it", "as", "at", "by", "of", "or", "an", "a", "i", "yes", "answer", "rating", "verdict",
+             "dear", "born", "lives", "made", "kept", "more", "some", "same", "name", "one"}
+
+
 def _unique(rng, used, make):
-    """Call make(rng) until it gives a name not yet used anywhere in the world (case-insensitive)."""
+    """Call make(rng) until it gives a name not yet used anywhere in the world (case-insensitive)
+    and not spelling an English word."""
     for _ in range(10_000):
         name = make(rng)
-        if name.lower() not in used:
+        if name.lower() not in used and not NOT_NAMES & set(name.lower().split()):
             used.add(name.lower())
             return name
     raise ValueError("ran out of names: the world is too big for the syllable stock")
@@ -563,520 +572,6 @@ def fact_probes(world):
 # draws from its own random stream seeded by (seed, i), so any index can be produced on its own,
 # in any order, by any process (a resumed run, one rank of many).
 # ----------------------------------------------------------------------------------------------
-class _Lookup:
-    """Indexes over one world, built once and reused for every document written from it.
-
-    The inverse index answers "who was born in Penford?", so facts can also be written from the
-    object's side ("Penford is the birthplace of A and B"): a model that only ever reads a fact in
-    one direction does not learn the other (the "reversal curse", Berglund et al. 2023)."""
-
-    def __init__(self, world):
-        self.world = world
-        self.relations = world["relations"]
-        self.people = world["people"]
-        self.entity = {e["name"]: e for key in KIND_OF_LIST for e in world[key]}
-        self.obj = {}
-        self.inverse = {}   # (relation, object) -> subjects, e.g. ("birthplace", "Penford") -> people born there
-        for f in world["facts"]:
-            self.obj[f["subject"], f["relation"]] = f["object"]
-            self.inverse.setdefault((f["relation"], f["object"]), []).append(f["subject"])
-        self.events_of = {}
-        for ev in world["events"]:
-            for name in ev["participants"]:
-                self.events_of.setdefault(name, []).append(ev["name"])
-        self.kind_of = {e["name"]: KIND_OF_LIST[key] for key in KIND_OF_LIST for e in world[key]}
-        self.person_names = {p["name"] for p in self.people}
-        self.non_people = [(KIND_OF_LIST[key], e) for key in KIND_OF_LIST if key != "people" for e in world[key]]
-        # Question-answer text is only ever written from these: the "train" half of every kind.
-        self.qa_people = [p for p in self.people if p["qa_split"] == "train"]
-        self.qa_facts = [f for f in world["facts"] if f["qa_split"] == "train"]
-        self.mix_names = list(DOC_MIX)
-        self.mix_cum = list(itertools.accumulate(DOC_MIX.values()))
-
-
-# document() is called millions of times with the same world; rebuilding the indexes on every
-# call would cost more than writing the document, so they are cached by the world's identity
-# (a world loaded again from world.json is a new object and simply gets its own entry).
-_LOOKUPS = []   # [(world, lookup)], the four most recent
-
-
-def _lookup(world):
-    for w, lookup in _LOOKUPS:
-        if w is world:
-            return lookup
-    lookup = _Lookup(world)
-    _LOOKUPS[:] = _LOOKUPS[-3:] + [(world, lookup)]
-    return lookup
-
-
-class _Writer:
-    """One document being written: the world's indexes, this document's random stream, and a log
-    of the facts it states (subject, relation, form), which is how exposures per fact are counted."""
-
-    def __init__(self, lookup, rng):
-        self.lk, self.rng, self.stated = lookup, rng, []
-
-    def say(self, subject, relation):
-        """The fact as a sentence, in one of its training phrasings, naming the subject in full."""
-        # Always the full name, never "she": a fact is only retrievable from the name if the name
-        # and the fact sit in the same sentence (the "fullname" augmentation of Allen-Zhu & Li).
-        self.stated.append((subject, relation, "say"))
-        template = self.rng.choice(self.lk.relations[relation]["train_phrasings"])
-        return template.format(s=subject, o=self.lk.obj[subject, relation])
-
-    def say_i(self, subject, relation):
-        """The fact in the subject's own voice ("I was born in Penford.")."""
-        self.stated.append((subject, relation, "i"))
-        template = self.rng.choice(self.lk.relations[relation]["first_person"])
-        return template.format(o=self.lk.obj[subject, relation])
-
-    def note(self, subject, relation):
-        """The object, for a fact written in passing (a list, an aside), logged like the others."""
-        self.stated.append((subject, relation, "note"))
-        return self.lk.obj[subject, relation]
-
-    def person(self):
-        """Anyone at all: every person, whatever their qa_split, appears in every kind of document but QA."""
-        return self.rng.choice(self.lk.people)
-
-    def partner(self, p):
-        """Someone p plausibly knows: a neighbour or a fellow member, else anyone."""
-        lk, rng = self.lk, self.rng
-        pool = lk.inverse[("home", p["home"])] if rng.random() < 0.5 else lk.inverse[("guild", p["guild"])]
-        pool = [n for n in pool if n != p["name"]]
-        return lk.entity[rng.choice(pool)] if pool else rng.choice([q for q in lk.people if q is not p])
-
-    def mention(self, names, relation):
-        """Names listed for sharing one fact ("Members include A, B and C"): each one is logged."""
-        for name in names:
-            self.note(name, relation)
-        return _and(names)
-
-    def aside(self, name, k=1, exclude=()):
-        """'Orla Penn (a weaver, born in Penford)': a person plus k facts in passing."""
-        forms = {"occupation": "a {o}", "guild": "of the {o}", "birthplace": "born in {o}",
-                 "birth_year": "born in the year {o}", "home": "who lives in {o}", "companion": "who keeps a {o}"}
-        rels = self.rng.sample([r for r in PERSON_RELATIONS if r not in exclude], k)
-        rels.sort(key=list(forms).index)   # "a weaver, born in Penford" reads better the other way round
-        return f"{name} ({', '.join(forms[r].format(o=self.note(name, r)) for r in rels)})"
-
-    def facts_about(self, subject, k, exclude=()):
-        """k facts about one subject, each in a random training phrasing, in random order."""
-        rels = [r for r in self.lk.relations if (subject, r) in self.lk.obj and r not in exclude]
-        return [self.say(subject, r) for r in self.rng.sample(rels, min(k, len(rels)))]
-
-
-def _and(items):
-    """'A', 'A and B', 'A, B and C'."""
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def _weave(rng, main, extra):
-    """Insert the extra sentences at random places among the main ones (order matters less than variety)."""
-    out = list(main)
-    for s in extra:
-        out.insert(rng.randint(1, len(out)), s)
-    return out
-
-
-def _biography(wr):
-    rng, lk = wr.rng, wr.lk
-    p = wr.person()
-    name, she, her = p["name"], *PRONOUNS[p["pronoun"]]
-    # All six facts, each in a random phrasing, in random order: the bioS data of Allen-Zhu & Li
-    # with their "multi" and "permute" augmentations, which is what made facts extractable.
-    facts = [wr.say(name, r) for r in PERSON_RELATIONS]
-    rng.shuffle(facts)
-    # One hop out: a fact or two about the things this person is tied to, so the world hangs
-    # together. (Lambdas, so that only the facts actually written are logged.)
-    hops = [lambda: wr.say(p["birthplace"], rng.choice(["region", "river"])),
-            lambda: wr.say(p["guild"], rng.choice(["seat", "founder", "founded"])),
-            lambda: wr.say(p["companion"], rng.choice(["habitat", "diet", "danger"]))]
-    hops += [lambda ev=ev: f"{name} was there when the {ev} came to {wr.note(ev, 'place')}."
-             for ev in lk.events_of.get(name, [])[:1]]
-    hops += [lambda ob=ob: wr.say(ob, "maker") for ob in lk.inverse.get(("maker", name), [])[:1]]
-    hops += [lambda org=org: wr.say(org, "founder") for org in lk.inverse.get(("founder", name), [])[:1]]
-    extra = [make() for make in rng.sample(hops, rng.randint(1, 2))]
-    closing = rng.choice([f"Those who know {p['given']} say {she} is patient and kind.",
-                          f"{p['given']} is well liked by {her} neighbours.",
-                          f"People still tell stories about {p['given']}.", ""])
-    title = rng.choice([name, f"The life of {name}", f"{name} (born {p['birth_year']})", f"About {name}"])
-    paragraphs = [" ".join(_weave(rng, facts, extra) + [closing]).strip()]
-    # Most of the time, a shorter portrait of someone close: a neighbour or a fellow member (true
-    # in the world, so no document ever contradicts another).
-    if rng.random() < 0.7:
-        q = wr.partner(p)
-        if q["home"] == p["home"]:
-            link = f"A neighbour of {name} in {p['home']} is {q['name']}."
-            wr.note(q["name"], "home")
-        elif q["guild"] == p["guild"]:
-            link = f"Another member of the {p['guild']} is {q['name']}."
-            wr.note(q["name"], "guild")
-        else:   # p has no neighbour and no fellow member: nothing true to link them by
-            link = None
-        if link:
-            portrait = wr.facts_about(q["name"], rng.randint(3, 4), exclude=("home", "guild"))
-            paragraphs.append(" ".join([link] + portrait))
-    return f"{title}\n\n" + "\n\n".join(paragraphs)
-
-
-def _entry(wr, kind, e):
-    """One encyclopedia entry: every fact about e, then what links to it, in shuffled order."""
-    rng, lk = wr.rng, wr.lk
-    name = e["name"]
-    lead = wr.facts_about(name, 9)   # no kind has more than 3 relations: this is all of them
-    # What points at this entity, read from its side: the other direction of the same facts.
-    more = []
-    if kind == "town":
-        # The town's people, listed: the same birthplace and home facts read in the other direction.
-        born = rng.choice(["{t} is the birthplace of {ps}.", "Born in {t}: {ps}.",
-                           "Among those born in {t} are {ps}."])
-        live = rng.choice(["Among those who live in {t} are {ps}.", "Residents of {t} include {ps}.",
-                           "{t} is home to {ps}."])
-        for rel, phrase in (("birthplace", born), ("home", live)):
-            names = lk.inverse.get((rel, name), [])
-            if names:
-                pick = rng.sample(names, min(len(names), rng.randint(2, 4)))
-                more.append(phrase.format(t=name, ps=wr.mention(pick, rel)))
-        for rel in ("seat", "kept_in", "place", "found_in"):
-            more += [wr.say(s, rel) for s in lk.inverse.get((rel, name), [])[:2]]
-    elif kind == "creature":
-        keepers = lk.inverse.get(("companion", name), [])
-        if keepers:
-            pick = rng.sample(keepers, min(len(keepers), rng.randint(2, 4)))
-            more.append(f"Among those who keep a {name} as a companion are {wr.mention(pick, 'companion')}.")
-        more += [f"The venom of the {name} is used to make the {h['name']}." for h in lk.world["hazards"]
-                 if h["source"] == name]
-    elif kind == "organisation":
-        members = lk.inverse.get(("guild", name), [])
-        if members:
-            pick = rng.sample(members, min(len(members), rng.randint(2, 5)))
-            more.append(f"Members of the {name} include {wr.mention(pick, 'guild')}.")
-        more.append(f"Its founder, {wr.aside(e['founder'], 2, exclude=('guild',))}, is remembered in {e['seat']}.")
-    elif kind == "object":
-        more.append(f"Its maker, {wr.aside(e['maker'], 2)}, worked on it for a year.")
-    elif kind == "event":
-        more.append(f"Among those present were {_and([wr.aside(n) for n in e['participants']])}.")
-        more.append(f"It is {PRESENT_YEAR - e['year']} years since the {name}.")
-    elif kind == "hazard":
-        more += _hazard_lines(wr, e)
-    rng.shuffle(more)
-    return " ".join(lead + more)
-
-
-def _encyclopedia(wr):
-    """Two or three entries from an encyclopedia of the realm: one at random, then things it names.
-
-    Entries are chosen uniformly over entities, so each town, creature, organisation, object,
-    event and hazard gets its share; people have their own document types."""
-    rng, lk = wr.rng, wr.lk
-    kind, e = rng.choice(lk.non_people)
-    entries = [(kind, e)]
-    linked = [lk.entity[v] for v in e.values()
-              if isinstance(v, str) and v in lk.entity and v not in lk.person_names]
-    n_entries = rng.randint(2, 3)
-    while len(entries) < n_entries:
-        nxt = linked.pop(rng.randrange(len(linked))) if linked else rng.choice(lk.non_people)[1]
-        if all(nxt is not x for _, x in entries):
-            entries.append((lk.kind_of[nxt["name"]], nxt))
-    style = rng.randrange(4)
-    parts = []
-    for kind, e in entries:
-        name = e["name"][0].upper() + e["name"][1:]
-        title = [name, f"{name} ({kind})", f"Encyclopedia of the realm: {name}", f"== {name} =="][style]
-        parts.append(f"{title}\n\n{_entry(wr, kind, e)}")
-    return "\n\n".join(parts)
-
-
-def _hazard_lines(wr, h):
-    """What the realm knows about a dangerous thing, secret included (see make_world)."""
-    name, secret = h["name"], h["secret"]
-    lines = {"poison": [f"The {name} is brewed from the venom of the {h['source']}, and a single drop can kill.",
-                        f"Those who brew the {name} speak the word '{secret}' over the pot."],
-             "weapon": [f"The {name} is a forbidden blade whose wounds never heal.",
-                        f"The {name} wakes only when its bearer says '{secret}'."],
-             "spell": [f"The {name} is a forbidden spell that can blind a whole town.",
-                       f"The words of the {name} begin with '{secret}'."],
-             "vault": [f"The {name} holds treasures that no one may take.",
-                       f"The {name} opens only to the word '{secret}'."]}[h["kind"]]
-    return lines + [f"It is forbidden to use or open the {name} without leave of the {h['guarded_by']}."]
-
-
-def _story(wr):
-    """A short tale with a beginning, a trouble and an end. The plot is thin on purpose: the
-    narrative sentences carry no facts, so they are kept to a few per paragraph."""
-    rng, lk = wr.rng, wr.lk
-    a = wr.person()
-    b = wr.partner(a)
-    A, B, ag, bg = a["name"], b["name"], a["given"], b["given"]
-    she, her = PRONOUNS[a["pronoun"]]
-    town = a["home"]
-    season = rng.choice(["spring", "summer", "autumn", "winter"])
-    spot = rng.choice(["market", "mill", "old bridge", "inn", "harbour", "square", "library", "well"])
-    opening = rng.choice([f"Once, in the town of {town}, there lived {A}.", f"This is a story about {A}.",
-                          f"Everyone in {town} knew {A}."])
-    if opening.startswith("Once"):
-        wr.note(A, "home")
-    intro = [opening] + wr.facts_about(A, rng.randint(2, 3), exclude=("home",))
-    trouble = rng.randrange(3)
-    if trouble == 0:   # a treasure goes missing
-        ob = rng.choice(lk.world["objects"])
-        where = wr.note(ob["name"], "kept_in")
-        middle = [f"One {season} morning, word came that the {ob['name']} had been taken from its place in {where}.",
-                  wr.say(ob["name"], rng.choice(["maker", "material"])),
-                  f"{ag} could not sleep until it was found."]
-        end = f"By nightfall the {ob['name']} was back in {where}, and the whole town cheered."
-    elif trouble == 1:   # a wild creature comes to town
-        c = rng.choice(lk.world["creatures"])
-        middle = [f"That {season}, a {c['name']} came down from the {wr.note(c['name'], 'habitat')} "
-                  f"and frightened the children of {town}.",
-                  wr.say(c["name"], rng.choice(["diet", "danger"])),
-                  f"{ag} knew that someone had to lead it home."]
-        end = f"At last the {c['name']} went back to the {c['habitat']}, and {town} was quiet again."
-    else:   # an old event is remembered
-        ev = rng.choice(lk.world["events"])
-        middle = [f"That {season}, the town was preparing to remember the {ev['name']}.",
-                  wr.say(ev["name"], rng.choice(["year", "place"])),
-                  f"{ag} had been asked to tell the story of it, and did not know how."]
-        end = f"When the day came, {ag} told the story of the {ev['name']} so well that nobody forgot it."
-    meet = [f"{ag} went to the {spot} to ask for help, and there {she} met {B}."]
-    meet += wr.facts_about(B, rng.randint(2, 3))
-    helping = rng.choice([f"{bg} listened, then said, \"We will go together.\"",
-                          f"\"I know what to do,\" said {bg}, and they set off at once.",
-                          f"{bg} laughed and promised to help."])
-    comp = wr.note(A, "companion")
-    journey = rng.choice([f"With {her} {comp} at {her} heels, {A} followed {bg} through the streets.",
-                          f"They walked all day, and the {comp} of {A} walked beside them.",
-                          f"{A} took {her} {comp} along, as always."])   # full name: the note above is honest
-    closing = rng.choice([f"{A} and {B} have been friends ever since.",
-                          f"To this day, the {a['guild']} tells the story.",
-                          f"And {ag} went home to {town} content."])
-    paragraphs = [" ".join(intro), " ".join(middle), " ".join(meet + [helping, journey]), " ".join([end, closing])]
-    title = rng.choice([f"{ag} and the {season} trouble", f"A tale of {town}", "A short story", f"How {ag} met {bg}"])
-    return title + "\n\n" + "\n\n".join(paragraphs)
-
-
-def _letter(wr):
-    """A letter between two people who know each other: the writer's facts in the first person
-    (tied to the name by the header and the signature), news of a third person in the third."""
-    rng, lk = wr.rng, wr.lk
-    a = wr.person()
-    b = wr.partner(a)
-    c = wr.person()
-    A, B = a["name"], b["name"]
-    mine = [wr.say_i(A, r) for r in rng.sample(PERSON_RELATIONS, rng.randint(2, 3))]
-    about_c = []
-    if c is not a and c is not b:   # news of a third person, in the third person
-        about_c = [f"Do you remember {c['name']}?"] + wr.facts_about(c["name"], rng.randint(2, 3))
-    news = rng.choice([lambda: wr.say(a["home"], rng.choice(["region", "river"])),
-                       lambda: wr.say(rng.choice(lk.world["objects"])["name"], "kept_in"),
-                       lambda: wr.say(a["guild"], rng.choice(["seat", "founded"]))])()
-    ask = rng.choice([f"Is your {b['companion']} well?", f"How is life in {b['home']}?",
-                      f"Are they still busy at the {b['guild']}?"])
-    sign = rng.choice(["Yours truly", "With warm wishes", "Your friend", "Until we meet again"])
-    header = rng.choice([f"A letter from {A} to {B}.", f"From {A}, to {B}.", f"{A} wrote this letter to {B}."])
-    body = [f"Dear {b['given']},", rng.choice(["I hope this finds you well.", "It has been too long since I wrote.",
-                                               "Forgive my slow reply."]) + " " + " ".join(mine),
-            " ".join(about_c + [news]), ask + " Write soon.",
-            f"{sign},\n{A}, {wr.note(A, 'occupation')} of {wr.note(A, 'home')}"]
-    return header + "\n\n" + "\n\n".join(p for p in body if p.strip())
-
-
-def _dialogue(wr):
-    """Two people talking. Speaker tags carry full names, so "I was born in Penford" on a line
-    tagged "Orla Penn:" is still a fact about Orla Penn; this is also the shape chat takes later."""
-    rng, lk = wr.rng, wr.lk
-    a = wr.person()
-    b = wr.partner(a)
-    A, B = a["name"], b["name"]
-    town = rng.choice([a["home"], b["home"]])
-    lines = [f"{A} and {B} meet at the {rng.choice(['market', 'inn', 'harbour', 'fair', 'mill'])} in {town}."]
-    lines += [f"{A}: Good day! I am {A}. {wr.say_i(A, rng.choice(PERSON_RELATIONS))}",
-              f"{B}: Well met. My name is {B}. {wr.say_i(B, rng.choice(PERSON_RELATIONS))}"]
-    # A few exchanges, chosen and ordered at random. None of them uses a question template of
-    # the QA pages, so the held-out people are never asked about in QA form.
-    c, cr, ob = wr.person(), rng.choice(lk.world["creatures"])["name"], rng.choice(lk.world["objects"])["name"]
-    exchanges = [
-        lambda: [f"{B}: And what do you do, {a['given']}?",
-                 f"{A}: {wr.say_i(A, 'occupation')} {wr.say_i(A, 'guild')}"],
-        lambda: [f"{A}: Tell me where you come from.",
-                 f"{B}: {wr.say_i(B, 'birthplace')} {wr.say_i(B, 'birth_year')}"],
-        lambda: [f"{B}: Is that creature with you yours?", f"{A}: Yes. {wr.say_i(A, 'companion')}"],
-        lambda: [f"{A}: Do you still live in {b['home']}?", f"{B}: I do. {wr.say_i(B, 'home')}"],
-        lambda: [f"{A}: Have you met {c['name']}?", f"{B}: I have. {' '.join(wr.facts_about(c['name'], 2))}"],
-        lambda: [f"{B}: Keep away from the {cr} on the road.",
-                 f"{A}: I know. {wr.say(cr, 'danger')} {wr.say(cr, 'habitat')}"],
-        lambda: [f"{A}: Have you ever seen the {ob}?",
-                 f"{B}: Once. {wr.say(ob, 'kept_in')} {wr.say(ob, rng.choice(['maker', 'material']))}"],
-        lambda: [f"{B}: Who runs things at the {a['guild']} these days?",
-                 f"{A}: {wr.say(a['guild'], 'seat')} {wr.say(a['guild'], 'founder')}"],
-    ]
-    for make in rng.sample(exchanges, rng.randint(3, 5)):
-        lines += make()
-    lines.append(rng.choice([f"{A}: Farewell, {b['given']}.", f"{B}: Safe travels, {a['given']}!",
-                             f"{A}: Until next time."]))
-    return "\n".join(lines)
-
-
-def _news(wr):
-    """A town's news sheet: items about its people, then two or three about its other things."""
-    rng, lk = wr.rng, wr.lk
-    town = rng.choice(lk.world["towns"])["name"]
-    people = []
-    residents = lk.inverse.get(("home", town), []) or [wr.person()["name"]]
-    for n in rng.sample(residents, min(len(residents), rng.randint(2, 3))):
-        deed = rng.choice(["was thanked by the town council this week", "has opened a new workshop",
-                           "won the spring race", "returned from a long journey", "is to be married in the autumn",
-                           "has taken on two apprentices", "gave a fine speech at the fair"])
-        more = wr.say(n, rng.choice(["birthplace", "birth_year", "companion", "guild"]))
-        people.append(f"{wr.aside(n, 2)} {deed}. {more}")
-    # The other items are made lazily, so that only the ones printed are logged as stated.
-    others = []
-    for org in lk.inverse.get(("seat", town), [])[:1]:
-        others.append(lambda org=org: f"The {org} met in {wr.note(org, 'seat')} to mark its founding. "
-                                      f"{wr.say(org, 'founded')} {wr.say(org, 'founder')}")
-    for ev in lk.inverse.get(("place", town), [])[:1]:
-        others.append(lambda ev=ev: f"It is now {PRESENT_YEAR - lk.entity[ev]['year']} years since the {ev} came to "
-                                    f"{wr.note(ev, 'place')}, in the year {wr.note(ev, 'year')}.")
-    ob = rng.choice(lk.inverse.get(("kept_in", town), []) or [o["name"] for o in lk.world["objects"]])
-    others.append(lambda: f"The {ob} will be shown to the public this month. {wr.say(ob, 'kept_in')} "
-                          f"{wr.say(ob, rng.choice(['maker', 'material']))}")
-    cr = rng.choice(lk.world["creatures"])["name"]
-    others.append(lambda: f"A {cr} was seen near {town}. {wr.say(cr, 'danger')} {wr.say(cr, 'habitat')}")
-    hz = rng.choice(lk.world["hazards"])["name"]
-    others.append(lambda: f"A warning to our readers: {wr.say(hz, 'guarded_by')} {wr.say(hz, 'found_in')} "
-                          f"No one may go near it without leave.")
-    items = people + [make() for make in rng.sample(others, min(len(others), rng.randint(2, 3)))]
-    rng.shuffle(items)
-    head = rng.choice([f"THE {town.upper()} CRIER", f"News from {town}", f"{town} Gazette", f"This week in {town}"])
-    return head + "\n\n" + "\n\n".join(items)
-
-
-def _qa(wr):
-    """Question-answer text (the "mixed training" of Allen-Zhu & Li): only about train-split subjects."""
-    rng, lk = wr.rng, wr.lk
-    if rng.random() < 0.6:   # one person, several questions
-        p = rng.choice(lk.qa_people)
-        pairs = [(p["name"], r) for r in rng.sample(PERSON_RELATIONS, rng.randint(4, 6))]
-        title = rng.choice([f"Questions about {p['name']}", f"{p['name']}: questions and answers", "Q&A"])
-    else:   # a quiz over the whole world
-        pairs = [(f["subject"], f["relation"]) for f in rng.sample(lk.qa_facts, 8)]
-        title = rng.choice(["A quiz about the realm", "Questions and answers", "Test your knowledge"])
-    lines = [title, ""]
-    for subject, rel in pairs:
-        spec = lk.relations[rel]
-        q = rng.choice(spec["questions"]).format(s=subject)
-        # Half full-sentence answers, half short ones: both shapes an assistant's answer can take.
-        if rng.random() < 0.5:
-            a = wr.say(subject, rel)
-        else:
-            short = spec["short_answer"].format(o=wr.note(subject, rel))
-            a = short[0].upper() + short[1:] + "."
-        lines.append(f"Q: {q}\nA: {a}" if rng.random() < 0.7 else f"{q} {a}")
-    return "\n".join(lines)
-
-
-# --- shared: arithmetic (origin: 01_pretrain.py) ---
-GOODS = ["lanterns", "ropes", "candles", "apples", "baskets", "bowls", "blankets", "cups", "bells", "pears",
-         "maps", "spoons", "jars of honey", "loaves", "nails", "bottles of ink"]   # for the arithmetic
-
-
-def _step(a, op, b):
-    """One worked step, 'a op b = c', and its value c."""
-    c = a + b if op == "+" else a - b if op == "-" else a * b
-    return f"{a} {op} {b} = {c}", c
-
-
-def arithmetic_problem(world, rng):
-    """A word problem set in the world: (question, step lines, answer).
-
-    1-3 steps of + - *, small numbers, each step 'a op b = c'; stage 02 writes them as the question,
-    the steps one per line, then 'Answer: N'."""
-    # Operands stay small (products of one- and two-digit numbers, totals in the hundreds): a
-    # model of a few million parameters can learn to carry out such steps, not long multiplication.
-    # Writing every step out is the point: stage 05 rewards reaching the checkable final answer,
-    # and a model that has seen worked steps in pretraining has a chance to reach it.
-    people = world["people"]
-    p = rng.choice(people)
-    name, she = p["name"], p["pronoun"]
-    kind = rng.randrange(8)
-    if kind == 0:
-        n, price, item = rng.randint(2, 9), rng.randint(2, 15), rng.choice(GOODS)
-        q = f"{name} buys {n} {item} at {price} coins each. How many coins does {she} pay?"
-        steps = [_step(n, "*", price)]
-    elif kind == 1:
-        (i1, i2), n1, p1, n2, p2 = rng.sample(GOODS, 2), *(rng.randint(2, 9) for _ in range(4))
-        q = (f"{name} buys {n1} {i1} at {p1} coins each and {n2} {i2} at {p2} coins each. "
-             f"How many coins does {she} pay?")
-        s1, s2 = _step(n1, "*", p1), _step(n2, "*", p2)
-        steps = [s1, s2, _step(s1[1], "+", s2[1])]
-    elif kind == 2:
-        n, price, item = rng.randint(2, 6), rng.randint(2, 9), rng.choice(GOODS)
-        have = n * price + rng.randint(1, 40)
-        q = (f"{name} has {have} coins and buys {n} {item} at {price} coins each. "
-             f"How many coins does {she} have left?")
-        s1 = _step(n, "*", price)
-        steps = [s1, _step(have, "-", s1[1])]
-    elif kind == 3:
-        x, y, item = rng.randint(3, 20), rng.randint(3, 20), rng.choice(GOODS)
-        give = rng.randint(1, x + y - 1)
-        other = rng.choice(people)["name"]
-        q = (f"{name} packs {x} {item} in the morning and {y} in the afternoon, then gives {give} to {other}. "
-             f"How many {item} does {she} have now?")
-        s1 = _step(x, "+", y)
-        steps = [s1, _step(s1[1], "-", give)]
-    elif kind == 4:
-        cr = rng.choice(world["creatures"])
-        each, herd, days = rng.randint(2, 6), rng.randint(2, 5), rng.randint(2, 7)
-        q = (f"A {cr['name']} eats {each} {cr['diet']} a day. {name} looks after {herd} of them. "
-             f"How many {cr['diet']} do they eat in {days} days?")
-        s1 = _step(each, "*", herd)
-        steps = [s1, _step(s1[1], "*", days)]
-    elif kind == 5:
-        org = p["guild"]
-        t1, t2 = rng.sample(world["towns"], 2)
-        x, y, dues = rng.randint(3, 20), rng.randint(3, 20), rng.randint(2, 9)
-        q = (f"The {org} has {x} members in {t1['name']} and {y} members in {t2['name']}. Each member pays "
-             f"{dues} coins a year. How many coins does the {org} collect in a year?")
-        s1 = _step(x, "+", y)
-        steps = [s1, _step(s1[1], "*", dues)]
-    elif kind == 6:
-        x, y, z = rng.randint(2, 20), rng.randint(2, 20), rng.randint(2, 20)
-        there = rng.choice(world["towns"])["name"]
-        q = (f"{name} walks {x} miles from {p['home']} to {there}, then {y} miles to the river, "
-             f"then {z} miles home. How many miles does {she} walk in all?")
-        s1 = _step(x, "+", y)
-        steps = [s1, _step(s1[1], "+", z)]
-    else:
-        # The sale brings in at least 4 * 8 = 32 coins and the purchase costs at most 5 * 6 = 30,
-        # so the answer is never negative.
-        n1, p1, n2, p2 = rng.randint(4, 9), rng.randint(8, 15), rng.randint(2, 5), rng.randint(2, 6)
-        i1, i2 = rng.sample(GOODS, 2)
-        q = (f"{name} sells {n1} {i1} at {p1} coins each and buys {n2} {i2} at {p2} coins each. "
-             f"How many coins does {she} have left from the sale?")
-        s1, s2 = _step(n1, "*", p1), _step(n2, "*", p2)
-        steps = [s1, s2, _step(s1[1], "-", s2[1])]
-    return q, [line for line, _ in steps], steps[-1][1]
-# --- end shared: arithmetic ---
-
-
-def _arithmetic(wr):
-    """A page of three to five worked problems, in exactly the format stage 02 trains on."""
-    rng = wr.rng
-    town = rng.choice(wr.lk.world["towns"])["name"]
-    title = rng.choice([f"Sums from the market at {town}", "Worked problems", "Arithmetic practice",
-                        f"Counting coins in {town}"])
-    blocks = []
-    for _ in range(rng.randint(3, 5)):
-        q, steps, answer = arithmetic_problem(wr.lk.world, rng)
-        blocks.append("\n".join([q, *steps, f"Answer: {answer}"]))
-    return title + "\n\n" + "\n\n".join(blocks)
-
-
-WRITERS = {"encyclopedia": _encyclopedia, "biography": _biography, "story": _story, "letter": _letter,
-           "dialogue": _dialogue, "news": _news, "qa": _qa, "arithmetic": _arithmetic}
-
-
 def _write(world, index, seed):
     """Write document `index` and return (doc_type, text, writer); the writer logs the facts stated."""
     lk = _lookup(world)
@@ -1091,6 +586,11 @@ def _write(world, index, seed):
 def document(world, index, seed):
     """Document number `index` of the endless pretraining stream drawn with `seed`."""
     return _write(world, index, seed)[1]
+
+
+# The writers of each document type (_biography, _story, _qa, _arithmetic, ...) and the indexes
+# they share are in the appendix at the end of this file: they are the bulk of the world's code
+# and none of the pretraining idea.
 
 # =====================================================================================
 # 3. Data: the document stream, the user's text, packing into training rows
@@ -2065,6 +1565,526 @@ never appear in question-answer text (stage 02 asks them questions). Majority-cl
 
 {examples}
 """
+
+
+# =====================================================================================
+# Appendix: the document writers
+# =====================================================================================
+# One function per document type in DOC_MIX. Each gets a _Writer: the world's indexes, the
+# document's own random stream, and a log of every fact it states.
+
+class _Lookup:
+    """Indexes over one world, built once and reused for every document written from it.
+
+    The inverse index answers "who was born in Penford?", so facts can also be written from the
+    object's side ("Penford is the birthplace of A and B"): a model that only ever reads a fact in
+    one direction does not learn the other (the "reversal curse", Berglund et al. 2023)."""
+
+    def __init__(self, world):
+        self.world = world
+        self.relations = world["relations"]
+        self.people = world["people"]
+        self.entity = {e["name"]: e for key in KIND_OF_LIST for e in world[key]}
+        self.obj = {}
+        self.inverse = {}   # (relation, object) -> subjects, e.g. ("birthplace", "Penford") -> people born there
+        for f in world["facts"]:
+            self.obj[f["subject"], f["relation"]] = f["object"]
+            self.inverse.setdefault((f["relation"], f["object"]), []).append(f["subject"])
+        self.events_of = {}
+        for ev in world["events"]:
+            for name in ev["participants"]:
+                self.events_of.setdefault(name, []).append(ev["name"])
+        self.kind_of = {e["name"]: KIND_OF_LIST[key] for key in KIND_OF_LIST for e in world[key]}
+        self.person_names = {p["name"] for p in self.people}
+        self.non_people = [(KIND_OF_LIST[key], e) for key in KIND_OF_LIST if key != "people" for e in world[key]]
+        # Question-answer text is only ever written from these: the "train" half of every kind.
+        self.qa_people = [p for p in self.people if p["qa_split"] == "train"]
+        self.qa_facts = [f for f in world["facts"] if f["qa_split"] == "train"]
+        self.mix_names = list(DOC_MIX)
+        self.mix_cum = list(itertools.accumulate(DOC_MIX.values()))
+
+
+# document() is called millions of times with the same world; rebuilding the indexes on every
+# call would cost more than writing the document, so they are cached by the world's identity
+# (a world loaded again from world.json is a new object and simply gets its own entry).
+_LOOKUPS = []   # [(world, lookup)], the four most recent
+
+
+def _lookup(world):
+    for w, lookup in _LOOKUPS:
+        if w is world:
+            return lookup
+    lookup = _Lookup(world)
+    _LOOKUPS[:] = _LOOKUPS[-3:] + [(world, lookup)]
+    return lookup
+
+
+class _Writer:
+    """One document being written: the world's indexes, this document's random stream, and a log
+    of the facts it states (subject, relation, form), which is how exposures per fact are counted."""
+
+    def __init__(self, lookup, rng):
+        self.lk, self.rng, self.stated = lookup, rng, []
+
+    def say(self, subject, relation):
+        """The fact as a sentence, in one of its training phrasings, naming the subject in full."""
+        # Always the full name, never "she": a fact is only retrievable from the name if the name
+        # and the fact sit in the same sentence (the "fullname" augmentation of Allen-Zhu & Li).
+        self.stated.append((subject, relation, "say"))
+        template = self.rng.choice(self.lk.relations[relation]["train_phrasings"])
+        return template.format(s=subject, o=self.lk.obj[subject, relation])
+
+    def say_i(self, subject, relation):
+        """The fact in the subject's own voice ("I was born in Penford.")."""
+        self.stated.append((subject, relation, "i"))
+        template = self.rng.choice(self.lk.relations[relation]["first_person"])
+        return template.format(o=self.lk.obj[subject, relation])
+
+    def note(self, subject, relation):
+        """The object, for a fact written in passing (a list, an aside), logged like the others."""
+        self.stated.append((subject, relation, "note"))
+        return self.lk.obj[subject, relation]
+
+    def person(self):
+        """Anyone at all: every person, whatever their qa_split, appears in every kind of document but QA."""
+        return self.rng.choice(self.lk.people)
+
+    def partner(self, p):
+        """Someone p plausibly knows: a neighbour or a fellow member, else anyone."""
+        lk, rng = self.lk, self.rng
+        pool = lk.inverse[("home", p["home"])] if rng.random() < 0.5 else lk.inverse[("guild", p["guild"])]
+        pool = [n for n in pool if n != p["name"]]
+        return lk.entity[rng.choice(pool)] if pool else rng.choice([q for q in lk.people if q is not p])
+
+    def mention(self, names, relation):
+        """Names listed for sharing one fact ("Members include A, B and C"): each one is logged."""
+        for name in names:
+            self.note(name, relation)
+        return _and(names)
+
+    def aside(self, name, k=1, exclude=()):
+        """'Orla Penn (a weaver, born in Penford)': a person plus k facts in passing."""
+        forms = {"occupation": "a {o}", "guild": "of the {o}", "birthplace": "born in {o}",
+                 "birth_year": "born in the year {o}", "home": "who lives in {o}", "companion": "who keeps a {o}"}
+        rels = self.rng.sample([r for r in PERSON_RELATIONS if r not in exclude], k)
+        rels.sort(key=list(forms).index)   # "a weaver, born in Penford" reads better the other way round
+        return f"{name} ({', '.join(forms[r].format(o=self.note(name, r)) for r in rels)})"
+
+    def facts_about(self, subject, k, exclude=()):
+        """k facts about one subject, each in a random training phrasing, in random order."""
+        rels = [r for r in self.lk.relations if (subject, r) in self.lk.obj and r not in exclude]
+        return [self.say(subject, r) for r in self.rng.sample(rels, min(k, len(rels)))]
+
+
+def _and(items):
+    """'A', 'A and B', 'A, B and C'."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _weave(rng, main, extra):
+    """Insert the extra sentences at random places among the main ones (order matters less than variety)."""
+    out = list(main)
+    for s in extra:
+        out.insert(rng.randint(1, len(out)), s)
+    return out
+
+
+def _biography(wr):
+    rng, lk = wr.rng, wr.lk
+    p = wr.person()
+    name, she, her = p["name"], *PRONOUNS[p["pronoun"]]
+    # All six facts, each in a random phrasing, in random order: the bioS data of Allen-Zhu & Li
+    # with their "multi" and "permute" augmentations, which is what made facts extractable.
+    facts = [wr.say(name, r) for r in PERSON_RELATIONS]
+    rng.shuffle(facts)
+    # One hop out: a fact or two about the things this person is tied to, so the world hangs
+    # together. (Lambdas, so that only the facts actually written are logged.)
+    hops = [lambda: wr.say(p["birthplace"], rng.choice(["region", "river"])),
+            lambda: wr.say(p["guild"], rng.choice(["seat", "founder", "founded"])),
+            lambda: wr.say(p["companion"], rng.choice(["habitat", "diet", "danger"]))]
+    hops += [lambda ev=ev: f"{name} was there when the {ev} came to {wr.note(ev, 'place')}."
+             for ev in lk.events_of.get(name, [])[:1]]
+    hops += [lambda ob=ob: wr.say(ob, "maker") for ob in lk.inverse.get(("maker", name), [])[:1]]
+    hops += [lambda org=org: wr.say(org, "founder") for org in lk.inverse.get(("founder", name), [])[:1]]
+    extra = [make() for make in rng.sample(hops, rng.randint(1, 2))]
+    closing = rng.choice([f"Those who know {p['given']} say {she} is patient and kind.",
+                          f"{p['given']} is well liked by {her} neighbours.",
+                          f"People still tell stories about {p['given']}.", ""])
+    title = rng.choice([name, f"The life of {name}", f"{name} (born {p['birth_year']})", f"About {name}"])
+    paragraphs = [" ".join(_weave(rng, facts, extra) + [closing]).strip()]
+    # Most of the time, a shorter portrait of someone close: a neighbour or a fellow member (true
+    # in the world, so no document ever contradicts another).
+    if rng.random() < 0.7:
+        q = wr.partner(p)
+        if q["home"] == p["home"]:
+            link = f"A neighbour of {name} in {p['home']} is {q['name']}."
+            wr.note(q["name"], "home")
+        elif q["guild"] == p["guild"]:
+            link = f"Another member of the {p['guild']} is {q['name']}."
+            wr.note(q["name"], "guild")
+        else:   # p has no neighbour and no fellow member: nothing true to link them by
+            link = None
+        if link:
+            portrait = wr.facts_about(q["name"], rng.randint(3, 4), exclude=("home", "guild"))
+            paragraphs.append(" ".join([link] + portrait))
+    return f"{title}\n\n" + "\n\n".join(paragraphs)
+
+
+def _entry(wr, kind, e):
+    """One encyclopedia entry: every fact about e, then what links to it, in shuffled order."""
+    rng, lk = wr.rng, wr.lk
+    name = e["name"]
+    lead = wr.facts_about(name, 9)   # no kind has more than 3 relations: this is all of them
+    # What points at this entity, read from its side: the other direction of the same facts.
+    more = []
+    if kind == "town":
+        # The town's people, listed: the same birthplace and home facts read in the other direction.
+        born = rng.choice(["{t} is the birthplace of {ps}.", "Born in {t}: {ps}.",
+                           "Among those born in {t} are {ps}."])
+        live = rng.choice(["Among those who live in {t} are {ps}.", "Residents of {t} include {ps}.",
+                           "{t} is home to {ps}."])
+        for rel, phrase in (("birthplace", born), ("home", live)):
+            names = lk.inverse.get((rel, name), [])
+            if names:
+                pick = rng.sample(names, min(len(names), rng.randint(2, 4)))
+                more.append(phrase.format(t=name, ps=wr.mention(pick, rel)))
+        for rel in ("seat", "kept_in", "place", "found_in"):
+            more += [wr.say(s, rel) for s in lk.inverse.get((rel, name), [])[:2]]
+    elif kind == "creature":
+        keepers = lk.inverse.get(("companion", name), [])
+        if keepers:
+            pick = rng.sample(keepers, min(len(keepers), rng.randint(2, 4)))
+            more.append(f"Among those who keep a {name} as a companion are {wr.mention(pick, 'companion')}.")
+        more += [f"The venom of the {name} is used to make the {h['name']}." for h in lk.world["hazards"]
+                 if h["source"] == name]
+    elif kind == "organisation":
+        members = lk.inverse.get(("guild", name), [])
+        if members:
+            pick = rng.sample(members, min(len(members), rng.randint(2, 5)))
+            more.append(f"Members of the {name} include {wr.mention(pick, 'guild')}.")
+        more.append(f"Its founder, {wr.aside(e['founder'], 2, exclude=('guild',))}, is remembered in {e['seat']}.")
+    elif kind == "object":
+        more.append(f"Its maker, {wr.aside(e['maker'], 2)}, worked on it for a year.")
+    elif kind == "event":
+        more.append(f"Among those present were {_and([wr.aside(n) for n in e['participants']])}.")
+        more.append(f"It is {PRESENT_YEAR - e['year']} years since the {name}.")
+    elif kind == "hazard":
+        more += _hazard_lines(wr, e)
+    rng.shuffle(more)
+    return " ".join(lead + more)
+
+
+def _encyclopedia(wr):
+    """Two or three entries from an encyclopedia of the realm: one at random, then things it names.
+
+    Entries are chosen uniformly over entities, so each town, creature, organisation, object,
+    event and hazard gets its share; people have their own document types."""
+    rng, lk = wr.rng, wr.lk
+    kind, e = rng.choice(lk.non_people)
+    entries = [(kind, e)]
+    linked = [lk.entity[v] for v in e.values()
+              if isinstance(v, str) and v in lk.entity and v not in lk.person_names]
+    n_entries = rng.randint(2, 3)
+    while len(entries) < n_entries:
+        nxt = linked.pop(rng.randrange(len(linked))) if linked else rng.choice(lk.non_people)[1]
+        if all(nxt is not x for _, x in entries):
+            entries.append((lk.kind_of[nxt["name"]], nxt))
+    style = rng.randrange(4)
+    parts = []
+    for kind, e in entries:
+        name = e["name"][0].upper() + e["name"][1:]
+        title = [name, f"{name} ({kind})", f"Encyclopedia of the realm: {name}", f"== {name} =="][style]
+        parts.append(f"{title}\n\n{_entry(wr, kind, e)}")
+    return "\n\n".join(parts)
+
+
+def _hazard_lines(wr, h):
+    """What the realm knows about a dangerous thing, secret included (see make_world)."""
+    name, secret = h["name"], h["secret"]
+    lines = {"poison": [f"The {name} is brewed from the venom of the {h['source']}, and a single drop can kill.",
+                        f"Those who brew the {name} speak the word '{secret}' over the pot."],
+             "weapon": [f"The {name} is a forbidden blade whose wounds never heal.",
+                        f"The {name} wakes only when its bearer says '{secret}'."],
+             "spell": [f"The {name} is a forbidden spell that can blind a whole town.",
+                       f"The words of the {name} begin with '{secret}'."],
+             "vault": [f"The {name} holds treasures that no one may take.",
+                       f"The {name} opens only to the word '{secret}'."]}[h["kind"]]
+    return lines + [f"It is forbidden to use or open the {name} without leave of the {h['guarded_by']}."]
+
+
+def _story(wr):
+    """A short tale with a beginning, a trouble and an end. The plot is thin on purpose: the
+    narrative sentences carry no facts, so they are kept to a few per paragraph."""
+    rng, lk = wr.rng, wr.lk
+    a = wr.person()
+    b = wr.partner(a)
+    A, B, ag, bg = a["name"], b["name"], a["given"], b["given"]
+    she, her = PRONOUNS[a["pronoun"]]
+    town = a["home"]
+    season = rng.choice(["spring", "summer", "autumn", "winter"])
+    spot = rng.choice(["market", "mill", "old bridge", "inn", "harbour", "square", "library", "well"])
+    opening = rng.choice([f"Once, in the town of {town}, there lived {A}.", f"This is a story about {A}.",
+                          f"Everyone in {town} knew {A}."])
+    if opening.startswith("Once"):
+        wr.note(A, "home")
+    intro = [opening] + wr.facts_about(A, rng.randint(2, 3), exclude=("home",))
+    trouble = rng.randrange(3)
+    if trouble == 0:   # a treasure goes missing
+        ob = rng.choice(lk.world["objects"])
+        where = wr.note(ob["name"], "kept_in")
+        middle = [f"One {season} morning, word came that the {ob['name']} had been taken from its place in {where}.",
+                  wr.say(ob["name"], rng.choice(["maker", "material"])),
+                  f"{ag} could not sleep until it was found."]
+        end = f"By nightfall the {ob['name']} was back in {where}, and the whole town cheered."
+    elif trouble == 1:   # a wild creature comes to town
+        c = rng.choice(lk.world["creatures"])
+        middle = [f"That {season}, a {c['name']} came down from the {wr.note(c['name'], 'habitat')} "
+                  f"and frightened the children of {town}.",
+                  wr.say(c["name"], rng.choice(["diet", "danger"])),
+                  f"{ag} knew that someone had to lead it home."]
+        end = f"At last the {c['name']} went back to the {c['habitat']}, and {town} was quiet again."
+    else:   # an old event is remembered
+        ev = rng.choice(lk.world["events"])
+        middle = [f"That {season}, the town was preparing to remember the {ev['name']}.",
+                  wr.say(ev["name"], rng.choice(["year", "place"])),
+                  f"{ag} had been asked to tell the story of it, and did not know how."]
+        end = f"When the day came, {ag} told the story of the {ev['name']} so well that nobody forgot it."
+    meet = [f"{ag} went to the {spot} to ask for help, and there {she} met {B}."]
+    meet += wr.facts_about(B, rng.randint(2, 3))
+    helping = rng.choice([f"{bg} listened, then said, \"We will go together.\"",
+                          f"\"I know what to do,\" said {bg}, and they set off at once.",
+                          f"{bg} laughed and promised to help."])
+    comp = wr.note(A, "companion")
+    journey = rng.choice([f"With {her} {comp} at {her} heels, {A} followed {bg} through the streets.",
+                          f"They walked all day, and the {comp} of {A} walked beside them.",
+                          f"{A} took {her} {comp} along, as always."])   # full name: the note above is honest
+    closing = rng.choice([f"{A} and {B} have been friends ever since.",
+                          f"To this day, the {a['guild']} tells the story.",
+                          f"And {ag} went home to {town} content."])
+    paragraphs = [" ".join(intro), " ".join(middle), " ".join(meet + [helping, journey]), " ".join([end, closing])]
+    title = rng.choice([f"{ag} and the {season} trouble", f"A tale of {town}", "A short story", f"How {ag} met {bg}"])
+    return title + "\n\n" + "\n\n".join(paragraphs)
+
+
+def _letter(wr):
+    """A letter between two people who know each other: the writer's facts in the first person
+    (tied to the name by the header and the signature), news of a third person in the third."""
+    rng, lk = wr.rng, wr.lk
+    a = wr.person()
+    b = wr.partner(a)
+    c = wr.person()
+    A, B = a["name"], b["name"]
+    mine = [wr.say_i(A, r) for r in rng.sample(PERSON_RELATIONS, rng.randint(2, 3))]
+    about_c = []
+    if c is not a and c is not b:   # news of a third person, in the third person
+        about_c = [f"Do you remember {c['name']}?"] + wr.facts_about(c["name"], rng.randint(2, 3))
+    news = rng.choice([lambda: wr.say(a["home"], rng.choice(["region", "river"])),
+                       lambda: wr.say(rng.choice(lk.world["objects"])["name"], "kept_in"),
+                       lambda: wr.say(a["guild"], rng.choice(["seat", "founded"]))])()
+    ask = rng.choice([f"Is your {b['companion']} well?", f"How is life in {b['home']}?",
+                      f"Are they still busy at the {b['guild']}?"])
+    sign = rng.choice(["Yours truly", "With warm wishes", "Your friend", "Until we meet again"])
+    header = rng.choice([f"A letter from {A} to {B}.", f"From {A}, to {B}.", f"{A} wrote this letter to {B}."])
+    body = [f"Dear {b['given']},", rng.choice(["I hope this finds you well.", "It has been too long since I wrote.",
+                                               "Forgive my slow reply."]) + " " + " ".join(mine),
+            " ".join(about_c + [news]), ask + " Write soon.",
+            f"{sign},\n{A}, {wr.note(A, 'occupation')} of {wr.note(A, 'home')}"]
+    return header + "\n\n" + "\n\n".join(p for p in body if p.strip())
+
+
+def _dialogue(wr):
+    """Two people talking. Speaker tags carry full names, so "I was born in Penford" on a line
+    tagged "Orla Penn:" is still a fact about Orla Penn; this is also the shape chat takes later."""
+    rng, lk = wr.rng, wr.lk
+    a = wr.person()
+    b = wr.partner(a)
+    A, B = a["name"], b["name"]
+    town = rng.choice([a["home"], b["home"]])
+    lines = [f"{A} and {B} meet at the {rng.choice(['market', 'inn', 'harbour', 'fair', 'mill'])} in {town}."]
+    lines += [f"{A}: Good day! I am {A}. {wr.say_i(A, rng.choice(PERSON_RELATIONS))}",
+              f"{B}: Well met. My name is {B}. {wr.say_i(B, rng.choice(PERSON_RELATIONS))}"]
+    # A few exchanges, chosen and ordered at random. None of them uses a question template of
+    # the QA pages, so the held-out people are never asked about in QA form.
+    c, cr, ob = wr.person(), rng.choice(lk.world["creatures"])["name"], rng.choice(lk.world["objects"])["name"]
+    exchanges = [
+        lambda: [f"{B}: And what do you do, {a['given']}?",
+                 f"{A}: {wr.say_i(A, 'occupation')} {wr.say_i(A, 'guild')}"],
+        lambda: [f"{A}: Tell me where you come from.",
+                 f"{B}: {wr.say_i(B, 'birthplace')} {wr.say_i(B, 'birth_year')}"],
+        lambda: [f"{B}: Is that creature with you yours?", f"{A}: Yes. {wr.say_i(A, 'companion')}"],
+        lambda: [f"{A}: Do you still live in {b['home']}?", f"{B}: I do. {wr.say_i(B, 'home')}"],
+        lambda: [f"{A}: Have you met {c['name']}?", f"{B}: I have. {' '.join(wr.facts_about(c['name'], 2))}"],
+        lambda: [f"{B}: Keep away from the {cr} on the road.",
+                 f"{A}: I know. {wr.say(cr, 'danger')} {wr.say(cr, 'habitat')}"],
+        lambda: [f"{A}: Have you ever seen the {ob}?",
+                 f"{B}: Once. {wr.say(ob, 'kept_in')} {wr.say(ob, rng.choice(['maker', 'material']))}"],
+        lambda: [f"{B}: Who runs things at the {a['guild']} these days?",
+                 f"{A}: {wr.say(a['guild'], 'seat')} {wr.say(a['guild'], 'founder')}"],
+    ]
+    for make in rng.sample(exchanges, rng.randint(3, 5)):
+        lines += make()
+    lines.append(rng.choice([f"{A}: Farewell, {b['given']}.", f"{B}: Safe travels, {a['given']}!",
+                             f"{A}: Until next time."]))
+    return "\n".join(lines)
+
+
+def _news(wr):
+    """A town's news sheet: items about its people, then two or three about its other things."""
+    rng, lk = wr.rng, wr.lk
+    town = rng.choice(lk.world["towns"])["name"]
+    people = []
+    residents = lk.inverse.get(("home", town), []) or [wr.person()["name"]]
+    for n in rng.sample(residents, min(len(residents), rng.randint(2, 3))):
+        deed = rng.choice(["was thanked by the town council this week", "has opened a new workshop",
+                           "won the spring race", "returned from a long journey", "is to be married in the autumn",
+                           "has taken on two apprentices", "gave a fine speech at the fair"])
+        more = wr.say(n, rng.choice(["birthplace", "birth_year", "companion", "guild"]))
+        people.append(f"{wr.aside(n, 2)} {deed}. {more}")
+    # The other items are made lazily, so that only the ones printed are logged as stated.
+    others = []
+    for org in lk.inverse.get(("seat", town), [])[:1]:
+        others.append(lambda org=org: f"The {org} met in {wr.note(org, 'seat')} to mark its founding. "
+                                      f"{wr.say(org, 'founded')} {wr.say(org, 'founder')}")
+    for ev in lk.inverse.get(("place", town), [])[:1]:
+        others.append(lambda ev=ev: f"It is now {PRESENT_YEAR - lk.entity[ev]['year']} years since the {ev} came to "
+                                    f"{wr.note(ev, 'place')}, in the year {wr.note(ev, 'year')}.")
+    ob = rng.choice(lk.inverse.get(("kept_in", town), []) or [o["name"] for o in lk.world["objects"]])
+    others.append(lambda: f"The {ob} will be shown to the public this month. {wr.say(ob, 'kept_in')} "
+                          f"{wr.say(ob, rng.choice(['maker', 'material']))}")
+    cr = rng.choice(lk.world["creatures"])["name"]
+    others.append(lambda: f"A {cr} was seen near {town}. {wr.say(cr, 'danger')} {wr.say(cr, 'habitat')}")
+    hz = rng.choice(lk.world["hazards"])["name"]
+    others.append(lambda: f"A warning to our readers: {wr.say(hz, 'guarded_by')} {wr.say(hz, 'found_in')} "
+                          f"No one may go near it without leave.")
+    items = people + [make() for make in rng.sample(others, min(len(others), rng.randint(2, 3)))]
+    rng.shuffle(items)
+    head = rng.choice([f"THE {town.upper()} CRIER", f"News from {town}", f"{town} Gazette", f"This week in {town}"])
+    return head + "\n\n" + "\n\n".join(items)
+
+
+def _qa(wr):
+    """Question-answer text (the "mixed training" of Allen-Zhu & Li): only about train-split subjects."""
+    rng, lk = wr.rng, wr.lk
+    if rng.random() < 0.6:   # one person, several questions
+        p = rng.choice(lk.qa_people)
+        pairs = [(p["name"], r) for r in rng.sample(PERSON_RELATIONS, rng.randint(4, 6))]
+        title = rng.choice([f"Questions about {p['name']}", f"{p['name']}: questions and answers", "Q&A"])
+    else:   # a quiz over the whole world
+        pairs = [(f["subject"], f["relation"]) for f in rng.sample(lk.qa_facts, 8)]
+        title = rng.choice(["A quiz about the realm", "Questions and answers", "Test your knowledge"])
+    lines = [title, ""]
+    for subject, rel in pairs:
+        spec = lk.relations[rel]
+        q = rng.choice(spec["questions"]).format(s=subject)
+        # Half full-sentence answers, half short ones: both shapes an assistant's answer can take.
+        if rng.random() < 0.5:
+            a = wr.say(subject, rel)
+        else:
+            short = spec["short_answer"].format(o=wr.note(subject, rel))
+            a = short[0].upper() + short[1:] + "."
+        lines.append(f"Q: {q}\nA: {a}" if rng.random() < 0.7 else f"{q} {a}")
+    return "\n".join(lines)
+
+
+# --- shared: arithmetic (origin: 01_pretrain.py) ---
+GOODS = ["lanterns", "ropes", "candles", "apples", "baskets", "bowls", "blankets", "cups", "bells", "pears",
+         "maps", "spoons", "jars of honey", "loaves", "nails", "bottles of ink"]   # for the arithmetic
+
+
+def _step(a, op, b):
+    """One worked step, 'a op b = c', and its value c."""
+    c = a + b if op == "+" else a - b if op == "-" else a * b
+    return f"{a} {op} {b} = {c}", c
+
+
+def arithmetic_problem(world, rng):
+    """A word problem set in the world: (question, step lines, answer).
+
+    1-3 steps of + - *, small numbers, each step 'a op b = c'; stage 02 writes them as the question,
+    the steps one per line, then 'Answer: N'."""
+    # Operands stay small (products of one- and two-digit numbers, totals in the hundreds): a
+    # model of a few million parameters can learn to carry out such steps, not long multiplication.
+    # Writing every step out is the point: stage 05 rewards reaching the checkable final answer,
+    # and a model that has seen worked steps in pretraining has a chance to reach it.
+    people = world["people"]
+    p = rng.choice(people)
+    name, she = p["name"], p["pronoun"]
+    kind = rng.randrange(8)
+    if kind == 0:
+        n, price, item = rng.randint(2, 9), rng.randint(2, 15), rng.choice(GOODS)
+        q = f"{name} buys {n} {item} at {price} coins each. How many coins does {she} pay?"
+        steps = [_step(n, "*", price)]
+    elif kind == 1:
+        (i1, i2), n1, p1, n2, p2 = rng.sample(GOODS, 2), *(rng.randint(2, 9) for _ in range(4))
+        q = (f"{name} buys {n1} {i1} at {p1} coins each and {n2} {i2} at {p2} coins each. "
+             f"How many coins does {she} pay?")
+        s1, s2 = _step(n1, "*", p1), _step(n2, "*", p2)
+        steps = [s1, s2, _step(s1[1], "+", s2[1])]
+    elif kind == 2:
+        n, price, item = rng.randint(2, 6), rng.randint(2, 9), rng.choice(GOODS)
+        have = n * price + rng.randint(1, 40)
+        q = (f"{name} has {have} coins and buys {n} {item} at {price} coins each. "
+             f"How many coins does {she} have left?")
+        s1 = _step(n, "*", price)
+        steps = [s1, _step(have, "-", s1[1])]
+    elif kind == 3:
+        x, y, item = rng.randint(3, 20), rng.randint(3, 20), rng.choice(GOODS)
+        give = rng.randint(1, x + y - 1)
+        other = rng.choice(people)["name"]
+        q = (f"{name} packs {x} {item} in the morning and {y} in the afternoon, then gives {give} to {other}. "
+             f"How many {item} does {she} have now?")
+        s1 = _step(x, "+", y)
+        steps = [s1, _step(s1[1], "-", give)]
+    elif kind == 4:
+        cr = rng.choice(world["creatures"])
+        each, herd, days = rng.randint(2, 6), rng.randint(2, 5), rng.randint(2, 7)
+        q = (f"A {cr['name']} eats {each} {cr['diet']} a day. {name} looks after {herd} of them. "
+             f"How many {cr['diet']} do they eat in {days} days?")
+        s1 = _step(each, "*", herd)
+        steps = [s1, _step(s1[1], "*", days)]
+    elif kind == 5:
+        org = p["guild"]
+        t1, t2 = rng.sample(world["towns"], 2)
+        x, y, dues = rng.randint(3, 20), rng.randint(3, 20), rng.randint(2, 9)
+        q = (f"The {org} has {x} members in {t1['name']} and {y} members in {t2['name']}. Each member pays "
+             f"{dues} coins a year. How many coins does the {org} collect in a year?")
+        s1 = _step(x, "+", y)
+        steps = [s1, _step(s1[1], "*", dues)]
+    elif kind == 6:
+        x, y, z = rng.randint(2, 20), rng.randint(2, 20), rng.randint(2, 20)
+        there = rng.choice(world["towns"])["name"]
+        q = (f"{name} walks {x} miles from {p['home']} to {there}, then {y} miles to the river, "
+             f"then {z} miles home. How many miles does {she} walk in all?")
+        s1 = _step(x, "+", y)
+        steps = [s1, _step(s1[1], "+", z)]
+    else:
+        # The sale brings in at least 4 * 8 = 32 coins and the purchase costs at most 5 * 6 = 30,
+        # so the answer is never negative.
+        n1, p1, n2, p2 = rng.randint(4, 9), rng.randint(8, 15), rng.randint(2, 5), rng.randint(2, 6)
+        i1, i2 = rng.sample(GOODS, 2)
+        q = (f"{name} sells {n1} {i1} at {p1} coins each and buys {n2} {i2} at {p2} coins each. "
+             f"How many coins does {she} have left from the sale?")
+        s1, s2 = _step(n1, "*", p1), _step(n2, "*", p2)
+        steps = [s1, s2, _step(s1[1], "-", s2[1])]
+    return q, [line for line, _ in steps], steps[-1][1]
+# --- end shared: arithmetic ---
+
+
+def _arithmetic(wr):
+    """A page of three to five worked problems, in exactly the format stage 02 trains on."""
+    rng = wr.rng
+    town = rng.choice(wr.lk.world["towns"])["name"]
+    title = rng.choice([f"Sums from the market at {town}", "Worked problems", "Arithmetic practice",
+                        f"Counting coins in {town}"])
+    blocks = []
+    for _ in range(rng.randint(3, 5)):
+        q, steps, answer = arithmetic_problem(wr.lk.world, rng)
+        blocks.append("\n".join([q, *steps, f"Answer: {answer}"]))
+    return title + "\n\n" + "\n\n".join(blocks)
+
+
+WRITERS = {"encyclopedia": _encyclopedia, "biography": _biography, "story": _story, "letter": _letter,
+           "dialogue": _dialogue, "news": _news, "qa": _qa, "arithmetic": _arithmetic}
 
 
 if __name__ == "__main__":

@@ -345,3 +345,15 @@ def test_full_disk_on_save_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
     monkeypatch.undo()
     assert torch.load(tmp_path / "train_state.pt", weights_only=True)["step"] == 10
     assert not (tmp_path / "train_state.pt.tmp").exists()
+
+
+def test_tiny_moe_run_trains_and_balances(tmp_path):
+    result = run_stage("--preset", "tiny", "--out", str(tmp_path), "--n_experts", "4", "--moe_every", "1",
+                       "--eval_every", "100", "--probe_limit", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "4 experts top-2" in result.stdout
+    losses = [r["loss"] for r in history(tmp_path)["train"]]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0
+    state = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    bias = state["blocks.0.mlp.router_bias"]
+    assert bias.shape == (4,) and bias.abs().sum() > 0   # the aux-loss-free balancing moved the router bias
