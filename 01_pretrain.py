@@ -1080,8 +1080,17 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, stop_ids=(), generator=None):
     """Yield new token ids one at a time for a batch of equal-length prompts (B, T), using a KV
     cache: the prompt is read in one forward pass, then each step feeds only the newest token.
-    temperature 0 is greedy. Stops early once every row has produced a stop id."""
+    temperature 0 is greedy. Stops early once every row has produced a stop id. The model is put
+    in eval mode while generating and handed back in the mode it came in."""
+    was_training = model.training
     model.eval()
+    try:
+        yield from _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids, generator)
+    finally:
+        model.train(was_training)
+
+
+def _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids, generator):
     idx = torch.as_tensor(prompt_ids, device=model.embed.weight.device).view(len(prompt_ids), -1)
     max_len = min(idx.size(1) + max_new_tokens, model.rope_cos.size(0))
     cache = KVCache(model.config, idx.size(0), max_len, idx.device, model.embed.weight.dtype)
@@ -1120,6 +1129,7 @@ def token_byte_lengths(enc, device):
 def bits_per_byte(model, inputs, targets, byte_lengths, batch_size, autocast):
     """Summed next-token loss in bits over the bytes of the predicted text. Unlike loss per token,
     this does not change when the tokenizer does (nanochat and the Chinchilla paper report it)."""
+    was_training = model.training
     model.eval()
     nats, n_bytes = 0.0, 0.0
     for i in range(0, len(inputs), batch_size):
@@ -1130,7 +1140,7 @@ def bits_per_byte(model, inputs, targets, byte_lengths, batch_size, autocast):
         weight = byte_lengths[y.reshape(-1)]
         nats += (nll * (weight > 0)).sum().item()
         n_bytes += weight.sum().item()
-    model.train()
+    model.train(was_training)
     return nats / (math.log(2) * n_bytes)
 
 
@@ -1158,7 +1168,6 @@ def knowledge_probe(model, enc, probes, device, batch_size=64):
                 expected = " " + probe["answer"]
                 correct = text.startswith(expected) and not text[len(expected):len(expected) + 1].isalnum()
                 results.append({**probe, "completion": text, "correct": correct})
-    model.train()
     return results
 
 
@@ -1403,6 +1412,7 @@ def main(argv=None):
         for step in bar:
             if master and step % args.eval_every == 0 and (step > start_step or step == 0):
                 evaluate(step)
+            model.train()
             step_lr = learning_rate(step, steps, lr, args.warmup_frac, args.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = step_lr

@@ -1702,8 +1702,17 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, stop_ids=(), generator=None):
     """Yield new token ids one at a time for a batch of equal-length prompts (B, T), using a KV
     cache: the prompt is read in one forward pass, then each step feeds only the newest token.
-    temperature 0 is greedy. Stops early once every row has produced a stop id."""
+    temperature 0 is greedy. Stops early once every row has produced a stop id. The model is put
+    in eval mode while generating and handed back in the mode it came in."""
+    was_training = model.training
     model.eval()
+    try:
+        yield from _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids, generator)
+    finally:
+        model.train(was_training)
+
+
+def _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids, generator):
     idx = torch.as_tensor(prompt_ids, device=model.embed.weight.device).view(len(prompt_ids), -1)
     max_len = min(idx.size(1) + max_new_tokens, model.rope_cos.size(0))
     cache = KVCache(model.config, idx.size(0), max_len, idx.device, model.embed.weight.dtype)

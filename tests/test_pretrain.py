@@ -132,6 +132,9 @@ def test_generate_stops_at_stop_token_and_samples_reproducibly():
     c = torch.cat(list(P.generate(model, prompt, 10, temperature=1.0, top_k=20,
                                   generator=torch.Generator().manual_seed(1), stop_ids=[stop])))
     assert int(c[-1]) == stop and len(c) == list(a).index(stop) + 1
+    model.train()                      # generation must hand the model back in the mode it came in
+    list(P.generate(model, prompt, 3, temperature=0))
+    assert model.training
 
 
 def test_masked_targets_are_ignored():
