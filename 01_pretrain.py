@@ -1165,20 +1165,24 @@ def knowledge_probe(model, enc, probes, device, batch_size=64):
                 # The completion ends at the first special token (often <|bos|>: "the document ends here").
                 ids = list(itertools.takewhile(lambda t: t < first_special, ids))
                 text = enc.decode(ids)
-                expected = " " + probe["answer"]
-                correct = text.startswith(expected) and not text[len(expected):len(expected) + 1].isalnum()
-                results.append({**probe, "completion": text, "correct": correct})
+                results.append({**probe, "completion": text, "correct": completes_with(text, probe["answer"])})
     return results
 
 
+def completes_with(completion, answer):
+    """True when the completion is " answer" followed by a non-word character or nothing."""
+    expected = " " + answer
+    return completion.startswith(expected) and not completion[len(expected):len(expected) + 1].isalnum()
+
+
 def summarise_probes(results):
-    """Accuracy by prompt kind (seen / held-out phrasing) and by QA split of the subject."""
-    summary = {}
-    for key in ("kind", "qa_split", "relation"):
-        for value in sorted({r[key] for r in results}):
-            group = [r["correct"] for r in results if r[key] == value]
-            summary[f"{key}={value}"] = {"accuracy": sum(group) / len(group), "n": len(group)}
-    return summary
+    """Accuracy by prompt kind (seen / held-out phrasing), by kind and QA split of the subject, and
+    by relation."""
+    groups = {}
+    for r in results:
+        for key in (f"kind={r['kind']}", f"kind={r['kind']}, qa_split={r['qa_split']}", f"relation={r['relation']}"):
+            groups.setdefault(key, []).append(r["correct"])
+    return {key: {"accuracy": sum(g) / len(g), "n": len(g)} for key, g in sorted(groups.items())}
 
 
 def majority_baseline(world, probes):

@@ -242,6 +242,13 @@ def test_tinystories_download_from_local_server(tmp_path):
         server.server_close()
 
 
+def test_probe_scoring_wants_the_whole_answer():
+    assert P.completes_with(" Penford.", "Penford") and P.completes_with(" Penford", "Penford")
+    assert P.completes_with(" reed beds are home", "reed beds")
+    assert not P.completes_with(" Penfordshire", "Penford")      # a longer name is a different town
+    assert not P.completes_with(" Pen", "Penford") and not P.completes_with("Penford", "Penford")
+
+
 def test_learning_rate_schedules():
     lr = [P.learning_rate(s, 100, 1.0, 0.1, "cosine") for s in range(100)]
     assert lr[0] == pytest.approx(0.1) and lr[9] == pytest.approx(1.0) and lr[-1] == pytest.approx(0.1, abs=0.01)
