@@ -367,3 +367,10 @@ def test_tiny_moe_run_trains_and_balances(tmp_path):
     state = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
     bias = state["blocks.0.mlp.router_bias"]
     assert bias.shape == (4,) and bias.abs().sum() > 0   # the aux-loss-free balancing moved the router bias
+
+
+def test_stream_stats_counts_distinct_documents(tmp_path):
+    result = run_stage("--preset", "tiny", "--out", str(tmp_path / "out"), "--stream_stats", "2000")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2,000 documents: 2,000 distinct" in result.stdout
+    assert not (tmp_path / "out").exists()      # measuring the data writes nothing
