@@ -33,6 +33,7 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -1562,10 +1563,10 @@ def plot_losses(metrics, path):
     ax.legend(loc="upper right")
     ax.set_title("Stage 01: pretraining")
     fig.tight_layout()
-    tmp = pathlib.Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic(path, png.getvalue())
 
 
 def make_report(m, results, world):

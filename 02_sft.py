@@ -32,13 +32,13 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import io
 import json
 import math
 import os
 import pathlib
 import random
 import re
-import shutil
 import sys
 import time
 import zlib
@@ -1182,10 +1182,8 @@ def write_outputs(out, init, model, args, before, after, records, history, train
                "headline_after": headline(after), "train_seconds": train_seconds, "train_conversations": n_conv,
                "assistant_tokens": n_target, "args": vars(args), "history": history, "samples": records[:200]}
     try:
-        for name in ("tokenizer.json", "world.json"):
-            tmp = out / (name + ".tmp")
-            shutil.copyfile(init / name, tmp)
-            os.replace(tmp, out / name)
+        for name in ("tokenizer.json", "world.json"):   # the next stage reads them from here
+            write_atomic(out / name, (init / name).read_bytes())
         write_atomic(out / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
         plot(history, before, after, out / "sft.png")
         write_atomic(out / "report.md", make_report(metrics, records).encode("utf-8"))
@@ -1233,10 +1231,10 @@ def plot(history, before, after, path):
     ax2.set_title("held-out evaluation")
     ax2.legend()
     fig.tight_layout()
-    tmp = pathlib.Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic(path, png.getvalue())
 
 
 def make_report(m, records):
