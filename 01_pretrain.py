@@ -1331,8 +1331,7 @@ def main(argv=None):
             block.mlp.bias_gamma = args.moe_bias_gamma
     n_params, n_active = count_parameters(model)
     flops_tok = flops_per_token(config, n_active)
-    rows_per_micro = args.micro_batch
-    tokens_per_micro = rows_per_micro * args.seq_len * world_size
+    tokens_per_micro = args.micro_batch * args.seq_len * world_size
     if args.batch_tokens % tokens_per_micro:
         fail(f"--batch_tokens {args.batch_tokens} is not a multiple of micro_batch * seq_len * ranks "
              f"= {tokens_per_micro}.")

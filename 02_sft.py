@@ -985,13 +985,13 @@ def evaluate(model, enc, items, args, desc):
     """Score every eval item; returns (per-task means of every score field, per-item records)."""
     prompts = [render_prompt(enc, item["messages"]) for item in items]
     replies = generate_replies(model, enc, prompts, args.max_new_tokens, args.eval_batch, desc)
-    end = enc.encode_single_token("<|end|>")
     fields, records = defaultdict(lambda: defaultdict(list)), []
     for item, ids in zip(items, replies):
         reply = parse_reply(enc, ids)
         scored = score(item, reply)
-        # Format compliance: the reply ends with <|end|> and never opens another speaker's turn.
-        scored["format_ok"] = reply["ended"] and not reply["wrote_other_turn"] and ids[-1:] == [end]
+        # Format compliance: the reply ends with <|end|> and never opens another speaker's turn
+        # (replies are cut at their first stop token, so "ended" means <|end|> came first).
+        scored["format_ok"] = reply["ended"] and not reply["wrote_other_turn"]
         for key, value in scored.items():
             if isinstance(value, (bool, int, float)):
                 fields[item["task"]][key].append(float(value))
