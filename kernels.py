@@ -41,7 +41,9 @@ Dispatch
   CPU that only works under the Triton interpreter (TRITON_INTERPRET=1), which is how the tests run.
 
 `python kernels.py --bench` times both kernels on a CUDA GPU; `python kernels.py --check` compares
-them with the references on whatever device is present.
+them with the references on whatever device is present; `python kernels.py --compile-report [90]`
+compiles them for a GPU of that compute capability on any Linux machine, no GPU needed, and prints
+each kernel's registers, spills and shared memory.
 """
 import argparse
 import math
@@ -153,16 +155,25 @@ def attention_torch(q, k, v, causal=True):
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # 16 is the smallest tl.dot accepts (the tiny presets use it)
 
-# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) for each kernel: starting points for an
-# H100 after the Triton tutorial's choices, not yet tuned on one (`--bench` measures them).
-# fp32 tiles take twice the shared memory, so they get smaller tiles and fewer pipeline stages.
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) for each kernel. Starting points from the
+# Triton tutorial's H100 choices, cut down until no kernel spills registers or overflows shared
+# memory when compiled for sm_80 (A100), sm_89 (RTX 4090, L4) and sm_90 (H100) by Triton 3.6 and 3.9
+# (`python kernels.py --compile-report CAPABILITY`). The dK/dV kernel holds two fp32 (BLOCK_N x D)
+# accumulators besides K and V, and with grouped-query heads it also carries the loop over the
+# group, so it gets the smallest tiles. Not yet timed on a GPU (`--bench` does that).
 _ATTN_TILES = {
-    16: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
-    32: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
-    64: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),
-    128: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
+    16: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
+    32: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
+    64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
+    128: dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 8, 2), dq=(128, 32, 8, 3)),
 }
-_ATTN_TILES_FP32 = dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
+# fp32 tiles take twice the shared memory and registers: smaller tiles, fewer pipeline stages.
+_ATTN_TILES_FP32 = {
+    16: dict(fwd=(64, 32, 4, 2), dkdv=(16, 128, 8, 2), dq=(64, 32, 4, 2)),
+    32: dict(fwd=(64, 32, 4, 2), dkdv=(16, 128, 8, 2), dq=(64, 32, 4, 2)),
+    64: dict(fwd=(64, 32, 4, 2), dkdv=(16, 128, 8, 2), dq=(64, 32, 4, 2)),
+    128: dict(fwd=(64, 32, 4, 2), dkdv=(16, 32, 4, 2), dq=(32, 32, 4, 2)),
+}
 # Interpreter tiles: BLOCK_M != BLOCK_N on purpose, so the diagonal bookkeeping is exercised.
 _ATTN_TILES_INTERPRET = dict(fwd=(16, 32, 1, 1), dkdv=(16, 32, 1, 1), dq=(32, 16, 1, 1))
 
@@ -170,7 +181,7 @@ _ATTN_TILES_INTERPRET = dict(fwd=(16, 32, 1, 1), dkdv=(16, 32, 1, 1), dq=(32, 16
 def _attn_tiles(head_dim, dtype):
     if _INTERPRET:
         return _ATTN_TILES_INTERPRET
-    return _ATTN_TILES_FP32 if dtype == torch.float32 else _ATTN_TILES[head_dim]
+    return (_ATTN_TILES_FP32 if dtype == torch.float32 else _ATTN_TILES)[head_dim]
 
 
 @triton.jit
@@ -440,8 +451,9 @@ class _FlashAttention(torch.autograd.Function):
         qk_scale = sm_scale * math.log2(math.e)
         tiles = _attn_tiles(D, q.dtype)
         delta = torch.empty_like(lse)
-        _attn_bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
-            o, do, delta, *_bht(o), *_bht(do), H, Tq, BLOCK_M=64, HEAD_DIM=D)
+        delta_rows = 4096 // D  # a (rows x D) tile of O and of dO per program
+        _attn_bwd_delta_kernel[(triton.cdiv(Tq, delta_rows), B * H)](
+            o, do, delta, *_bht(o), *_bht(do), H, Tq, BLOCK_M=delta_rows, HEAD_DIM=D)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         block_m, block_n, warps, stages = tiles["dkdv"]
         _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, block_n), B * Hkv)](
@@ -560,11 +572,19 @@ def moe_swiglu_reference(x, gates, experts, w_gate, w_up, w_down):
 # Mixture-of-Experts: Triton grouped GEMM
 # ============================================================================================
 
-# Tiles (not yet tuned on a GPU). BLOCK_M: rows per program, shared by all grouped kernels (each expert's segment is cut into
-# BLOCK_M-row blocks, so an expert wastes at most BLOCK_M - 1 rows of padding work).
-_MOE_TILES = dict(block_m=128, gate_up=(64, 64, 8, 3), mm=(128, 64, 8, 3), wgrad=(128, 128, 64, 8, 3))
-_MOE_TILES_FP32 = dict(block_m=64, gate_up=(64, 32, 4, 2), mm=(64, 32, 4, 2), wgrad=(64, 64, 32, 4, 2))
-_MOE_TILES_INTERPRET = dict(block_m=16, gate_up=(16, 16, 1, 1), mm=(32, 16, 1, 1), wgrad=(16, 32, 16, 1, 1))
+# Tiles, not yet timed on a GPU. BLOCK_M: rows per program, shared by all grouped kernels (each
+# expert's segment is cut into BLOCK_M-row blocks, so an expert wastes at most BLOCK_M - 1 rows of
+# padding work). gate_up, mm: (BLOCK_N, BLOCK_K, num_warps, num_stages); wgrad: (BLOCK_K, BLOCK_N,
+# BLOCK_M, warps, stages). Chosen, like the attention tiles, to compile without spills on sm_80/89/90:
+# the backward's down-projection product with the SwiGLU epilogue also holds the G and U tiles and
+# spilled at mm's 128 columns, so it gets 64; mm runs 2 pipeline stages because its two-product
+# variant (dX) streams two A and two W tiles and overflowed an RTX 4090's 99 KiB at 3.
+_MOE_TILES = dict(block_m=128, gate_up=(64, 64, 8, 3), mm=(128, 64, 8, 2), mm_swiglu_bwd=(64, 64, 8, 3),
+                  wgrad=(128, 128, 64, 8, 3))
+_MOE_TILES_FP32 = dict(block_m=64, gate_up=(64, 32, 8, 2), mm=(64, 32, 4, 2), mm_swiglu_bwd=(64, 32, 4, 2),
+                       wgrad=(64, 64, 32, 4, 2))
+_MOE_TILES_INTERPRET = dict(block_m=16, gate_up=(16, 16, 1, 1), mm=(32, 16, 1, 1), mm_swiglu_bwd=(16, 16, 1, 1),
+                            wgrad=(16, 32, 16, 1, 1))
 
 
 def _moe_tiles(dtype):
@@ -698,7 +718,7 @@ def _grouped_mm(a, w_t, sched, tiles, a2=None, w2_t=None, swiglu=None):
     y = torch.empty(R, N, device=a.device, dtype=a.dtype)
     y2 = torch.empty_like(y) if swiglu else y
     g, u = swiglu if swiglu else (y, y)
-    block_n, block_k, warps, stages = tiles["mm"]
+    block_n, block_k, warps, stages = tiles["mm_swiglu_bwd" if swiglu else "mm"]
     _moe_grouped_mm_kernel[(n_programs, triton.cdiv(N, block_n))](
         a, w_t, a if a2 is None else a2, w_t if w2_t is None else w2_t, y, y2, g, u, expert, row_start, row_end,
         K, N, a.stride(0), w_t.stride(0), w_t.stride(1), w_t.stride(2), y.stride(0),
@@ -922,11 +942,163 @@ def _check():
     return ok
 
 
+# --------------------------------------------------------------------------------------------
+# --compile-report: what the kernels cost a GPU, measured without one
+# --------------------------------------------------------------------------------------------
+# Triton compiles ahead of time for any NVIDIA architecture on any machine: its wheel carries ptxas.
+# The report records the launches of one training step (forward and backward of attention and of the
+# MoE layer, on CPU tensors, with nothing run), compiles each for the chosen GPU and reads what the
+# assembler reports. Spilled registers and over-sized shared memory are the first things that make a
+# tile choice slow or unlaunchable; the interpreter tests cannot see either.
+
+_LAUNCHED_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
+                     "_moe_gate_up_kernel", "_moe_grouped_mm_kernel", "_moe_weight_grad_kernel")
+_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+                 torch.int32: "i32", torch.int64: "i64"}
+
+
+class _LaunchRecorder:
+    """Stands in for a kernel: kernel[grid](*args, **meta) records the launch instead of running it."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append((self.kernel, args, meta))
+
+
+def record_launches(step):
+    """Run step() with every kernel replaced by a recorder; return the launches it made, in order."""
+    launches, names = [], globals()  # the launch sites look their kernels up here at call time
+    kernels = {name: names[name] for name in _LAUNCHED_KERNELS}
+    try:
+        for name, kernel in kernels.items():
+            names[name] = _LaunchRecorder(kernel, launches)
+        step()
+    finally:
+        names.update(kernels)
+    return launches
+
+
+def _specialise(kernel, args, meta):
+    """The signature, constants and alignment attributes Triton's launcher would derive from these
+    arguments: tensors become typed pointers, ints i32 (i64 if large), floats fp32; an int equal to 1
+    becomes a constant, and pointers and ints divisible by 16 are marked so (which lets the compiler
+    vectorise loads)."""
+    meta = dict(meta)
+    options = dict(num_warps=meta.pop("num_warps", 4), num_stages=meta.pop("num_stages", 3),
+                   enable_fp_fusion=True)  # Triton's default, said out loud (3.9 warns when it is left unsaid)
+    signature, constants, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        value = args[i] if i < len(args) else meta[name]
+        if name in meta or (isinstance(value, int) and not isinstance(value, bool) and value == 1):
+            signature[name], constants[(i,)] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+            if value.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32"
+    return signature, constants, attrs, options
+
+
+def compile_for_gpu(kernel, args, meta, capability: int):
+    """Compile one launch for an NVIDIA GPU of this compute capability (90 = H100); no GPU needed.
+    Returns a dict: registers per thread, spilled bytes (stores + loads), shared memory bytes, and the
+    tensor-core instruction its matmuls became ("wgmma" on Hopper, "mma" before it)."""
+    import re
+    import subprocess
+    import tempfile
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    signature, constants, attrs, options = _specialise(kernel, args, meta)
+    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs),
+                              target=GPUTarget("cuda", capability, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    # Triton ran ptxas already but keeps quiet about what it said; run it again, verbosely.
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={arch}", path, "-o", path + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return dict(registers=int(re.search(r"Used (\d+) registers", log).group(1)),
+                spilled=int(spills.group(1)) + int(spills.group(2)),
+                shared=compiled.metadata.shared,
+                tensor_cores="wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "none")
+
+
+def _training_step_launches():
+    """Launches of attention (head dims 64 and 128, 1 and 4 query heads per kv head, T = 2048) and of
+    an 8-expert top-2 MoE layer, forward and backward, in bf16 and fp32: tiles depend on dtype."""
+    launches = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for D, group in ((64, 1), (128, 1), (128, 4)):
+            q = torch.zeros(1, 2048 // D * group, 2048, D, dtype=dtype, requires_grad=True)
+            k, v = (torch.zeros(1, 2048 // D, 2048, D, dtype=dtype, requires_grad=True) for _ in range(2))
+            launches += record_launches(lambda: torch.autograd.grad(
+                _FlashAttention.apply(q, k, v, True), (q, k, v), torch.zeros_like(q)))
+        N, C, d_ff, E = 4096, 1024, 2816, 8
+        x = torch.zeros(N, C, dtype=dtype, requires_grad=True)
+        gates, experts, _ = route(torch.randn(N, E), 2)
+        ws = [torch.zeros(E, *s, dtype=dtype, requires_grad=True) for s in ((C, d_ff), (C, d_ff), (d_ff, C))]
+        launches += record_launches(lambda: torch.autograd.grad(
+            _MoESwiGLU.apply(x, gates, experts, *ws), (x, *ws), torch.zeros(N, C, dtype=dtype)))
+    return launches
+
+
+def _compile_report(capability: int) -> bool:
+    """Print one line per distinct kernel build of a training step; False if any spills registers or
+    needs more shared memory than the GPU has."""
+    if _INTERPRET:
+        print("Unset TRITON_INTERPRET: the report compiles the GPU tiles, not the interpreter's.")
+        return False
+    shared_limit = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}.get(capability, 99 * 1024)
+    print(f"Compiled for sm_{capability} with triton {triton.__version__} (no GPU used); "
+          f"shared memory limit {shared_limit // 1024} KiB per block")
+    print(f"{'kernel':<24} {'variant':<26} {'dtype':>5} {'D':>4} {'tiles':>11} {'warps':>5} {'stages':>6} | "
+          f"{'regs':>4} {'spilled B':>9} {'shared KiB':>10} {'tensor cores':>12}")
+    ok, seen = True, set()
+    for kernel, args, meta in _training_step_launches():
+        signature, constants, attrs, options = _specialise(kernel, args, meta)
+        key = (kernel.__name__, tuple(signature.items()), tuple(sorted(constants.items())), tuple(options.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        stats = compile_for_gpu(kernel, args, meta, capability)
+        dtype = next(t for t in signature.values() if t.startswith("*")).lstrip("*")
+        tiles = "x".join(str(meta[n]) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if n in meta)
+        # What else was fixed at compile time: flags that are on, and ints Triton made constants.
+        variant = ",".join([n.lower() for n, v in meta.items() if v is True and n != "CAUSAL"] +
+                           [f"{kernel.arg_names[i]}=1" for (i,), v in constants.items()
+                            if kernel.arg_names[i] not in meta]) or "-"
+        fits = stats["spilled"] == 0 and stats["shared"] <= shared_limit
+        ok &= fits
+        print(f"{kernel.__name__:<24} {variant:<26} {dtype:>5} {meta.get('HEAD_DIM', ''):>4} {tiles:>11} "
+              f"{options['num_warps']:>5} {options['num_stages']:>6} | {stats['registers']:>4} "
+              f"{stats['spilled']:>9} {stats['shared'] / 1024:>10.1f} {stats['tensor_cores']:>12}"
+              f"{'' if fits else '  <- does not fit'}")
+    return ok
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bench", action="store_true", help="time the kernels against PyTorch (CUDA only)")
     parser.add_argument("--check", action="store_true", help="compare the kernels with the references")
+    parser.add_argument("--compile-report", type=int, nargs="?", const=90, metavar="CAPABILITY",
+                        help="compile a training step's kernels for a GPU (default 90 = H100; 80 = A100) "
+                             "without one and print registers, spills and shared memory")
     args = parser.parse_args()
+    if args.compile_report:
+        sys.exit(0 if _compile_report(args.compile_report) else 1)
     if args.check:
         sys.exit(0 if _check() else 1)
     if args.bench:

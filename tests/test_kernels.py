@@ -8,6 +8,7 @@ these shapes cross several blocks; the `gpu_tiles` cases run the H100 tile table
 import importlib.util
 import os
 import pathlib
+import types
 import zlib
 
 # The interpreter is chosen when a kernel is decorated, so the variable must be set before
@@ -378,3 +379,40 @@ def test_unsupported_head_dim_falls_back_under_auto_and_fails_under_triton():
     kernels.set_backend("triton")
     with pytest.raises(ValueError, match="head dim 24"):
         kernels.attention(q, k, v)
+
+
+# --- the pieces of --compile-report (its GPU builds are tested in test_kernel_builds.py) ---
+
+@needs_triton
+def test_specialise_follows_the_launchers_rules():
+    """Typed pointers, i32/i64 by value, fp32 floats, ints equal to 1 and keyword meta-parameters
+    as constants, and the divisible-by-16 mark on aligned pointers and on multiples of 16."""
+    fake = types.SimpleNamespace(arg_names=["X", "Y", "one", "n48", "n50", "big", "scale", "BLOCK"])
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    y = torch.zeros(64, dtype=torch.int32)
+    args = (x, y[1:], 1, 48, 50, 2**40 + 3, 0.5)
+    signature, constants, attrs, options = kernels._specialise(fake, args, dict(BLOCK=64, num_warps=8, num_stages=2))
+    assert signature == {"X": "*bf16", "Y": "*i32", "one": "constexpr", "n48": "i32", "n50": "i32",
+                         "big": "i64", "scale": "fp32", "BLOCK": "constexpr"}
+    assert constants == {(2,): 1, (7,): 64}
+    assert x.data_ptr() % 16 == 0 and y[1:].data_ptr() % 16 == 4
+    assert attrs == {(0,): [["tt.divisibility", 16]], (3,): [["tt.divisibility", 16]]}
+    assert options["num_warps"] == 8 and options["num_stages"] == 2
+
+
+@needs_triton
+def test_record_launches_sees_every_kernel_of_a_step_and_puts_the_kernels_back():
+    real = {name: getattr(kernels, name) for name in kernels._LAUNCHED_KERNELS}
+    q, k, v = (torch.zeros(1, 2, 40, 64, requires_grad=True) for _ in range(3))
+    launches = kernels.record_launches(lambda: torch.autograd.grad(
+        kernels._FlashAttention.apply(q, k, v, True), (q, k, v), torch.zeros_like(q)))
+    assert [kernel.__name__ for kernel, _, _ in launches] == [
+        "_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
+    fwd_args = launches[0][1]
+    assert fwd_args[0] is q and launches[0][2]["HEAD_DIM"] == 64
+
+    def fails():
+        raise RuntimeError("step failed")
+    with pytest.raises(RuntimeError):
+        kernels.record_launches(fails)
+    assert {name: getattr(kernels, name) for name in kernels._LAUNCHED_KERNELS} == real
