@@ -162,20 +162,20 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)  # 16 is the smallest tl.dot accepts (th
 # accumulators besides K and V, and with grouped-query heads it also carries the loop over the
 # group, so it gets the smallest tiles. Not yet timed on a GPU (`--bench` does that).
 _ATTN_TILES = {
-    16: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
-    32: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
-    64: dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
-    128: dict(fwd=(128, 64, 8, 3), dkdv=(32, 64, 8, 2), dq=(128, 32, 8, 3)),
+    16: dict(fwd=(128, 64, 8, 3), decode=(16, 64, 4, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
+    32: dict(fwd=(128, 64, 8, 3), decode=(16, 64, 4, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
+    64: dict(fwd=(128, 64, 8, 3), decode=(16, 64, 4, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
+    128: dict(fwd=(128, 64, 8, 3), decode=(16, 64, 4, 3), dkdv=(32, 64, 8, 2), dq=(128, 32, 8, 3)),
 }
 # fp32 tiles take twice the shared memory and registers: smaller tiles, fewer pipeline stages.
 _ATTN_TILES_FP32 = {
-    16: dict(fwd=(64, 32, 4, 2), dkdv=(16, 128, 8, 2), dq=(64, 32, 4, 2)),
-    32: dict(fwd=(64, 32, 4, 2), dkdv=(16, 128, 8, 2), dq=(64, 32, 4, 2)),
-    64: dict(fwd=(64, 32, 4, 2), dkdv=(16, 128, 8, 2), dq=(64, 32, 4, 2)),
-    128: dict(fwd=(64, 32, 4, 2), dkdv=(16, 32, 4, 2), dq=(32, 32, 4, 2)),
+    16: dict(fwd=(64, 32, 4, 2), decode=(16, 64, 4, 2), dkdv=(16, 128, 8, 2), dq=(64, 32, 4, 2)),
+    32: dict(fwd=(64, 32, 4, 2), decode=(16, 64, 4, 2), dkdv=(16, 128, 8, 2), dq=(64, 32, 4, 2)),
+    64: dict(fwd=(64, 32, 4, 2), decode=(16, 64, 4, 2), dkdv=(16, 128, 8, 2), dq=(64, 32, 4, 2)),
+    128: dict(fwd=(64, 32, 4, 2), decode=(16, 64, 4, 2), dkdv=(16, 32, 4, 2), dq=(32, 32, 4, 2)),
 }
 # Interpreter tiles: BLOCK_M != BLOCK_N on purpose, so the diagonal bookkeeping is exercised.
-_ATTN_TILES_INTERPRET = dict(fwd=(16, 32, 1, 1), dkdv=(16, 32, 1, 1), dq=(32, 16, 1, 1))
+_ATTN_TILES_INTERPRET = dict(fwd=(16, 32, 1, 1), decode=(16, 32, 1, 1), dkdv=(16, 32, 1, 1), dq=(32, 16, 1, 1))
 
 
 def _attn_tiles(head_dim, dtype):
@@ -432,7 +432,9 @@ class _FlashAttention(torch.autograd.Function):
         sm_scale = 1.0 / math.sqrt(D)
         o = torch.empty(B, H, Tq, D, device=q.device, dtype=q.dtype)
         lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)  # log2-sum-exp of each row
-        block_m, block_n, warps, stages = _attn_tiles(D, q.dtype)["fwd"]
+        # Decoding (a few new queries against a long cache) takes the smallest query block tl.dot
+        # allows, 16 rows, instead of training's 128, most of which would be masked-out work.
+        block_m, block_n, warps, stages = _attn_tiles(D, q.dtype)["decode" if Tq <= 16 else "fwd"]
         _attn_fwd_kernel[(triton.cdiv(Tq, block_m), B * H)](
             q, k, v, o, lse, *_bht(q), *_bht(k), *_bht(v), *_bht(o),
             H, H // Hkv, Tq, Tk, sm_scale * math.log2(math.e),
@@ -1037,7 +1039,8 @@ def compile_for_gpu(kernel, args, meta, capability: int):
 
 
 def _training_step_launches():
-    """Launches of attention (head dims 64 and 128, 1 and 4 query heads per kv head, T = 2048) and of
+    """Launches of attention (head dims 64 and 128, 1 and 4 query heads per kv head, T = 2048, and one
+    decoding step against those 2048 keys) and of
     an 8-expert top-2 MoE layer, forward and backward, in bf16 and fp32: tiles depend on dtype."""
     launches = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -1046,6 +1049,7 @@ def _training_step_launches():
             k, v = (torch.zeros(1, 2048 // D, 2048, D, dtype=dtype, requires_grad=True) for _ in range(2))
             launches += record_launches(lambda: torch.autograd.grad(
                 _FlashAttention.apply(q, k, v, True), (q, k, v), torch.zeros_like(q)))
+            launches += record_launches(lambda: _FlashAttention.apply(q[:, :, -1:].detach(), k.detach(), v.detach(), True))
         N, C, d_ff, E = 4096, 1024, 2816, 8
         x = torch.zeros(N, C, dtype=dtype, requires_grad=True)
         gates, experts, _ = route(torch.randn(N, E), 2)
