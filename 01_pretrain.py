@@ -46,6 +46,7 @@ import sys
 import time
 from collections import Counter
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -97,6 +98,9 @@ def parse_args(argv=None):
     g.add_argument("--data_url", default=TINYSTORIES_URL, help="where --data tinystories downloads from")
     g.add_argument("--stream_stats", type=int, metavar="N",
                    help="only measure the data: are the first N documents unique, how many tokens, how fast")
+    g.add_argument("--data_workers", type=int, default=None,
+                   help="processes generating documents ahead of training (default: up to 4 per GPU, 0 on CPU, "
+                        "where training needs the cores)")
     g.add_argument("--tokenizer", default="bpe",
                    help="'bpe' trains one here; or a stock tiktoken name (gpt2, cl100k_base) if cached locally")
     g.add_argument("--vocab_size", type=int, help="BPE vocabulary including special tokens")
@@ -140,6 +144,9 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.compile is None:
         args.compile = int(device == "cuda")
+    if args.data_workers is None:
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        args.data_workers = min(4, (os.cpu_count() or 1) // (2 * ranks)) if device == "cuda" else 0
     return args
 
 
@@ -664,30 +671,70 @@ class DocumentSource:
         return document(self.world, index, self.seed)
 
 
+def encode_documents(source, tokenizer, first_doc, n_docs):
+    """Documents first_doc .. first_doc + n_docs - 1 as one flat int32 array, each document after
+    a <|bos|>: one unit of data work."""
+    bos = tokenizer.encode_single_token("<|bos|>")
+    docs = tokenizer.encode_ordinary_batch([source(i) for i in range(first_doc, first_doc + n_docs)])
+    return np.fromiter(itertools.chain.from_iterable([bos] + ids for ids in docs), dtype=np.int32,
+                       count=sum(map(len, docs)) + len(docs))
+
+
+_WORKER_STREAM = None  # (source, tokenizer) in a data worker process, set when the pool forks it
+
+
+def _init_data_worker(source, tokenizer):
+    global _WORKER_STREAM
+    _WORKER_STREAM = (source, tokenizer)
+
+
+def _encode_in_worker(first_doc, n_docs):
+    return encode_documents(*_WORKER_STREAM, first_doc, n_docs)
+
+
 class TokenRows:
     """Packs documents into rows of seq_len + 1 tokens: <|bos|> doc <|bos|> doc ...
 
     Rows are numbered globally. At optimizer step s, rank r's micro-step m reads rows
     s*R + (m*W + r)*B ... +B (R rows per step, W ranks, B rows per micro-batch), so a run on W
     ranks with accumulation A sees exactly the batches of one process with accumulation W*A.
-    The state (next document, unread tokens) is tiny and is saved with the checkpoint."""
+    The state (next document, unread tokens) is tiny and is saved with the checkpoint.
 
-    def __init__(self, source, tokenizer, seq_len, chunk_docs=256):
+    Documents are written and tokenized in pure Python, about as fast as a GPU trains a model of
+    the course size (README: --stream_stats). With workers > 0, that many processes generate the
+    next chunks of documents while the model trains; the rows are identical either way, because
+    document i is a function of i alone."""
+
+    def __init__(self, source, tokenizer, seq_len, chunk_docs=256, workers=0):
         self.source, self.tokenizer, self.row_len, self.chunk_docs = source, tokenizer, seq_len + 1, chunk_docs
-        self.bos = tokenizer.encode_single_token("<|bos|>")
-        self.next_doc, self.buffer, self.next_row = 0, [], 0
+        self.next_doc, self.next_row = 0, 0
+        self.buffer, self.start = np.empty(0, dtype=np.int32), 0  # the unread tokens are buffer[start:]
+        self.workers, self.pool, self.pending = workers, None, []
+
+    def _next_chunk(self):
+        if not self.workers:
+            return encode_documents(self.source, self.tokenizer, self.next_doc, self.chunk_docs)
+        if self.pool is None:
+            # fork: the workers inherit source and tokenizer without pickling them, and start at once.
+            import multiprocessing
+            self.pool = multiprocessing.get_context("fork").Pool(
+                self.workers, _init_data_worker, (self.source, self.tokenizer))
+        queued = self.next_doc + len(self.pending) * self.chunk_docs
+        while len(self.pending) < 4 * self.workers:  # keep every worker a few chunks ahead
+            self.pending.append(self.pool.apply_async(_encode_in_worker, (queued, self.chunk_docs)))
+            queued += self.chunk_docs
+        return self.pending.pop(0).get()
 
     def _fill(self):
-        texts = [self.source(i) for i in range(self.next_doc, self.next_doc + self.chunk_docs)]
+        self.buffer = np.concatenate([self.buffer[self.start:], self._next_chunk()])
+        self.start = 0
         self.next_doc += self.chunk_docs
-        for ids in self.tokenizer.encode_ordinary_batch(texts):
-            self.buffer.append(self.bos)
-            self.buffer.extend(ids)
 
     def row(self):
-        while len(self.buffer) < self.row_len:
+        while len(self.buffer) - self.start < self.row_len:
             self._fill()
-        out, self.buffer = self.buffer[:self.row_len], self.buffer[self.row_len:]
+        out = self.buffer[self.start:self.start + self.row_len]
+        self.start += self.row_len
         self.next_row += 1
         return out
 
@@ -696,16 +743,22 @@ class TokenRows:
         assert first_row >= self.next_row, "rows are read in order"
         while self.next_row < first_row:
             self.row()
-        rows = torch.tensor([self.row() for _ in range(n_rows)], dtype=torch.long)
+        rows = torch.from_numpy(np.stack([self.row() for _ in range(n_rows)]).astype(np.int64))
         return rows[:, :-1], rows[:, 1:]
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool, self.pending = None, []
 
     def state_dict(self):
         return {"next_doc": self.next_doc, "next_row": self.next_row,
-                "buffer": torch.tensor(self.buffer, dtype=torch.long)}
+                "buffer": torch.from_numpy(self.buffer[self.start:].astype(np.int64))}
 
     def load_state_dict(self, state):
+        self.close()  # chunks already queued would start at the old position
         self.next_doc, self.next_row = int(state["next_doc"]), int(state["next_row"])
-        self.buffer = state["buffer"].tolist()
+        self.buffer, self.start = state["buffer"].numpy().astype(np.int32), 0
 
 
 # =====================================================================================
@@ -1319,7 +1372,7 @@ def main(argv=None):
         f"| set-up {time.time() - t_setup:.1f}s")
 
     if args.stream_stats:
-        return stream_stats(source, enc, args.stream_stats)
+        return stream_stats(source, enc, args.stream_stats, args.seq_len, args.data_workers)
 
     # --- the model, sized by the depth dial ---
     config = model_config_from_args(args, enc.n_vocab)
@@ -1348,7 +1401,7 @@ def main(argv=None):
         f"grad accumulation {accum} x {world_size} rank(s)")
 
     optimizer = make_optimizer(model, lr, args.weight_decay, args.device)
-    rows = TokenRows(source, enc, args.seq_len)
+    rows = TokenRows(source, enc, args.seq_len, workers=args.data_workers)
     metrics = {"train": [], "val": [], "probes": []}
     start_step = 0
     if saved:
@@ -1473,6 +1526,7 @@ def main(argv=None):
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
+        rows.close()
     train_seconds = time.time() - train_start
 
     # --- final evaluation and report (rank 0) ---
@@ -1512,10 +1566,11 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def stream_stats(source, enc, n_docs, chunk=10_000):
+def stream_stats(source, enc, n_docs, seq_len, workers, chunk=10_000):
     """Generate and tokenize the first n_docs documents: how many are distinct, how many tokens
     they make (with one <|bos|> each), and how fast. The claim "200M tokens without repeating a
-    document" is checked with this."""
+    document" is checked with this. Then the rows those documents fill are read through TokenRows,
+    as training reads them, without and with `workers` data workers."""
     from tqdm import tqdm
     digests, chars, tokens, t0 = set(), 0, 0, time.time()
     for start in tqdm(range(0, n_docs, chunk), desc="documents", unit_scale=chunk):
@@ -1527,6 +1582,18 @@ def stream_stats(source, enc, n_docs, chunk=10_000):
     print(f"{n_docs:,} documents: {len(digests):,} distinct, {chars / 1e6:,.0f}M characters, "
           f"{tokens / 1e6:,.1f}M tokens ({chars / tokens:.2f} characters/token); "
           f"{tokens / seconds / 1e6:.2f}M tokens/s generated and tokenized")
+    n_rows, batch = tokens // (seq_len + 1), 64
+    print(f"reading those {n_rows:,} rows of {seq_len + 1} tokens as training does:\n"
+          f"{'data workers':>12} {'M tokens/s':>10} {'x':>5}")
+    baseline = None
+    for w in sorted({0, workers}):
+        rows, t0 = TokenRows(source, enc, seq_len, workers=w), time.time()
+        for first in range(0, n_rows, batch):
+            rows.batch(first, min(batch, n_rows - first))
+        rate = n_rows * (seq_len + 1) / (time.time() - t0)
+        rows.close()
+        baseline = baseline or rate
+        print(f"{w:>12} {rate / 1e6:>10.2f} {rate / baseline:>5.2f}")
 
 
 def describe_device(device):

@@ -195,6 +195,27 @@ def test_token_rows_resume_mid_stream(world, enc):
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
+def test_data_workers_give_the_same_rows_and_resume(world, enc):
+    """Worker processes generate chunks ahead; the rows, and the saved position, must not change."""
+    source = P.DocumentSource(world, seed=5)
+    straight = P.TokenRows(source, enc, seq_len=32, chunk_docs=4)
+    expected = [straight.batch(r, 3)[0] for r in range(0, 60, 3)]
+    first = P.TokenRows(source, enc, seq_len=32, chunk_docs=4, workers=2)
+    got = [first.batch(r, 3)[0] for r in range(0, 30, 3)]
+    state = first.state_dict()
+    straight_half = P.TokenRows(source, enc, seq_len=32, chunk_docs=4)
+    [straight_half.batch(r, 3) for r in range(0, 30, 3)]
+    assert {k: v for k, v in state.items() if k != "buffer"} == \
+        {k: v for k, v in straight_half.state_dict().items() if k != "buffer"}
+    assert torch.equal(state["buffer"], straight_half.state_dict()["buffer"])
+    first.close()
+    second = P.TokenRows(source, enc, seq_len=32, chunk_docs=4, workers=1)
+    second.load_state_dict(state)
+    got += [second.batch(r, 3)[0] for r in range(30, 60, 3)]
+    second.close()
+    assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
 def test_rows_start_with_bos_and_targets_shift_by_one(world, enc):
     rows = P.TokenRows(P.DocumentSource(world, seed=5), enc, seq_len=16, chunk_docs=2)
     x, y = rows.batch(0, 2)
@@ -288,6 +309,13 @@ def test_resume_continues_exactly(tiny_pretrain, tmp_path):
     a = torch.load(out / "model.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_with_data_workers_matches_without(tmp_path, tiny_pretrain):
+    """The whole training loop with two data worker processes: the same batches, so the same losses."""
+    run = run_stage("--preset", "tiny", "--data_workers", "2", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert [r["loss"] for r in history(tmp_path)["train"]] == [r["loss"] for r in history(tiny_pretrain[0])["train"]]
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
