@@ -227,15 +227,6 @@ ASSISTANT_NAME = "Tamsin"   # a name the world's syllable generator cannot make,
 # steps between <|think|> and <|/think|> and then writes only "Answer: N".
 THINK_SYSTEM = "Think step by step inside the thinking span before you answer."
 
-# Critiques end with one of these two sentences, so a verdict can be read off with a string match.
-VERDICT_REVISE = "Verdict: the response should be revised."
-VERDICT_KEEP = "Verdict: no revision is needed."
-
-# Refusals open with one of these, and nothing compliant the mixture writes ever does: that makes
-# `is_refusal` an exact detector on our own data, and a shared one for stages 03, 04 and 08.
-REFUSAL_OPENINGS = ("I can't help with", "I won't help with", "I'm sorry, but I can't help with",
-                    "I cannot help with", "I will not help with")
-
 END_TEXT = "I'm going to end this conversation now."
 
 # The principles that critique, revision, choice and rating are conditioned on, by the aspect of a
@@ -373,23 +364,41 @@ def run_tool(world, name, arguments):
     return f"Error: there is no tool called '{name}'."
 
 
+# ----------------------------------------------------------------------------------------------
+# Grading and judging. The prompt formats of the judging skills, and the string checks that grade
+# replies: stages 03-08 repeat this block, so they ask exactly what the model was taught here and
+# grade it the same way.
+# ----------------------------------------------------------------------------------------------
+# --- shared: grading (origin: 02_sft.py) ---
+# Critiques end with one of these two sentences, so a verdict can be read off with a string match.
+VERDICT_REVISE = "Verdict: the response should be revised."
+VERDICT_KEEP = "Verdict: no revision is needed."
+
+# Refusals open with one of these, and nothing compliant the stage-02 mixture writes ever does:
+# that makes `is_refusal` an exact detector on our own data.
+REFUSAL_OPENINGS = ("I can't help with", "I won't help with", "I'm sorry, but I can't help with",
+                    "I cannot help with", "I will not help with")
+
+
 def is_refusal(text):
     """True when a reply opens with one of the fixed refusal openings."""
     text = (text or "").strip().replace("\u2019", "'")
     return any(text.lower().startswith(opening.lower()) for opening in REFUSAL_OPENINGS)
 
 
-def reference_reply(message):
-    """An assistant message as the parsed reply score() takes (what a perfect model would produce)."""
-    return {"content": message.get("content", ""), "thinking": message.get("thinking"),
-            "tool_call": message.get("tool_call"), "tool_call_error": None, "ended": True,
-            "wrote_other_turn": False}
+def mentions(text, phrase):
+    """phrase occurs in text as whole words (case-insensitive)."""
+    return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text, re.IGNORECASE) is not None
 
 
-# ----------------------------------------------------------------------------------------------
-# The prompt formats of the judging skills. Stage 03 builds its own prompts with these same
-# functions, so what it asks is exactly what the model was taught here.
-# ----------------------------------------------------------------------------------------------
+def fact_correct(text, obj, answer_set):
+    """The right object is named, and no other value the relation could take is."""
+    if not mentions(text, obj):
+        return False
+    low = text.lower()
+    return not any(v != obj and v.lower() in low and mentions(text, v) for v in answer_set)
+
+
 def critique_prompt(principle, request, response):
     return (f"Principle: {principle}\nRequest: {request}\nResponse: {response}\n"
             f"Critique the response according to the principle.")
@@ -403,6 +412,14 @@ def revision_prompt(principle, request, response, critique):
 def choose_prompt(principle, request, response_a, response_b):
     return (f"Which response is better according to this principle: {principle}\nRequest: {request}\n"
             f"(A) {response_a}\n(B) {response_b}\nAnswer (A) or (B).")
+# --- end shared: grading ---
+
+
+def reference_reply(message):
+    """An assistant message as the parsed reply score() takes (what a perfect model would produce)."""
+    return {"content": message.get("content", ""), "thinking": message.get("thinking"),
+            "tool_call": message.get("tool_call"), "tool_call_error": None, "ended": True,
+            "wrote_other_turn": False}
 
 
 def rate_prompt(criterion, request, response):
@@ -1467,19 +1484,6 @@ def _bare(ix, r, o):
 def _wrong_object(ix, rng, r, o):
     others = [v for v in ix.relations[r]["answer_set"] if v != o]
     return rng.choice(others)
-
-
-def mentions(text, phrase):
-    """phrase occurs in text as whole words (case-insensitive)."""
-    return re.search(r"(?<!\w)" + re.escape(phrase) + r"(?!\w)", text, re.IGNORECASE) is not None
-
-
-def fact_correct(text, obj, answer_set):
-    """The right object is named, and no other value the relation could take is."""
-    if not mentions(text, obj):
-        return False
-    low = text.lower()
-    return not any(v != obj and v.lower() in low and mentions(text, v) for v in answer_set)
 
 
 # System prompts for ordinary conversations: most have none, some set the scene.
