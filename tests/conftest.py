@@ -40,3 +40,13 @@ def tiny_pretrain(tmp_path_factory):
     result = run_script("01_pretrain.py", "--preset", "tiny", "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_pretrain, tmp_path_factory):
+    """One `02_sft.py --preset tiny` run on the tiny stage 01, shared by stage 02's and 03's tests."""
+    init, _ = tiny_pretrain
+    out = tmp_path_factory.mktemp("02_sft")
+    result = run_script("02_sft.py", "--preset", "tiny", "--init", init, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result

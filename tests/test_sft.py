@@ -114,15 +114,6 @@ def test_user_jsonl_is_checked_line_by_line(tmp_path):
 
 # ---------------------------------------------------------------- whole runs
 
-@pytest.fixture(scope="module")
-def tiny_sft(tiny_pretrain, tmp_path_factory):
-    init, _ = tiny_pretrain
-    out = tmp_path_factory.mktemp("02_sft")
-    result = run_script("02_sft.py", "--preset", "tiny", "--init", init, "--out", out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
-
-
 def test_tiny_sft_lowers_assistant_loss_and_writes_the_stage_contract(tiny_sft):
     out, result = tiny_sft
     for name in ("model.pt", "tokenizer.json", "world.json", "metrics.json", "sft.png", "report.md"):

@@ -79,19 +79,23 @@ def drift(root=ROOT):
 
 
 def fix(root=ROOT):
-    """Rewrite each copy of each block from its origin. Returns the files changed."""
+    """Rewrite each copy of each block from its origin. Returns the files changed. One block at a
+    time, collecting again after every rewrite: a rewrite moves the lines of the blocks below it."""
     changed = []
-    for name, copies in collect(root).items():
-        origin = next(iter(copies.values()))[0]
-        reference = copies[origin][3]
-        for filename, (_, start, end, body) in copies.items():
-            if filename == origin or body == reference:
-                continue
-            path = root / filename
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            path.write_text("".join(lines[:start] + reference + lines[end:]), encoding="utf-8")
-            changed.append(filename)
-    return changed
+    while True:
+        stale = []
+        for copies in collect(root).values():
+            origin = next(iter(copies.values()))[0]
+            reference = copies[origin][3]
+            stale += [(filename, start, end, reference) for filename, (_, start, end, body) in copies.items()
+                      if filename != origin and body != reference]
+        if not stale:
+            return changed
+        filename, start, end, reference = stale[0]
+        path = root / filename
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        path.write_text("".join(lines[:start] + reference + lines[end:]), encoding="utf-8")
+        changed.append(filename)
 
 
 def test_shared_blocks_match_their_origin():
@@ -108,6 +112,17 @@ def test_checker_catches_drift_and_fixes_it(tmp_path):
     assert fix(tmp_path) == ["02_b.py"]
     assert drift(tmp_path) == []
     assert (tmp_path / "02_b.py").read_text().endswith("x = 1\n# --- end shared: demo ---\nprint(x)\n")
+
+
+def test_fix_fills_several_blocks_of_one_file(tmp_path):
+    """Filling an empty block moves every line below it; the next block must still land in place."""
+    a = "# --- shared: one (origin: 01_a.py) ---\nx = 1\ny = 2\n# --- end shared: one ---\n"
+    b = "# --- shared: two (origin: 01_a.py) ---\nz = 3\n# --- end shared: two ---\n"
+    (tmp_path / "01_a.py").write_text(a + b)
+    empty = lambda block: "\n".join(block.splitlines()[:1] + block.splitlines()[-1:]) + "\n"  # noqa: E731
+    (tmp_path / "02_b.py").write_text("start = 0\n" + empty(a) + "middle = 1\n" + empty(b) + "end = 2\n")
+    fix(tmp_path)
+    assert (tmp_path / "02_b.py").read_text() == "start = 0\n" + a + "middle = 1\n" + b + "end = 2\n"
 
 
 def test_checker_rejects_unclosed_block(tmp_path):

@@ -1,0 +1,176 @@
+"""Stage 03: the prompts and their splits, grading, the soft AI labels, the preference model's loss
+and padding, RLOO's advantages, log-probabilities of responses, and a tiny run end to end."""
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import load_stage, run_script
+
+C = load_stage("03_constitutional_ai")
+P = load_stage("01_pretrain")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return P.make_world(30, seed=4)
+
+
+@pytest.fixture(scope="module")
+def enc(world):
+    return P.make_encoding("test", P.train_bpe([P.document(world, i, 4) for i in range(120)], 600))
+
+
+@pytest.fixture(scope="module")
+def model(enc):
+    torch.manual_seed(0)
+    config = C.GPTConfig(vocab_size=enc.n_vocab, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, mlp_hidden=64,
+                         seq_len=96)
+    net = C.GPT(config)
+    net.init_weights(0)
+    return net.eval()
+
+
+# ---------------------------------------------------------------- prompts and grading
+
+def test_evaluation_prompts_are_held_out_from_training(world):
+    for kind in ("harmful", "benign"):
+        table = C.RED_TEAM if kind == "harmful" else C.BENIGN
+        train = C.make_prompts(world, 1, 300, kind, train=True)
+        held_out = C.make_prompts(world, 1, 100, kind, train=False)
+        assert {t["category"] for t in train} == set(table)   # every category, in turn
+        train_text = {t["request"] for t in train}
+        assert not train_text & {t["request"] for t in held_out}
+    facts = lambda items: {(i["subject"], i["category"]) for i in items}  # noqa: E731
+    train, held_out = C.make_prompts(world, 1, 300, "fact", True), C.make_prompts(world, 1, 100, "fact", False)
+    assert len(facts(held_out)) > 20 and not facts(train) & facts(held_out)
+    assert all(i["subject"] in i["request"] and i["answer"] in i["answer_set"] for i in train + held_out)
+
+
+def test_harmful_prompts_carry_the_secret_a_leak_would_contain(world):
+    for item in C.make_prompts(world, 2, 40, "harmful", train=True):
+        if item["category"] in ("poison", "weapon", "curse", "theft"):
+            hazard = next(h for h in world["hazards"] if h["name"] in item["request"])
+            assert item["secret"] == hazard["secret"]
+        else:
+            assert item["secret"] is None
+
+
+def reply(text, ended=True):
+    return {"content": text, "ended": ended, "wrote_other_turn": False}
+
+
+def test_grade_and_ground_truth_preference():
+    harmful = {"kind": "harmful", "secret": "kohahol"}
+    refusal = reply("I can't help with poisoning anyone.")
+    leak = reply("Speak the word 'kohahol' over the pot.")
+    assert C.grade(harmful, refusal)["harmless"] and not C.grade(harmful, leak)["harmless"]
+    assert C.grade(harmful, leak)["leaked"]
+    assert C.ground_truth_preference(harmful, refusal, leak) == 1.0
+    assert C.ground_truth_preference(harmful, leak, refusal) == 0.0
+    assert C.ground_truth_preference(harmful, refusal, refusal) is None
+    fact = {"kind": "fact", "answer": "Esholm", "answer_set": ["Esholm", "Povale"]}
+    assert C.ground_truth_preference(fact, reply("He was born in Povale."), reply("In Esholm.")) == 0.0
+    assert C.ground_truth_preference(fact, reply("Esholm or Povale."), reply("I can't help with that.")) is None
+    benign = {"kind": "benign"}
+    assert C.ground_truth_preference(benign, reply("Here is a note."), reply("I won't help with that.")) == 1.0
+
+
+# ---------------------------------------------------------------- AI feedback and the preference model
+
+def test_ai_feedback_averages_both_orders(monkeypatch, enc):
+    """Order a-first gives P("(A)") = 0.9; order b-first gives P("(B)") = 0.7: p_a = 0.8."""
+    answers = iter([torch.log(torch.tensor([[0.9, 0.1]])), torch.log(torch.tensor([[0.3, 0.7]]))])
+    monkeypatch.setattr(C, "answer_logprob_pairs", lambda *a, **k: next(answers))
+    args = type("A", (), {"seed": 0, "batch_size": 8})()
+    pairs = C.ai_feedback(None, enc, [{"request": "q", "a": "x", "b": "y"}], args)
+    assert pairs[0]["p_a"] == pytest.approx(0.8) and pairs[0]["principle"] in C.FEEDBACK_PRINCIPLES
+    assert pairs[0]["p_a_orders"] == pytest.approx((0.9, 0.7))
+
+
+def test_answer_logprobs_are_the_models_own(model, enc):
+    prompt = C.user_prompt(enc, "Which is better?")
+    lp = C.answer_logprob_pairs(model, enc, [prompt], enc.encode_single_token("<|pad|>"))
+    for j, option in enumerate(("(A)", "(B)")):
+        ids = prompt + enc.encode_ordinary(option)
+        logits = model(torch.tensor([ids[:-1]]))[0].log_softmax(-1)
+        manual = sum(logits[t - 1, ids[t]].item() for t in range(len(prompt), len(ids)))
+        assert lp[0, j].item() == pytest.approx(manual, abs=1e-4)
+
+
+def test_preference_loss_matches_its_formula():
+    """r_a = 1, r_b = 0, p_a = 0.8: -(0.8 log sigmoid(1) + 0.2 log sigmoid(-1)) = 0.5132617."""
+    loss = C.preference_loss(torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.8]))
+    assert loss.item() == pytest.approx(0.5132617, abs=1e-6)
+    hard = C.preference_loss(torch.tensor([2.0]), torch.tensor([-1.0]), torch.tensor([1.0]))
+    assert hard.item() == pytest.approx(math.log1p(math.exp(-3.0)), abs=1e-6)
+
+
+def test_preference_model_reads_the_last_real_token_whatever_the_padding(model, enc):
+    pm = C.PreferenceModel(model)
+    torch.nn.init.normal_(pm.head.weight)
+    short = C.conversation_ids(enc, "Where is the Haigrern Crown?", "It is kept in Esholm.")
+    long = C.conversation_ids(enc, "Tell me a long story about the realm and its towns.", "Once " * 20)
+    alone = pm(torch.tensor([short]), torch.tensor([len(short)]))
+    batched = pm(C.pad_right([short, long], 0, "cpu"), torch.tensor([len(short), len(long)]))
+    assert batched[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
+    # The head reads the final hidden state: through the output layer it gives the model's logits.
+    ids = torch.tensor([short])
+    torch.testing.assert_close(model.lm_head(C.final_hidden(model, ids)).float(), model(ids))
+
+
+def test_sequence_logprobs_count_only_response_tokens(model, enc):
+    prompts = [C.user_prompt(enc, "Hello?"), C.user_prompt(enc, "What is the Monir Venom, and who guards it?")]
+    responses = [enc.encode_ordinary("Hello there.") + [enc.encode_single_token("<|end|>")],
+                 enc.encode_ordinary("A poison.")]
+    batched = C.sequence_logprobs(model, prompts, responses, enc.encode_single_token("<|pad|>"))
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids = p + r
+        logp = model(torch.tensor([ids[:-1]]))[0].log_softmax(-1)
+        manual = sum(logp[t - 1, ids[t]].item() for t in range(len(p), len(ids)))
+        assert batched[i].item() == pytest.approx(manual, abs=1e-4)
+
+
+def test_rloo_advantages_leave_one_out():
+    """Group [1, 2, 3, 6]: each minus the mean of the other three; groups do not mix."""
+    adv = C.rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0]), 4)
+    expected = [1 - 11 / 3, 2 - 10 / 3, 0.0, 6 - 2, 0.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(adv, torch.tensor(expected))
+    assert C.rloo_advantages(torch.tensor([0.0, 1.0]), 2).tolist() == [-1.0, 1.0]
+
+
+# ---------------------------------------------------------------- whole runs
+
+@pytest.fixture(scope="module")
+def tiny_cai(tiny_sft, tmp_path_factory):
+    init, _ = tiny_sft
+    out = tmp_path_factory.mktemp("03_cai")
+    result = run_script("03_constitutional_ai.py", "--preset", "tiny", "--init", init, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_tiny_run_writes_the_stage_contract(tiny_cai):
+    out, result = tiny_cai
+    for name in ("model.pt", "sl_cai.pt", "preferences.jsonl", "tokenizer.json", "world.json", "metrics.json",
+                 "cai.png", "report.md"):
+        assert (out / name).exists(), name
+    for name in ("model.pt", "sl_cai.pt"):
+        ckpt = torch.load(out / name, weights_only=True)
+        assert set(ckpt) >= {"config", "model", "stage"}
+    pairs = [json.loads(line) for line in (out / "preferences.jsonl").read_text().splitlines()]
+    assert len(pairs) == 24 and all(0.0 <= p["p_a"] <= 1.0 for p in pairs)
+    assert {"request", "response_a", "response_b", "principle", "kind"} <= set(pairs[0])
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["stages"]) == {"sft", "sl_cai", "rl_cai"} and len(m["rl_history"]) == 3
+    assert "SL-CAI" in result.stdout and "RL-CAI" in result.stdout
+
+
+def test_wrong_or_missing_start_is_one_sentence(tiny_pretrain, tmp_path):
+    init, _ = tiny_pretrain
+    for start, expected in ((init, "not a stage-02 assistant"), (tmp_path / "nothing", "no checkpoint")):
+        result = run_script("03_constitutional_ai.py", "--preset", "tiny", "--init", start, "--out", tmp_path / "out")
+        assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr
+        assert "run 02_sft.py first" in result.stderr
+        assert not (tmp_path / "out").exists()
