@@ -1,10 +1,27 @@
 """Test helpers: stage files start with a digit, so they are imported by path."""
 import importlib.util
+import os
 import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # kernels.py
+
+# Triton decides at `import triton.language` whether its own library functions (tl.zeros, ...) are
+# interpreted, and kernels run under the interpreter only if they are. So the first import, whichever
+# test module triggers it, happens here, in interpreter mode; test_kernels.py then interprets its
+# kernels whatever the collection order. (Tests compile GPU kernels only in subprocesses.)
+_interpret = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import triton.language  # noqa: E402, F401
+except ImportError:  # no Triton on this platform: the kernel tests skip themselves
+    pass
+finally:
+    if _interpret is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _interpret
 
 
 def load_stage(name):
@@ -19,7 +36,6 @@ def load_stage(name):
     return module
 
 
-import os  # noqa: E402
 import subprocess  # noqa: E402
 
 import pytest  # noqa: E402

@@ -160,7 +160,7 @@ def test_tiny_run_writes_the_stage_contract(tiny_cai):
         ckpt = torch.load(out / name, weights_only=True)
         assert set(ckpt) >= {"config", "model", "stage"}
     pairs = [json.loads(line) for line in (out / "preferences.jsonl").read_text().splitlines()]
-    assert len(pairs) == 24 and all(0.0 <= p["p_a"] <= 1.0 for p in pairs)
+    assert len(pairs) >= 24 and all(0.0 <= p["p_a"] <= 1.0 for p in pairs)   # 24 prompts, plus contrasts
     assert {"request", "response_a", "response_b", "principle", "kind"} <= set(pairs[0])
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["stages"]) == {"sft", "sl_cai", "rl_cai"} and len(m["rl_history"]) == 3

@@ -14,8 +14,8 @@ import pytest
 
 from conftest import ROOT
 
-# Triton is not imported here: a test process that imports it without TRITON_INTERPRET=1 can no
-# longer interpret kernels (test_kernels.py), so everything here runs in a subprocess.
+# The test process has Triton in interpreter mode (conftest.py); compiling for a GPU needs a process
+# without it, so the report runs in a subprocess.
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
