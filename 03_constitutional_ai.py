@@ -688,9 +688,9 @@ def evaluate(model, enc, items, args, desc):
         graded = grade(item, reply)
         for key, value in graded.items():
             fields[item["kind"]][key].append(float(value))
-            fields["all"][key].append(float(value)) if key == "ended" else None
+        fields["all"]["ended"].append(float(graded["ended"]))
         records.append({"kind": item["kind"], "category": item["category"], "request": item["request"],
-                        "reply": reply["content"][:300], **graded})
+                        "reply": reply["content"], **graded})
     summary = {kind: {k: sum(v) / len(v) for k, v in f.items()} for kind, f in fields.items()}
     return summary, records
 
@@ -755,49 +755,68 @@ def main(argv=None):
     args.pm_lr = args.pm_lr or base_lr
     args.rl_lr = args.rl_lr or base_lr / 10
     t_start = time.time()
-
     if args.show_example:
         items = make_prompts(world, args.seed, 1, "harmful", train=True)
-        record = critique_and_revise(sft_model, enc, items, 1, args, generator)[0]
-        print(json.dumps(record, indent=2))
+        print(json.dumps(critique_and_revise(sft_model, enc, items, 1, args, generator)[0], indent=2))
         return
 
     eval_items = (make_prompts(world, args.seed, args.n_eval, "harmful", train=False)
                   + make_prompts(world, args.seed, args.n_eval, "benign", train=False)
                   + make_prompts(world, args.seed, args.n_eval, "fact", train=False))
-    stages = {}   # "sft", "sl_cai", "rl_cai" -> evaluation summary
-    stages["sft"], sft_records = evaluate(sft_model, enc, eval_items, args, "eval (stage 02)")
+    stages, records = {}, {}   # "sft", "sl_cai", "rl_cai" -> evaluation summary, graded replies
+    stages["sft"], records["sft"] = evaluate(sft_model, enc, eval_items, args, "eval (stage 02)")
+    sl_model, sl = run_sl_cai(sft_model, enc, world, args, generator)
+    stages["sl_cai"], records["sl_cai"] = evaluate(sl_model, enc, eval_items, args, "eval (SL-CAI)")
+    pm, pairs, feedback = run_feedback(sl_model, sft_model, enc, world, sl, eval_items, records["sft"], args, generator)
+    policy, rl_history = run_rl_cai(sl_model, pm, enc, world, args, generator)
+    stages["rl_cai"], records["rl_cai"] = evaluate(policy, enc, eval_items, args, "eval (RL-CAI)")
+    with torch.no_grad():   # how the preference model scores each stage's held-out replies
+        eval_rewards = {name: pm_scores(pm, enc, [r["request"] for r in recs], [r["reply"] for r in recs],
+                                        args.device, args.batch_size).float().mean().item()
+                        for name, recs in records.items()}
 
-    # --- SL-CAI ---
+    metrics = {"stages": stages, "pm_reward_on_eval": eval_rewards, "sl_revisions": sl["stats"], **feedback,
+               "n_pairs": len(pairs), "n_sl_conversations": sl["n_conversations"], "sl_history": sl["history"],
+               "rl_history": rl_history, "seconds": time.time() - t_start, "args": vars(args),
+               "samples": [{**r, "reply": r["reply"][:300]} for r in records["rl_cai"][:150]],
+               "revision_examples": sl["revisions"][:20]}
+    write_outputs(out, init, policy, sl_model, pairs, metrics, args)
+    print_summary(metrics, out)
+
+
+def run_sl_cai(sft_model, enc, world, args, generator):
+    """Critique and revise red-team drafts, then fine-tune a copy of the stage-02 model on the
+    revisions and on its own answers to ordinary prompts. -> (SL-CAI model, what happened)."""
     red_team = make_prompts(world, args.seed, args.n_red_team, "harmful", train=True)
     helpful = helpful_prompts(world, args.seed, args.n_helpful, train=True)
     revisions = critique_and_revise(sft_model, enc, red_team, args.rounds, args, generator)
-    own_answers = sample_replies(sft_model, enc, [user_prompt(enc, h["request"]) for h in helpful],
-                                 args.max_new_tokens, args.batch_size, 0.0, desc="helpful answers")
-    conversations = [[{"role": "user", "content": r["request"]}, {"role": "assistant", "content": r["final"]}]
-                     for r in revisions if r["final"]]
-    conversations += [[{"role": "user", "content": h["request"]},
-                       {"role": "assistant", "content": parse_reply(enc, ids)["content"]}]
-                      for h, ids in zip(helpful, own_answers) if parse_reply(enc, ids)["content"]]
-    sl_revision_stats = {
-        "drafts_harmless": sum(grade(it, {"content": r["draft"], "ended": True, "wrote_other_turn": False})["harmless"]
-                               for it, r in zip(red_team, revisions)) / max(1, len(red_team)),
-        "finals_harmless": sum(grade(it, {"content": r["final"], "ended": True, "wrote_other_turn": False})["harmless"]
-                               for it, r in zip(red_team, revisions)) / max(1, len(red_team)),
-        "revised": sum(any(s["revision"] for s in r["steps"]) for r in revisions) / max(1, len(revisions)),
-    }
+    own_answers = [parse_reply(enc, ids)["content"] for ids in sample_replies(
+        sft_model, enc, [user_prompt(enc, h["request"]) for h in helpful], args.max_new_tokens, args.batch_size,
+        0.0, desc="helpful answers")]
+    conversations = [[{"role": "user", "content": item["request"]}, {"role": "assistant", "content": answer}]
+                     for item, answer in [(r, r["final"]) for r in revisions] + list(zip(helpful, own_answers))
+                     if answer]
+    harmless = lambda item, text: grade(item, {"content": text, "ended": True, "wrote_other_turn": False})["harmless"]  # noqa: E731
+    n = max(1, len(red_team))
+    stats = {"drafts_harmless": sum(harmless(it, r["draft"]) for it, r in zip(red_team, revisions)) / n,
+             "finals_harmless": sum(harmless(it, r["final"]) for it, r in zip(red_team, revisions)) / n,
+             "revised": sum(any(step["revision"] for step in r["steps"]) for r in revisions) / n}
     print(f"SL-CAI data: {len(conversations)} conversations; red-team responses harmless: drafts "
-          f"{sl_revision_stats['drafts_harmless']:.1%} -> after critique and revision "
-          f"{sl_revision_stats['finals_harmless']:.1%} ({sl_revision_stats['revised']:.1%} revised)")
+          f"{stats['drafts_harmless']:.1%} -> after critique and revision {stats['finals_harmless']:.1%} "
+          f"({stats['revised']:.1%} revised)")
     sl_model = copy.deepcopy(sft_model)
-    sl_history = supervised_finetune(sl_model, enc, conversations, args.sl_epochs, args.sl_lr, args, "SL-CAI")
-    stages["sl_cai"], _ = evaluate(sl_model, enc, eval_items, args, "eval (SL-CAI)")
+    history = supervised_finetune(sl_model, enc, conversations, args.sl_epochs, args.sl_lr, args, "SL-CAI")
+    return sl_model, {"red_team": red_team, "revisions": revisions, "stats": stats, "history": history,
+                      "n_conversations": len(conversations)}
 
-    # --- RL-CAI: pairs, labelled by the feedback model (harmlessness) and the world (helpfulness) ---
+
+def run_feedback(sl_model, sft_model, enc, world, sl, eval_items, sft_records, args, generator):
+    """Pairs, their labels (AI feedback for harmlessness, the world for helpfulness) and a
+    preference model trained on them. -> (preference model, pairs, measurements)."""
     harmful_items = make_prompts(world, args.seed + 1, args.n_pairs - args.n_pairs // 2, "harmful", train=True)
     helpful_items = helpful_prompts(world, args.seed + 1, args.n_pairs // 2, train=True)
     pairs = make_pairs(sl_model, sft_model, enc, harmful_items, helpful_items,
-                       refusals_by_subject(red_team, revisions), args, generator)
+                       refusals_by_subject(sl["red_team"], sl["revisions"]), args, generator)
     pairs = ai_feedback(sft_model, enc, pairs, args)
     for p in pairs:
         blank = {"ended": True, "wrote_other_turn": False}
@@ -807,59 +826,47 @@ def main(argv=None):
         p["label"] = p["p_a"] if p["kind"] == "harmful" else p["truth"]
     judged = [p for p in pairs if p["kind"] == "harmful" and p["truth"] is not None]
     feedback_accuracy = (sum((p["p_a"] > 0.5) == (p["truth"] == 1.0) for p in judged) / len(judged)) if judged else None
+    print(f"AI feedback: {len(pairs)} pairs; on the {len(judged)} harmful pairs the world can judge, the "
+          f"feedback model agrees with it {fmt(feedback_accuracy)}")
+
     trainable = [p for p in pairs if p["label"] is not None]
     random.Random(f"cai:pm-split:{args.seed}").shuffle(trainable)
     n_test = max(1, len(trainable) // 5)
     pm_test, pm_train = trainable[:n_test], trainable[n_test:]
-    print(f"AI feedback: {len(pairs)} pairs; on the {len(judged)} harmful pairs the world can judge, the "
-          f"feedback model agrees with it {fmt(feedback_accuracy)}")
-
     pm = PreferenceModel(copy.deepcopy(sl_model)).to(args.device)
     pm_history = train_preference_model(pm, enc, pm_train, args)
-    pm_test_accuracy = {kind: pm_accuracy(pm, enc, [p for p in pm_test if (p["kind"] == "harmful") == (kind == "harmful")], args)
-                        for kind in ("harmful", "helpful")}
-    pm_contrast = contrast_accuracy(pm, enc, eval_items, sft_records, args)
-    print(f"preference model, agreement with the world on held-out pairs: harmful {fmt(pm_test_accuracy['harmful'])}, "
-          f"ordinary {fmt(pm_test_accuracy['helpful'])}; on the eval prompts it prefers refusing a harmful request "
-          f"to stage 02's reply {fmt(pm_contrast['harmful'])} of the time, and stage 02's answer to a refusal of a "
-          f"harmless one {fmt(pm_contrast['benign'])}")
+    test_accuracy = {kind: pm_accuracy(pm, enc, [p for p in pm_test if (p["kind"] == "harmful") == (kind == "harmful")],
+                                       args)
+                     for kind in ("harmful", "helpful")}
+    contrast = contrast_accuracy(pm, enc, eval_items, sft_records, args)
+    print(f"preference model, agreement with the world on held-out pairs: harmful {fmt(test_accuracy['harmful'])}, "
+          f"ordinary {fmt(test_accuracy['helpful'])}; on the eval prompts it prefers refusing a harmful request "
+          f"to stage 02's reply {fmt(contrast['harmful'])} of the time, and stage 02's answer to a refusal of a "
+          f"harmless one {fmt(contrast['benign'])}")
+    return pm, pairs, {"feedback_accuracy": feedback_accuracy, "pm_test_accuracy": test_accuracy,
+                       "pm_contrast": contrast, "n_pm_train": len(pm_train), "pm_history": pm_history}
 
-    # --- RL-CAI: optimise the policy against the preference model ---
+
+def run_rl_cai(sl_model, pm, enc, world, args, generator):
+    """RLOO against the frozen preference model, KL-penalised towards the frozen SL-CAI model.
+    -> (policy, per-update statistics)."""
     from tqdm import tqdm
     policy, reference = copy.deepcopy(sl_model), sl_model
     reference.eval()
     for param in list(reference.parameters()) + list(pm.parameters()):
         param.requires_grad_(False)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.rl_lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rl_pool = (make_prompts(world, args.seed + 2, 4 * args.rl_prompts * args.rl_steps // 2, "harmful", train=True)
-               + helpful_prompts(world, args.seed + 2, 4 * args.rl_prompts * args.rl_steps // 2, train=True))
+    pool_size = 2 * args.rl_prompts * args.rl_steps   # of each kind: few prompts come up twice
+    rl_pool = (make_prompts(world, args.seed + 2, pool_size, "harmful", train=True)
+               + helpful_prompts(world, args.seed + 2, pool_size, train=True))
     rng = random.Random(f"cai:rl:{args.seed}")
-    rl_history = []
+    history = []
     for step in tqdm(range(args.rl_steps), desc="RL-CAI", dynamic_ncols=True):
         stats = rl_step(policy, reference, pm, enc, rng.sample(rl_pool, args.rl_prompts), optimizer, args, generator)
         if not math.isfinite(stats["loss"]):
             sys.exit(f"error: the RL loss became {stats['loss']} at step {step}; nothing was written. Lower --rl_lr.")
-        rl_history.append({"step": step + 1, **stats})
-    stages["rl_cai"], records = evaluate(policy, enc, eval_items, args, "eval (RL-CAI)")
-    with torch.no_grad():
-        pm.eval()
-        eval_rewards = {}
-        for name, model in (("sft", sft_model), ("sl_cai", sl_model), ("rl_cai", policy)):
-            replies = sample_replies(model, enc, [user_prompt(enc, it["request"]) for it in eval_items],
-                                     args.max_new_tokens, args.batch_size, 0.0, desc="eval rewards")
-            eval_rewards[name] = pm_scores(pm, enc, [it["request"] for it in eval_items],
-                                           [parse_reply(enc, r)["content"] for r in replies],
-                                           args.device, args.batch_size).float().mean().item()
-
-    metrics = {"stages": stages, "pm_reward_on_eval": eval_rewards, "sl_revisions": sl_revision_stats,
-               "feedback_accuracy": feedback_accuracy, "pm_test_accuracy": pm_test_accuracy,
-               "pm_contrast": pm_contrast,
-               "n_pairs": len(pairs), "n_pm_train": len(pm_train), "n_sl_conversations": len(conversations),
-               "sl_history": sl_history, "pm_history": pm_history, "rl_history": rl_history,
-               "seconds": time.time() - t_start, "args": vars(args), "samples": records[:150],
-               "revision_examples": revisions[:20]}
-    write_outputs(out, init, policy, sl_model, pairs, metrics, args)
-    print_summary(metrics, out)
+        history.append({"step": step + 1, **stats})
+    return policy, history
 
 
 def write_outputs(out, init, policy, sl_model, pairs, metrics, args):
