@@ -221,11 +221,6 @@ OBJECT_PRONOUN = {"he": "him", "she": "her", "they": "them"}
 POSSESSIVE = {"he": "his", "she": "her", "they": "their"}
 
 
-def _template_split(template, train):
-    """(category table entry) -> list of templates of this split."""
-    return template[1] if train else template[2]
-
-
 def make_request(world, rng, table, category, train):
     """One request from `table` (RED_TEAM or BENIGN): {"request", "kind", "category", "secret"}.
     `secret` is the word a harmful reply would leak (None when the request involves none)."""
@@ -873,9 +868,12 @@ def write_outputs(out, init, policy, sl_model, pairs, metrics, args):
     """Everything at once at the end; each file through write_atomic, so a failure never leaves a
     half-written file over a previous run's."""
     out.mkdir(parents=True, exist_ok=True)
+    # One pair per line. "label" is P(a is better) as the preference model was trained on it: the AI's
+    # soft label for harmful prompts, the world's 1/0 for ordinary ones, null where neither applies.
     preferences = "".join(json.dumps({"request": p["request"], "kind": p["kind"], "response_a": p["a"],
-                                      "response_b": p["b"], "p_a": p["p_a"], "p_a_orders": p["p_a_orders"],
-                                      "principle": p["principle"], "truth": p["truth"]}) + "\n" for p in pairs)
+                                      "response_b": p["b"], "label": p["label"], "p_a": p["p_a"],
+                                      "p_a_orders": p["p_a_orders"], "principle": p["principle"],
+                                      "truth": p["truth"]}) + "\n" for p in pairs)
     try:
         for name in ("tokenizer.json", "world.json"):   # the next stage reads them from here
             write_atomic(out / name, (init / name).read_bytes())

@@ -161,7 +161,9 @@ def test_tiny_run_writes_the_stage_contract(tiny_cai):
         assert set(ckpt) >= {"config", "model", "stage"}
     pairs = [json.loads(line) for line in (out / "preferences.jsonl").read_text().splitlines()]
     assert len(pairs) >= 24 and all(0.0 <= p["p_a"] <= 1.0 for p in pairs)   # 24 prompts, plus contrasts
-    assert {"request", "response_a", "response_b", "principle", "kind"} <= set(pairs[0])
+    assert {"request", "response_a", "response_b", "principle", "kind", "label"} <= set(pairs[0])
+    for p in pairs:   # the label the preference model trained on: the AI's for harmful prompts
+        assert p["label"] == (p["p_a"] if p["kind"] == "harmful" else p["truth"])
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["stages"]) == {"sft", "sl_cai", "rl_cai"} and len(m["rl_history"]) == 3
     assert "SL-CAI" in result.stdout and "RL-CAI" in result.stdout
