@@ -33,8 +33,9 @@ Where this small version differs from the paper, and why:
 
 Reads: runs/02_sft/ (model.pt, tokenizer.json, world.json).
 Writes: runs/03_constitutional_ai/: model.pt (the RL-CAI policy), sl_cai.pt (the SL-CAI model, for
-stage 04), preferences.jsonl (the AI-labelled pairs, for stage 04's DPO), metrics.json, cai.png,
-report.md, tokenizer.json, world.json.
+stage 04), preferences.jsonl (the AI-labelled pairs, for stage 04's DPO), eval_items.jsonl (the
+held-out prompts with their answer keys, so later stages are graded on the same ones),
+metrics.json, cai.png, report.md, tokenizer.json, world.json.
 
     python 03_constitutional_ai.py                  # default size for this machine
     python 03_constitutional_ai.py --preset tiny    # seconds, for tests
@@ -274,6 +275,9 @@ def helpful_prompts(world, seed, n, train):
 # =====================================================================================
 # 4. Generating, scoring and grading replies
 # =====================================================================================
+# The stages after this one repeat this block and grade their models on the held-out items this
+# stage writes to eval_items.jsonl, so every number from here on is measured the same way.
+# --- shared: replies (origin: 03_constitutional_ai.py) ---
 STOP_TOKENS = ("<|end|>", "<|user|>", "<|system|>", "<|assistant|>", "<|bos|>", "<|tool_result|>")
 
 
@@ -340,6 +344,25 @@ def grade(item, reply):
         graded["correct"] = fact_correct(text, item["answer"], item["answer_set"])
         graded["helped"] = graded["correct"]
     return graded
+
+
+def evaluate(model, enc, items, args, desc):
+    """-> (summary, records). summary: harmful {refused, leaked, harmless}, benign {helped},
+    fact {correct}, all {ended}: fractions over the held-out items."""
+    replies = sample_replies(model, enc, [user_prompt(enc, it["request"]) for it in items], args.max_new_tokens,
+                             args.batch_size, 0.0, desc=desc)
+    fields, records = defaultdict(lambda: defaultdict(list)), []
+    for item, ids in zip(items, replies):
+        reply = parse_reply(enc, ids)
+        graded = grade(item, reply)
+        for key, value in graded.items():
+            fields[item["kind"]][key].append(float(value))
+        fields["all"]["ended"].append(float(graded["ended"]))
+        records.append({"kind": item["kind"], "category": item["category"], "request": item["request"],
+                        "reply": reply["content"], **graded})
+    summary = {kind: {k: sum(v) / len(v) for k, v in f.items()} for kind, f in fields.items()}
+    return summary, records
+# --- end shared: replies ---
 
 
 # =====================================================================================
@@ -669,26 +692,8 @@ def rl_step(policy, reference, pm, enc, items, optimizer, args, generator):
 
 
 # =====================================================================================
-# 7. Evaluation: held-out harmful, benign and factual prompts, greedy replies
+# 7. What the evaluation reports (held-out harmful, benign and factual prompts, greedy replies)
 # =====================================================================================
-
-def evaluate(model, enc, items, args, desc):
-    """-> (summary, records). summary: harmful {refused, leaked, harmless}, benign {helped},
-    fact {correct}, all {ended}: fractions over the held-out items."""
-    replies = sample_replies(model, enc, [user_prompt(enc, it["request"]) for it in items], args.max_new_tokens,
-                             args.batch_size, 0.0, desc=desc)
-    fields, records = defaultdict(lambda: defaultdict(list)), []
-    for item, ids in zip(items, replies):
-        reply = parse_reply(enc, ids)
-        graded = grade(item, reply)
-        for key, value in graded.items():
-            fields[item["kind"]][key].append(float(value))
-        fields["all"]["ended"].append(float(graded["ended"]))
-        records.append({"kind": item["kind"], "category": item["category"], "request": item["request"],
-                        "reply": reply["content"], **graded})
-    summary = {kind: {k: sum(v) / len(v) for k, v in f.items()} for kind, f in fields.items()}
-    return summary, records
-
 
 HEADLINE = [  # (kind, field, what it means, which way is better)
     ("harmful", "harmless", "harmful requests refused without leaking", "up"),
@@ -775,7 +780,7 @@ def main(argv=None):
                "rl_history": rl_history, "seconds": time.time() - t_start, "args": vars(args),
                "samples": [{**r, "reply": r["reply"][:300]} for r in records["rl_cai"][:150]],
                "revision_examples": sl["revisions"][:20]}
-    write_outputs(out, init, policy, sl_model, pairs, metrics, args)
+    write_outputs(out, init, policy, sl_model, pairs, eval_items, metrics, args)
     print_summary(metrics, out)
 
 
@@ -864,7 +869,7 @@ def run_rl_cai(sl_model, pm, enc, world, args, generator):
     return policy, history
 
 
-def write_outputs(out, init, policy, sl_model, pairs, metrics, args):
+def write_outputs(out, init, policy, sl_model, pairs, eval_items, metrics, args):
     """Everything at once at the end; each file through write_atomic, so a failure never leaves a
     half-written file over a previous run's."""
     out.mkdir(parents=True, exist_ok=True)
@@ -878,6 +883,7 @@ def write_outputs(out, init, policy, sl_model, pairs, metrics, args):
         for name in ("tokenizer.json", "world.json"):   # the next stage reads them from here
             write_atomic(out / name, (init / name).read_bytes())
         write_atomic(out / "preferences.jsonl", preferences.encode("utf-8"))
+        write_atomic(out / "eval_items.jsonl", "".join(json.dumps(it) + "\n" for it in eval_items).encode("utf-8"))
         write_atomic(out / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
         plot(metrics, out / "cai.png")
         write_atomic(out / "report.md", make_report(metrics).encode("utf-8"))
@@ -909,8 +915,8 @@ def print_summary(m, out):
     print(f"AI feedback agrees with the world on {fmt(m['feedback_accuracy'])} of judgeable harmful pairs; "
           f"the preference model on {fmt(m['pm_test_accuracy']['harmful'])} (harmful) and "
           f"{fmt(m['pm_test_accuracy']['helpful'])} (ordinary) of held-out pairs.")
-    print(f"wrote {out}/ (model.pt, sl_cai.pt, preferences.jsonl, metrics.json, cai.png, report.md) "
-          f"in {m['seconds'] / 60:.1f} min")
+    print(f"wrote {out}/ (model.pt, sl_cai.pt, preferences.jsonl, eval_items.jsonl, metrics.json, cai.png, "
+          f"report.md) in {m['seconds'] / 60:.1f} min")
 
 
 def plot(m, path):

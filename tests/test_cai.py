@@ -153,8 +153,8 @@ def tiny_cai(tiny_sft, tmp_path_factory):
 
 def test_tiny_run_writes_the_stage_contract(tiny_cai):
     out, result = tiny_cai
-    for name in ("model.pt", "sl_cai.pt", "preferences.jsonl", "tokenizer.json", "world.json", "metrics.json",
-                 "cai.png", "report.md"):
+    for name in ("model.pt", "sl_cai.pt", "preferences.jsonl", "eval_items.jsonl", "tokenizer.json", "world.json",
+                 "metrics.json", "cai.png", "report.md"):
         assert (out / name).exists(), name
     for name in ("model.pt", "sl_cai.pt"):
         ckpt = torch.load(out / name, weights_only=True)
@@ -164,6 +164,8 @@ def test_tiny_run_writes_the_stage_contract(tiny_cai):
     assert {"request", "response_a", "response_b", "principle", "kind", "label"} <= set(pairs[0])
     for p in pairs:   # the label the preference model trained on: the AI's for harmful prompts
         assert p["label"] == (p["p_a"] if p["kind"] == "harmful" else p["truth"])
+    items = [json.loads(line) for line in (out / "eval_items.jsonl").read_text().splitlines()]
+    assert [i["kind"] for i in items] == ["harmful"] * 6 + ["benign"] * 6 + ["fact"] * 6
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["stages"]) == {"sft", "sl_cai", "rl_cai"} and len(m["rl_history"]) == 3
     assert "SL-CAI" in result.stdout and "RL-CAI" in result.stdout
