@@ -49,20 +49,24 @@ def run_script(script, *args, timeout=600, stdin=None):
                           timeout=timeout, input=stdin, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.fixture(scope="session")
-def tiny_pretrain(tmp_path_factory):
-    """One `01_pretrain.py --preset tiny` run shared by every test that needs a stage-01 checkpoint."""
-    out = tmp_path_factory.mktemp("01_pretrain")
-    result = run_script("01_pretrain.py", "--preset", "tiny", "--out", out)
+def tiny_run(script, out, *args):
+    """Run a stage with --preset tiny into out; -> (out, CompletedProcess). Fails the test on error."""
+    result = run_script(script, "--preset", "tiny", "--out", out, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result
+
+
+# One tiny run of each stage per test session, each on the one before: the chain later stages need.
+@pytest.fixture(scope="session")
+def tiny_pretrain(tmp_path_factory):
+    return tiny_run("01_pretrain.py", tmp_path_factory.mktemp("01_pretrain"))
 
 
 @pytest.fixture(scope="session")
 def tiny_sft(tiny_pretrain, tmp_path_factory):
-    """One `02_sft.py --preset tiny` run on the tiny stage 01, shared by stage 02's and 03's tests."""
-    init, _ = tiny_pretrain
-    out = tmp_path_factory.mktemp("02_sft")
-    result = run_script("02_sft.py", "--preset", "tiny", "--init", init, "--out", out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
+    return tiny_run("02_sft.py", tmp_path_factory.mktemp("02_sft"), "--init", tiny_pretrain[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_cai(tiny_sft, tmp_path_factory):
+    return tiny_run("03_constitutional_ai.py", tmp_path_factory.mktemp("03_cai"), "--init", tiny_sft[0])

@@ -142,15 +142,6 @@ def test_rloo_advantages_leave_one_out():
 
 # ---------------------------------------------------------------- whole runs
 
-@pytest.fixture(scope="module")
-def tiny_cai(tiny_sft, tmp_path_factory):
-    init, _ = tiny_sft
-    out = tmp_path_factory.mktemp("03_cai")
-    result = run_script("03_constitutional_ai.py", "--preset", "tiny", "--init", init, "--out", out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
-
-
 def test_tiny_run_writes_the_stage_contract(tiny_cai):
     out, result = tiny_cai
     for name in ("model.pt", "sl_cai.pt", "preferences.jsonl", "eval_items.jsonl", "tokenizer.json", "world.json",

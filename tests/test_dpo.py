@@ -1,0 +1,110 @@
+"""Stage 04: the DPO and IPO losses on hand-computed values, the pairs it reads, one step moving the
+policy the right way, and a tiny run end to end."""
+import json
+import math
+import types
+
+import pytest
+import torch
+
+from conftest import load_stage, run_script
+
+D = load_stage("04_dpo")
+P = load_stage("01_pretrain")
+
+
+def test_dpo_loss_matches_its_formula():
+    """log pi(a) = -1, log pi(b) = -3, reference -2 and -2, beta 0.5: h = 0.5 * (1 - (-1)) = 1."""
+    h = D.preference_margin(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
+    assert h.item() == pytest.approx(1.0)
+    assert D.dpo_loss(h, torch.tensor([1.0])).item() == pytest.approx(math.log1p(math.exp(-1.0)), abs=1e-6)
+    # A soft label weighs both orders: 0.7 * -log sigmoid(1) + 0.3 * -log sigmoid(-1).
+    soft = 0.7 * math.log1p(math.exp(-1.0)) + 0.3 * math.log1p(math.exp(1.0))
+    assert D.dpo_loss(h, torch.tensor([0.7])).item() == pytest.approx(soft, abs=1e-6)
+    # Swapping the two responses negates the margin.
+    swapped = D.preference_margin(torch.tensor([-3.0]), torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
+    assert swapped.item() == pytest.approx(-1.0)
+
+
+def test_ipo_loss_is_smallest_at_its_closed_form_optimum():
+    """p (h - 1/(2b))^2 + (1 - p) (h + 1/(2b))^2 is minimised at h = (2p - 1) / (2b); the loss used
+    is that quantity up to a constant, so it is zero there."""
+    beta, p = 0.5, 0.8
+    h = torch.linspace(-2, 2, 4001)
+    both_orders = p * (h - 1 / (2 * beta)) ** 2 + (1 - p) * (h + 1 / (2 * beta)) ** 2
+    best = h[both_orders.argmin()].item()
+    assert best == pytest.approx((2 * p - 1) / (2 * beta), abs=1e-3)
+    assert D.ipo_loss(torch.tensor([best]), torch.tensor([p]), beta).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def enc():
+    world = P.make_world(12, seed=3)
+    return P.make_encoding("test", P.train_bpe([P.document(world, i, 3) for i in range(100)], 512))
+
+
+def test_read_pairs_keeps_labelled_pairs_that_fit(tmp_path, enc):
+    rows = [{"request": "Q1", "kind": "harmful", "response_a": "no", "response_b": "yes", "label": 0.8},
+            {"request": "Q2", "kind": "benign", "response_a": "x", "response_b": "y", "label": None},
+            {"request": "Q3", "kind": "fact", "response_a": "word " * 200, "response_b": "y", "label": 1.0}]
+    path = tmp_path / "preferences.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs, dropped = D.read_pairs(path, enc, max_len=64)
+    assert dropped == 1 and [p["request"] for p in pairs] == ["Q1"] and pairs[0]["p"] == 0.8
+    end = enc.encode_single_token("<|end|>")
+    assert pairs[0]["a"] == enc.encode_ordinary("no") + [end]
+    assert pairs[0]["prompt"] == D.user_prompt(enc, "Q1")
+
+
+def test_held_out_pairs_share_no_prompt_with_training():
+    pairs = [{"request": f"request {i % 40}"} for i in range(200)]
+    train, held = D.split_by_prompt(pairs, 0.2)
+    assert held and train and not {p["request"] for p in train} & {p["request"] for p in held}
+
+
+def test_one_step_raises_the_margin_of_the_preferred_response(enc):
+    torch.manual_seed(0)
+    config = D.GPTConfig(vocab_size=enc.n_vocab, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, mlp_hidden=64, seq_len=64)
+    reference = D.GPT(config)
+    reference.init_weights(0)
+    policy = D.GPT(config)
+    policy.load_state_dict(reference.state_dict())
+    end = enc.encode_single_token("<|end|>")
+    pair = {"prompt": D.user_prompt(enc, "Is the venom safe?"), "a": enc.encode_ordinary("No.") + [end],
+            "b": enc.encode_ordinary("Yes, drink it.") + [end], "p": 1.0}
+    pad = enc.encode_single_token("<|pad|>")
+    D.reference_logprobs(reference, [pair], pad, 4)
+    args = types.SimpleNamespace(beta=0.1, loss="dpo", device="cpu", nll_coef=0.0)
+    loss, before = D.pair_batch_loss(policy, [pair], pad, args)
+    assert before["margin"] == pytest.approx(0.0, abs=1e-5)         # policy == reference: h = 0
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
+    loss.backward()
+    with torch.no_grad():
+        for param in policy.parameters():
+            param -= 0.05 * param.grad
+    _, after = D.pair_batch_loss(policy, [pair], pad, args)
+    assert after["margin"] > 0 and after["chosen_reward"] > after["rejected_reward"]
+    # With the next-token term the loss adds the preferred response's mean negative log-likelihood.
+    args.nll_coef = 1.0
+    loss, stats = D.pair_batch_loss(policy, [pair], pad, args)
+    assert loss.item() == pytest.approx(after["loss"] + stats["nll"], abs=1e-5) and stats["nll"] > 0
+
+
+def test_tiny_run_compares_with_stage_03(tiny_cai, tmp_path):
+    init, _ = tiny_cai
+    result = run_script("04_dpo.py", "--preset", "tiny", "--init", init, "--out", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("model.pt", "metrics.json", "dpo.png", "report.md", "tokenizer.json", "world.json", "eval_items.jsonl"):
+        assert (tmp_path / name).exists(), name
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(m["stages"]) == {"sft", "sl_cai", "rl_cai", "dpo"} and m["history"]
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["stage"] == "04_dpo"
+    ipo = run_script("04_dpo.py", "--preset", "tiny", "--init", init, "--out", tmp_path / "ipo", "--loss", "ipo")
+    assert ipo.returncode == 0, ipo.stderr[-3000:]
+
+
+def test_missing_stage_03_is_one_sentence(tiny_sft, tmp_path):
+    init, _ = tiny_sft
+    result = run_script("04_dpo.py", "--preset", "tiny", "--init", init, "--out", tmp_path / "out")
+    assert result.returncode == 1 and "run 03_constitutional_ai.py first" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
