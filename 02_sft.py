@@ -911,9 +911,9 @@ def save_model(model, path, extra=None):
     write_atomic(path, {"config": dataclasses.asdict(model.config), "model": state, **(extra or {})})
 
 
-def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass --init"):
-    """Load DIR/model.pt into a GPT. A missing or unreadable checkpoint exits with one sentence."""
-    path = pathlib.Path(directory) / "model.pt"
+def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass --init", name="model.pt"):
+    """Load DIR/name into a GPT. A missing or unreadable checkpoint exits with one sentence."""
+    path = pathlib.Path(directory) / name
     if not path.exists():
         sys.exit(f"error: no checkpoint at {path}: {hint}.")
     try:

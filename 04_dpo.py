@@ -207,7 +207,7 @@ def pair_statistics(policy, pairs, pad, args):
     return {k: v / weight for k, v in totals.items()}
 
 
-def train(policy, train_pairs, held_out, pad, args):
+def train(policy, train_pairs, pad, args):
     """Epochs over the pairs with AdamW, linear warmup and decay. -> per-step history."""
     from tqdm import tqdm
     rng = random.Random(f"dpo:{args.seed}")
@@ -253,19 +253,14 @@ def autocast(device):
 def load_stage03(init, device):
     """The SL-CAI model, tokenizer, pairs, held-out items and stage 03's numbers, or one sentence."""
     hint = "run 03_constitutional_ai.py first, or pass --init"
-    for name in ("sl_cai.pt", "preferences.jsonl", "eval_items.jsonl", "metrics.json", "tokenizer.json", "world.json"):
+    for name in ("preferences.jsonl", "eval_items.jsonl", "metrics.json", "world.json"):
         if not (init / name).exists():
             sys.exit(f"error: no {name} in {init}: {hint}.")
-    try:
-        ckpt = torch.load(init / "sl_cai.pt", map_location="cpu", weights_only=True)
-        model = GPT(GPTConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
-        sys.exit(f"error: {init}/sl_cai.pt is not a checkpoint this code can load ({type(err).__name__}: {err}).")
+    model, ckpt = load_model(init, device, hint, name="sl_cai.pt")
     enc = load_tokenizer(init, hint)
     items = [json.loads(line) for line in (init / "eval_items.jsonl").read_text(encoding="utf-8").splitlines()]
     stage03 = json.loads((init / "metrics.json").read_text(encoding="utf-8"))
-    return model.to(device), ckpt, enc, items, stage03
+    return model, ckpt, enc, items, stage03
 
 
 def main(argv=None):
@@ -293,7 +288,7 @@ def main(argv=None):
     policy.load_state_dict(reference.state_dict())
     for param in reference.parameters():
         param.requires_grad_(False)
-    history = train(policy, train_pairs, held_out, pad, args)
+    history = train(policy, train_pairs, pad, args)
     held_out_stats = pair_statistics(policy, held_out, pad, args)
     summary, records = evaluate(policy, enc, eval_items, args, "eval (DPO)")
 
@@ -799,9 +794,9 @@ def save_model(model, path, extra=None):
     write_atomic(path, {"config": dataclasses.asdict(model.config), "model": state, **(extra or {})})
 
 
-def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass --init"):
-    """Load DIR/model.pt into a GPT. A missing or unreadable checkpoint exits with one sentence."""
-    path = pathlib.Path(directory) / "model.pt"
+def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass --init", name="model.pt"):
+    """Load DIR/name into a GPT. A missing or unreadable checkpoint exits with one sentence."""
+    path = pathlib.Path(directory) / name
     if not path.exists():
         sys.exit(f"error: no checkpoint at {path}: {hint}.")
     try:
