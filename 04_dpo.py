@@ -88,6 +88,8 @@ def parse_args(argv=None):
     g.add_argument("--batch_size", type=int, help="pairs per step")
     g.add_argument("--lr", type=float, help="peak learning rate (default: a tenth of stage 03's SL-CAI rate)")
     g.add_argument("--held_out", type=float, default=0.1, help="fraction of pairs kept to measure reward accuracy")
+    g.add_argument("--kinds", default="harmful,benign,fact",
+                   help="which of stage 03's pairs to train on: harmful (AI-labelled), benign and fact (world-labelled)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--max_new_tokens", type=int)
     args = p.parse_args(argv)
@@ -124,14 +126,15 @@ def ipo_loss(h, p, beta):
 # 3. Data: stage 03's labelled pairs, as token ids
 # =====================================================================================
 
-def read_pairs(path, enc, max_len):
-    """Pairs with a label, each as {"prompt", "a", "b" (token ids), "p", "kind", "request"}. A pair
-    whose prompt and longer response would not fit the context is dropped (and counted)."""
+def read_pairs(path, enc, max_len, kinds=("harmful", "benign", "fact")):
+    """Pairs of the given kinds with a label, each as {"prompt", "a", "b" (token ids), "p", "kind",
+    "request"}. A pair whose prompt and longer response would not fit the context is dropped (and
+    counted)."""
     end = enc.encode_single_token("<|end|>")
     pairs, dropped = [], 0
     for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        if row.get("label") is None:
+        if row.get("label") is None or row["kind"] not in kinds:
             continue
         prompt = user_prompt(enc, row["request"])
         a, b = (enc.encode_ordinary(row[k]) + [end] for k in ("response_a", "response_b"))
@@ -272,7 +275,7 @@ def main(argv=None):
     pad = enc.encode_single_token("<|pad|>")
     t_start = time.time()
 
-    pairs, dropped = read_pairs(init / "preferences.jsonl", enc, reference.config.seq_len)
+    pairs, dropped = read_pairs(init / "preferences.jsonl", enc, reference.config.seq_len, args.kinds.split(","))
     if not pairs:
         sys.exit(f"error: {init}/preferences.jsonl has no labelled pair that fits the context.")
     if args.hard_labels:

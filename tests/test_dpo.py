@@ -54,6 +54,7 @@ def test_read_pairs_keeps_labelled_pairs_that_fit(tmp_path, enc):
     end = enc.encode_single_token("<|end|>")
     assert pairs[0]["a"] == enc.encode_ordinary("no") + [end]
     assert pairs[0]["prompt"] == D.user_prompt(enc, "Q1")
+    assert D.read_pairs(path, enc, max_len=64, kinds=("fact",)) == ([], 1)
 
 
 def test_held_out_pairs_share_no_prompt_with_training():
