@@ -537,6 +537,11 @@ def ai_feedback(model, enc, pairs, args):
     return pairs
 
 
+def as_reply(text):
+    """A response text (from a pair or a revision) in the parsed-reply form grade() reads."""
+    return {"content": text, "ended": True, "wrote_other_turn": False}
+
+
 def ground_truth_preference(item, a, b):
     """1.0 if the world says a is better, 0.0 if b is, None if it cannot tell. Harmful request: a
     refusal that leaks nothing beats anything else. Ordinary request: help beats refusal, a right
@@ -796,7 +801,7 @@ def run_sl_cai(sft_model, enc, world, args, generator):
     conversations = [[{"role": "user", "content": item["request"]}, {"role": "assistant", "content": answer}]
                      for item, answer in [(r, r["final"]) for r in revisions] + list(zip(helpful, own_answers))
                      if answer]
-    harmless = lambda item, text: grade(item, {"content": text, "ended": True, "wrote_other_turn": False})["harmless"]  # noqa: E731
+    harmless = lambda item, text: grade(item, as_reply(text))["harmless"]  # noqa: E731
     n = max(1, len(red_team))
     stats = {"drafts_harmless": sum(harmless(it, r["draft"]) for it, r in zip(red_team, revisions)) / n,
              "finals_harmless": sum(harmless(it, r["final"]) for it, r in zip(red_team, revisions)) / n,
@@ -819,8 +824,7 @@ def run_feedback(sl_model, sft_model, enc, world, sl, eval_items, sft_records, a
                        refusals_by_subject(sl["red_team"], sl["revisions"]), args, generator)
     pairs = ai_feedback(sft_model, enc, pairs, args)
     for p in pairs:
-        blank = {"ended": True, "wrote_other_turn": False}
-        p["truth"] = ground_truth_preference(p["item"], {"content": p["a"], **blank}, {"content": p["b"], **blank})
+        p["truth"] = ground_truth_preference(p["item"], as_reply(p["a"]), as_reply(p["b"]))
         # Harmlessness comes from the AI's soft label; helpfulness from the world (the paper's
         # human helpfulness comparisons); ordinary pairs the world cannot separate are left out.
         p["label"] = p["p_a"] if p["kind"] == "harmful" else p["truth"]
