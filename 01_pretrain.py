@@ -999,7 +999,8 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(config.n_embd)
         self.attn = Attention(config)
         self.mlp_norm = nn.RMSNorm(config.n_embd)
-        use_moe = config.n_experts > 0 and config.moe_every > 0 and layer % config.moe_every == config.moe_every - 1
+        every = config.moe_every
+        use_moe = config.n_experts > 0 and every > 0 and layer % every == every - 1
         self.mlp = MoE(config) if use_moe else SwiGLU(config)
 
     def forward(self, x, cos, sin, cache=None, layer=0):
@@ -1027,7 +1028,8 @@ class GPT(nn.Module):
             if p.dim() == 1:
                 nn.init.ones_(p)   # RMSNorm gains
                 continue
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith(("wo.weight", "down.weight", "w_down")) else 0.02
+            residual_out = name.endswith(("wo.weight", "down.weight", "w_down"))
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual_out else 0.02
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
@@ -1141,7 +1143,8 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, sto
     was_training = model.training
     model.eval()
     try:
-        yield from _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids, generator)
+        yield from _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids,
+                                    generator)
     finally:
         model.train(was_training)
 
@@ -2134,8 +2137,8 @@ def arithmetic_problem(world, rng):
         x, y, item = rng.randint(3, 20), rng.randint(3, 20), rng.choice(GOODS)
         give = rng.randint(1, x + y - 1)
         other = rng.choice(people)["name"]
-        q = (f"{name} packs {x} {item} in the morning and {y} in the afternoon, then gives {give} to {other}. "
-             f"How many {item} does {she} have now?")
+        q = (f"{name} packs {x} {item} in the morning and {y} in the afternoon, then gives {give} "
+             f"to {other}. How many {item} does {she} have now?")
         s1 = _step(x, "+", y)
         steps = [s1, _step(s1[1], "-", give)]
     elif kind == 4:
