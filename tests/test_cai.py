@@ -140,12 +140,27 @@ def test_rloo_advantages_leave_one_out():
     assert C.rloo_advantages(torch.tensor([0.0, 1.0]), 2).tolist() == [-1.0, 1.0]
 
 
+def test_rl_reward_and_policy_gradient_on_hand_values():
+    """Scores 1 and 0.5, log-ratios 2 and -1, beta 0.1, the second sample never ends (penalty 1):
+    rewards 1 - 0.2 = 0.8 and 0.5 + 0.1 - 1 = -0.4."""
+    reward = C.penalised_reward(torch.tensor([1.0, 0.5]), torch.tensor([2.0, -1.0]), torch.tensor([True, False]),
+                                0.1, 1.0)
+    torch.testing.assert_close(reward, torch.tensor([0.8, -0.4]))
+    # -(A * log pi) summed over the micro-batch and divided by all 4 samples of the batch: -(1*-2 - 1*-3) / 4.
+    logp = torch.tensor([-2.0, -3.0], requires_grad=True)
+    loss = C.policy_gradient_loss(torch.tensor([1.0, -1.0]), logp, 4)
+    assert loss.item() == pytest.approx(-0.25)
+    loss.backward()   # descending raises log pi of the sample with the positive advantage, lowers the other
+    assert logp.grad.tolist() == [-0.25, 0.25]
+    assert C.soft_label(0.9, 0.7) == pytest.approx(0.8)
+
+
 # ---------------------------------------------------------------- whole runs
 
 def test_tiny_run_writes_the_stage_contract(tiny_cai):
     out, result = tiny_cai
-    for name in ("model.pt", "sl_cai.pt", "preferences.jsonl", "eval_items.jsonl", "tokenizer.json", "world.json",
-                 "metrics.json", "cai.png", "report.md"):
+    for name in ("model.pt", "sl_cai.pt", "preferences.jsonl", "eval_items.jsonl", "tokenizer.json",
+                 "world.json", "metrics.json", "cai.png", "report.md"):
         assert (out / name).exists(), name
     for name in ("model.pt", "sl_cai.pt"):
         ckpt = torch.load(out / name, weights_only=True)
@@ -165,7 +180,8 @@ def test_tiny_run_writes_the_stage_contract(tiny_cai):
 def test_wrong_or_missing_start_is_one_sentence(tiny_pretrain, tmp_path):
     init, _ = tiny_pretrain
     for start, expected in ((init, "not a stage-02 assistant"), (tmp_path / "nothing", "no checkpoint")):
-        result = run_script("03_constitutional_ai.py", "--preset", "tiny", "--init", start, "--out", tmp_path / "out")
+        result = run_script("03_constitutional_ai.py", "--preset", "tiny", "--init", start,
+                            "--out", tmp_path / "out")
         assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr
         assert "run 02_sft.py first" in result.stderr
         assert not (tmp_path / "out").exists()

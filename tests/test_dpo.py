@@ -14,16 +14,42 @@ P = load_stage("01_pretrain")
 
 
 def test_dpo_loss_matches_its_formula():
-    """log pi(a) = -1, log pi(b) = -3, reference -2 and -2, beta 0.5: h = 0.5 * (1 - (-1)) = 1."""
-    h = D.preference_margin(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
+    """log pi(chosen) = -1, log pi(rejected) = -3, reference -2 and -2, beta 0.5: h = 0.5 * (1 - (-1))."""
+    t = lambda x: torch.tensor([x])  # noqa: E731
+    h = D.preference_margin(t(-1.0), t(-3.0), t(-2.0), t(-2.0), 0.5)
     assert h.item() == pytest.approx(1.0)
-    assert D.dpo_loss(h, torch.tensor([1.0])).item() == pytest.approx(math.log1p(math.exp(-1.0)), abs=1e-6)
+    assert D.implicit_reward(t(-1.0), t(-2.0), 0.5).item() == pytest.approx(0.5)
+    assert D.dpo_loss(h, t(1.0), 0.5).item() == pytest.approx(math.log1p(math.exp(-1.0)), abs=1e-6)
     # A soft label weighs both orders: 0.7 * -log sigmoid(1) + 0.3 * -log sigmoid(-1).
     soft = 0.7 * math.log1p(math.exp(-1.0)) + 0.3 * math.log1p(math.exp(1.0))
-    assert D.dpo_loss(h, torch.tensor([0.7])).item() == pytest.approx(soft, abs=1e-6)
+    assert D.dpo_loss(h, t(0.7), 0.5).item() == pytest.approx(soft, abs=1e-6)
     # Swapping the two responses negates the margin.
-    swapped = D.preference_margin(torch.tensor([-3.0]), torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
-    assert swapped.item() == pytest.approx(-1.0)
+    assert D.preference_margin(t(-3.0), t(-1.0), t(-2.0), t(-2.0), 0.5).item() == pytest.approx(-1.0)
+
+
+def test_orienting_a_pair_puts_the_preferred_response_first():
+    assert D.orient("a", "b", 0.8) == ("a", "b", 0.8)
+    chosen, rejected, confidence = D.orient("a", "b", 0.3)
+    assert (chosen, rejected) == ("b", "a") and confidence == pytest.approx(0.7)
+    assert D.orient("a", "b", 0.5) == ("a", "b", 0.5)          # undecided: order kept
+    assert [D.hard_label(c) for c in (0.5, 0.51, 0.9, 1.0)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_next_token_term_and_statistics_on_hand_values():
+    # Chosen log-probs -4 over 2 tokens and -9 over 3; only the first pair is decided: NLL = 4 / 2.
+    nll = D.next_token_loss(torch.tensor([-4.0, -9.0]), torch.tensor([2.0, 3.0]), torch.tensor([True, False]))
+    assert nll.item() == pytest.approx(2.0)
+    stats = D.preference_statistics(torch.tensor([1.0, -0.5, 0.2]), torch.tensor([0.3, 0.1, 0.2]),
+                                    torch.tensor([-0.7, 0.6, 0.0]), torch.tensor([True, True, False]))
+    assert stats["reward_accuracy"] == pytest.approx(0.5)   # 1 of the 2 decided pairs ranked right
+    assert stats["margin"] == pytest.approx(0.7 / 3)
+    assert stats["chosen_reward"] == pytest.approx(0.2)
+    assert stats["rejected_reward"] == pytest.approx(-0.1 / 3)
+
+
+def test_a_loss_added_to_the_table_becomes_a_flag(monkeypatch):
+    monkeypatch.setitem(D.LOSSES, "hinge", lambda h, c, beta: torch.relu(1 - h).mean())
+    assert D.parse_args(["--loss", "hinge", "--device", "cpu"]).loss == "hinge"
 
 
 def test_ipo_loss_is_smallest_at_its_closed_form_optimum():
@@ -45,14 +71,16 @@ def enc():
 
 def test_read_pairs_keeps_labelled_pairs_that_fit(tmp_path, enc):
     rows = [{"request": "Q1", "kind": "harmful", "response_a": "no", "response_b": "yes", "label": 0.8},
+            {"request": "Q4", "kind": "benign", "response_a": "x", "response_b": "y", "label": 0.25},
             {"request": "Q2", "kind": "benign", "response_a": "x", "response_b": "y", "label": None},
             {"request": "Q3", "kind": "fact", "response_a": "word " * 200, "response_b": "y", "label": 1.0}]
     path = tmp_path / "preferences.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pairs, dropped = D.read_pairs(path, enc, max_len=64)
-    assert dropped == 1 and [p["request"] for p in pairs] == ["Q1"] and pairs[0]["p"] == 0.8
+    assert dropped == 1 and [p["request"] for p in pairs] == ["Q1", "Q4"] and pairs[0]["confidence"] == 0.8
     end = enc.encode_single_token("<|end|>")
-    assert pairs[0]["a"] == enc.encode_ordinary("no") + [end]
+    assert pairs[0]["chosen"] == enc.encode_ordinary("no") + [end]
+    assert pairs[1]["chosen"] == enc.encode_ordinary("y") + [end] and pairs[1]["confidence"] == 0.75
     assert pairs[0]["prompt"] == D.user_prompt(enc, "Q1")
     assert D.read_pairs(path, enc, max_len=64, kinds=("fact",)) == ([], 1)
 
@@ -65,14 +93,15 @@ def test_held_out_pairs_share_no_prompt_with_training():
 
 def test_one_step_raises_the_margin_of_the_preferred_response(enc):
     torch.manual_seed(0)
-    config = D.GPTConfig(vocab_size=enc.n_vocab, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, mlp_hidden=64, seq_len=64)
+    config = D.GPTConfig(vocab_size=enc.n_vocab, n_layer=1, n_embd=32, n_head=2, n_kv_head=1, mlp_hidden=64,
+                         seq_len=64)
     reference = D.GPT(config)
     reference.init_weights(0)
     policy = D.GPT(config)
     policy.load_state_dict(reference.state_dict())
     end = enc.encode_single_token("<|end|>")
-    pair = {"prompt": D.user_prompt(enc, "Is the venom safe?"), "a": enc.encode_ordinary("No.") + [end],
-            "b": enc.encode_ordinary("Yes, drink it.") + [end], "p": 1.0}
+    pair = {"prompt": D.user_prompt(enc, "Is the venom safe?"), "chosen": enc.encode_ordinary("No.") + [end],
+            "rejected": enc.encode_ordinary("Yes, drink it.") + [end], "confidence": 1.0}
     pad = enc.encode_single_token("<|pad|>")
     D.reference_logprobs(reference, [pair], pad, 4)
     args = types.SimpleNamespace(beta=0.1, loss="dpo", device="cpu", nll_coef=0.0)
@@ -95,12 +124,14 @@ def test_tiny_run_compares_with_stage_03(tiny_cai, tmp_path):
     init, _ = tiny_cai
     result = run_script("04_dpo.py", "--preset", "tiny", "--init", init, "--out", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("model.pt", "metrics.json", "dpo.png", "report.md", "tokenizer.json", "world.json", "eval_items.jsonl"):
+    for name in ("model.pt", "metrics.json", "dpo.png", "report.md", "tokenizer.json", "world.json",
+                 "eval_items.jsonl"):
         assert (tmp_path / name).exists(), name
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert set(m["stages"]) == {"sft", "sl_cai", "rl_cai", "dpo"} and m["history"]
     assert torch.load(tmp_path / "model.pt", weights_only=True)["stage"] == "04_dpo"
-    ipo = run_script("04_dpo.py", "--preset", "tiny", "--init", init, "--out", tmp_path / "ipo", "--loss", "ipo")
+    ipo = run_script("04_dpo.py", "--preset", "tiny", "--init", init, "--out", tmp_path / "ipo",
+                     "--loss", "ipo")
     assert ipo.returncode == 0, ipo.stderr[-3000:]
 
 

@@ -61,6 +61,17 @@ def test_targets_are_shifted_by_one(enc):
     assert enc.decode([x[first]]) == "<|assistant|>" and enc.decode([y[first]]) == "<|think|>"
 
 
+def test_inputs_and_targets_on_the_worked_example():
+    """Section 2's table: <|bos|> <|user|> Hi <|end|> <|assistant|> Yo <|end|>, the assistant's two
+    tokens trained. Targets are the next token where that token is the assistant's, else -1."""
+    bos, user, hi, end, assistant, yo = 0, 1, 2, 3, 4, 5
+    ids = [bos, user, hi, end, assistant, yo, end]
+    trained = [False, False, False, False, False, True, True]
+    inputs, targets = S.inputs_and_targets(ids, trained)
+    assert inputs == [bos, user, hi, end, assistant, yo]
+    assert targets == [-1, -1, -1, -1, yo, end]   # read <|assistant|> -> say Yo; read Yo -> say <|end|>
+
+
 def test_reply_parsing_round_trip(enc):
     ids, _ = S.render_conversation(enc, CONVERSATION[:3])
     start = ids.index(enc.encode_single_token("<|assistant|>")) + 1
