@@ -61,7 +61,8 @@ def stats(path):
     return {"file": pathlib.Path(path).name, "lines": len(lines), "body": n_body,
             "appendix A": starts.get("Appendix B", len(lines) + 1) - starts.get("Appendix A", len(lines) + 1),
             "appendix B": len(lines) + 1 - starts.get("Appendix B", len(lines) + 1),
-            "section 2 at": starts.get("2. The idea"), "main": main, "longest function": f"{name} ({longest})",
+            "section 2 at": starts.get("2. The idea"), "main": main,
+            "longest function": f"{name} ({longest})",
             "over 110": sum(len(line) > 110 for line in lines)}
 
 

@@ -1,4 +1,5 @@
 """Stage 01: tokenizer, model, data, checkpoints, resume, DDP and bad input."""
+import contextlib
 import errno
 import http.server
 import json
@@ -276,6 +277,31 @@ def test_learning_rate_schedules():
     assert all(a >= b for a, b in zip(lr[9:], lr[10:]))
     wsd = [P.learning_rate(s, 100, 1.0, 0.1, "wsd") for s in range(100)]
     assert wsd[50] == 1.0 and wsd[79] == 1.0 and wsd[99] == pytest.approx(0.05)
+
+
+def test_bits_per_byte_on_hand_values():
+    """A model with uniform logits over 4 tokens pays ln 4 nats = 2 bits per token. Targets 0, 1, 2, 3
+    stand for 1, 2, 0 (special) and 3 bytes: 3 text tokens x 2 bits over 6 bytes = 1 bit per byte."""
+    class Uniform(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(*x.shape, 4)
+    targets = torch.tensor([[0, 1, 2, 3]])
+    bpb = P.bits_per_byte(Uniform(), torch.zeros_like(targets), targets, torch.tensor([1.0, 2.0, 0.0, 3.0]), 8,
+                          contextlib.nullcontext())
+    assert bpb == pytest.approx(1.0)
+
+
+def test_parameter_flop_and_mfu_accounting_on_hand_values():
+    config = P.GPTConfig(vocab_size=10, n_layer=2, n_embd=8, n_head=2, n_kv_head=1, mlp_hidden=16, seq_len=8,
+                         n_experts=4, top_k=2, moe_every=2)
+    # embed 80 + lm_head 80 + final norm 8; per block two norms 16, wq 64, wkv 8 x 2 x 1 x 4 = 64, wo 64;
+    # block 0 a SwiGLU 3 x 8 x 16 = 384; block 1 a router 32 and 4 experts of 384.
+    total, active = P.count_parameters(P.GPT(config))
+    assert total == 168 + 2 * 208 + 384 + 32 + 4 * 384 == 2536
+    assert active == total - 80 - 2 * 384      # no embedding lookup; only top_k = 2 of 4 experts run
+    assert P.flops_per_token(config, 100) == 6 * 100 + 12 * 2 * 8 * 8
+    assert P.mfu_percent(1000, 1e9, 1e12, 2) == pytest.approx(50.0)   # 1e12 FLOP/s of two 1e12 GPUs
+    assert P.pretraining_loss(2.0, 0.5, 0.01) == pytest.approx(2.005)
 
 
 # ---------------------------------------------------------------- whole runs

@@ -1,0 +1,122 @@
+"""Every stage reads as a chapter with the same skeleton (README, "How to read a stage").
+
+Checked here, for every NN_name.py: the numbered sections in order; the shared blocks all in
+Appendix B, in one fixed order, opened by an index of what the stage calls; no copied definition the
+stage never uses; main short; the body within its budget; no line over 110 characters.
+"""
+import ast
+import pathlib
+import re
+
+import pytest
+
+from chapter import RULE, SECTIONS, body, functions, section_starts, stage_files
+from test_shared_blocks import find_blocks
+
+BLOCK_ORDER = ["tokenizer", "model", "checkpoint", "sampling", "chat", "grading", "judging", "replies",
+               "arithmetic"]
+BODY_BUDGET = {"01_pretrain.py": 700, "02_sft.py": 700, "03_constitutional_ai.py": 850}  # lines; others 500
+MAIN_BUDGET = 60
+STAGES = stage_files()
+
+
+def framed_headings(lines):
+    """Every '# ...' line framed by two rule lines, as (1-based line, text)."""
+    return [(i + 1, lines[i]) for i in range(1, len(lines) - 1)
+            if lines[i - 1].rstrip() == RULE and lines[i + 1].rstrip() == RULE]
+
+
+def index_entries(lines, appendix_b):
+    """The '#   block  names' lines under '# This stage calls:' at the top of Appendix B."""
+    entries, reading = [], False
+    for line in lines[appendix_b:]:
+        if line.startswith("# This stage calls:"):
+            reading = True
+        elif reading and (m := re.match(r"#   (\w+)\s", line)):
+            entries.append(m[1])
+        elif reading:
+            break
+    return entries
+
+
+def unused_copied_definitions(path):
+    """Top-level names defined inside a block copied from another file that nothing else in this file
+    refers to: a stage carries only the shared code it calls."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    used_by = []   # (top-level node, names it reads)
+    for node in tree.body:
+        used_by.append((node, {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}))
+    unused = []
+    for name, (origin, start, end, _) in find_blocks(path).items():
+        if origin == path.name:
+            continue   # the origin is where a definition is written, not a copy of it
+        for node in tree.body:
+            if not start < node.lineno <= end:
+                continue
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined = [node.name]
+            else:
+                defined = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+            for d in defined:
+                if not any(d in names for other, names in used_by if other is not node):
+                    unused.append(f"{name}.{d}")
+    return unused
+
+
+@pytest.mark.parametrize("path", STAGES, ids=lambda p: p.name)
+def test_sections_in_order(path):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    found = [text for _, text in framed_headings(lines)]
+    titles = [next((s for s in SECTIONS if re.match(r"# " + re.escape(s) + r"(:|$)", t)), t) for t in found]
+    assert titles == SECTIONS, f"{path.name}: framed headings {found}"
+    assert lines[0].startswith('"""Stage '), f"{path.name} must open with its chapter docstring"
+
+
+@pytest.mark.parametrize("path", STAGES, ids=lambda p: p.name)
+def test_shared_blocks_sit_in_appendix_b_in_one_order_with_an_index(path):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    appendix_b = section_starts(lines)["Appendix B"]
+    blocks = sorted(find_blocks(path).items(), key=lambda item: item[1][1])
+    names = [name for name, _ in blocks]
+    outside = [name for name, (_, start, _, _) in blocks if start < appendix_b]
+    assert not outside, f"{path.name}: blocks outside Appendix B: {outside}"
+    assert names == [b for b in BLOCK_ORDER if b in names], f"{path.name}: blocks in order {names}"
+    assert index_entries(lines, appendix_b) == names, f"{path.name}: Appendix B's index must list {names}"
+
+
+@pytest.mark.parametrize("path", STAGES, ids=lambda p: p.name)
+def test_a_stage_carries_only_shared_code_it_uses(path):
+    assert unused_copied_definitions(path) == []
+
+
+@pytest.mark.parametrize("path", STAGES, ids=lambda p: p.name)
+def test_budgets(path):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    long = [i + 1 for i, line in enumerate(lines) if len(line) > 110]
+    assert not long, f"{path.name}: lines over 110 characters: {long[:10]}"
+    main = next(n for n, name, _ in functions(path) if name == "main")
+    assert main <= MAIN_BUDGET, f"{path.name}: main has {main} lines (at most {MAIN_BUDGET}: call phases)"
+    n_body = len(body(path))
+    budget = BODY_BUDGET.get(path.name, 500)
+    assert n_body <= budget, f"{path.name}: body (docstring to section 7) has {n_body} lines, budget {budget}"
+
+
+def test_the_checks_catch_a_misplaced_or_unused_block(tmp_path):
+    """The layout checks on a small file: an unused copied definition and a block out of order."""
+    copy = ("# --- shared: grading (origin: 02_sft.py) ---\ndef is_refusal(t):\n    return False\n\n\n"
+            "def mentions(t, p):\n    return True\n# --- end shared: grading ---\n")
+    path = tmp_path / "09_demo.py"
+    path.write_text("def main():\n    return is_refusal('x')\n\n\n" + copy)
+    assert unused_copied_definitions(path) == ["grading.mentions"]
+    path.write_text("def main():\n    return is_refusal('x') or mentions('x', 'y')\n\n\n" + copy)
+    assert unused_copied_definitions(path) == []
+    lines = [RULE, "# Appendix B: shared code", RULE, "# This stage calls:", "#   model   GPT",
+             "#   chat    parse_reply", "", "x = 1"]
+    assert index_entries(lines, 0) == ["model", "chat"]
+
+
+def test_body_strips_both_appendices():
+    for path in STAGES:
+        text = "\n".join(body(path))
+        assert "# 7. Report" in text and "Appendix A" not in text.split("# 7. Report")[1]
+        assert "# --- shared:" not in text
