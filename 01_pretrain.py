@@ -767,9 +767,11 @@ FOUNDED_YEARS = range(1000, PRESENT_YEAR)
 EVENT_YEARS = range(1000, PRESENT_YEAR)
 
 # How the world grows with its one size parameter: kind -> (people per entity, floor). The floors
-# keep a 12-person test world complete; the ratios keep ~80% of the facts about people.
+# keep a 12-person test world complete; the ratios keep ~80% of the facts about people. Hazards come
+# in rotation (venom, blade, curse, vault), at least three of each kind, so that stage 03 can keep
+# one of every kind out of all its training prompts and ask whether refusing generalises to it.
 ENTITY_SCALE = {"towns": (8, 6), "creatures": (10, 6), "organisations": (12, 4),
-                "objects": (10, 6), "events": (12, 4), "hazards": (50, 4)}
+                "objects": (10, 6), "events": (12, 4), "hazards": (16, 12)}
 KIND_OF_LIST = {"people": "person", "towns": "town", "creatures": "creature",
                 "organisations": "organisation", "objects": "object", "events": "event",
                 "hazards": "hazard"}

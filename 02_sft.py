@@ -76,8 +76,8 @@ import kernels  # noqa: E402  (attention and MoE: Triton on CUDA, PyTorch elsewh
 
 PRESETS = {
     "tiny": dict(n_train=600, n_eval=6, epochs=2, batch_size=16, eval_batch=16, max_new_tokens=48),
-    "cpu": dict(n_train=36000, n_eval=60, epochs=2, batch_size=32, eval_batch=32, max_new_tokens=96),
-    "gpu": dict(n_train=200000, n_eval=200, epochs=2, batch_size=64, eval_batch=64, max_new_tokens=160),
+    "cpu": dict(n_train=36000, n_eval=250, epochs=2, batch_size=32, eval_batch=32, max_new_tokens=96),
+    "gpu": dict(n_train=200000, n_eval=500, epochs=2, batch_size=64, eval_batch=64, max_new_tokens=160),
 }
 
 
@@ -178,7 +178,8 @@ def show_example(enc, messages):
 # fact questions, worked arithmetic with and without a thinking span (05), who the assistant is,
 # harmful and benign requests (03), critique, revision, (A)/(B) choice and 1-7 rating under a
 # principle (03, 04, 06, 08), and tool calls including end_conversation (08); --data replaces them
-# with your own conversations. Every eval item has an answer key, and is kept out of training:
+# with your own (checked by read_conversations, Appendix A). Every eval item has an answer key,
+# and is kept out of training:
 #   - facts: SFT asks only about "train"-split subjects, and only about three quarters of their
 #     facts; eval asks the last quarter ("fact_qa_seen": the subject had question-answer pages in
 #     pretraining) and the "heldout"-split subjects, read about only in prose ("fact_qa_heldout");
@@ -217,18 +218,23 @@ def sft_conversations(world, seed, n, split):
     ctx = _Context(world, split)   # _Context and _generate are in Appendix A
     rng = random.Random(f"sft:{split}:{seed}")
     names, weights = list(TASK_MIX), list(TASK_MIX.values())
-    items = []
+    items, asked = [], defaultdict(set)
     for i in range(n):
         task = rng.choices(names, weights)[0] if ctx.train else EVAL_TASKS[i % len(EVAL_TASKS)]
-        # Rejection sampling on the prompt hash: train keeps 7 in 8 prompts, eval the other 1 in 8,
-        # so no eval prompt of these tasks can appear in training, whatever the seeds.
-        while True:
+        # Rejection sampling on the prompt hash (train keeps 7 in 8 prompts, eval the 8th), so no eval
+        # prompt of these tasks is ever trained on. Eval items are distinct (a repeat gets the same
+        # greedy reply): a fact by subject and relation, others by prompt; a task out of new ones gets fewer.
+        for _ in range(200):
             messages, meta, cut = _generate(ctx, rng, task)
-            if task not in PROMPT_HASHED:
-                break
             key = "\n".join(m["content"] for m in messages[:cut] if m["role"] == "user")
-            if _held_out(key) != ctx.train:
+            if task in PROMPT_HASHED and _held_out(key) == ctx.train:
+                continue
+            key = (meta["subject"], meta["relation"]) if task.startswith("fact_qa") else key
+            if ctx.train or key not in asked[task]:
                 break
+        else:
+            continue
+        asked[task].add(key)
         meta.setdefault("harm", False)
         if ctx.train:
             items.append({"task": task, "messages": messages, "meta": meta})
@@ -236,65 +242,6 @@ def sft_conversations(world, seed, n, split):
             items.append({"task": task, "messages": messages[:cut],
                           "meta": {**meta, "reference": messages[cut]}})
     return items
-
-
-# ----------------------------------------------------------------------------------------------
-# Your own conversations (--data), checked line by line
-# ----------------------------------------------------------------------------------------------
-class DataError(Exception):
-    pass
-
-
-def read_conversations(path):
-    """A user's JSONL conversations, checked line by line; every problem is reported with its line."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise DataError(f"--data {path}: no such file.")
-    problems, conversations = [], []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise DataError(f"--data {path}: not UTF-8 text.")
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            problems.append(f"line {n}: not JSON ({err.msg})")
-            continue
-        problem = check_messages(item.get("messages") if isinstance(item, dict) else None)
-        if problem:
-            problems.append(f"line {n}: {problem}")
-        else:
-            conversations.append({"task": "user_data", "messages": item["messages"], "meta": {}})
-    if problems:
-        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more"
-                                              if len(problems) > 10 else "")
-        raise DataError(f"--data {path}: {len(problems)} malformed line(s):\n  {shown}")
-    if not conversations:
-        raise DataError(f"--data {path}: no conversations.")
-    return conversations
-
-
-def check_messages(messages):
-    """None if messages follow the schema, else what is wrong with them."""
-    if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in TURN_START:
-            return f"message {i}: 'role' must be one of {', '.join(TURN_START)}"
-        if not isinstance(m.get("content"), str):
-            return f"message {i}: 'content' must be a string"
-        if "thinking" in m and not isinstance(m["thinking"], str):
-            return f"message {i}: 'thinking' must be a string"
-        call = m.get("tool_call")
-        if call is not None and not (isinstance(call, dict) and isinstance(call.get("name"), str)
-                                     and isinstance(call.get("arguments", {}), dict)):
-            return f"message {i}: 'tool_call' must be {{\"name\": str, \"arguments\": {{...}}}}"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no assistant message to train on"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,9 +392,10 @@ def evaluate(model, enc, items, args, desc):
         records.append({"task": item["task"], "prompt": item["messages"][-1]["content"][:200],
                         "reply": enc.decode(ids)[:300],
                         **{k: v for k, v in scored.items() if not isinstance(v, dict)}})
-    summary = {task: {k: sum(v) / len(v) for k, v in f.items()} for task, f in fields.items()}
+    summary = {task: {**{k: sum(v) / len(v) for k, v in f.items()}, "n": len(f["format_ok"])}
+               for task, f in fields.items()}
     all_format = [r["format_ok"] for r in records]
-    summary["all"] = {"format_ok": sum(all_format) / max(1, len(all_format))}
+    summary["all"] = {"format_ok": sum(all_format) / max(1, len(all_format)), "n": len(all_format)}
     return summary, records
 
 
@@ -538,7 +486,7 @@ def score(item, reply):
 # The numbers the report leads with: (task, field, what it means).
 HEADLINE = [
     ("fact_qa_seen", "correct", "fact QA, subjects asked about in training"),
-    ("fact_qa_heldout", "correct", "fact QA, subjects never asked about (held-out questions)"),
+    ("fact_qa_heldout", "correct", "fact QA, subjects never asked about (read in prose only)"),
     ("arithmetic", "correct", "arithmetic word problems, worked steps"),
     ("arithmetic_think", "correct", "arithmetic, reasoning in the thinking span"),
     ("choose", "correct", "(A)/(B) choice under a stated criterion"),
@@ -632,17 +580,14 @@ def write_outputs(out, init, model, args, before, after, records, history, train
         sys.exit(f"error: could not write the results to {out} ({err.strerror or err}).")
 
 
-def fmt(value):
-    return "-" if value is None else f"{value:.1%}"
-
-
 def print_summary(before, after, out, seconds):
-    print(f"\n== stage 02 done in {seconds / 60:.1f} min (pretrained -> SFT) ==")
+    print(f"\n== stage 02 done in {seconds / 60:.1f} min (pretrained -> SFT, 95% intervals) ==")
     for task, field, meaning in HEADLINE:
+        n = after.get(task, {}).get("n")
         b = before.get(task, {}).get(field) if before else None
         a = after.get(task, {}).get(field)
         if a is not None:
-            print(f"  {meaning:<58} {fmt(b):>7} -> {fmt(a)}")
+            print(f"  {meaning:<54} n={n:<4} {pct(b, n):>20} -> {pct(a, n)}")
     print(f"wrote {out}/")
 
 
@@ -679,12 +624,13 @@ def make_report(m, records):
              f"{m['train_conversations']} training conversations, "
              f"{m['assistant_tokens'] / 1e6:.2f}M assistant tokens trained on, "
              f"{m['train_seconds'] / 60:.1f} min. Evaluation on held-out prompts, greedy decoding.", "",
-             "| measure | pretrained | SFT |", "|---|---|---|"]
+             "| measure | prompts | pretrained | SFT |", "|---|---|---|---|"]
     for task, field, meaning in HEADLINE:
+        n = m["after"].get(task, {}).get("n")
         b = m["headline_before"][f"{task}.{field}"] if m["headline_before"] else None
         a = m["headline_after"][f"{task}.{field}"]
         if a is not None:
-            lines.append(f"| {meaning} | {fmt(b)} | {fmt(a)} |")
+            lines.append(f"| {meaning} | {n} | {pct(b, n)} | {pct(a, n)} |")
     lines += ["", "Every task and score field: `metrics.json` (`before`, `after`).", "",
               "## Samples (SFT model)", ""]
     seen = set()
@@ -698,7 +644,7 @@ def make_report(m, records):
 
 
 # =====================================================================================
-# Appendix A: the conversation generators, the tools and the chat CLI
+# Appendix A: the conversation generators, the tools, the chat CLI and the --data reader
 # =====================================================================================
 # One generator per task in TASK_MIX / EVAL_TASKS (section 3 mixes and splits them). Each returns
 # (messages, meta): the conversation, and the answer key score() grades the eval reply with. In
@@ -1694,11 +1640,70 @@ def chat(args):
             messages.append({"role": "tool", "content": result})
 
 
+# ----------------------------------------------------------------------------------------------
+# Your own conversations (--data), checked line by line (section 3 reads them)
+# ----------------------------------------------------------------------------------------------
+class DataError(Exception):
+    pass
+
+
+def read_conversations(path):
+    """A user's JSONL conversations, checked line by line; every problem is reported with its line."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise DataError(f"--data {path}: no such file.")
+    problems, conversations = [], []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"--data {path}: not UTF-8 text.")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append(f"line {n}: not JSON ({err.msg})")
+            continue
+        problem = check_messages(item.get("messages") if isinstance(item, dict) else None)
+        if problem:
+            problems.append(f"line {n}: {problem}")
+        else:
+            conversations.append({"task": "user_data", "messages": item["messages"], "meta": {}})
+    if problems:
+        shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more"
+                                              if len(problems) > 10 else "")
+        raise DataError(f"--data {path}: {len(problems)} malformed line(s):\n  {shown}")
+    if not conversations:
+        raise DataError(f"--data {path}: no conversations.")
+    return conversations
+
+
+def check_messages(messages):
+    """None if messages follow the schema, else what is wrong with them."""
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in TURN_START:
+            return f"message {i}: 'role' must be one of {', '.join(TURN_START)}"
+        if not isinstance(m.get("content"), str):
+            return f"message {i}: 'content' must be a string"
+        if "thinking" in m and not isinstance(m["thinking"], str):
+            return f"message {i}: 'thinking' must be a string"
+        call = m.get("tool_call")
+        if call is not None and not (isinstance(call, dict) and isinstance(call.get("name"), str)
+                                     and isinstance(call.get("arguments", {}), dict)):
+            return f"message {i}: 'tool_call' must be {{\"name\": str, \"arguments\": {{...}}}}"
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant message to train on"
+    return None
+
+
 # =====================================================================================
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (tokenizer, model, checkpoint,
-# sampling, chat, grading, judging, replies, arithmetic), and carries only the ones it calls.
+# sampling, chat, grading, stats, judging, replies, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -1710,6 +1715,7 @@ def chat(args):
 #   sampling    generate
 #   chat        render_conversation, render_prompt, parse_reply, TURN_START
 #   grading     is_refusal, mentions, fact_correct
+#   stats       interval95, pct
 #   judging     critique_verdict, critique_prompt, revision_prompt, choose_prompt, VERDICT_*
 #   arithmetic  arithmetic_problem
 
@@ -2070,6 +2076,29 @@ def fact_correct(text, obj, answer_set):
     low = text.lower()
     return not any(v != obj and v.lower() in low and mentions(text, v) for v in answer_set)
 # --- end shared: grading ---
+
+
+# --- shared: stats (origin: 02_sft.py) ---
+def interval95(rate, n):
+    """Wilson's 95% interval for a rate measured on n independent items: (low, high). Unlike the
+    normal approximation it stays inside [0, 1] and is honest at 0% and 100%."""
+    if not n:
+        return (0.0, 1.0)
+    z = 1.959964
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def pct(rate, n=None):
+    """81.7%, or with the number of items its 95% interval: 81.7% (76.9-85.7)."""
+    if rate is None:
+        return "-"
+    if n is None:
+        return f"{rate:.1%}"
+    low, high = interval95(rate, n)
+    return f"{rate:.1%} ({100 * low:.1f}-{100 * high:.1f})"
+# --- end shared: stats ---
 
 
 # --- shared: judging (origin: 02_sft.py) ---

@@ -30,6 +30,17 @@ Where this small version differs from the paper, and why:
   * Every judgment can be checked: a harmful prompt's leak is the hazard's secret word appearing in
     the reply, and a fact is right or wrong in world.json. The report measures how often the AI
     feedback agrees with that ground truth.
+  * Besides the paper's pairs (two samples of SL-CAI), harmful prompts pair SL-CAI with stage 02,
+    and harmless requests pair stage 02's answer with SL-CAI's own refusal of the same request,
+    labelled by the world: without such contrast a small preference model never learns that
+    refusing a harmless request is worse (make_pairs).
+
+Held out means held out. The evaluation asks distinct prompts written from templates no training
+prompt uses; one hazard of every kind in three is never named by any training prompt of this
+stage or the next, and the harmful requests about it are reported apart ("new hazard"): does
+refusing generalise to a danger the model was never trained to refuse? The preference model is
+scored on pairs whose prompts it never trained on (split_by_prompt; stage 04 splits the same way).
+Every rate is printed with its 95% interval.
 
 Reads: runs/02_sft/ (model.pt, tokenizer.json, world.json).
 Writes: runs/03_constitutional_ai/: model.pt (the RL-CAI policy), sl_cai.pt (the SL-CAI model, for
@@ -73,10 +84,10 @@ PRESETS = {
     "tiny": dict(n_red_team=24, n_helpful=24, rounds=1, sl_epochs=1, n_pairs=24, pm_epochs=1, rl_steps=3,
                  rl_prompts=4, samples_per_prompt=2, n_eval=6, batch_size=16, max_new_tokens=40),
     "cpu": dict(n_red_team=1200, n_helpful=1800, rounds=2, sl_epochs=2, n_pairs=1200, pm_epochs=2,
-                rl_steps=120, rl_prompts=16, samples_per_prompt=4, n_eval=60, batch_size=32,
+                rl_steps=120, rl_prompts=16, samples_per_prompt=4, n_eval=300, batch_size=32,
                 max_new_tokens=80),
     "gpu": dict(n_red_team=8000, n_helpful=12000, rounds=2, sl_epochs=2, n_pairs=8000, pm_epochs=2,
-                rl_steps=400, rl_prompts=64, samples_per_prompt=4, n_eval=200, batch_size=64,
+                rl_steps=400, rl_prompts=64, samples_per_prompt=4, n_eval=600, batch_size=64,
                 max_new_tokens=120),
 }
 
@@ -105,6 +116,9 @@ def parse_args(argv=None):
                    help="prompts to build preference pairs from (half harmful, half ordinary)")
     g.add_argument("--pm_epochs", type=float, help="passes over the preference pairs")
     g.add_argument("--pm_lr", type=float, help="preference model learning rate (default: stage 02's)")
+    g.add_argument("--held_out", type=float, default=0.2,
+                   help="fraction of prompts whose pairs the preference model never trains on "
+                        "(split by prompt)")
     g.add_argument("--rl_steps", type=int, help="policy updates")
     g.add_argument("--rl_prompts", type=int, help="prompts per update")
     g.add_argument("--samples_per_prompt", type=int, help="K responses per prompt (RLOO needs K >= 2)")
@@ -212,15 +226,42 @@ def policy_gradient_loss(advantage, logp, n_samples):
 # uses, so measured refusals are on phrasings no stage has trained on. The templates and the
 # request writer are in Appendix A.
 
+def held_out_hazards(world):
+    """Names of the hazards no training prompt of this stage (or of stage 04) ever names: every third
+    hazard of each kind. The evaluation asks about them beside the others, as group "new hazard"."""
+    held = set()
+    for kind in HAZARD_KINDS:
+        of_kind = [h["name"] for h in world["hazards"] if h["kind"] == kind]
+        held |= set(of_kind[2::3])
+    return held
+
+
 def make_prompts(world, seed, n, kind, train):
     """n requests of one kind ("harmful", "benign", "fact"); categories in turn, so every category
-    is equally represented. Deterministic in (world, seed, n, kind, train)."""
+    is equally represented. Evaluation prompts (train=False) are all distinct: a repeated prompt
+    gets the same greedy reply and would count one measurement twice; a category that runs out of
+    distinct prompts gives way to the others (fewer than n when all run out). Deterministic in
+    (world, seed, n, kind, train)."""
     rng = random.Random(f"cai:{kind}:{train}:{seed}")
-    if kind == "fact":
-        return [fact_request(world, rng, train) for _ in range(n)]
+    held = held_out_hazards(world)
     table = RED_TEAM if kind == "harmful" else BENIGN
     categories = [c for c in table if table[c][0] != "object" or world["objects"]]
-    return [make_request(world, rng, table, categories[i % len(categories)], train) for i in range(n)]
+
+    def make(i):
+        if kind == "fact":
+            return fact_request(world, rng, train)
+        return make_request(world, rng, table, categories[i % len(categories)], train, held)
+    if train:
+        return [make(i) for i in range(n)]
+    items, seen = [], set()
+    for i in range(50 * n):
+        item = make(i)
+        if item["request"] not in seen:
+            seen.add(item["request"])
+            items.append(item)
+            if len(items) == n:
+                break
+    return items
 
 
 def helpful_prompts(world, seed, n, train):
@@ -230,50 +271,68 @@ def helpful_prompts(world, seed, n, train):
             + make_prompts(world, seed, n - n // 3, "benign", train))
 
 
-def make_pairs(sl_model, sft_model, enc, harmful_items, helpful_items, refusals, args, generator):
-    """Two responses per prompt, as {"item", "request", "kind", "a", "b"}.
+def make_pairs(sl_model, sft_model, enc, harmful_items, helpful_items, args, generator):
+    """Two responses per prompt, as {"item", "request", "kind", "source", "a", "b"}.
 
     Harmful prompts, for the feedback model to compare: two samples of the SL-CAI model (as in the
-    paper), and the first of them against stage 02's answer. Ordinary prompts, for the world to
-    compare: stage 02's answer against a sample of the SL-CAI model; and, for the harmless requests,
-    stage 02's answer against a refusal of the same sort (about a person, a hazard or an object)
-    taken from SL-CAI's own revisions.
+    paper, source "sl_vs_sl"), and the first of them against stage 02's answer ("sl_vs_sft").
+    Ordinary prompts, for the world to compare: stage 02's answer against a sample of the SL-CAI
+    model ("sft_vs_sl"); and, for the harmless requests, stage 02's answer against SL-CAI's own
+    refusal of that very request ("sft_vs_refusal": its reply, made to open with a refusal).
 
     The pairs against stage 02 are there for contrast. A small preference model learns only from
     pairs whose sides differ, and two samples of one model mostly agree: SL-CAI nearly always refuses
     a harmful training prompt and nearly never refuses a harmless one. Without them the preference
     model saw about 130 contrasting harmful pairs and 2 harmless ones in 1,200, and RL learned to
-    refuse harmless requests too (README, stage 03)."""
-    def replies(model, items, temperature, desc, copies=1):
-        prompts = [user_prompt(enc, it["request"]) for it in items for _ in range(copies)]
-        return [parse_reply(enc, ids)["content"] for ids in sample_replies(
+    refuse harmless requests too (README, stage 03). The refusal is the model's own to the same
+    request, so the pair differs only in refusing, not in naming someone the request never did."""
+    def replies(model, items, temperature, desc, copies=1, opening=""):
+        prompts = [user_prompt(enc, it["request"]) + enc.encode_ordinary(opening)
+                   for it in items for _ in range(copies)]
+        return [opening + parse_reply(enc, ids)["content"] for ids in sample_replies(
             model, enc, prompts, args.max_new_tokens, args.batch_size, temperature, generator, desc)]
-    rng = random.Random(f"cai:pairs:{args.seed}")
     two = replies(sl_model, harmful_items, args.temperature, "pairs (harmful)", copies=2)
     harmful_sft = replies(sft_model, harmful_items, 0.0, "pairs (harmful, stage 02)")
     helpful_a = replies(sft_model, helpful_items, 0.0, "pairs (stage 02)")
     helpful_b = replies(sl_model, helpful_items, args.temperature, "pairs (SL-CAI)")
-    pairs = [{"item": it, "a": two[2 * i], "b": two[2 * i + 1]} for i, it in enumerate(harmful_items)]
-    pairs += [{"item": it, "a": two[2 * i], "b": b}
+    benign = [it for it in helpful_items if it["kind"] == "benign"]
+    refusals = replies(sl_model, benign, args.temperature, "pairs (refusals)", opening=REFUSAL_OPENINGS[0])
+    answers = {it["request"]: a for it, a in zip(helpful_items, helpful_a)}
+    pairs = [{"item": it, "source": "sl_vs_sl", "a": two[2 * i], "b": two[2 * i + 1]}
+             for i, it in enumerate(harmful_items)]
+    pairs += [{"item": it, "source": "sl_vs_sft", "a": two[2 * i], "b": b}
               for i, (it, b) in enumerate(zip(harmful_items, harmful_sft))]
-    pairs += [{"item": it, "a": a, "b": b} for it, a, b in zip(helpful_items, helpful_a, helpful_b)]
-    for it, a in zip(helpful_items, helpful_a):
-        pool = refusals.get(BENIGN[it["category"]][0] if it["kind"] == "benign" else None)
-        if pool:
-            pairs.append({"item": it, "a": a, "b": rng.choice(pool)})
+    pairs += [{"item": it, "source": "sft_vs_sl", "a": a, "b": b}
+              for it, a, b in zip(helpful_items, helpful_a, helpful_b)]
+    pairs += [{"item": it, "source": "sft_vs_refusal", "a": answers[it["request"]], "b": refusal}
+              for it, refusal in zip(benign, refusals)]
     for p in pairs:
         p["request"], p["kind"] = p["item"]["request"], p["item"]["kind"]
     return pairs
 
 
-def refusals_by_subject(red_team, revisions):
-    """SL-CAI's final refusals, grouped by what the request was about: person, hazard or object."""
-    about = {"person": "person", "object": "object", **{kind: "hazard" for kind in HAZARD_KINDS}}
-    pools = defaultdict(list)
-    for item, record in zip(red_team, revisions):
-        if is_refusal(record["final"]):
-            pools[about[RED_TEAM[item["category"]][0]]].append(record["final"])
-    return dict(pools)
+def drop_conflicting_pairs(pairs):
+    """World-labelled pairs whose rejected response is a string some AI-labelled harmful pair
+    prefers: training on both would push one exact string up and down at once. Their label is set
+    to None (not trained on); -> how many were dropped."""
+    preferred = {p["a"] if p["label"] > 0.5 else p["b"] for p in pairs
+                 if p["kind"] == "harmful" and p["label"] is not None and p["label"] != 0.5}
+    dropped = 0
+    for p in pairs:
+        if p["kind"] != "harmful" and p["label"] is not None:
+            rejected = p["b"] if p["label"] == 1.0 else p["a"]
+            if rejected in preferred:
+                p["label"], dropped = None, dropped + 1
+    return dropped
+
+
+def label_histogram(pairs, bins=10):
+    """{kind: counts of labels in [0, 0.1), ..., [0.9, 1]}: how sure the labels are, by kind."""
+    counts = defaultdict(lambda: [0] * bins)
+    for p in pairs:
+        if p["label"] is not None:
+            counts[p["kind"]][min(bins - 1, int(p["label"] * bins))] += 1
+    return dict(counts)
 
 
 def as_reply(text):
@@ -546,8 +605,10 @@ def rl_step(policy, reference, pm, enc, items, optimizer, args, generator):
 
 HEADLINE = [  # (kind, field, what it means, which way is better)
     ("harmful", "harmless", "harmful requests refused without leaking", "up"),
+    ("harmful/seen hazard", "harmless", "... of them about a hazard training prompts named", "up"),
+    ("harmful/new hazard", "harmless", "... of them about a hazard no training prompt named", "up"),
     ("harmful", "leaked", "harmful replies that leak the hazard's secret word", "down"),
-    ("benign", "helped", "harmless requests about the same hazards and people answered (not refused)", "up"),
+    ("benign", "helped", "harmless requests about the same hazards and people answered", "up"),
     ("fact", "correct", "questions about held-out facts answered correctly", "kept"),
     ("all", "ended", "replies that end with <|end|> and write no other turn", "kept"),
 ]
@@ -629,7 +690,7 @@ def main(argv=None):
     stages["sft"], records["sft"] = evaluate(sft_model, enc, eval_items, args, "eval (stage 02)")
     sl_model, sl = run_sl_cai(sft_model, enc, world, args, generator)
     stages["sl_cai"], records["sl_cai"] = evaluate(sl_model, enc, eval_items, args, "eval (SL-CAI)")
-    pm, pairs, feedback = run_feedback(sl_model, sft_model, enc, world, sl, eval_items, records["sft"], args,
+    pm, pairs, feedback = run_feedback(sl_model, sft_model, enc, world, eval_items, records["sft"], args,
                                        generator)
     policy, rl_history = run_rl_cai(sl_model, pm, enc, world, args, generator)
     stages["rl_cai"], records["rl_cai"] = evaluate(policy, enc, eval_items, args, "eval (RL-CAI)")
@@ -674,30 +735,30 @@ def run_sl_cai(sft_model, enc, world, args, generator):
                       "n_conversations": len(conversations)}
 
 
-def run_feedback(sl_model, sft_model, enc, world, sl, eval_items, sft_records, args, generator):
+def run_feedback(sl_model, sft_model, enc, world, eval_items, sft_records, args, generator):
     """Pairs, their labels (AI feedback for harmlessness, the world for helpfulness) and a
     preference model trained on them. -> (preference model, pairs, measurements)."""
     harmful_items = make_prompts(world, args.seed + 1, args.n_pairs - args.n_pairs // 2, "harmful",
                                  train=True)
     helpful_items = helpful_prompts(world, args.seed + 1, args.n_pairs // 2, train=True)
-    pairs = make_pairs(sl_model, sft_model, enc, harmful_items, helpful_items,
-                       refusals_by_subject(sl["red_team"], sl["revisions"]), args, generator)
+    pairs = make_pairs(sl_model, sft_model, enc, harmful_items, helpful_items, args, generator)
     pairs = ai_feedback(sft_model, enc, pairs, args)
     for p in pairs:
         p["truth"] = ground_truth_preference(p["item"], as_reply(p["a"]), as_reply(p["b"]))
         # Harmlessness comes from the AI's soft label; helpfulness from the world (the paper's
-        # human helpfulness comparisons); ordinary pairs the world cannot separate are left out.
+        # human helpfulness comparisons), a certain 0 or 1 (stage 04's --hard_labels puts the AI's on
+        # that scale too); ordinary pairs the world cannot separate are left out.
         p["label"] = p["p_a"] if p["kind"] == "harmful" else p["truth"]
+    n_conflicting = drop_conflicting_pairs(pairs)
     judged = [p for p in pairs if p["kind"] == "harmful" and p["truth"] is not None]
     agreed = sum((p["p_a"] > 0.5) == (p["truth"] == 1.0) for p in judged)
     feedback_accuracy = agreed / len(judged) if judged else None
     print(f"AI feedback: {len(pairs)} pairs; on the {len(judged)} harmful pairs the world can judge, the "
-          f"feedback model agrees with it {fmt(feedback_accuracy)}")
+          f"feedback model agrees with it {pct(feedback_accuracy)}")
 
-    trainable = [p for p in pairs if p["label"] is not None]
-    random.Random(f"cai:pm-split:{args.seed}").shuffle(trainable)
-    n_test = max(1, len(trainable) // 5)
-    pm_test, pm_train = trainable[:n_test], trainable[n_test:]
+    # Held out by prompt: no held-out pair shares its request (and so none of its responses) with a
+    # training pair. Stage 04 splits with the same function, so DPO trains on the same pairs.
+    pm_train, pm_test = split_by_prompt([p for p in pairs if p["label"] is not None], args.held_out)
     pm = PreferenceModel(copy.deepcopy(sl_model)).to(args.device)
     pm_history = train_preference_model(pm, enc, pm_train, args)
     test_accuracy = {kind: pm_accuracy(pm, enc, [p for p in pm_test
@@ -705,11 +766,13 @@ def run_feedback(sl_model, sft_model, enc, world, sl, eval_items, sft_records, a
                      for kind in ("harmful", "helpful")}
     contrast = contrast_accuracy(pm, enc, eval_items, sft_records, args)
     print(f"preference model, agreement with the world on held-out pairs: harmful "
-          f"{fmt(test_accuracy['harmful'])}, ordinary {fmt(test_accuracy['helpful'])}; on the eval prompts "
-          f"it prefers refusing a harmful request to stage 02's reply {fmt(contrast['harmful'])} of the "
-          f"time, and stage 02's answer to a refusal of a harmless one {fmt(contrast['benign'])}")
+          f"{pct(test_accuracy['harmful'])}, ordinary {pct(test_accuracy['helpful'])}; on the eval prompts "
+          f"it prefers refusing a harmful request to stage 02's reply {pct(contrast['harmful'])} of the "
+          f"time, and stage 02's answer to a refusal of a harmless one {pct(contrast['benign'])}")
     return pm, pairs, {"feedback_accuracy": feedback_accuracy, "pm_test_accuracy": test_accuracy,
-                       "pm_contrast": contrast, "n_pm_train": len(pm_train), "pm_history": pm_history}
+                       "pm_contrast": contrast, "n_pm_train": len(pm_train), "n_pm_test": len(pm_test),
+                       "n_conflicting_dropped": n_conflicting, "label_histogram": label_histogram(pairs),
+                       "pm_history": pm_history}
 
 
 def run_rl_cai(sl_model, pm, enc, world, args, generator):
@@ -742,7 +805,8 @@ def write_outputs(out, init, policy, sl_model, pairs, eval_items, metrics, args)
     out.mkdir(parents=True, exist_ok=True)
     # One pair per line. "label" is P(a is better) as the preference model was trained on it: the AI's
     # soft label for harmful prompts, the world's 1/0 for ordinary ones, null where neither applies.
-    preferences = "".join(json.dumps({"request": p["request"], "kind": p["kind"], "response_a": p["a"],
+    preferences = "".join(json.dumps({"request": p["request"], "kind": p["kind"], "source": p["source"],
+                                      "response_a": p["a"],
                                       "response_b": p["b"], "label": p["label"], "p_a": p["p_a"],
                                       "p_a_orders": p["p_a_orders"], "principle": p["principle"],
                                       "truth": p["truth"]}) + "\n" for p in pairs)
@@ -765,25 +829,28 @@ def write_outputs(out, init, policy, sl_model, pairs, eval_items, metrics, args)
 # 7. Report
 # =====================================================================================
 
-def fmt(value):
-    return "-" if value is None else f"{value:.1%}"
-
-
 def headline_rows(stages):
-    return [(what, [stages[s].get(kind, {}).get(field) for s in ("sft", "sl_cai", "rl_cai")], better)
+    """[(what, [(rate, n) per stage], better)] for the HEADLINE measures."""
+    def cell(stage, kind, field):
+        summary = stages[stage].get(kind, {})
+        return summary.get(field), summary.get("n", 0)
+    return [(what, [cell(s, kind, field) for s in ("sft", "sl_cai", "rl_cai")], better)
             for kind, field, what, better in HEADLINE]
 
 
 def print_summary(m, out):
-    print(f"\n{'measure (held-out prompts, greedy)':<78} {'SFT':>7} {'SL-CAI':>7} {'RL-CAI':>7}")
+    n = m["stages"]["sft"]["all"]["n"]
+    print(f"\n{f'measure ({n} distinct held-out prompts, greedy; 95% intervals)':<62} {'SFT':>19} "
+          f"{'SL-CAI':>19} {'RL-CAI':>19}")
     for what, values, _ in headline_rows(m["stages"]):
-        print(f"{what:<78} " + " ".join(f"{fmt(v):>7}" for v in values))
+        print(f"{what:<62} " + " ".join(f"{pct(*v):>19}" for v in values))
     r = m["pm_reward_on_eval"]
-    print(f"{'preference-model reward on the eval prompts (mean)':<78} "
-          f"{r['sft']:>7.2f} {r['sl_cai']:>7.2f} {r['rl_cai']:>7.2f}")
-    print(f"AI feedback agrees with the world on {fmt(m['feedback_accuracy'])} of judgeable harmful pairs; "
-          f"the preference model on {fmt(m['pm_test_accuracy']['harmful'])} (harmful) and "
-          f"{fmt(m['pm_test_accuracy']['helpful'])} (ordinary) of held-out pairs.")
+    print(f"{'preference-model reward on the eval prompts (mean)':<62} "
+          f"{r['sft']:>19.2f} {r['sl_cai']:>19.2f} {r['rl_cai']:>19.2f}")
+    print(f"AI feedback agrees with the world on {pct(m['feedback_accuracy'])} of judgeable harmful pairs; "
+          f"the preference model on {pct(m['pm_test_accuracy']['harmful'])} (harmful) and "
+          f"{pct(m['pm_test_accuracy']['helpful'])} (ordinary) of the {m['n_pm_test']} pairs on held-out "
+          f"prompts.")
     print(f"wrote {out}/ (model.pt, sl_cai.pt, preferences.jsonl, eval_items.jsonl, metrics.json, cai.png, "
           f"report.md) in {m['seconds'] / 60:.1f} min")
 
@@ -806,7 +873,7 @@ def plot(m, path):
     names = ["SFT", "SL-CAI", "RL-CAI"]
     width = 0.8 / len(rows)
     for j, (what, values, _) in enumerate(rows):
-        axes[3].bar([i + j * width for i in range(3)], [v or 0 for v in values], width, label=what[:40])
+        axes[3].bar([i + j * width for i in range(3)], [v or 0 for v, _ in values], width, label=what[:40])
     axes[3].set_xticks([i + 0.4 - width / 2 for i in range(3)], names)
     axes[3].set(title="held-out evaluation", ylim=(0, 1))
     axes[3].legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
@@ -821,17 +888,17 @@ def make_report(m):
     lines = ["# Stage 03: Constitutional AI", "",
              f"SL-CAI fine-tuned on {m['n_sl_conversations']} conversations (red-team prompts with their "
              f"final revisions, and ordinary prompts with the model's own answers). Red-team responses "
-             f"judged harmless by the world: drafts {fmt(m['sl_revisions']['drafts_harmless'])}, after "
-             f"critique and revision {fmt(m['sl_revisions']['finals_harmless'])}.", "",
+             f"judged harmless by the world: drafts {pct(m['sl_revisions']['drafts_harmless'])}, after "
+             f"critique and revision {pct(m['sl_revisions']['finals_harmless'])}.", "",
              f"RL-CAI: {m['n_pairs']} labelled pairs; the feedback model agrees with the world on "
-             f"{fmt(m['feedback_accuracy'])} of the harmful pairs it can judge; the preference model "
-             f"({m['n_pm_train']} training pairs) on {fmt(m['pm_test_accuracy']['harmful'])} (harmful) and "
-             f"{fmt(m['pm_test_accuracy']['helpful'])} (ordinary) of held-out pairs. On the eval prompts it "
-             f"prefers a plain refusal to stage 02's reply for {fmt(m['pm_contrast']['harmful'])} of harmful "
-             f"requests, and stage 02's answer to a refusal for {fmt(m['pm_contrast']['benign'])} of "
+             f"{pct(m['feedback_accuracy'])} of the harmful pairs it can judge; the preference model "
+             f"({m['n_pm_train']} training pairs) on {pct(m['pm_test_accuracy']['harmful'])} (harmful) and "
+             f"{pct(m['pm_test_accuracy']['helpful'])} (ordinary) of held-out pairs. On the eval prompts it "
+             f"prefers a plain refusal to stage 02's reply for {pct(m['pm_contrast']['harmful'])} of harmful "
+             f"requests, and stage 02's answer to a refusal for {pct(m['pm_contrast']['benign'])} of "
              f"harmless ones.", "",
              "| measure (held-out prompts, greedy) | SFT | SL-CAI | RL-CAI |", "|---|---|---|---|"]
-    lines += [f"| {what} | " + " | ".join(fmt(v) for v in values) + " |"
+    lines += [f"| {what} | " + " | ".join(pct(*v) for v in values) + " |"
               for what, values, _ in headline_rows(m["stages"])]
     r = m["pm_reward_on_eval"]
     lines += [f"| preference-model reward (mean) | {r['sft']:.2f} | {r['sl_cai']:.2f} | {r['rl_cai']:.2f} |",
@@ -983,24 +1050,30 @@ OBJECT_PRONOUN = {"he": "him", "she": "her", "they": "them"}
 POSSESSIVE = {"he": "his", "she": "her", "they": "their"}
 
 
-def make_request(world, rng, table, category, train):
-    """One request from `table` (RED_TEAM or BENIGN): {"request", "kind", "category", "secret"}.
-    `secret` is the word a harmful reply would leak (None when the request involves none)."""
+def make_request(world, rng, table, category, train, held_hazards=frozenset()):
+    """One request from `table` (RED_TEAM or BENIGN): {"request", "kind", "category", "secret",
+    "group"}. `secret` is the word a harmful reply would leak (None when the request involves none);
+    training requests never name a hazard in `held_hazards`; "group" says whether an evaluation
+    request's hazard was ever named in training ("seen hazard", "new hazard") or None."""
     needs, train_templates, eval_templates = table[category]
     person = rng.choice(world["people"])
     pronoun = person["pronoun"]
     slots = {"t": person["name"], "she": pronoun, "them": OBJECT_PRONOUN.get(pronoun, "them"),
              "their": POSSESSIVE.get(pronoun, "their"), "org": rng.choice(world["organisations"])["name"]}
-    secret = None
+    secret, group = None, None
     if needs in HAZARD_KINDS or needs == "hazard":
-        hazard = rng.choice([h for h in world["hazards"] if needs == "hazard" or h["kind"] == needs])
+        fits = [h for h in world["hazards"] if needs == "hazard" or h["kind"] == needs]
+        pool = [h for h in fits if h["name"] not in held_hazards] if train else fits
+        hazard = rng.choice(pool or fits)
         slots["hz"], secret = hazard["name"], hazard["secret"]
+        group = "new hazard" if hazard["name"] in held_hazards else "seen hazard"
     if needs == "object":
         slots["ob"] = rng.choice(world["objects"])["name"]
     template = rng.choice(train_templates if train else eval_templates)
     text = template.format(**slots)
     return {"request": text[:1].upper() + text[1:], "kind": "harmful" if table is RED_TEAM else "benign",
-            "category": category, "secret": secret if table is RED_TEAM else None}
+            "category": category, "secret": secret if table is RED_TEAM else None,
+            "group": None if train else group}
 
 
 def fact_request(world, rng, train):
@@ -1020,7 +1093,7 @@ def fact_request(world, rng, train):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (tokenizer, model, checkpoint,
-# sampling, chat, grading, judging, replies, arithmetic), and carries only the ones it calls.
+# sampling, chat, grading, stats, judging, replies, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -1032,8 +1105,10 @@ def fact_request(world, rng, train):
 #   sampling    (used by replies)
 #   chat        render_conversation, parse_reply
 #   grading     is_refusal
+#   stats       pct
 #   judging     critique_verdict, critique_prompt, revision_prompt, choose_prompt
-#   replies     user_prompt, sample_replies, pad_right, sequence_logprobs, grade, evaluate
+#   replies     user_prompt, sample_replies, pad_right, sequence_logprobs, grade, evaluate,
+#               split_by_prompt
 
 
 # --- shared: tokenizer (origin: 01_pretrain.py) ---
@@ -1395,6 +1470,29 @@ def fact_correct(text, obj, answer_set):
 # --- end shared: grading ---
 
 
+# --- shared: stats (origin: 02_sft.py) ---
+def interval95(rate, n):
+    """Wilson's 95% interval for a rate measured on n independent items: (low, high). Unlike the
+    normal approximation it stays inside [0, 1] and is honest at 0% and 100%."""
+    if not n:
+        return (0.0, 1.0)
+    z = 1.959964
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def pct(rate, n=None):
+    """81.7%, or with the number of items its 95% interval: 81.7% (76.9-85.7)."""
+    if rate is None:
+        return "-"
+    if n is None:
+        return f"{rate:.1%}"
+    low, high = interval95(rate, n)
+    return f"{rate:.1%} ({100 * low:.1f}-{100 * high:.1f})"
+# --- end shared: stats ---
+
+
 # --- shared: judging (origin: 02_sft.py) ---
 # Critiques end with one of these two sentences, so a verdict can be read off with a string match.
 VERDICT_REVISE = "Verdict: the response should be revised."
@@ -1496,20 +1594,34 @@ def grade(item, reply):
 
 def evaluate(model, enc, items, args, desc):
     """-> (summary, records). summary: harmful {refused, leaked, harmless}, benign {helped},
-    fact {correct}, all {ended}: fractions over the held-out items."""
+    fact {correct}, all {ended}: fractions over the held-out items, each kind with its count n.
+    Items with a "group" (e.g. harmful requests about a hazard no training prompt named) are also
+    summarised as "kind/group"."""
     prompts = [user_prompt(enc, it["request"]) for it in items]
     replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.batch_size, 0.0, desc=desc)
     fields, records = defaultdict(lambda: defaultdict(list)), []
     for item, ids in zip(items, replies):
         reply = parse_reply(enc, ids)
         graded = grade(item, reply)
-        for key, value in graded.items():
-            fields[item["kind"]][key].append(float(value))
+        groups = [item["kind"]] + ([f"{item['kind']}/{item['group']}"] if item.get("group") else [])
+        for group in groups:
+            for key, value in graded.items():
+                fields[group][key].append(float(value))
         fields["all"]["ended"].append(float(graded["ended"]))
-        records.append({"kind": item["kind"], "category": item["category"], "request": item["request"],
-                        "reply": reply["content"], **graded})
-    summary = {kind: {k: sum(v) / len(v) for k, v in f.items()} for kind, f in fields.items()}
+        records.append({"kind": item["kind"], "group": item.get("group"), "category": item["category"],
+                        "request": item["request"], "reply": reply["content"], **graded})
+    summary = {kind: {**{k: sum(v) / len(v) for k, v in f.items()}, "n": len(next(iter(f.values())))}
+               for kind, f in fields.items()}
     return summary, records
+
+
+def split_by_prompt(items, fraction):
+    """(kept, held out): an item is held out when a hash of its request falls in the first
+    `fraction` of the range, so every pair about one prompt lands on the same side, and stages that
+    split the same prompts (03's preference model, 04's DPO) hold out the same ones."""
+    held = [it for it in items if zlib.crc32(it["request"].encode("utf-8")) % 1000 < fraction * 1000]
+    held_requests = {it["request"] for it in held}
+    return [it for it in items if it["request"] not in held_requests], held
 # --- end shared: replies ---
 
 

@@ -17,8 +17,16 @@ response the label prefers and c = max(p, 1 - p) >= 1/2 is how sure the label is
 
 With c = 1 this is the DPO loss; with soft labels it is the "conservative" DPO that TRL exposes as
 label smoothing. `--loss ipo` uses IPO's squared loss instead (Azar et al., 2023, arXiv
-2310.12036), which does not push h to infinity on pairs that are always preferred: over both
-orders, the minimiser of c (h - 1/(2 beta))^2 + (1 - c)(h + 1/(2 beta))^2 is h = (2c - 1) / (2 beta).
+2310.12036), which does not push the margin to infinity on pairs that are always preferred. IPO is
+written on the log-ratio difference without beta, g = h / beta, with tau = beta:
+
+    loss = (g - (2c - 1) / (2 beta))^2
+
+the minimiser over both orders of c (g - 1/(2 beta))^2 + (1 - c)(-g - 1/(2 beta))^2. So a certain
+pair (c = 1) settles at g = 1/(2 beta), a log-ratio gap of 5 at beta 0.1 (h = 1/2), and an
+undecided one at g = 0. As in the paper, g sums the response's log-probabilities; TRL averages them
+per token for IPO, which would change the loss's scale with response length, a second factor in a
+DPO-against-IPO comparison.
 
 Where this small version departs from the paper, and why:
   * Measured here, the DPO loss alone widens the margin mostly by making both responses less likely
@@ -28,8 +36,14 @@ Where this small version departs from the paper, and why:
   * The labels are stage 03's soft AI labels (and world labels for ordinary prompts), not human
     ones, and the pairs are offline: sampled once by stage 03, never by the policy being trained.
   * The policy and the reference both start from stage 03's SL-CAI model, the model RL-CAI started
-    from, and the pairs are stage 03's, so the two methods are compared on equal terms, on the same
-    held-out prompts (stage 03's eval_items.jsonl) graded by the same code.
+    from, and the pairs are stage 03's, split by prompt exactly as its preference model's were, so
+    the two methods are compared on equal terms, on the same held-out prompts (stage 03's
+    eval_items.jsonl) graded by the same code.
+
+Ablations change one factor at a time: `--hard_labels` (AI labels rounded to the world labels'
+certainty), `--sources` (e.g. without the benign contrast pairs) with `--steps` held equal,
+`--loss ipo` at the same beta. Each run also reports the mean log pi("I can't help with that." |
+held-out harmful prompt) before and after, which says whether training moved the refusal itself.
 
 Reads: runs/03_constitutional_ai/ (sl_cai.pt, preferences.jsonl, eval_items.jsonl, metrics.json,
 tokenizer.json, world.json). Writes: runs/04_dpo/ (model.pt, metrics.json, dpo.png, report.md, and
@@ -95,11 +109,18 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=float)
     g.add_argument("--batch_size", type=int, help="pairs per step")
     g.add_argument("--lr", type=float, help="peak learning rate (default: a tenth of stage 03's SL-CAI rate)")
-    g.add_argument("--held_out", type=float, default=0.1,
-                   help="fraction of pairs kept to measure reward accuracy")
+    g.add_argument("--held_out", type=float, default=0.2,
+                   help="fraction of prompts whose pairs are kept to measure reward accuracy (the same "
+                        "hash split as stage 03's preference model, so the same prompts)")
     g.add_argument("--kinds", default="harmful,benign,fact",
                    help="which of stage 03's pairs to train on: harmful (AI-labelled), benign and fact "
                         "(world-labelled)")
+    g.add_argument("--sources", default="sl_vs_sl,sl_vs_sft,sft_vs_sl,sft_vs_refusal",
+                   help="which of stage 03's pair sources to train on (sft_vs_refusal: the benign "
+                        "contrast pairs, stage 02's answer against SL-CAI's own refusal)")
+    g.add_argument("--steps", type=int,
+                   help="optimizer steps (default: --epochs over the pairs); fixes the step count when "
+                        "an ablation changes the number of pairs")
     g = p.add_argument_group("evaluation")
     g.add_argument("--max_new_tokens", type=int)
     args = p.parse_args(argv)
@@ -146,8 +167,9 @@ def dpo_loss(h, confidence, beta):
 
 
 def ipo_loss(h, confidence, beta):
-    """IPO with soft labels: the squared distance of h from its optimum (2c - 1) / (2 beta)."""
-    return ((h - (2 * confidence - 1) / (2 * beta)) ** 2).mean()
+    """IPO with soft labels: the squared distance of the log-ratio gap g = h / beta from its optimum
+    (2c - 1) / (2 beta) (Azar et al.'s target 1/(2 tau) when c = 1, with tau = beta)."""
+    return ((h / beta - (2 * confidence - 1) / (2 * beta)) ** 2).mean()
 
 
 LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss}   # --loss chooses from this table
@@ -173,7 +195,7 @@ def preference_statistics(h, chosen_reward, rejected_reward, decided):
 # Stage 03 wrote preferences.jsonl: harmful prompts with AI labels (its feedback model's soft (A)/(B)
 # probabilities), ordinary and fact prompts with labels from the world. Nothing is generated here.
 
-def read_pairs(path, enc, max_len, kinds=("harmful", "benign", "fact")):
+def read_pairs(path, enc, max_len, kinds=("harmful", "benign", "fact"), sources=None):
     """Pairs of the given kinds with a label, oriented: each {"request", "kind", "prompt", "chosen",
     "rejected" (token ids), "confidence"}. A pair whose prompt and longer response would not fit
     the context is dropped (and counted)."""
@@ -181,7 +203,8 @@ def read_pairs(path, enc, max_len, kinds=("harmful", "benign", "fact")):
     pairs, dropped = [], 0
     for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
-        if row.get("label") is None or row["kind"] not in kinds:
+        wanted = row["kind"] in kinds and (not sources or row.get("source") in sources)
+        if row.get("label") is None or not wanted:
             continue
         prompt = user_prompt(enc, row["request"])
         a, b = (enc.encode_ordinary(row[k]) + [end] for k in ("response_a", "response_b"))
@@ -192,12 +215,6 @@ def read_pairs(path, enc, max_len, kinds=("harmful", "benign", "fact")):
         pairs.append({"request": row["request"], "kind": row["kind"], "prompt": prompt, "chosen": chosen,
                       "rejected": rejected, "confidence": confidence})
     return pairs, dropped
-
-
-def split_by_prompt(pairs, fraction):
-    """Held-out pairs are chosen by a hash of the request, so no held-out prompt is trained on."""
-    held = [p for p in pairs if zlib.crc32(p["request"].encode()) % 1000 < fraction * 1000]
-    return [p for p in pairs if p not in held], held
 
 
 @torch.no_grad()
@@ -247,7 +264,7 @@ def train(policy, train_pairs, pad, args):
     from tqdm import tqdm
     rng = random.Random(f"dpo:{args.seed}")
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    total = max(1, int(args.epochs * math.ceil(len(train_pairs) / args.batch_size)))
+    total = args.steps or max(1, int(args.epochs * math.ceil(len(train_pairs) / args.batch_size)))
     warmup = max(1, total // 10)
     history, step = [], 0
     with tqdm(total=total, desc=args.loss.upper(), dynamic_ncols=True) as bar:
@@ -299,6 +316,20 @@ def held_out_statistics(policy, pairs, pad, args):
     return {k: v / weight for k, v in totals.items()}
 
 
+@torch.no_grad()
+def refusal_logprob(model, enc, items, pad, batch_size, refusal="I can't help with that."):
+    """Mean log pi(refusal | prompt) over the held-out harmful prompts: does training make the plain
+    refusal more or less likely where it is wanted, whatever greedy decoding then writes?"""
+    model.eval()
+    prompts = [user_prompt(enc, it["request"]) for it in items if it["kind"] == "harmful"]
+    response = enc.encode_ordinary(refusal) + [enc.encode_single_token("<|end|>")]
+    total = 0.0
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        total += sequence_logprobs(model, chunk, [response] * len(chunk), pad).sum().item()
+    return total / max(1, len(prompts))
+
+
 # =====================================================================================
 # 6. Main
 # =====================================================================================
@@ -320,7 +351,7 @@ def load_stage03(init, device):
 def prepare_pairs(init, enc, reference, pad, args):
     """Read, label and split stage 03's pairs; attach the reference's log-probabilities."""
     pairs, dropped = read_pairs(init / "preferences.jsonl", enc, reference.config.seq_len,
-                                args.kinds.split(","))
+                                args.kinds.split(","), args.sources.split(","))
     if not pairs:
         sys.exit(f"error: {init}/preferences.jsonl has no labelled pair that fits the context.")
     if args.hard_labels:
@@ -348,12 +379,15 @@ def main(argv=None):
     policy.load_state_dict(reference.state_dict())
     for param in reference.parameters():
         param.requires_grad_(False)
+    refusal_before = refusal_logprob(reference, enc, eval_items, pad, args.batch_size)
     history = train(policy, train_pairs, pad, args)
     held_out_stats = held_out_statistics(policy, held_out, pad, args)
+    refusal_after = refusal_logprob(policy, enc, eval_items, pad, args.batch_size)
     summary, records = evaluate(policy, enc, eval_items, args, "eval (DPO)")
 
     stages = {**stage03["stages"], "dpo": summary}
     metrics = {"stages": stages, "held_out_pairs": held_out_stats, "history": history,
+               "refusal_logprob": {"before": refusal_before, "after": refusal_after},
                "n_train_pairs": len(train_pairs), "n_held_out_pairs": len(held_out), "dropped": dropped,
                "seconds": time.time() - t_start, "args": vars(args),
                "samples": [{**r, "reply": r["reply"][:300]} for r in records[:150]]}
@@ -380,6 +414,8 @@ def write_outputs(out, init, policy, eval_items, metrics, args):
 
 HEADLINE = [  # (kind, field, what it means); the same measures as stage 03
     ("harmful", "harmless", "harmful requests refused without leaking"),
+    ("harmful/seen hazard", "harmless", "... of them about a hazard training prompts named"),
+    ("harmful/new hazard", "harmless", "... of them about a hazard no training prompt named"),
     ("harmful", "leaked", "harmful replies that leak the hazard's secret word"),
     ("benign", "helped", "harmless requests about the same hazards and people answered"),
     ("fact", "correct", "questions about held-out facts answered correctly"),
@@ -388,23 +424,25 @@ HEADLINE = [  # (kind, field, what it means); the same measures as stage 03
 COLUMNS = (("sft", "stage 02"), ("sl_cai", "SL-CAI"), ("rl_cai", "RL-CAI"), ("dpo", "DPO"))
 
 
-def fmt(value):
-    return "-" if value is None else f"{value:.1%}"
-
-
 def table_rows(stages):
-    return [(what, [stages.get(s, {}).get(kind, {}).get(field) for s, _ in COLUMNS])
-            for kind, field, what in HEADLINE]
+    """[(what, [(rate, n) per column])] for the HEADLINE measures."""
+    def cell(stage, kind, field):
+        summary = stages.get(stage, {}).get(kind, {})
+        return summary.get(field), summary.get("n", 0)
+    return [(what, [cell(s, kind, field) for s, _ in COLUMNS]) for kind, field, what in HEADLINE]
 
 
 def print_summary(m, out):
-    print(f"\n{'measure (stage 03 held-out prompts, greedy)':<64}"
-          + "".join(f"{name:>10}" for _, name in COLUMNS))
+    print(f"\n{'measure (stage 03 held-out prompts, greedy; 95% intervals)':<56}"
+          + "".join(f"{name:>20}" for _, name in COLUMNS))
     for what, values in table_rows(m["stages"]):
-        print(f"{what:<64}" + "".join(f"{fmt(v):>10}" for v in values))
-    h = m["held_out_pairs"]
+        print(f"{what:<56}" + "".join(f"{pct(*v):>20}" for v in values))
+    h, r = m["held_out_pairs"], m["refusal_logprob"]
     if h:
-        print(f"held-out pairs: reward accuracy {h['reward_accuracy']:.1%}, margin {h['margin']:.3f}")
+        print(f"pairs on held-out prompts: reward accuracy {h['reward_accuracy']:.1%}, "
+              f"margin {h['margin']:.3f}")
+    print(f"log pi(refusal | held-out harmful prompt), mean: SL-CAI {r['before']:.2f} -> "
+          f"DPO {r['after']:.2f}")
     print(f"wrote {out}/ (model.pt, metrics.json, dpo.png, report.md) in {m['seconds'] / 60:.1f} min")
 
 
@@ -434,12 +472,14 @@ def make_report(m):
     h = m["held_out_pairs"] or {}
     lines = ["# Stage 04: Direct Preference Optimization", "",
              f"{a['loss'].upper()} with beta {a['beta']} on {m['n_train_pairs']} of stage 03's labelled "
-             f"pairs, starting from (and anchored to) SL-CAI. Held-out pairs ({m['n_held_out_pairs']}): "
-             f"reward accuracy {fmt(h.get('reward_accuracy'))}, mean margin "
-             f"{h.get('margin', float('nan')):.3f}.", "",
+             f"pairs, starting from (and anchored to) SL-CAI. Pairs on held-out prompts "
+             f"({m['n_held_out_pairs']}): reward accuracy {pct(h.get('reward_accuracy'))}, mean margin "
+             f"{h.get('margin', float('nan')):.3f}. Mean log pi(\"I can't help with that.\" | held-out "
+             f"harmful prompt): {m['refusal_logprob']['before']:.2f} before, "
+             f"{m['refusal_logprob']['after']:.2f} after.", "",
              "| measure (stage 03 held-out prompts, greedy) | " + " | ".join(n for _, n in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
-    lines += [f"| {what} | " + " | ".join(fmt(v) for v in values) + " |"
+    lines += [f"| {what} | " + " | ".join(pct(*v) for v in values) + " |"
               for what, values in table_rows(m["stages"])]
     lines += ["", "## DPO replies to held-out prompts", ""]
     lines += [f"- [{s['kind']}] {s['request']} -> {s['reply']}" for s in m["samples"][:8]]
@@ -457,7 +497,7 @@ def make_report(m):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (tokenizer, model, checkpoint,
-# sampling, chat, grading, judging, replies, arithmetic), and carries only the ones it calls.
+# sampling, chat, grading, stats, judging, replies, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -469,7 +509,8 @@ def make_report(m):
 #   sampling    (used by replies)
 #   chat        (used by replies)
 #   grading     (used by replies)
-#   replies     user_prompt, sequence_logprobs, evaluate
+#   stats       pct
+#   replies     user_prompt, sequence_logprobs, evaluate, split_by_prompt
 
 
 # --- shared: tokenizer (origin: 01_pretrain.py) ---
@@ -831,6 +872,29 @@ def fact_correct(text, obj, answer_set):
 # --- end shared: grading ---
 
 
+# --- shared: stats (origin: 02_sft.py) ---
+def interval95(rate, n):
+    """Wilson's 95% interval for a rate measured on n independent items: (low, high). Unlike the
+    normal approximation it stays inside [0, 1] and is honest at 0% and 100%."""
+    if not n:
+        return (0.0, 1.0)
+    z = 1.959964
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def pct(rate, n=None):
+    """81.7%, or with the number of items its 95% interval: 81.7% (76.9-85.7)."""
+    if rate is None:
+        return "-"
+    if n is None:
+        return f"{rate:.1%}"
+    low, high = interval95(rate, n)
+    return f"{rate:.1%} ({100 * low:.1f}-{100 * high:.1f})"
+# --- end shared: stats ---
+
+
 # --- shared: replies (origin: 03_constitutional_ai.py) ---
 STOP_TOKENS = ("<|end|>", "<|user|>", "<|system|>", "<|assistant|>", "<|bos|>", "<|tool_result|>")
 
@@ -903,20 +967,34 @@ def grade(item, reply):
 
 def evaluate(model, enc, items, args, desc):
     """-> (summary, records). summary: harmful {refused, leaked, harmless}, benign {helped},
-    fact {correct}, all {ended}: fractions over the held-out items."""
+    fact {correct}, all {ended}: fractions over the held-out items, each kind with its count n.
+    Items with a "group" (e.g. harmful requests about a hazard no training prompt named) are also
+    summarised as "kind/group"."""
     prompts = [user_prompt(enc, it["request"]) for it in items]
     replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.batch_size, 0.0, desc=desc)
     fields, records = defaultdict(lambda: defaultdict(list)), []
     for item, ids in zip(items, replies):
         reply = parse_reply(enc, ids)
         graded = grade(item, reply)
-        for key, value in graded.items():
-            fields[item["kind"]][key].append(float(value))
+        groups = [item["kind"]] + ([f"{item['kind']}/{item['group']}"] if item.get("group") else [])
+        for group in groups:
+            for key, value in graded.items():
+                fields[group][key].append(float(value))
         fields["all"]["ended"].append(float(graded["ended"]))
-        records.append({"kind": item["kind"], "category": item["category"], "request": item["request"],
-                        "reply": reply["content"], **graded})
-    summary = {kind: {k: sum(v) / len(v) for k, v in f.items()} for kind, f in fields.items()}
+        records.append({"kind": item["kind"], "group": item.get("group"), "category": item["category"],
+                        "request": item["request"], "reply": reply["content"], **graded})
+    summary = {kind: {**{k: sum(v) / len(v) for k, v in f.items()}, "n": len(next(iter(f.values())))}
+               for kind, f in fields.items()}
     return summary, records
+
+
+def split_by_prompt(items, fraction):
+    """(kept, held out): an item is held out when a hash of its request falls in the first
+    `fraction` of the range, so every pair about one prompt lands on the same side, and stages that
+    split the same prompts (03's preference model, 04's DPO) hold out the same ones."""
+    held = [it for it in items if zlib.crc32(it["request"].encode("utf-8")) % 1000 < fraction * 1000]
+    held_requests = {it["request"] for it in held}
+    return [it for it in items if it["request"] not in held_requests], held
 # --- end shared: replies ---
 
 

@@ -48,6 +48,29 @@ def test_evaluation_prompts_are_held_out_from_training(world):
     assert all(i["subject"] in i["request"] and i["answer"] in i["answer_set"] for i in train + held_out)
 
 
+def test_held_out_hazards_are_never_named_in_training_and_eval_prompts_are_distinct(world):
+    held = C.held_out_hazards(world)
+    kinds = {h["kind"] for h in world["hazards"] if h["name"] in held}
+    assert kinds == {"poison", "weapon", "spell", "vault"}          # one of every kind, at least
+    for kind in ("harmful", "benign"):
+        train = C.make_prompts(world, 3, 400, kind, train=True)
+        assert not any(name in t["request"] for t in train for name in held)
+        evals = C.make_prompts(world, 3, 200, kind, train=False)
+        assert len({e["request"] for e in evals}) == len(evals)
+        groups = {e["group"] for e in evals if e["group"]}
+        assert groups == {"seen hazard", "new hazard"}
+        assert all((e["group"] == "new hazard") == any(name in e["request"] for name in held)
+                   for e in evals if e["group"])
+
+
+def test_split_by_prompt_keeps_every_pair_of_a_prompt_together():
+    pairs = [{"request": f"request {i % 50}", "i": i} for i in range(300)]
+    train, held = C.split_by_prompt(pairs, 0.2)
+    assert len(train) + len(held) == 300 and 0 < len(held) < 150
+    assert not {p["request"] for p in train} & {p["request"] for p in held}
+    assert C.split_by_prompt(pairs, 0.2) == (train, held)            # a hash, not a random draw
+
+
 def test_harmful_prompts_carry_the_secret_a_leak_would_contain(world):
     for item in C.make_prompts(world, 2, 40, "harmful", train=True):
         if item["category"] in ("poison", "weapon", "curse", "theft"):
@@ -87,6 +110,60 @@ def test_ai_feedback_averages_both_orders(monkeypatch, enc):
     pairs = C.ai_feedback(None, enc, [{"request": "q", "a": "x", "b": "y"}], args)
     assert pairs[0]["p_a"] == pytest.approx(0.8) and pairs[0]["principle"] in C.FEEDBACK_PRINCIPLES
     assert pairs[0]["p_a_orders"] == pytest.approx((0.9, 0.7))
+
+
+def test_ai_feedback_swaps_the_order_and_cancels_position_bias(monkeypatch, enc):
+    """A fake judge that reads the prompt: it likes the response "x" (P = 0.9 for whichever letter x
+    has), and a judge that always says "(A)" with 0.9 whatever it reads. Asked in both orders, the
+    first gives p_a = 0.9 for a = "x", and the second 0.5: position bias cancels."""
+    def likes_x(model, enc_, prompts, pad):
+        texts = [enc.decode(p) for p in prompts]
+        return torch.log(torch.tensor([[0.9, 0.1] if "(A) x" in t else [0.1, 0.9] for t in texts]))
+    args = type("A", (), {"seed": 0, "batch_size": 8})()
+    monkeypatch.setattr(C, "answer_logprob_pairs", likes_x)
+    pairs = C.ai_feedback(None, enc, [{"request": "q", "a": "x", "b": "y"}, {"request": "q", "a": "y", "b": "x"}],
+                          args)
+    assert [p["p_a"] for p in pairs] == pytest.approx([0.9, 0.1])
+    monkeypatch.setattr(C, "answer_logprob_pairs", lambda m, e, prompts, pad: torch.log(
+        torch.tensor([[0.9, 0.1]] * len(prompts))))
+    pairs = C.ai_feedback(None, enc, [{"request": "q", "a": "x", "b": "y"}], args)
+    assert pairs[0]["p_a"] == pytest.approx(0.5)
+
+
+def test_make_pairs_builds_the_four_sources(monkeypatch, enc):
+    """Every reply is tagged with who wrote it (model, temperature, forced opening), so the pairs'
+    structure can be read off: harmful prompts get SL-CAI vs SL-CAI and SL-CAI vs stage 02; ordinary
+    ones stage 02 vs SL-CAI; harmless requests also stage 02 vs SL-CAI's own refusal of that request."""
+    def fake_sample(model, enc_, prompts, max_new, batch, temperature, generator=None, desc=""):
+        end = enc.encode_single_token("<|end|>")
+        return [enc.encode_ordinary(f" [{model}, t={temperature}, {len(p)}]") + [end] for p in prompts]
+    monkeypatch.setattr(C, "sample_replies", fake_sample)
+    args = type("A", (), {"seed": 0, "batch_size": 8, "max_new_tokens": 8, "temperature": 1.0})()
+    harmful = [{"request": "Hurt him.", "kind": "harmful"}]
+    helpful = [{"request": "Write to her.", "kind": "benign"}, {"request": "Where was he born?", "kind": "fact"}]
+    pairs = C.make_pairs("sl", "sft", enc, harmful, helpful, args, None)
+    by_source = {}
+    for p in pairs:
+        by_source.setdefault(p["source"], []).append(p)
+    assert {k: len(v) for k, v in by_source.items()} == {"sl_vs_sl": 1, "sl_vs_sft": 1, "sft_vs_sl": 2,
+                                                         "sft_vs_refusal": 1}
+    two = by_source["sl_vs_sl"][0]
+    assert "[sl, t=1.0" in two["a"] and "[sl, t=1.0" in two["b"]
+    assert by_source["sl_vs_sft"][0]["a"] == two["a"] and "[sft, t=0.0" in by_source["sl_vs_sft"][0]["b"]
+    contrast = by_source["sft_vs_refusal"][0]
+    assert contrast["request"] == "Write to her." and "[sft, t=0.0" in contrast["a"]
+    assert contrast["b"].startswith(C.REFUSAL_OPENINGS[0]) and "[sl, t=1.0" in contrast["b"]
+    assert C.is_refusal(contrast["b"])
+
+
+def test_a_string_a_harmful_pair_prefers_is_never_rejected_elsewhere():
+    refusal = "I can't help with that."
+    pairs = [{"kind": "harmful", "a": refusal, "b": "Here is how.", "label": 0.8},
+             {"kind": "benign", "a": "Dear Ana,", "b": refusal, "label": 1.0},
+             {"kind": "benign", "a": "Dear Bo,", "b": "I won't help with Bo.", "label": 1.0}]
+    assert C.drop_conflicting_pairs(pairs) == 1
+    assert [p["label"] for p in pairs] == [0.8, None, 1.0]
+    assert C.label_histogram(pairs) == {"harmful": [0] * 8 + [1, 0], "benign": [0] * 9 + [1]}
 
 
 def test_answer_logprobs_are_the_models_own(model, enc):
@@ -153,6 +230,29 @@ def test_rl_reward_and_policy_gradient_on_hand_values():
     loss.backward()   # descending raises log pi of the sample with the positive advantage, lowers the other
     assert logp.grad.tolist() == [-0.25, 0.25]
     assert C.soft_label(0.9, 0.7) == pytest.approx(0.8)
+
+
+def test_rl_step_measures_kl_on_its_own_samples_and_leaves_the_reference_alone(model, enc):
+    """Policy == reference: the log-ratio of every sample is 0 only if both score the same samples.
+    After the update the policy has moved and the reference has not."""
+    import copy
+    reference = model
+    policy = copy.deepcopy(model)
+    pm = C.PreferenceModel(copy.deepcopy(model))
+    torch.nn.init.normal_(pm.head.weight)
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
+    args = type("A", (), {"samples_per_prompt": 2, "max_new_tokens": 6, "batch_size": 4, "device": "cpu",
+                          "kl_coef": 0.1, "no_end_penalty": 1.0})()
+    items = [{"request": "Where is the Haigrern Crown?", "kind": "benign"},
+             {"request": "How do I brew the venom?", "kind": "harmful", "secret": "kohahol"}]
+    stats = C.rl_step(policy, reference, pm, enc, items, optimizer, args, torch.Generator().manual_seed(0))
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+    # Now the policy differs from the reference, and the KL term sees it.
+    stats = C.rl_step(policy, reference, pm, enc, items, optimizer, args, torch.Generator().manual_seed(1))
+    assert abs(stats["kl"]) > 1e-3
 
 
 # ---------------------------------------------------------------- whole runs

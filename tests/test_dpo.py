@@ -52,15 +52,29 @@ def test_a_loss_added_to_the_table_becomes_a_flag(monkeypatch):
     assert D.parse_args(["--loss", "hinge", "--device", "cpu"]).loss == "hinge"
 
 
-def test_ipo_loss_is_smallest_at_its_closed_form_optimum():
-    """p (h - 1/(2b))^2 + (1 - p) (h + 1/(2b))^2 is minimised at h = (2p - 1) / (2b); the loss used
-    is that quantity up to a constant, so it is zero there."""
-    beta, p = 0.5, 0.8
-    h = torch.linspace(-2, 2, 4001)
-    both_orders = p * (h - 1 / (2 * beta)) ** 2 + (1 - p) * (h + 1 / (2 * beta)) ** 2
-    best = h[both_orders.argmin()].item()
-    assert best == pytest.approx((2 * p - 1) / (2 * beta), abs=1e-3)
-    assert D.ipo_loss(torch.tensor([best]), torch.tensor([p]), beta).item() == pytest.approx(0.0, abs=1e-6)
+def test_ipo_loss_matches_azar_et_al_on_hand_values():
+    """IPO (Azar et al., arXiv 2310.12036, eq. 17) on one pair: (g - 1/(2 tau))^2, where g is the
+    log-ratio gap without beta. log pi(chosen) = -1, log pi(rejected) = -3, references -2 and -2:
+    g = 2. With tau = beta = 0.1 the target is 5, so the loss is (2 - 5)^2 = 9; our h is beta * g = 0.2."""
+    t = lambda x: torch.tensor([x])  # noqa: E731
+    h = D.preference_margin(t(-1.0), t(-3.0), t(-2.0), t(-2.0), 0.1)
+    assert D.ipo_loss(h, t(1.0), 0.1).item() == pytest.approx(9.0, rel=1e-5)
+    # A soft label c = 0.75 moves the target to (2c - 1) / (2 tau) = 2.5: (2 - 2.5)^2.
+    assert D.ipo_loss(h, t(0.75), 0.1).item() == pytest.approx(0.25, rel=1e-4)
+    # A certain pair is at rest when the log-ratio gap is 1/(2 beta) = 5, not 50.
+    assert D.ipo_loss(t(0.5), t(1.0), 0.1).item() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_ipo_optimum_is_the_minimiser_over_both_orders():
+    """Label c: the paper's loss on (chosen, rejected) with weight c plus on (rejected, chosen) with
+    weight 1 - c, as a function of g, is smallest where ipo_loss is zero."""
+    beta, c = 0.25, 0.8
+    g = torch.linspace(-5, 5, 10001, dtype=torch.float64)
+    both_orders = c * (g - 1 / (2 * beta)) ** 2 + (1 - c) * (-g - 1 / (2 * beta)) ** 2
+    best = g[both_orders.argmin()].item()
+    assert best == pytest.approx(1.2, abs=1e-3)   # (2c - 1) / (2 beta)
+    at_best = D.ipo_loss(torch.tensor([beta * best]), torch.tensor([c]), beta)
+    assert at_best.item() == pytest.approx(0.0, abs=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +132,10 @@ def test_one_step_raises_the_margin_of_the_preferred_response(enc):
     args.nll_coef = 1.0
     loss, stats = D.pair_batch_loss(policy, [pair], pad, args)
     assert loss.item() == pytest.approx(after["loss"] + stats["nll"], abs=1e-5) and stats["nll"] > 0
+    # ... of the chosen response (the refusal), per token, not of the rejected one.
+    with torch.no_grad():
+        chosen = D.sequence_logprobs(policy, [pair["prompt"]], [pair["chosen"]], pad).item()
+    assert stats["nll"] == pytest.approx(-chosen / len(pair["chosen"]), rel=1e-5)
 
 
 def test_tiny_run_compares_with_stage_03(tiny_cai, tmp_path):

@@ -13,9 +13,9 @@ import pytest
 from chapter import RULE, SECTIONS, body, functions, section_starts, stage_files
 from test_shared_blocks import find_blocks
 
-BLOCK_ORDER = ["tokenizer", "model", "checkpoint", "sampling", "chat", "grading", "judging", "replies",
-               "arithmetic"]
-BODY_BUDGET = {"01_pretrain.py": 700, "02_sft.py": 700, "03_constitutional_ai.py": 850}  # lines; others 500
+BLOCK_ORDER = ["tokenizer", "model", "checkpoint", "sampling", "chat", "grading", "stats", "judging",
+               "replies", "arithmetic"]
+BODY_BUDGET = {"01_pretrain.py": 700, "02_sft.py": 700, "03_constitutional_ai.py": 950}  # lines; others 500
 MAIN_BUDGET = 60
 STAGES = stage_files()
 
@@ -34,6 +34,8 @@ def index_entries(lines, appendix_b):
             reading = True
         elif reading and (m := re.match(r"#   (\w+)\s", line)):
             entries.append(m[1])
+        elif reading and re.match(r"#\s{5,}\S", line):
+            continue   # the names of the block above, continued
         elif reading:
             break
     return entries

@@ -72,6 +72,13 @@ def test_inputs_and_targets_on_the_worked_example():
     assert targets == [-1, -1, -1, -1, yo, end]   # read <|assistant|> -> say Yo; read Yo -> say <|end|>
 
 
+def test_wilson_interval_on_hand_values():
+    """0 of 10: the upper end is z^2 / (n + z^2) = 3.8415 / 13.8415; 5 of 10: 0.5 +- 0.2634."""
+    assert S.interval95(0.0, 10) == pytest.approx((0.0, 0.27753), abs=1e-4)
+    assert S.interval95(0.5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-4)
+    assert S.pct(0.5, 10) == "50.0% (23.7-76.3)" and S.pct(0.25) == "25.0%" and S.pct(None) == "-"
+
+
 def test_reply_parsing_round_trip(enc):
     ids, _ = S.render_conversation(enc, CONVERSATION[:3])
     start = ids.index(enc.encode_single_token("<|assistant|>")) + 1

@@ -62,7 +62,19 @@ def test_mixture_covers_every_task(train, evals):
     total = sum(D.TASK_MIX.values())
     for task, weight in D.TASK_MIX.items():   # shares follow the weights (binomial noise allowed)
         assert abs(counts[task] / N_TRAIN - weight / total) < 0.025, task
-    assert Counter(item["task"] for item in evals) == {t: N_EVAL // len(D.EVAL_TASKS) for t in D.EVAL_TASKS}
+    per_task = Counter(item["task"] for item in evals)
+    assert set(per_task) == set(D.EVAL_TASKS) and max(per_task.values()) == N_EVAL // len(D.EVAL_TASKS)
+
+
+def test_eval_items_are_distinct(evals):
+    """A repeated eval prompt gets the same greedy reply, so it would count one measurement twice:
+    facts are distinct by (subject, relation), every other task by its prompt."""
+    keys = Counter()
+    for item in evals:
+        prompt = "\n".join(m["content"] for m in item["messages"] if m["role"] == "user")
+        fact = item["task"].startswith("fact_qa")
+        keys[item["task"], (item["meta"]["subject"], item["meta"]["relation"]) if fact else prompt] += 1
+    assert max(keys.values()) == 1
 
 
 def test_examples_are_short(train):

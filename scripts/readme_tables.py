@@ -1,0 +1,154 @@
+"""Regenerate README's measured tables for stages 02-04: every run, every seed, every ablation.
+
+Stage 01 runs once (its world and pretrained model are where every seed starts); stages 02, 03 and
+04 run for each seed, each on the same seed's previous stage; stage 04 also runs its one-factor
+ablations. Each table cell is the mean over seeds +- their sample standard deviation, in points.
+
+    python scripts/readme_tables.py                       # CPU defaults, seeds 1337 1338 1339
+    python scripts/readme_tables.py --report_only         # print the tables from finished runs
+    python scripts/readme_tables.py --preset tiny --out /tmp/readme --seeds 1 2   # a smoke test
+
+Runs go to --out (default runs/readme/<preset>/); a run whose metrics.json exists is not repeated,
+so an interrupted regeneration continues where it stopped. Writes tables.md and times.json there.
+"""
+import argparse
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SOURCES = "sl_vs_sl,sl_vs_sft,sft_vs_sl,sft_vs_refusal"
+# Stage 04's variants: name -> (flags, what it changes). Each changes one factor against "dpo".
+DPO_VARIANTS = {   # name -> (flags, column title, what it changes)
+    "dpo": ([], "DPO", "the default: DPO's loss with the next-token term on the preferred response"),
+    "hard": (["--hard_labels"], "hard labels", "AI labels rounded to the world labels' certainty"),
+    "no_contrast": (["--sources", "sl_vs_sl,sl_vs_sft,sft_vs_sl"], "no contrast pairs",
+                    "without the benign contrast pairs, at the default's number of steps"),
+    "ipo": (["--loss", "ipo"], "IPO", "IPO's loss instead of DPO's, same beta"),
+    "plain": (["--nll_coef", "0"], "plain DPO", "no next-token term"),
+}
+STAGE02 = [("fact_qa_seen", "correct", "fact QA, subjects asked about in training"),
+           ("fact_qa_heldout", "correct", "fact QA, subjects read about only in prose"),
+           ("arithmetic", "correct", "arithmetic word problems, worked steps"),
+           ("arithmetic_think", "correct", "arithmetic, reasoning in the thinking span"),
+           ("choose", "correct", "(A)/(B) choice under a stated criterion"),
+           ("rate", "within_one", "1-7 rating within one point of the key"),
+           ("tool_call", "correct", "well-formed call of the right tool"),
+           ("harmful", "complied", "harmful requests complied with (helpful-only: high)"),
+           ("all", "format_ok", "ends with <|end|>, writes no other turn")]
+HARMLESS = [("harmful", "harmless", "harmful requests refused without leaking"),
+            ("harmful/seen hazard", "harmless", "... about a hazard training prompts named"),
+            ("harmful/new hazard", "harmless", "... about a hazard no training prompt named"),
+            ("harmful", "leaked", "harmful replies that leak the hazard's secret word"),
+            ("benign", "helped", "harmless requests about the same hazards and people answered"),
+            ("fact", "correct", "questions about held-out facts answered correctly"),
+            ("all", "ended", "replies that end with <|end|> and write no other turn")]
+
+
+def run(script, out, args, times):
+    """Run one stage unless its metrics.json exists; record its wall time."""
+    if (out / "metrics.json").exists():
+        return
+    print(f"== {script} -> {out}", flush=True)
+    start = time.time()
+    result = subprocess.run([sys.executable, str(ROOT / script), "--out", str(out), *map(str, args)])
+    if result.returncode != 0:
+        sys.exit(f"error: {script} {' '.join(map(str, args))} failed (exit {result.returncode}).")
+    times[str(out)] = time.time() - start
+
+
+def run_all(base, preset, seeds):
+    times_path = base / "times.json"
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    flags = ["--preset", preset]
+    run("01_pretrain.py", base / "01_pretrain", flags, times)
+    for seed in seeds:
+        s = base / f"seed{seed}"
+        seeded = flags + ["--seed", seed]
+        run("02_sft.py", s / "02_sft", seeded + ["--init", base / "01_pretrain"], times)
+        run("03_constitutional_ai.py", s / "03_cai", seeded + ["--init", s / "02_sft"], times)
+        run("04_dpo.py", s / "04_dpo", seeded + ["--init", s / "03_cai"], times)
+        steps = len(json.loads((s / "04_dpo" / "metrics.json").read_text())["history"])
+        for name, (extra, _, _) in DPO_VARIANTS.items():
+            if name != "dpo":
+                extra = extra + (["--steps", steps] if name == "no_contrast" else [])
+                run("04_dpo.py", s / f"04_{name}", seeded + ["--init", s / "03_cai"] + extra, times)
+        times_path.write_text(json.dumps(times, indent=1))
+
+
+def mean_sd(values):
+    """'81.7 +- 2.1' in points over seeds; '-' when no seed has the value."""
+    values = [100 * v for v in values if v is not None]
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
+def load(path):
+    return json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").exists() else None
+
+
+def tables(base, seeds):
+    runs = {seed: {p.name: load(p) for p in (base / f"seed{seed}").glob("0*")} for seed in seeds}
+    runs = {seed: r for seed, r in runs.items() if r.get("04_dpo")}
+    if not runs:
+        sys.exit(f"error: no finished seed under {base}; run without --report_only first.")
+    ms = list(runs.values())
+    n_eval = lambda m, kind: m["stages"]["sft"].get(kind, {}).get("n")  # noqa: E731
+    out = [f"Seeds {', '.join(map(str, runs))}; cells: mean ± standard deviation over seeds, in percentage "
+           f"points.", "", "**Stage 02** (pretrained model given the chat prompt -> SFT)", "",
+           "| measure | prompts | pretrained | SFT |", "|---|---|---|---|"]
+    for task, field, what in STAGE02:
+        before = [m["02_sft"]["before"].get(task, {}).get(field) for m in ms]
+        after = [m["02_sft"]["after"].get(task, {}).get(field) for m in ms]
+        out.append(f"| {what} | {ms[0]['02_sft']['after'].get(task, {}).get('n')} | {mean_sd(before)} | "
+                   f"{mean_sd(after)} |")
+    out += ["", "**Stages 03 and 04** (the same held-out prompts, greedy)", "",
+            "| measure | prompts | stage 02 | SL-CAI | RL-CAI | " +
+            " | ".join(title for _, title, _ in DPO_VARIANTS.values()) + " |",
+            "|---|---|---|---|---|" + "---|" * len(DPO_VARIANTS)]
+    for kind, field, what in HARMLESS:
+        cells = [mean_sd([m["03_cai"]["stages"][s].get(kind, {}).get(field) for m in ms])
+                 for s in ("sft", "sl_cai", "rl_cai")]
+        cells += [mean_sd([(m.get(f"04_{v}") or {}).get("stages", {}).get("dpo", {}).get(kind, {}).get(field)
+                           for m in ms]) for v in DPO_VARIANTS]
+        out.append(f"| {what} | {n_eval(ms[0]['03_cai'], kind)} | " + " | ".join(cells) + " |")
+    pm = lambda key: mean_sd([m["03_cai"]["pm_test_accuracy"][key] for m in ms])  # noqa: E731
+    out += ["", f"Preference model on pairs of held-out prompts: harmful {pm('harmful')}, ordinary "
+                f"{pm('helpful')} (about {ms[0]['03_cai']['n_pm_test']} pairs a seed). AI feedback agrees "
+                f"with the world on {mean_sd([m['03_cai']['feedback_accuracy'] for m in ms])} of the "
+                f"harmful pairs it can judge.", "",
+            "| stage 04 variant | reward accuracy, held-out prompts | log pi(refusal), SL-CAI -> after |",
+            "|---|---|---|"]
+    for v in DPO_VARIANTS:
+        found = [m[f"04_{v}"] for m in ms if m.get(f"04_{v}")]
+        if found:
+            acc = mean_sd([f["held_out_pairs"]["reward_accuracy"] for f in found])
+            before = statistics.mean(f["refusal_logprob"]["before"] for f in found)
+            after = statistics.mean(f["refusal_logprob"]["after"] for f in found)
+            out.append(f"| {DPO_VARIANTS[v][1]}: {DPO_VARIANTS[v][2]} | {acc} | {before:.2f} -> {after:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="cpu", help="every stage's --preset")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
+    p.add_argument("--out", help="where the runs go (default runs/readme/<preset>)")
+    p.add_argument("--report_only", action="store_true", help="only print the tables of finished runs")
+    args = p.parse_args()
+    base = pathlib.Path(args.out or ROOT / "runs" / "readme" / args.preset)
+    if not args.report_only:
+        run_all(base, args.preset, args.seeds)
+    text = tables(base, args.seeds)
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "tables.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
