@@ -1703,7 +1703,8 @@ def check_messages(messages):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (tokenizer, model, checkpoint,
-# sampling, chat, grading, stats, judging, replies, arithmetic), and carries only the ones it calls.
+# sampling, chat, grading, stats, judging, choice, replies, feedback, arithmetic), and carries only
+# the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -1716,7 +1717,8 @@ def check_messages(messages):
 #   chat        render_conversation, render_prompt, parse_reply, TURN_START
 #   grading     is_refusal, mentions, fact_correct
 #   stats       interval95, pct
-#   judging     critique_verdict, critique_prompt, revision_prompt, choose_prompt, VERDICT_*
+#   judging     critique_verdict, critique_prompt, revision_prompt, VERDICT_*
+#   choice      choose_prompt
 #   arithmetic  arithmetic_problem
 
 # --- shared: tokenizer (origin: 01_pretrain.py) ---
@@ -2122,12 +2124,14 @@ def critique_prompt(principle, request, response):
 def revision_prompt(principle, request, response, critique):
     return (f"Principle: {principle}\nRequest: {request}\nResponse: {response}\nCritique: {critique}\n"
             f"Rewrite the response to follow the principle.")
+# --- end shared: judging ---
 
 
+# --- shared: choice (origin: 02_sft.py) ---
 def choose_prompt(principle, request, response_a, response_b):
     return (f"Which response is better according to this principle: {principle}\nRequest: {request}\n"
             f"(A) {response_a}\n(B) {response_b}\nAnswer (A) or (B).")
-# --- end shared: judging ---
+# --- end shared: choice ---
 
 
 # --- shared: arithmetic (origin: 01_pretrain.py) ---

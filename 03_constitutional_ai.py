@@ -173,22 +173,10 @@ FEEDBACK_PRINCIPLES = [
     "The response should help with harmless requests instead of refusing them.",
 ]
 
-
-def soft_label(p_a_first, p_a_second):
-    """P(a is better) from the feedback model asked in both orders: P("(A)") when a is shown as (A),
-    and P("(B)") when a is shown as (B). Averaging cancels the preference for a position."""
-    return (p_a_first + p_a_second) / 2
-
-
-def ground_truth_preference(item, a, b):
-    """1.0 if the world says a is better, 0.0 if b is, None if it cannot tell. Harmful request: a
-    refusal that leaks nothing beats anything else. Ordinary request: help beats refusal, a right
-    fact beats a wrong one."""
-    ga, gb = grade(item, a), grade(item, b)
-    key = "harmless" if item["kind"] == "harmful" else "helped"
-    if ga[key] == gb[key]:
-        return None
-    return 1.0 if ga[key] else 0.0
+# The labels themselves are read in Appendix B's `feedback` block, because stage 04's online DPO asks
+# the same judges: the AI's soft label is the judge's probability of "(A)", averaged over both
+# orders of the pair (soft_label), and the world's is 1 or 0 where world.json can tell which reply
+# is better (ground_truth_preference). From here on: what the labels train.
 
 
 def preference_loss(reward_a, reward_b, p_a):
@@ -335,11 +323,6 @@ def label_histogram(pairs, bins=10):
     return dict(counts)
 
 
-def as_reply(text):
-    """A response text (from a pair or a revision) in the parsed-reply form grade() reads."""
-    return {"content": text, "ended": True, "wrote_other_turn": False}
-
-
 # =====================================================================================
 # 4. Training
 # =====================================================================================
@@ -442,35 +425,6 @@ def supervised_finetune(model, enc, conversations, epochs, lr, args, desc):
 # ----------------------------------------------------------------------------------------------
 # RL-CAI: AI feedback, a preference model, and RL against it
 # ----------------------------------------------------------------------------------------------
-
-def answer_logprob_pairs(model, enc, prompts, pad_id):
-    """For each choose-prompt: (log p("(A)"), log p("(B)")) as the model's whole answer."""
-    options = [enc.encode_ordinary("(A)"), enc.encode_ordinary("(B)")]
-    flat_prompts = [p for p in prompts for _ in options]
-    flat_answers = [o for _ in prompts for o in options]
-    with torch.no_grad():
-        lp = sequence_logprobs(model, flat_prompts, flat_answers, pad_id)
-    return lp.view(-1, 2)
-
-
-def ai_feedback(model, enc, pairs, args):
-    """Soft labels P(response_a is better) from the feedback model, one principle per pair, asked in
-    both orders: p = (P(A | a first) + P(B | b first)) / 2 (Bai et al. normalise the two option
-    probabilities; the order swap removes the preference for whichever response comes first)."""
-    rng = random.Random(f"cai:feedback:{args.seed}")
-    pad = enc.encode_single_token("<|pad|>")
-    for pair in pairs:
-        pair["principle"] = rng.choice(FEEDBACK_PRINCIPLES)
-    for i in range(0, len(pairs), args.batch_size):
-        chunk = pairs[i:i + args.batch_size]
-        ab = [user_prompt(enc, choose_prompt(p["principle"], p["request"], p["a"], p["b"])) for p in chunk]
-        ba = [user_prompt(enc, choose_prompt(p["principle"], p["request"], p["b"], p["a"])) for p in chunk]
-        p_ab = answer_logprob_pairs(model, enc, ab, pad).softmax(-1)[:, 0]  # P("(A)") when a is (A)
-        p_ba = answer_logprob_pairs(model, enc, ba, pad).softmax(-1)[:, 1]  # P("(B)") when a is (B)
-        for pair, x, y in zip(chunk, p_ab.tolist(), p_ba.tolist()):
-            pair["p_a"], pair["p_a_orders"] = soft_label(x, y), (x, y)
-    return pairs
-
 
 def final_hidden(model, ids):
     """The language model's last hidden states (B, T, C): its forward pass without the output layer."""
@@ -742,7 +696,7 @@ def run_feedback(sl_model, sft_model, enc, world, eval_items, sft_records, args,
                                  train=True)
     helpful_items = helpful_prompts(world, args.seed + 1, args.n_pairs // 2, train=True)
     pairs = make_pairs(sl_model, sft_model, enc, harmful_items, helpful_items, args, generator)
-    pairs = ai_feedback(sft_model, enc, pairs, args)
+    pairs = ai_feedback(sft_model, enc, pairs, FEEDBACK_PRINCIPLES, args.seed, args.batch_size)
     for p in pairs:
         p["truth"] = ground_truth_preference(p["item"], as_reply(p["a"]), as_reply(p["b"]))
         # Harmlessness comes from the AI's soft label; helpfulness from the world (the paper's
@@ -1093,7 +1047,8 @@ def fact_request(world, rng, train):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (tokenizer, model, checkpoint,
-# sampling, chat, grading, stats, judging, replies, arithmetic), and carries only the ones it calls.
+# sampling, chat, grading, stats, judging, choice, replies, feedback, arithmetic), and carries only
+# the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -1106,9 +1061,11 @@ def fact_request(world, rng, train):
 #   chat        render_conversation, parse_reply
 #   grading     is_refusal
 #   stats       pct
-#   judging     critique_verdict, critique_prompt, revision_prompt, choose_prompt
+#   judging     critique_verdict, critique_prompt, revision_prompt
+#   choice      choose_prompt
 #   replies     user_prompt, sample_replies, pad_right, sequence_logprobs, grade, evaluate,
 #               split_by_prompt
+#   feedback    ai_feedback, ground_truth_preference, as_reply
 
 
 # --- shared: tokenizer (origin: 01_pretrain.py) ---
@@ -1514,12 +1471,14 @@ def critique_prompt(principle, request, response):
 def revision_prompt(principle, request, response, critique):
     return (f"Principle: {principle}\nRequest: {request}\nResponse: {response}\nCritique: {critique}\n"
             f"Rewrite the response to follow the principle.")
+# --- end shared: judging ---
 
 
+# --- shared: choice (origin: 02_sft.py) ---
 def choose_prompt(principle, request, response_a, response_b):
     return (f"Which response is better according to this principle: {principle}\nRequest: {request}\n"
             f"(A) {response_a}\n(B) {response_b}\nAnswer (A) or (B).")
-# --- end shared: judging ---
+# --- end shared: choice ---
 
 
 # --- shared: replies (origin: 03_constitutional_ai.py) ---
@@ -1623,6 +1582,62 @@ def split_by_prompt(items, fraction):
     held_requests = {it["request"] for it in held}
     return [it for it in items if it["request"] not in held_requests], held
 # --- end shared: replies ---
+
+
+# --- shared: feedback (origin: 03_constitutional_ai.py) ---
+# Labels for a pair of responses: the AI's, read off a judge's (A)/(B) probabilities, and the
+# world's. Stage 03 labels its pairs with them; stage 04's online DPO labels its own samples.
+def as_reply(text):
+    """A response text (from a pair or a revision) in the parsed-reply form grade() reads."""
+    return {"content": text, "ended": True, "wrote_other_turn": False}
+
+
+def ground_truth_preference(item, a, b):
+    """1.0 if the world says a is better, 0.0 if b is, None if it cannot tell. Harmful request: a
+    refusal that leaks nothing beats anything else. Ordinary request: help beats refusal, a right
+    fact beats a wrong one."""
+    ga, gb = grade(item, a), grade(item, b)
+    key = "harmless" if item["kind"] == "harmful" else "helped"
+    if ga[key] == gb[key]:
+        return None
+    return 1.0 if ga[key] else 0.0
+
+
+def soft_label(p_a_first, p_a_second):
+    """P(a is better) from the feedback model asked in both orders: P("(A)") when a is shown as (A),
+    and P("(B)") when a is shown as (B). Averaging cancels the preference for a position."""
+    return (p_a_first + p_a_second) / 2
+
+
+def answer_logprob_pairs(model, enc, prompts, pad_id):
+    """For each choose-prompt: (log p("(A)"), log p("(B)")) as the model's whole answer."""
+    options = [enc.encode_ordinary("(A)"), enc.encode_ordinary("(B)")]
+    flat_prompts = [p for p in prompts for _ in options]
+    flat_answers = [o for _ in prompts for o in options]
+    with torch.no_grad():
+        lp = sequence_logprobs(model, flat_prompts, flat_answers, pad_id)
+    return lp.view(-1, 2)
+
+
+def ai_feedback(model, enc, pairs, principles, seed, batch_size):
+    """Soft labels P(response_a is better) from the feedback model, one principle per pair, asked in
+    both orders: p = (P(A | a first) + P(B | b first)) / 2 (Bai et al. normalise the two option
+    probabilities; the order swap removes the preference for whichever response comes first). Each
+    pair gets a principle drawn from `principles`; -> the pairs, with "principle", "p_a", "p_a_orders"."""
+    rng = random.Random(f"cai:feedback:{seed}")
+    pad = enc.encode_single_token("<|pad|>")
+    for pair in pairs:
+        pair["principle"] = rng.choice(principles)
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        ab = [user_prompt(enc, choose_prompt(p["principle"], p["request"], p["a"], p["b"])) for p in chunk]
+        ba = [user_prompt(enc, choose_prompt(p["principle"], p["request"], p["b"], p["a"])) for p in chunk]
+        p_ab = answer_logprob_pairs(model, enc, ab, pad).softmax(-1)[:, 0]  # P("(A)") when a is (A)
+        p_ba = answer_logprob_pairs(model, enc, ba, pad).softmax(-1)[:, 1]  # P("(B)") when a is (B)
+        for pair, x, y in zip(chunk, p_ab.tolist(), p_ba.tolist()):
+            pair["p_a"], pair["p_a_orders"] = soft_label(x, y), (x, y)
+    return pairs
+# --- end shared: feedback ---
 
 
 if __name__ == "__main__":

@@ -16,34 +16,26 @@ response the label prefers and c = max(p, 1 - p) >= 1/2 is how sure the label is
     loss = -[c log sigmoid(h) + (1 - c) log sigmoid(-h)]
 
 With c = 1 this is the DPO loss; with soft labels it is the "conservative" DPO that TRL exposes as
-label smoothing. `--loss ipo` uses IPO's squared loss instead (Azar et al., 2023, arXiv
-2310.12036), which does not push the margin to infinity on pairs that are always preferred. IPO is
-written on the log-ratio difference without beta, g = h / beta, with tau = beta:
-
-    loss = (g - (2c - 1) / (2 beta))^2
-
-the minimiser over both orders of c (g - 1/(2 beta))^2 + (1 - c)(-g - 1/(2 beta))^2. So a certain
-pair (c = 1) settles at g = 1/(2 beta), a log-ratio gap of 5 at beta 0.1 (h = 1/2), and an
-undecided one at g = 0. As in the paper, g sums the response's log-probabilities; TRL averages them
-per token for IPO, which would change the loss's scale with response length, a second factor in a
-DPO-against-IPO comparison.
+label smoothing. `--loss ipo` uses IPO's squared loss (Azar et al., 2023, arXiv 2310.12036), which
+does not push the margin to infinity on pairs that are always preferred. It is written on the
+log-ratio gap without beta, g = h / beta, with tau = beta: loss = (g - (2c - 1) / (2 beta))^2, the
+minimiser over both orders of c (g - 1/(2 beta))^2 + (1 - c)(-g - 1/(2 beta))^2; a certain pair
+settles at g = 5 when beta = 0.1. As in the paper, g sums log-probabilities (TRL averages them per
+token for IPO, which would make DPO-against-IPO differ in two factors, not one).
 
 Where this small version departs from the paper, and why:
-  * Measured here, the DPO loss alone widens the margin mostly by making both responses less likely
-    (the preferred one less so), and greedy decoding then writes neither: refusals of harmful
-    requests fell from SL-CAI's 61.7% to 3.3%. So by default a next-token loss on each pair's
-    preferred response is added (`--nll_coef`, RPO: Pang et al., 2024, arXiv 2404.19733).
-  * The labels are stage 03's soft AI labels (and world labels for ordinary prompts), not human
-    ones, and the pairs are offline: sampled once by stage 03, never by the policy being trained.
-  * The policy and the reference both start from stage 03's SL-CAI model, the model RL-CAI started
-    from, and the pairs are stage 03's, split by prompt exactly as its preference model's were, so
-    the two methods are compared on equal terms, on the same held-out prompts (stage 03's
-    eval_items.jsonl) graded by the same code.
-
-Ablations change one factor at a time: `--hard_labels` (AI labels rounded to the world labels'
-certainty), `--sources` (e.g. without the benign contrast pairs) with `--steps` held equal,
-`--loss ipo` at the same beta. Each run also reports the mean log pi("I can't help with that." |
-held-out harmful prompt) before and after, which says whether training moved the refusal itself.
+  * DPO's loss alone widens the margin mostly by making both responses less likely (the preferred
+    one less so), and greedy decoding then writes neither (README). So by default a next-token loss
+    on each pair's preferred response is added (`--nll_coef`, RPO: Pang et al., arXiv 2404.19733).
+  * The labels are stage 03's soft AI labels (world labels for ordinary prompts), not human ones.
+    The pairs are stage 03's, split by prompt exactly as its preference model's were, and policy and
+    reference start from SL-CAI, as RL-CAI did: the two are compared on equal terms, on the same
+    held-out prompts graded by the same code. They are offline, sampled once by stage 03;
+    `--online_rounds` instead samples the policy itself each round and labels the samples with stage
+    03's judges (online, iterative DPO: the on-policy question the DPO literature argues about).
+  * Ablations change one factor: `--hard_labels`, `--sources` with `--steps` held equal, `--loss
+    ipo` at the same beta; each run reports the mean log pi("I can't help with that." | held-out
+    harmful prompt) before and after, whether training moved the refusal itself.
 
 Reads: runs/03_constitutional_ai/ (sl_cai.pt, preferences.jsonl, eval_items.jsonl, metrics.json,
 tokenizer.json, world.json). Writes: runs/04_dpo/ (model.pt, metrics.json, dpo.png, report.md, and
@@ -121,6 +113,12 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=int,
                    help="optimizer steps (default: --epochs over the pairs); fixes the step count when "
                         "an ablation changes the number of pairs")
+    g = p.add_argument_group("online (iterative) DPO")
+    g.add_argument("--online_rounds", type=int, default=0,
+                   help="0: offline DPO on stage 03's pairs. R > 0: R rounds, each labelling two fresh "
+                        "samples of the current policy per training prompt as stage 03 did, then one "
+                        "pass of DPO")
+    g.add_argument("--judge", help="the feedback model (default: the stage-02 model stage 03 started from)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--max_new_tokens", type=int)
     args = p.parse_args(argv)
@@ -199,22 +197,29 @@ def read_pairs(path, enc, max_len, kinds=("harmful", "benign", "fact"), sources=
     """Pairs of the given kinds with a label, oriented: each {"request", "kind", "prompt", "chosen",
     "rejected" (token ids), "confidence"}. A pair whose prompt and longer response would not fit
     the context is dropped (and counted)."""
-    end = enc.encode_single_token("<|end|>")
     pairs, dropped = [], 0
     for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         wanted = row["kind"] in kinds and (not sources or row.get("source") in sources)
         if row.get("label") is None or not wanted:
             continue
-        prompt = user_prompt(enc, row["request"])
-        a, b = (enc.encode_ordinary(row[k]) + [end] for k in ("response_a", "response_b"))
-        if len(prompt) + max(len(a), len(b)) > max_len:
-            dropped += 1
-            continue
-        chosen, rejected, confidence = orient(a, b, float(row["label"]))
-        pairs.append({"request": row["request"], "kind": row["kind"], "prompt": prompt, "chosen": chosen,
-                      "rejected": rejected, "confidence": confidence})
+        pair = make_pair(enc, row["request"], row["kind"], row["response_a"], row["response_b"],
+                         float(row["label"]), max_len)
+        dropped += pair is None
+        pairs += [pair] if pair else []
     return pairs, dropped
+
+
+def make_pair(enc, request, kind, text_a, text_b, label, max_len):
+    """One oriented pair as token ids, each response closed by <|end|>; None if it does not fit."""
+    end = enc.encode_single_token("<|end|>")
+    prompt = user_prompt(enc, request)
+    a, b = enc.encode_ordinary(text_a) + [end], enc.encode_ordinary(text_b) + [end]
+    if len(prompt) + max(len(a), len(b)) > max_len:
+        return None
+    chosen, rejected, confidence = orient(a, b, label)
+    return {"request": request, "kind": kind, "prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "confidence": confidence}
 
 
 @torch.no_grad()
@@ -259,12 +264,13 @@ def pair_batch_loss(policy, chunk, pad, args):
     return loss, {"loss": loss.item(), "nll": nll.item(), **stats}
 
 
-def train(policy, train_pairs, pad, args):
+def train(policy, train_pairs, pad, args, epochs=None, tag=""):
     """Epochs over the pairs with AdamW, linear warmup and decay. -> per-step history."""
     from tqdm import tqdm
-    rng = random.Random(f"dpo:{args.seed}")
+    rng = random.Random(f"dpo:{args.seed}{tag}")
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    total = args.steps or max(1, int(args.epochs * math.ceil(len(train_pairs) / args.batch_size)))
+    epochs = epochs or args.epochs
+    total = args.steps or max(1, int(epochs * math.ceil(len(train_pairs) / args.batch_size)))
     warmup = max(1, total // 10)
     history, step = [], 0
     with tqdm(total=total, desc=args.loss.upper(), dynamic_ncols=True) as bar:
@@ -380,7 +386,10 @@ def main(argv=None):
     for param in reference.parameters():
         param.requires_grad_(False)
     refusal_before = refusal_logprob(reference, enc, eval_items, pad, args.batch_size)
-    history = train(policy, train_pairs, pad, args)
+    if args.online_rounds:
+        history = run_online(policy, reference, enc, train_pairs, init, ckpt, pad, args)  # Appendix A
+    else:
+        history = train(policy, train_pairs, pad, args)
     held_out_stats = held_out_statistics(policy, held_out, pad, args)
     refusal_after = refusal_logprob(policy, enc, eval_items, pad, args.batch_size)
     summary, records = evaluate(policy, enc, eval_items, args, "eval (DPO)")
@@ -487,17 +496,72 @@ def make_report(m):
 
 
 # =====================================================================================
-# Appendix A: this stage's data generators
+# Appendix A: this stage's data generators (online DPO's rounds)
 # =====================================================================================
-# None: DPO trains on the pairs stage 03 generated and labelled (preferences.jsonl), and is graded on
-# the held-out prompts stage 03 wrote (eval_items.jsonl).
+# Offline DPO trains on the pairs stage 03 generated and labelled (preferences.jsonl) and is graded
+# on the held-out prompts stage 03 wrote (eval_items.jsonl). Online DPO (--online_rounds) writes
+# its own pairs each round, here, with stage 03's judges (Appendix B's `feedback` block): the AI
+# judge under stage 03's own feedback principles for harmful requests, the world for harmless ones.
+# Fact questions take no part online: their answer keys are not in preferences.jsonl.
+
+def run_online(policy, reference, enc, train_pairs, init, ckpt, pad, args):
+    """Online (iterative) DPO: each round samples the current policy on the training prompts, labels
+    the samples with stage 03's judges (online_pairs), and takes one pass of DPO steps on them, anchored
+    to the same reference. -> per-step history over all rounds."""
+    judge, principles, requests = online_setup(init, ckpt, train_pairs, args)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    history = []
+    for r in range(args.online_rounds):
+        pairs = online_pairs(policy, judge, enc, requests, principles, r, reference.config.seq_len, args,
+                             generator)
+        print(f"online round {r + 1}: {len(pairs)} labelled pairs of the policy's own samples")
+        if not pairs:
+            continue
+        reference_logprobs(reference, pairs, pad, args.batch_size)
+        for h in train(policy, pairs, pad, args, epochs=1, tag=f":online{r}"):
+            history.append({**h, "step": len(history) + 1, "round": r + 1})
+    return history
+
+
+def online_setup(init, ckpt, train_pairs, args):
+    """The judge (stage 02's model, as in stage 03), stage 03's feedback principles (read off its
+    pairs), and the training prompts of the kinds online DPO labels."""
+    judge_dir = pathlib.Path(args.judge or (ckpt.get("args") or {}).get("init") or "runs/02_sft")
+    judge, _ = load_model(judge_dir, args.device, "pass --judge with stage 02's folder")
+    lines = (init / "preferences.jsonl").read_text(encoding="utf-8").splitlines()
+    principles = sorted({row["principle"] for row in map(json.loads, lines)
+                         if row["kind"] == "harmful" and row.get("principle")})
+    requests = sorted({(p["request"], p["kind"]) for p in train_pairs if p["kind"] in ("harmful", "benign")})
+    return judge, principles, requests
+
+
+def online_pairs(policy, judge, enc, requests, principles, round_, max_len, args, generator):
+    """Two samples of the current policy for every (request, kind), labelled and oriented; pairs whose
+    label is undecided by the world, or whose samples are the same text, are left out."""
+    prompts = [user_prompt(enc, request) for request, _ in requests for _ in range(2)]
+    ids = sample_replies(policy, enc, prompts, args.max_new_tokens, args.batch_size, 1.0, generator,
+                         f"online samples {round_ + 1}")
+    texts = [parse_reply(enc, x)["content"] for x in ids]
+    raw = [{"request": request, "kind": kind, "a": texts[2 * i], "b": texts[2 * i + 1]}
+           for i, (request, kind) in enumerate(requests)]
+    harmful = [p for p in raw if p["kind"] == "harmful"]
+    ai_feedback(judge, enc, harmful, principles, f"{args.seed}:online{round_}", args.batch_size)
+    pairs = []
+    for p in raw:
+        label = p["p_a"] if p["kind"] == "harmful" else ground_truth_preference(
+            {"kind": p["kind"]}, as_reply(p["a"]), as_reply(p["b"]))
+        pair = make_pair(enc, p["request"], p["kind"], p["a"], p["b"], label, max_len) \
+            if label is not None and p["a"] != p["b"] else None
+        pairs += [pair] if pair else []
+    return pairs
 
 
 # =====================================================================================
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (tokenizer, model, checkpoint,
-# sampling, chat, grading, stats, judging, replies, arithmetic), and carries only the ones it calls.
+# sampling, chat, grading, stats, judging, choice, replies, feedback, arithmetic), and carries only
+# the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -507,10 +571,12 @@ def make_report(m):
 #   model       GPT
 #   checkpoint  load_model, save_model, write_atomic
 #   sampling    (used by replies)
-#   chat        (used by replies)
+#   chat        parse_reply
 #   grading     (used by replies)
 #   stats       pct
-#   replies     user_prompt, sequence_logprobs, evaluate, split_by_prompt
+#   choice      (used by feedback)
+#   replies     user_prompt, sample_replies, sequence_logprobs, evaluate, split_by_prompt
+#   feedback    ai_feedback, ground_truth_preference, as_reply
 
 
 # --- shared: tokenizer (origin: 01_pretrain.py) ---
@@ -895,6 +961,13 @@ def pct(rate, n=None):
 # --- end shared: stats ---
 
 
+# --- shared: choice (origin: 02_sft.py) ---
+def choose_prompt(principle, request, response_a, response_b):
+    return (f"Which response is better according to this principle: {principle}\nRequest: {request}\n"
+            f"(A) {response_a}\n(B) {response_b}\nAnswer (A) or (B).")
+# --- end shared: choice ---
+
+
 # --- shared: replies (origin: 03_constitutional_ai.py) ---
 STOP_TOKENS = ("<|end|>", "<|user|>", "<|system|>", "<|assistant|>", "<|bos|>", "<|tool_result|>")
 
@@ -996,6 +1069,62 @@ def split_by_prompt(items, fraction):
     held_requests = {it["request"] for it in held}
     return [it for it in items if it["request"] not in held_requests], held
 # --- end shared: replies ---
+
+
+# --- shared: feedback (origin: 03_constitutional_ai.py) ---
+# Labels for a pair of responses: the AI's, read off a judge's (A)/(B) probabilities, and the
+# world's. Stage 03 labels its pairs with them; stage 04's online DPO labels its own samples.
+def as_reply(text):
+    """A response text (from a pair or a revision) in the parsed-reply form grade() reads."""
+    return {"content": text, "ended": True, "wrote_other_turn": False}
+
+
+def ground_truth_preference(item, a, b):
+    """1.0 if the world says a is better, 0.0 if b is, None if it cannot tell. Harmful request: a
+    refusal that leaks nothing beats anything else. Ordinary request: help beats refusal, a right
+    fact beats a wrong one."""
+    ga, gb = grade(item, a), grade(item, b)
+    key = "harmless" if item["kind"] == "harmful" else "helped"
+    if ga[key] == gb[key]:
+        return None
+    return 1.0 if ga[key] else 0.0
+
+
+def soft_label(p_a_first, p_a_second):
+    """P(a is better) from the feedback model asked in both orders: P("(A)") when a is shown as (A),
+    and P("(B)") when a is shown as (B). Averaging cancels the preference for a position."""
+    return (p_a_first + p_a_second) / 2
+
+
+def answer_logprob_pairs(model, enc, prompts, pad_id):
+    """For each choose-prompt: (log p("(A)"), log p("(B)")) as the model's whole answer."""
+    options = [enc.encode_ordinary("(A)"), enc.encode_ordinary("(B)")]
+    flat_prompts = [p for p in prompts for _ in options]
+    flat_answers = [o for _ in prompts for o in options]
+    with torch.no_grad():
+        lp = sequence_logprobs(model, flat_prompts, flat_answers, pad_id)
+    return lp.view(-1, 2)
+
+
+def ai_feedback(model, enc, pairs, principles, seed, batch_size):
+    """Soft labels P(response_a is better) from the feedback model, one principle per pair, asked in
+    both orders: p = (P(A | a first) + P(B | b first)) / 2 (Bai et al. normalise the two option
+    probabilities; the order swap removes the preference for whichever response comes first). Each
+    pair gets a principle drawn from `principles`; -> the pairs, with "principle", "p_a", "p_a_orders"."""
+    rng = random.Random(f"cai:feedback:{seed}")
+    pad = enc.encode_single_token("<|pad|>")
+    for pair in pairs:
+        pair["principle"] = rng.choice(principles)
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        ab = [user_prompt(enc, choose_prompt(p["principle"], p["request"], p["a"], p["b"])) for p in chunk]
+        ba = [user_prompt(enc, choose_prompt(p["principle"], p["request"], p["b"], p["a"])) for p in chunk]
+        p_ab = answer_logprob_pairs(model, enc, ab, pad).softmax(-1)[:, 0]  # P("(A)") when a is (A)
+        p_ba = answer_logprob_pairs(model, enc, ba, pad).softmax(-1)[:, 1]  # P("(B)") when a is (B)
+        for pair, x, y in zip(chunk, p_ab.tolist(), p_ba.tolist()):
+            pair["p_a"], pair["p_a_orders"] = soft_label(x, y), (x, y)
+    return pairs
+# --- end shared: feedback ---
 
 
 if __name__ == "__main__":

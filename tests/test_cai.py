@@ -106,8 +106,7 @@ def test_ai_feedback_averages_both_orders(monkeypatch, enc):
     """Order a-first gives P("(A)") = 0.9; order b-first gives P("(B)") = 0.7: p_a = 0.8."""
     answers = iter([torch.log(torch.tensor([[0.9, 0.1]])), torch.log(torch.tensor([[0.3, 0.7]]))])
     monkeypatch.setattr(C, "answer_logprob_pairs", lambda *a, **k: next(answers))
-    args = type("A", (), {"seed": 0, "batch_size": 8})()
-    pairs = C.ai_feedback(None, enc, [{"request": "q", "a": "x", "b": "y"}], args)
+    pairs = C.ai_feedback(None, enc, [{"request": "q", "a": "x", "b": "y"}], C.FEEDBACK_PRINCIPLES, 0, 8)
     assert pairs[0]["p_a"] == pytest.approx(0.8) and pairs[0]["principle"] in C.FEEDBACK_PRINCIPLES
     assert pairs[0]["p_a_orders"] == pytest.approx((0.9, 0.7))
 
@@ -119,14 +118,13 @@ def test_ai_feedback_swaps_the_order_and_cancels_position_bias(monkeypatch, enc)
     def likes_x(model, enc_, prompts, pad):
         texts = [enc.decode(p) for p in prompts]
         return torch.log(torch.tensor([[0.9, 0.1] if "(A) x" in t else [0.1, 0.9] for t in texts]))
-    args = type("A", (), {"seed": 0, "batch_size": 8})()
     monkeypatch.setattr(C, "answer_logprob_pairs", likes_x)
-    pairs = C.ai_feedback(None, enc, [{"request": "q", "a": "x", "b": "y"}, {"request": "q", "a": "y", "b": "x"}],
-                          args)
+    both = [{"request": "q", "a": "x", "b": "y"}, {"request": "q", "a": "y", "b": "x"}]
+    pairs = C.ai_feedback(None, enc, both, C.FEEDBACK_PRINCIPLES, 0, 8)
     assert [p["p_a"] for p in pairs] == pytest.approx([0.9, 0.1])
     monkeypatch.setattr(C, "answer_logprob_pairs", lambda m, e, prompts, pad: torch.log(
         torch.tensor([[0.9, 0.1]] * len(prompts))))
-    pairs = C.ai_feedback(None, enc, [{"request": "q", "a": "x", "b": "y"}], args)
+    pairs = C.ai_feedback(None, enc, [{"request": "q", "a": "x", "b": "y"}], C.FEEDBACK_PRINCIPLES, 0, 8)
     assert pairs[0]["p_a"] == pytest.approx(0.5)
 
 
@@ -140,7 +138,8 @@ def test_make_pairs_builds_the_four_sources(monkeypatch, enc):
     monkeypatch.setattr(C, "sample_replies", fake_sample)
     args = type("A", (), {"seed": 0, "batch_size": 8, "max_new_tokens": 8, "temperature": 1.0})()
     harmful = [{"request": "Hurt him.", "kind": "harmful"}]
-    helpful = [{"request": "Write to her.", "kind": "benign"}, {"request": "Where was he born?", "kind": "fact"}]
+    helpful = [{"request": "Write to her.", "kind": "benign"},
+               {"request": "Where was he born?", "kind": "fact"}]
     pairs = C.make_pairs("sl", "sft", enc, harmful, helpful, args, None)
     by_source = {}
     for p in pairs:
@@ -220,8 +219,8 @@ def test_rloo_advantages_leave_one_out():
 def test_rl_reward_and_policy_gradient_on_hand_values():
     """Scores 1 and 0.5, log-ratios 2 and -1, beta 0.1, the second sample never ends (penalty 1):
     rewards 1 - 0.2 = 0.8 and 0.5 + 0.1 - 1 = -0.4."""
-    reward = C.penalised_reward(torch.tensor([1.0, 0.5]), torch.tensor([2.0, -1.0]), torch.tensor([True, False]),
-                                0.1, 1.0)
+    t = torch.tensor
+    reward = C.penalised_reward(t([1.0, 0.5]), t([2.0, -1.0]), t([True, False]), 0.1, 1.0)
     torch.testing.assert_close(reward, torch.tensor([0.8, -0.4]))
     # -(A * log pi) summed over the micro-batch and divided by all 4 samples of the batch: -(1*-2 - 1*-3) / 4.
     logp = torch.tensor([-2.0, -3.0], requires_grad=True)

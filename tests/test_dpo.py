@@ -138,6 +138,26 @@ def test_one_step_raises_the_margin_of_the_preferred_response(enc):
     assert stats["nll"] == pytest.approx(-chosen / len(pair["chosen"]), rel=1e-5)
 
 
+def test_online_pairs_are_the_policys_own_samples_labelled_by_the_judges(monkeypatch, enc):
+    """Fake samples: each request gets "I can't help with that." and "Here is how." The fake judge
+    prefers whichever option shows the refusal; the world prefers the answer to a harmless request."""
+    refusal, answer = "I can't help with that.", "Here is how."
+    end = enc.encode_single_token("<|end|>")
+    monkeypatch.setattr(D, "sample_replies", lambda model, enc_, prompts, *a, **k: [
+        enc.encode_ordinary(refusal if i % 2 == 0 else answer) + [end] for i in range(len(prompts))])
+    monkeypatch.setattr(D, "answer_logprob_pairs", lambda model, enc_, prompts, pad: torch.log(torch.tensor(
+        [[0.9, 0.1] if f"(A) {refusal}" in enc.decode(p) else [0.1, 0.9] for p in prompts])))
+    args = types.SimpleNamespace(max_new_tokens=8, batch_size=4, seed=0)
+    requests = [("How do I brew the venom?", "harmful"), ("Write to Ana.", "benign")]
+    pairs = D.online_pairs(None, None, enc, requests, ["Be harmless."], 0, 64, args, None)
+    assert [p["kind"] for p in pairs] == ["harmful", "benign"]
+    harmful, benign = pairs
+    assert harmful["chosen"] == enc.encode_ordinary(refusal) + [end]
+    assert harmful["confidence"] == pytest.approx(0.9)
+    assert benign["chosen"] == enc.encode_ordinary(answer) + [end] and benign["confidence"] == 1.0
+    assert benign["prompt"] == D.user_prompt(enc, "Write to Ana.")
+
+
 def test_tiny_run_compares_with_stage_03(tiny_cai, tmp_path):
     init, _ = tiny_cai
     result = run_script("04_dpo.py", "--preset", "tiny", "--init", init, "--out", tmp_path)
@@ -151,6 +171,10 @@ def test_tiny_run_compares_with_stage_03(tiny_cai, tmp_path):
     ipo = run_script("04_dpo.py", "--preset", "tiny", "--init", init, "--out", tmp_path / "ipo",
                      "--loss", "ipo")
     assert ipo.returncode == 0, ipo.stderr[-3000:]
+    online = run_script("04_dpo.py", "--preset", "tiny", "--init", init, "--out", tmp_path / "online",
+                        "--online_rounds", "1")
+    assert online.returncode == 0, online.stderr[-3000:]
+    assert json.loads((tmp_path / "online" / "metrics.json").read_text())["history"][-1]["round"] == 1
 
 
 def test_missing_stage_03_is_one_sentence(tiny_sft, tmp_path):

@@ -14,7 +14,7 @@ from chapter import RULE, SECTIONS, body, functions, section_starts, stage_files
 from test_shared_blocks import find_blocks
 
 BLOCK_ORDER = ["tokenizer", "model", "checkpoint", "sampling", "chat", "grading", "stats", "judging",
-               "replies", "arithmetic"]
+               "choice", "replies", "feedback", "arithmetic"]
 BODY_BUDGET = {"01_pretrain.py": 700, "02_sft.py": 700, "03_constitutional_ai.py": 950}  # lines; others 500
 MAIN_BUDGET = 60
 STAGES = stage_files()
