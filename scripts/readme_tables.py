@@ -29,6 +29,8 @@ DPO_VARIANTS = {   # name -> (flags, column title, what it changes)
                     "without the benign contrast pairs, at the default's number of steps"),
     "ipo": (["--loss", "ipo"], "IPO", "IPO's loss instead of DPO's, same beta"),
     "plain": (["--nll_coef", "0"], "plain DPO", "no next-token term"),
+    "online": (["--online_rounds", "3"], "online DPO", "3 rounds on the policy's own samples, labelled by "
+               "stage 03's judges, instead of stage 03's pairs"),
 }
 STAGE02 = [("fact_qa_seen", "correct", "fact QA, subjects asked about in training"),
            ("fact_qa_heldout", "correct", "fact QA, subjects read about only in prose"),
@@ -122,15 +124,18 @@ def tables(base, seeds):
                 f"{pm('helpful')} (about {ms[0]['03_cai']['n_pm_test']} pairs a seed). AI feedback agrees "
                 f"with the world on {mean_sd([m['03_cai']['feedback_accuracy'] for m in ms])} of the "
                 f"harmful pairs it can judge.", "",
-            "| stage 04 variant | reward accuracy, held-out prompts | log pi(refusal), SL-CAI -> after |",
-            "|---|---|---|"]
+            "| stage 04 variant | steps | reward accuracy, held-out prompts | "
+            "log pi(refusal), SL-CAI -> after |",
+            "|---|---|---|---|"]
     for v in DPO_VARIANTS:
         found = [m[f"04_{v}"] for m in ms if m.get(f"04_{v}")]
         if found:
             acc = mean_sd([f["held_out_pairs"]["reward_accuracy"] for f in found])
             before = statistics.mean(f["refusal_logprob"]["before"] for f in found)
             after = statistics.mean(f["refusal_logprob"]["after"] for f in found)
-            out.append(f"| {DPO_VARIANTS[v][1]}: {DPO_VARIANTS[v][2]} | {acc} | {before:.2f} -> {after:.2f} |")
+            steps = round(statistics.mean(len(f["history"]) for f in found))
+            out.append(f"| {DPO_VARIANTS[v][1]}: {DPO_VARIANTS[v][2]} | {steps} | {acc} | {before:.2f} -> "
+                       f"{after:.2f} |")
     return "\n".join(out) + "\n"
 
 
