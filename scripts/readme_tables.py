@@ -139,6 +139,40 @@ def tables(base, seeds):
     return "\n".join(out) + "\n"
 
 
+def probe_table(base, seeds):
+    """Stage 01's raw-text fact completion ("<person> was born in") on the pretrained model and on
+    each seed's SFT model: does SFT forget facts, or only fail to extract them in a chat?"""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("stage01", ROOT / "01_pretrain.py")
+    stage01 = sys.modules["stage01"] = importlib.util.module_from_spec(spec)   # dataclasses look it up
+    spec.loader.exec_module(stage01)
+    world = json.loads((base / "01_pretrain" / "world.json").read_text())
+    probes = stage01.fact_probes(world)
+    enc = stage01.load_tokenizer(base / "01_pretrain")
+    models = {"pretrained": [base / "01_pretrain"]}
+    models["SFT"] = [base / f"seed{seed}" / "02_sft" for seed in seeds
+                     if (base / f"seed{seed}" / "02_sft" / "model.pt").exists()]
+    keys = [(kind, split) for kind in ("seen", "heldout") for split in ("train", "heldout")]
+    rows = {}
+    for name, dirs in models.items():
+        accuracies = {key: [] for key in keys}
+        for d in dirs:
+            model, _ = stage01.load_model(d, "cpu")
+            summary = stage01.summarise_probes(stage01.knowledge_probe(model.eval(), enc, probes, "cpu"))
+            for kind, split in keys:
+                accuracies[kind, split].append(summary[f"kind={kind}, qa_split={split}"]["accuracy"])
+        rows[name] = accuracies
+    n = {key: sum(p["kind"] == key[0] and p["qa_split"] == key[1] for p in probes) for key in keys}
+    out = ["| raw-text fact completion (stage 01's probe) | prompts | pretrained | SFT |",
+           "|---|---|---|---|"]
+    for kind, split in keys:
+        what = (f"{'seen' if kind == 'seen' else 'never-seen'} phrasing, subject "
+                f"{'with QA text' if split == 'train' else 'read about in prose only'}")
+        out.append(f"| {what} | {n[kind, split]} | {mean_sd(rows['pretrained'][kind, split])} | "
+                   f"{mean_sd(rows['SFT'][kind, split])} |")
+    return "\n".join(out) + "\n"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cpu", help="every stage's --preset")
@@ -149,7 +183,7 @@ def main():
     base = pathlib.Path(args.out or ROOT / "runs" / "readme" / args.preset)
     if not args.report_only:
         run_all(base, args.preset, args.seeds)
-    text = tables(base, args.seeds)
+    text = tables(base, args.seeds) + "\n" + probe_table(base, args.seeds)
     base.mkdir(parents=True, exist_ok=True)
     (base / "tables.md").write_text(text)
     print(text)
