@@ -479,9 +479,11 @@ def plot(m, path):
 def make_report(m):
     a = m["args"]
     h = m["held_out_pairs"] or {}
+    data = (f"{a['online_rounds']} online rounds on the policy's own samples of the training prompts"
+            if a.get("online_rounds") else f"{m['n_train_pairs']} of stage 03's labelled pairs")
     lines = ["# Stage 04: Direct Preference Optimization", "",
-             f"{a['loss'].upper()} with beta {a['beta']} on {m['n_train_pairs']} of stage 03's labelled "
-             f"pairs, starting from (and anchored to) SL-CAI. Pairs on held-out prompts "
+             f"{a['loss'].upper()} with beta {a['beta']} on {data}, starting from (and anchored to) "
+             f"SL-CAI. Pairs on held-out prompts "
              f"({m['n_held_out_pairs']}): reward accuracy {pct(h.get('reward_accuracy'))}, mean margin "
              f"{h.get('margin', float('nan')):.3f}. Mean log pi(\"I can't help with that.\" | held-out "
              f"harmful prompt): {m['refusal_logprob']['before']:.2f} before, "
