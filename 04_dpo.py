@@ -116,8 +116,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("online (iterative) DPO")
     g.add_argument("--online_rounds", type=int, default=0,
                    help="0: offline DPO on stage 03's pairs. R > 0: R rounds, each labelling two fresh "
-                        "samples of the current policy per training prompt as stage 03 did, then one "
-                        "pass of DPO")
+                        "samples of the current policy per training prompt as stage 03 did, then "
+                        "--epochs passes of DPO over them")
     g.add_argument("--judge", help="the feedback model (default: the stage-02 model stage 03 started from)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--max_new_tokens", type=int)
@@ -508,8 +508,8 @@ def make_report(m):
 
 def run_online(policy, reference, enc, train_pairs, init, ckpt, pad, args):
     """Online (iterative) DPO: each round samples the current policy on the training prompts, labels
-    the samples with stage 03's judges (online_pairs), and takes one pass of DPO steps on them, anchored
-    to the same reference. -> per-step history over all rounds."""
+    the samples with stage 03's judges (online_pairs), and trains on them for --epochs, as offline DPO
+    does on stage 03's pairs, anchored to the same reference. -> per-step history over all rounds."""
     judge, principles, requests = online_setup(init, ckpt, train_pairs, args)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     history = []
@@ -520,7 +520,7 @@ def run_online(policy, reference, enc, train_pairs, init, ckpt, pad, args):
         if not pairs:
             continue
         reference_logprobs(reference, pairs, pad, args.batch_size)
-        for h in train(policy, pairs, pad, args, epochs=1, tag=f":online{r}"):
+        for h in train(policy, pairs, pad, args, tag=f":online{r}"):
             history.append({**h, "step": len(history) + 1, "round": r + 1})
     return history
 
