@@ -234,7 +234,8 @@ def sft_conversations(world, seed, n, split):
                 break
         else:
             continue
-        asked[task].add(key)
+        if not ctx.train:
+            asked[task].add(key)
         meta.setdefault("harm", False)
         if ctx.train:
             items.append({"task": task, "messages": messages, "meta": meta})
