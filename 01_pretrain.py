@@ -2074,8 +2074,8 @@ def stream_stats(source, enc, n_docs, seq_len, workers, chunk=10_000):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (tokenizer, model, checkpoint,
-# sampling, chat, grading, stats, judging, choice, replies, feedback, arithmetic), and carries only
-# the ones it calls.
+# sampling, chat, grading, stats, judging, choice, replies, pairs, feedback, arithmetic), and carries
+# only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -2138,11 +2138,14 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Keys and values of the tokens seen so far, per layer, for generation one token at a time."""
 
-    def __init__(self, config, batch_size, max_len, device, dtype):
+    def __init__(self, config, batch_size, max_len, device, dtype, start=None):
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled (advanced by the model after its last layer)
+        # Prompts of different lengths share a batch by left padding: row b's real tokens start at
+        # start[b]. None when no row is padded.
+        self.start = start
 
     def update(self, layer, k, v):
         t0, t1 = self.length, self.length + k.size(2)
@@ -2164,9 +2167,11 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)          # (B, H, T, D)
         k, v = self.wkv(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        key_start = None
         if cache is not None:
             k, v = cache.update(layer, k, v)  # attend to everything cached so far, (B, Hkv, T_total, D)
-        y = kernels.attention(q, k, v, causal=True)                                     # (B, H, T, D)
+            key_start = cache.start           # and never to a row's left padding
+        y = kernels.attention(q, k, v, causal=True, key_start=key_start)                # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -2258,6 +2263,10 @@ class GPT(nn.Module):
         T = idx.size(1)
         t0 = cache.length if cache is not None else 0
         cos, sin = self.rope_cos[t0:t0 + T], self.rope_sin[t0:t0 + T]
+        if cache is not None and cache.start is not None:
+            # Left-padded rows: each row's first real token is its position 0, as if it were alone.
+            pos = (torch.arange(t0, t0 + T, device=idx.device)[None, :] - cache.start[:, None]).clamp(min=0)
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]          # (B, 1, T, D/2)
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i)
@@ -2318,10 +2327,14 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
 # --- shared: sampling (origin: 01_pretrain.py) ---
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, stop_ids=(), generator=None):
-    """Yield new token ids one at a time for a batch of equal-length prompts (B, T), using a KV
-    cache: the prompt is read in one forward pass, then each step feeds only the newest token.
-    temperature 0 is greedy. Stops early once every row has produced a stop id. The model is put
-    in eval mode while generating and handed back in the mode it came in."""
+    """Yield new token ids (B,) one step at a time for a batch of prompts, using a KV cache: the
+    prompts are read in one forward pass, then each step feeds only the newest tokens.
+
+    prompt_ids: a (B, T) tensor, or B lists of ids of any lengths (shorter ones are left-padded and
+    the padding is masked, so each row is generated as if it were alone). temperature 0 is greedy.
+    generator: one torch.Generator for the batch, or a list of B, one per row, so that a row's
+    samples do not depend on which other rows share its batch. Stops early once every row has
+    produced a stop id. The model is put in eval mode and handed back in the mode it came in."""
     was_training = model.training
     model.eval()
     try:
@@ -2331,25 +2344,56 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, sto
         model.train(was_training)
 
 
+def left_pad(prompt_ids, device):
+    """(B, T) ids with shorter prompts padded on the left, and each row's first real position (None
+    when every prompt has the same length)."""
+    if torch.is_tensor(prompt_ids):
+        return prompt_ids.to(device).view(len(prompt_ids), -1), None
+    rows = [list(map(int, p)) for p in prompt_ids]
+    T = max(map(len, rows))
+    if all(len(r) == T for r in rows):
+        return torch.tensor(rows, device=device, dtype=torch.long), None
+    idx = torch.tensor([[0] * (T - len(r)) + r for r in rows], device=device, dtype=torch.long)
+    return idx, torch.tensor([T - len(r) for r in rows], device=device)
+
+
+def next_token(logits, temperature, top_k, generator=None, uniform=None):
+    """Choose the next id of each row from its logits (B, V): greedy at temperature 0; else drawn
+    with `generator`, or, given one uniform number per row (B,), by inverting each row's CDF."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, -1)
+    if uniform is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum(-1)
+    chosen = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None]).squeeze(-1)
+    return chosen.clamp(max=probs.size(-1) - 1)
+
+
 def _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids, generator):
-    idx = torch.as_tensor(prompt_ids, device=model.embed.weight.device).view(len(prompt_ids), -1)
+    idx, start = left_pad(prompt_ids, model.embed.weight.device)
     max_len = min(idx.size(1) + max_new_tokens, model.rope_cos.size(0))
-    cache = KVCache(model.config, idx.size(0), max_len, idx.device, model.embed.weight.dtype)
+    n_steps = max_len - idx.size(1)
+    uniforms = None
+    if isinstance(generator, (list, tuple)) and temperature != 0:
+        # Each row's draws for every step, taken up front from its own generator (one call per row,
+        # not one per row and step): a row's samples then do not depend on the rest of its batch.
+        uniforms = torch.stack([torch.rand(n_steps, generator=g, device=g.device) for g in generator])
+        uniforms, generator = uniforms.to(idx.device), None
+    cache = KVCache(model.config, idx.size(0), max_len, idx.device, model.embed.weight.dtype, start)
     logits = model(idx, cache=cache)[:, -1]
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     stop = torch.tensor(list(stop_ids), device=idx.device, dtype=torch.long)
-    for step in range(max_len - idx.size(1)):
-        if temperature == 0:
-            next_id = logits.argmax(-1)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+    for step in range(n_steps):
+        uniform = None if uniforms is None else uniforms[:, step]
+        next_id = next_token(logits, temperature, top_k, generator, uniform)
         yield next_id
         done |= torch.isin(next_id, stop)
-        if done.all() or step == max_len - idx.size(1) - 1:
+        if done.all() or step == n_steps - 1:
             return
         logits = model(next_id[:, None], cache=cache)[:, -1]
 # --- end shared: sampling ---

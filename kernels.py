@@ -52,6 +52,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 try:
     import triton
@@ -120,7 +121,17 @@ def _autocast_for_triton(*tensors):
 # ============================================================================================
 
 
-def attention_reference(q, k, v, causal=True):
+def padded_causal_mask(Tq, Tk, key_start):
+    """(B, 1, Tq, Tk) bool: which keys each query sees when row b's keys before key_start[b] are left
+    padding. Query i sits at position Tk - Tq + i and sees keys key_start..Tk - Tq + i; a padding
+    query sees only itself, so that no row of the softmax is empty (its output is never used)."""
+    rows = torch.arange(Tk - Tq, Tk, device=key_start.device)[None, :, None]          # (1, Tq, 1)
+    cols = torch.arange(Tk, device=key_start.device)[None, None, :]                    # (1, 1, Tk)
+    first = torch.minimum(key_start.long()[:, None, None], rows)                       # (B, Tq, 1)
+    return ((cols <= rows) & (cols >= first))[:, None]
+
+
+def attention_reference(q, k, v, causal=True, key_start=None):
     """Attention written out in full: the test oracle. Works in any dtype, float64 included.
 
     q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D). Computes in float32 (float64 if given float64)."""
@@ -130,18 +141,22 @@ def attention_reference(q, k, v, causal=True):
     k = k.to(work).repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, D): head h reads kv head h // G
     v = v.to(work).repeat_interleave(H // Hkv, dim=1)
     scores = q.to(work) @ k.transpose(-1, -2) / math.sqrt(D)  # (B, H, Tq, Tk)
-    if causal:
+    if key_start is not None:
+        scores = scores.masked_fill(~padded_causal_mask(Tq, Tk, key_start), float("-inf"))
+    elif causal:
         # query i sits at absolute position Tk - Tq + i and sees keys 0 .. Tk - Tq + i
         visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
         scores = scores.masked_fill(~visible, float("-inf"))
     return (scores.softmax(dim=-1) @ v).to(q.dtype)
 
 
-def attention_torch(q, k, v, causal=True):
+def attention_torch(q, k, v, causal=True, key_start=None):
     """PyTorch's fused attention (the CPU path): same contract as attention()."""
     Tq, Tk = q.shape[2], k.shape[2]
     mask, is_causal = None, False
-    if causal and Tq == Tk:
+    if key_start is not None:
+        mask = padded_causal_mask(Tq, Tk, key_start)
+    elif causal and Tq == Tk:
         is_causal = True  # SDPA's own causal flag is top-left aligned, which is right only when Tq == Tk
     elif causal and Tq > 1:  # a single query is the newest position and sees the whole cache
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
@@ -186,10 +201,11 @@ def _attn_tiles(head_dim, dtype):
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n,
-                    lo, hi, Tk, causal_offset, qk_scale,
+                    lo, hi, Tk, causal_offset, key_start, qk_scale,
                     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
     """Fold key blocks lo, lo+BLOCK_N, .. < hi into the running softmax of one query block.
-    MASKED is False for blocks every query sees in full (no mask work), True for the rest."""
+    MASKED is False for blocks every query sees in full (no mask work), True for the rest.
+    Keys before key_start are left padding (0 when there is none; see padded_causal_mask)."""
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n  # (BLOCK_N,) key positions
         if MASKED:
@@ -202,12 +218,18 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows
         if MASKED:
             visible = cols[None, :] < Tk
             if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+                position = rows[:, None] + causal_offset
+                visible = visible & (cols[None, :] <= position)
+                visible = visible & (cols[None, :] >= tl.minimum(position, key_start))
             s = tl.where(visible, s, float("-inf"))
         # Online softmax: raise the row maximum, rescale what was summed under the old one.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
+        m_sub = m_new
+        if MASKED:
+            # A row that has seen only padding so far has max -inf: subtract 0 there, not -inf.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
@@ -215,13 +237,14 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE,
+def _attn_fwd_kernel(Q, K, V, O, LSE, KEY_START,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                      n_heads, group_size, Tq, Tk, qk_scale,
                      CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HEAD_DIM: tl.constexpr):
-    """One program: BLOCK_M queries of one (batch, head). Writes O and the row log-sum-exp (log2)."""
+                     HEAD_DIM: tl.constexpr, PADDED: tl.constexpr):
+    """One program: BLOCK_M queries of one (batch, head). Writes O and the row log-sum-exp (log2).
+    PADDED: KEY_START holds each batch row's first real key (left padding before it)."""
     # Causal query blocks near the end do the most work: launch them first so that the GPU is not
     # left finishing a few long programs at the end.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -242,6 +265,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
     causal_offset = Tk - Tq  # query row r sits at absolute position r + causal_offset
+    key_start = 0
+    if PADDED:
+        key_start = tl.load(KEY_START + b).to(tl.int32)
     if CAUSAL:
         # Keys 0..start_m + causal_offset are visible to every row of this block: no mask there.
         full_end = (start_m + causal_offset + 1) // BLOCK_N * BLOCK_N
@@ -250,10 +276,15 @@ def _attn_fwd_kernel(Q, K, V, O, LSE,
     else:
         full_end = Tk // BLOCK_N * BLOCK_N
         end = Tk
+    # Blocks holding left padding take the masked path; with no padding this range is empty.
+    pad_end = tl.minimum((key_start + BLOCK_N - 1) // BLOCK_N * BLOCK_N, full_end)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n,
-                                    0, full_end, Tk, causal_offset, qk_scale, BLOCK_N, False, CAUSAL)
+                                    0, pad_end, Tk, causal_offset, key_start, qk_scale, BLOCK_N, True, CAUSAL)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n,
-                                    full_end, end, Tk, causal_offset, qk_scale, BLOCK_N, True, CAUSAL)
+                                    pad_end, full_end, Tk, causal_offset, key_start, qk_scale, BLOCK_N, False,
+                                    CAUSAL)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows, offs_n,
+                                    full_end, end, Tk, causal_offset, key_start, qk_scale, BLOCK_N, True, CAUSAL)
     # Every valid row saw key 0, so l_i > 0 and nothing here divides by zero.
     acc = acc / l_i[:, None]
     tl.store(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
@@ -424,7 +455,7 @@ def _bht(t):
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal):
+    def forward(ctx, q, k, v, causal, key_start=None):
         # Any layout works as long as the head dim is contiguous (e.g. a transposed (B, T, H, D)).
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         B, H, Tq, D = q.shape
@@ -435,16 +466,23 @@ class _FlashAttention(torch.autograd.Function):
         # Decoding (a few new queries against a long cache) takes the smallest query block tl.dot
         # allows, 16 rows, instead of training's 128, most of which would be masked-out work.
         block_m, block_n, warps, stages = _attn_tiles(D, q.dtype)["decode" if Tq <= 16 else "fwd"]
+        padded = key_start is not None
+        starts = key_start.to(device=q.device, dtype=torch.int32).contiguous() if padded else lse
         _attn_fwd_kernel[(triton.cdiv(Tq, block_m), B * H)](
-            q, k, v, o, lse, *_bht(q), *_bht(k), *_bht(v), *_bht(o),
+            q, k, v, o, lse, starts, *_bht(q), *_bht(k), *_bht(v), *_bht(o),
             H, H // Hkv, Tq, Tk, sm_scale * math.log2(math.e),
-            CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, num_warps=warps, num_stages=stages)
+            CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, PADDED=padded,
+            num_warps=warps, num_stages=stages)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal = causal
+        ctx.causal, ctx.padded = causal, padded
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):
+        if ctx.padded:
+            raise NotImplementedError("attention with key_start (left padding) is for generation: the "
+                                      "Triton kernels have no backward for it; train on right-padded rows")
         q, k, v, o, lse = ctx.saved_tensors
         do = do if do.stride(-1) == 1 else do.contiguous()
         B, H, Tq, D = q.shape
@@ -467,16 +505,18 @@ class _FlashAttention(torch.autograd.Function):
             q, k, v, do, lse, delta, dq, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dq),
             H, H // Hkv, Tq, Tk, qk_scale, sm_scale,
             CAUSAL=ctx.causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, num_warps=warps, num_stages=stages)
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None
 
 
-def attention(q, k, v, causal: bool = True):
+def attention(q, k, v, causal: bool = True, key_start=None):
     """Scaled dot-product attention with grouped-query heads and a bottom-right causal mask.
 
     q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) with H % Hkv == 0 and Tq <= Tk. Returns (B, H, Tq, D)
     in q's dtype, softmax scale 1/sqrt(D). Query i sits at absolute position Tk - Tq + i and sees
     keys 0..Tk - Tq + i: Tq == Tk is ordinary causal training, Tq < Tk decoding against a KV cache
     (the kernel handles both; a single new token costs one program per (batch, head)).
+    key_start (B,), causal only: row b's keys before key_start[b] are left padding, seen by no query
+    (batched generation of prompts of different lengths; see padded_causal_mask).
     Dispatch: Triton when BACKEND == "triton", or BACKEND == "auto" and Triton imports and q is on
     CUDA; otherwise attention_torch. Under "auto", head dims outside SUPPORTED_HEAD_DIMS and dtypes
     other than fp16/bf16/fp32 also go to attention_torch."""
@@ -490,9 +530,10 @@ def attention(q, k, v, causal: bool = True):
         unsupported = f"head dim {D} (supported: {SUPPORTED_HEAD_DIMS})"
     elif q.dtype not in _KERNEL_DTYPES or not (q.dtype == k.dtype == v.dtype):
         unsupported = f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (need one of fp16, bf16, fp32 for all)"
+    assert key_start is None or causal, "key_start (left padding) needs the causal mask"
     if _use_triton(q, unsupported):
-        return _FlashAttention.apply(q, k, v, causal)
-    return attention_torch(q, k, v, causal)
+        return _FlashAttention.apply(q, k, v, causal, key_start)
+    return attention_torch(q, k, v, causal, key_start)
 
 
 # ============================================================================================
@@ -771,6 +812,7 @@ class _MoESwiGLU(torch.autograd.Function):
         return out.to(x.dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         xs, g, u, hid, y, gate_sorted, order, token, offsets, expert, row_start, row_end, w_gate, w_up, w_down = \
             ctx.saved_tensors

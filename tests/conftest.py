@@ -70,3 +70,8 @@ def tiny_sft(tiny_pretrain, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_cai(tiny_sft, tmp_path_factory):
     return tiny_run("03_constitutional_ai.py", tmp_path_factory.mktemp("03_cai"), "--init", tiny_sft[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_dpo(tiny_cai, tmp_path_factory):
+    return tiny_run("04_dpo.py", tmp_path_factory.mktemp("04_dpo"), "--init", tiny_cai[0])

@@ -121,6 +121,49 @@ def test_flash_attention_with_gpu_tiles(case, monkeypatch):
     run_attention_case(*case)
 
 
+# (name, B, H, Hkv, Tq, Tk, D, dtype, key_start per row): left-padded rows, as batched generation
+# makes them; a start past a block boundary, one at 0, one past the last query's position.
+PADDED_CASES = [
+    ("prefill_40_pad", 3, 2, 1, 40, 40, 32, torch.float32, [0, 17, 35]),
+    ("prefill_40_pad_fp16", 2, 4, 2, 40, 40, 64, torch.float16, [33, 5]),
+    ("decode_1x50_pad", 3, 2, 2, 1, 50, 32, torch.float32, [0, 20, 49]),
+    ("decode_3x70_pad_gqa2", 2, 4, 2, 3, 70, 16, torch.float32, [40, 68]),
+]
+
+
+@pytest.mark.parametrize("case", PADDED_CASES, ids=[c[0] for c in PADDED_CASES])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_attention_with_left_padding_matches_reference(case, backend):
+    """Keys before a row's key_start are seen by no query, and a padding query (which sees only
+    itself) stays finite, so it cannot poison later layers through the cache."""
+    name, B, H, Hkv, Tq, Tk, D, dtype, starts = case
+    if backend == "triton" and not kernels.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    seed(name)
+    q, k, v = torch.randn(B, H, Tq, D, dtype=dtype), torch.randn(B, Hkv, Tk, D, dtype=dtype), \
+        torch.randn(B, Hkv, Tk, D, dtype=dtype)
+    key_start = torch.tensor(starts)
+    kernels.set_backend(backend)
+    out = kernels.attention(q, k, v, key_start=key_start)
+    ref = kernels.attention_reference(*float64_leaves(q, k, v), key_start=key_start)
+    assert_matches(out, ref.detach(), dtype, name)
+    # a real row equals attention over its unpadded keys alone
+    b = 1
+    first_real = max(starts[b] - (Tk - Tq), 0)
+    alone = kernels.attention_reference(q[b:b + 1, :, first_real:].double(), k[b:b + 1, :, starts[b]:].double(),
+                                        v[b:b + 1, :, starts[b]:].double())
+    assert_matches(out[b:b + 1, :, first_real:], alone, dtype, f"{name} row {b} alone")
+
+
+@needs_triton
+def test_padded_attention_has_no_triton_backward():
+    q, k, v = (torch.randn(1, 2, 8, 16, requires_grad=True) for _ in range(3))
+    kernels.set_backend("triton")
+    out = kernels.attention(q, k, v, key_start=torch.tensor([3]))
+    with pytest.raises(NotImplementedError, match="left padding"):
+        out.sum().backward()
+
+
 @needs_triton
 def test_flash_attention_noncontiguous_inputs():
     """q, k, v as the model makes them: (B, T, H, D) tensors transposed to (B, H, T, D)."""

@@ -138,6 +138,37 @@ def test_generate_stops_at_stop_token_and_samples_reproducibly():
     assert model.training
 
 
+@pytest.mark.parametrize("n_experts", [0, 4])
+def test_batched_prompts_of_different_lengths_sample_as_if_alone(n_experts):
+    """Left padding is invisible: a batch of prompts of lengths 3, 9 and 6 gives each row the tokens
+    it gets when generated alone, greedy and sampled (each row with its own generator)."""
+    model = tiny_model(n_experts=n_experts)
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (3, 9, 6)]
+    for temperature in (0, 1.0):
+        def gens():
+            return [torch.Generator().manual_seed(100 + i) for i in range(len(prompts))]
+        batched = torch.stack(list(P.generate(model, prompts, 15, temperature, generator=gens())), 1)
+        for i, (prompt, g) in enumerate(zip(prompts, gens())):
+            alone = torch.stack(list(P.generate(model, [prompt], 15, temperature, generator=[g])), 1)
+            assert batched[i].tolist() == alone[0].tolist(), (temperature, i)
+    # and the padded logits match the unpadded ones, not just their argmax
+    cache = P.KVCache(model.config, 2, 9, "cpu", torch.float32, start=torch.tensor([6, 0]))
+    idx = torch.tensor([[0] * 6 + prompts[0], prompts[1]])
+    with torch.no_grad():
+        padded = model(idx, cache=cache)[0, -3:]
+        alone = model(torch.tensor([prompts[0]]))[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_per_row_generators_sample_the_distribution():
+    """Inverse-CDF sampling from one uniform number per row draws tokens at their probabilities."""
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]])).expand(4000, 3)
+    uniform = torch.rand(4000, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(P.next_token(logits, 1.0, None, uniform=uniform), minlength=3).float() / 4000
+    torch.testing.assert_close(counts, torch.tensor([0.1, 0.6, 0.3]), atol=0.03, rtol=0)
+
+
 def test_masked_targets_are_ignored():
     model = tiny_model()
     idx, targets = torch.randint(0, 300, (2, 10)), torch.randint(0, 300, (2, 10))

@@ -1,0 +1,247 @@
+"""Stage 05: the checkers on hand cases, GRPO's advantages, ratio clip, k3 and aggregations on
+hand-computed values, pass@k, batched sampling, a frozen reference, the problem split, and tiny runs."""
+import json
+import random
+import types
+
+import pytest
+import torch
+
+from conftest import load_stage, run_script
+
+R = load_stage("05_grpo_reasoning")
+P = load_stage("01_pretrain")
+
+
+def reply(content, thinking="1 + 1 = 2", ended=True):
+    return {"content": content, "thinking": thinking, "ended": ended, "wrote_other_turn": False}
+
+
+ARITH = {"family": "arithmetic", "answer": 36}
+TOWN = {"family": "multihop", "answer": "Esholm"}
+COUNT = {"family": "countdown", "answer": 22, "numbers": [3, 5, 7]}
+
+
+@pytest.mark.parametrize("problem, content, thinking, right", [
+    (ARITH, "Answer: 36", "", True),
+    (ARITH, "Answer: 036.", "", True),                       # a number is a number; a full stop is no answer
+    (ARITH, "Answer: 35", "", False),
+    (ARITH, "Answer: 36 coins", "", False),                  # the answer line holds the answer alone
+    (ARITH, "36", "", False),                                # no answer line
+    (ARITH, "Answer: 35\nAnswer: 36", "", False),            # hedging with two answers earns nothing
+    (TOWN, "Answer: esholm", "", True),
+    (TOWN, "Answer: Esholm town", "", False),
+    (COUNT, "Answer: 3 * 5 + 7", "", True),                  # any valid expression counts
+    (COUNT, "Answer: (7 - 5) * 11", "", False),              # 11 is not given
+    (COUNT, "Answer: 3 * 7 + 3 - 2", "", False),             # 3 used twice, 2 not given
+    (COUNT, "Answer: 5 * 5 - 3", "", False),                 # 5 used twice
+    (COUNT, "Answer: 22", "", False),                        # the bare target, without working
+    (COUNT, "Answer: 22", "3 * 5 = 15\n15 + 7 = 22", True),  # the target, with true steps over the numbers
+    (COUNT, "Answer: 22", "3 * 5 = 16\n16 + 6 = 22", False),  # a false step
+    (COUNT, "Answer: 22", "5 * 5 = 25\n25 - 3 = 22", False),  # 5 used twice in the steps
+    (COUNT, "Answer: 22", "3 * 5 = 15\nso 15 + 7 = 22", False),  # every line must be a step
+    (COUNT, "Answer: 21", "3 * 7 = 21", False),              # a true step that misses the target
+    (COUNT, "Answer: 22 / 1", "", False),                    # division is not allowed
+    (COUNT, "Answer: __import__('os')", "", False),          # nothing but arithmetic is evaluated
+])
+def test_checkers_on_hand_cases(problem, content, thinking, right):
+    assert R.answer_correct(problem, reply(content, thinking)) is right
+
+
+def test_reward_reports_correctness_and_form_separately():
+    assert R.reward(ARITH, reply("Answer: 36"), 0.1) == {"correct": 1.0, "format": 1.0, "total": 1.1}
+    assert R.reward(ARITH, reply("Answer: 35"), 0.1) == {"correct": 0.0, "format": 1.0, "total": 0.1}
+    assert R.reward(ARITH, reply("Answer: 36", thinking=None), 0.1)["total"] == 1.0   # no thinking span
+    assert R.reward(ARITH, reply("Answer: 36", ended=False), 0.1)["format"] == 0.0
+
+
+def test_group_advantages_on_hand_values():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    # mean 0.5; sample std sqrt(1/3) = 0.57735, so +-0.5 / 0.57735 = +-0.86603
+    grpo = R.group_advantages(rewards)
+    torch.testing.assert_close(grpo[0], torch.tensor([0.86603, -0.86603, -0.86603, 0.86603]), atol=2e-4, rtol=0)
+    assert grpo[1].abs().max() == 0                      # an all-equal group carries no signal
+    torch.testing.assert_close(R.group_advantages(rewards, scale_by_std=False)[0],
+                               torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_k3_is_nonnegative_zero_at_equality_and_matches_hand_value():
+    logp = torch.randn(1000)
+    ref = torch.randn(1000)
+    assert (R.k3(logp, ref) >= 0).all() and R.k3(logp, logp).abs().max() == 0
+    # pi = 0.5, pi_ref = 0.25: 0.5 - log 0.5 - 1 = 0.19315
+    value = R.k3(torch.log(torch.tensor(0.5)), torch.log(torch.tensor(0.25)))
+    assert value.item() == pytest.approx(0.19315, abs=1e-5)
+
+
+@pytest.mark.parametrize("rho, advantage, objective, clipped", [
+    (1.5, 1.0, 1.2, True),     # a good token already made more likely: capped at 1 + eps
+    (1.5, -1.0, -1.5, False),  # a bad token made more likely: the full penalty, never capped
+    (0.5, -1.0, -0.8, True),   # a bad token already made less likely: capped at 1 - eps
+    (0.5, 1.0, 0.5, False),    # a good token made less likely: the full loss of it
+])
+def test_clip_acts_on_the_right_side(rho, advantage, objective, clipped):
+    logp = torch.log(torch.tensor([rho])).requires_grad_()
+    value, flag = R.clipped_objective(logp, torch.zeros(1), torch.tensor([advantage]), 0.2, 0.2)
+    assert value.item() == pytest.approx(objective, abs=1e-6) and bool(flag.item()) is clipped
+    value.sum().backward()
+    assert (logp.grad.abs().item() == 0) is clipped      # a clipped token sends no gradient
+
+
+def test_clip_higher_widens_only_the_upper_side():
+    value, _ = R.clipped_objective(torch.log(torch.tensor([1.5, 0.5])), torch.zeros(2),
+                                   torch.tensor([1.0, -1.0]), 0.2, 0.28)
+    torch.testing.assert_close(value, torch.tensor([1.28, -0.8]))
+
+
+def test_aggregations_on_hand_values():
+    per_token = torch.tensor([[1.0, 1.0, 9.0], [2.0, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert R.aggregate(per_token, mask, "sequence", 4).item() == pytest.approx((1 + 2) / 2)
+    assert R.aggregate(per_token, mask, "token", 4).item() == pytest.approx(4 / 3)
+    assert R.aggregate(per_token, mask, "constant", 4).item() == pytest.approx(4 / 8)
+
+
+def test_overlong_penalty_and_pass_at_k_on_hand_values():
+    assert [R.overlong_penalty(n, 64, 16) for n in (40, 48, 56, 64, 70)] == [0.0, 0.0, -0.5, -1.0, -1.0]
+    assert R.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert R.pass_at_k(4, 1, 2) == pytest.approx(0.5)    # 1 - C(3, 2) / C(4, 2)
+    assert R.pass_at_k(4, 0, 4) == 0.0 and R.pass_at_k(4, 3, 2) == 1.0
+
+
+def test_variants_differ_only_in_the_table():
+    args = types.SimpleNamespace(clip_low=0.2, clip_high=0.2, beta=0.0, max_new_tokens=4)
+    logp = torch.tensor([[-1.0, -1.0, 0.0], [-2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, -1.0])
+    losses = {}
+    for variant in ("grpo", "drgrpo", "dapo"):
+        args.variant = variant
+        losses[variant] = R.rl_loss(logp, logp.detach(), logp.detach(), mask, adv, args)[0].item()
+    # rho = 1 everywhere: -(mean over replies of their token means) = 0; the token mean -(2 - 1)/3;
+    # Dr. GRPO's constant: -(2 - 1) / (2 * 4)
+    assert losses["grpo"] == pytest.approx(0.0, abs=1e-7)
+    assert losses["dapo"] == pytest.approx(-1 / 3)
+    assert losses["drgrpo"] == pytest.approx(-1 / 8)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    config = P.GPTConfig(vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, mlp_hidden=64, seq_len=64)
+    model = R.GPT(config)
+    model.init_weights(seed)
+    return model
+
+
+def test_token_logprobs_match_one_sequence_at_a_time():
+    model = tiny_model()
+    prompts, replies = [[5, 6, 7], [8, 9, 10, 11, 12]], [[20, 21], [30, 31, 32, 33]]
+    logp, mask, entropy = R.token_logprobs(model, prompts, replies, pad=0)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    for b, (p, r) in enumerate(zip(prompts, replies)):
+        full = torch.log_softmax(model(torch.tensor([p + r]))[0], -1)
+        want = [full[len(p) - 1 + j, t] for j, t in enumerate(r)]
+        torch.testing.assert_close(logp[b, :len(r)], torch.stack(want), atol=1e-5, rtol=0)
+    assert (entropy >= 0).all()
+
+
+class Enc:
+    """Just enough of a tokenizer for sample(): every special token is an id above 250."""
+    def encode_single_token(self, t):
+        return 250 + R.STOP_TOKENS.index(t)
+
+
+def test_sampling_is_the_same_batched_or_one_row_at_a_time():
+    model = tiny_model(1)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [3, 4]]
+    args = types.SimpleNamespace(seed=1, max_new_tokens=12, device="cpu", batch_size=64)
+    batched = R.sample(model, Enc(), prompts, 3, args, 1.0, "t")
+    args.batch_size = 1
+    alone = R.sample(model, Enc(), prompts, 3, args, 1.0, "t")
+    assert batched == alone
+    assert len({tuple(ids) for ids, _ in batched[1]}) > 1      # and the group's replies differ
+
+
+def test_update_moves_the_policy_toward_rewarded_replies_and_leaves_the_reference():
+    policy, reference = tiny_model(2), tiny_model(2)
+    frozen = {k: v.clone() for k, v in reference.state_dict().items()}
+    reference.requires_grad_(False)
+    args = types.SimpleNamespace(variant="grpo", group_size=2, batch_size=8, inner_steps=2, clip_low=0.2,
+                                 clip_high=0.2, beta=0.04, max_new_tokens=4, device="cpu")
+    good, bad = [40, 41, 42], [50, 51, 52]
+    batch = [{"prompt": [1, 2, 3], "reply": good, "shaped": 1.0}, {"prompt": [1, 2, 3], "reply": bad, "shaped": 0.0}]
+    before = R.token_logprobs(policy, [[1, 2, 3]] * 2, [good, bad], 0)[0].sum(1)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    stats = R.policy_update(policy, reference, optimizer, batch, args, pad=0)
+    after = R.token_logprobs(policy, [[1, 2, 3]] * 2, [good, bad], 0)[0].sum(1)
+    assert after[0] > before[0] and after[1] < before[1]
+    assert all(torch.equal(v, frozen[k]) for k, v in reference.state_dict().items())
+    assert stats["kl"] >= 0
+
+
+@pytest.fixture(scope="module")
+def world():
+    return P.make_world(60, 5)
+
+
+def test_evaluation_problems_are_distinct_and_never_trained_on(world):
+    problems = R.make_eval_problems(world, R.FAMILIES, 6, seed=3)
+    keys = {p["key"] for p in problems}
+    assert len(keys) == len(problems)
+    assert {(p["family"], p["held_template"]) for p in problems} == {(f, h) for f in R.FAMILIES for h in (0, 1)}
+    stream = R.training_problems(world, R.FAMILIES, keys, seed=3)
+    for _ in range(500):
+        p = next(stream)
+        assert p["key"] not in keys and not p["held_template"]
+        assert "order is" not in p["question"] and "Reach the number" not in p["question"]   # held-out wording
+    rng = random.Random(0)
+    assert {R.pick_template("abcd", rng, False) for _ in range(200)} == set("abc")
+    assert R.make_eval_problems(world, R.FAMILIES, 6, seed=3) == problems   # seeded
+
+
+def test_countdown_targets_are_reachable(world):
+    rng = random.Random(0)
+    import itertools
+    for _ in range(30):
+        p = R.make_problem(world, "countdown", 3, rng, False)
+        a, b, c = p["numbers"]
+        found = any(R.countdown_value(f"({x} {o1} {y}) {o2} {z}", p["numbers"]) == p["answer"]
+                    for x, y, z in itertools.permutations((a, b, c)) for o1 in "+-*" for o2 in "+-*")
+        assert found and p["answer"] not in p["numbers"]
+
+
+def test_tiny_runs_of_every_variant(tiny_dpo, tmp_path):
+    init, _ = tiny_dpo
+    for variant in ("grpo", "dapo", "expert_iteration"):
+        out = tmp_path / variant
+        result = run_script("05_grpo_reasoning.py", "--preset", "tiny", "--init", init, "--out", out,
+                            "--variant", variant)
+        assert result.returncode == 0, result.stderr[-3000:]
+        for name in ("model.pt", "metrics.json", "grpo.png", "report.md", "tokenizer.json", "world.json",
+                     "eval_items.jsonl"):
+            assert (out / name).exists(), name
+        m = json.loads((out / "metrics.json").read_text())
+        assert m["history"] and m["history"][-1]["sampled_tokens"] >= m["args"]["sampled_tokens"]
+        assert set(m["after"]) >= {"all", "arithmetic/1", "countdown/new template"} and m["harmlessness"]["rl"]
+        assert torch.load(out / "model.pt", weights_only=True)["stage"] == "05_grpo_reasoning"
+
+
+def test_bad_input_is_one_sentence(tiny_cai, tmp_path):
+    init, _ = tiny_cai
+    result = run_script("05_grpo_reasoning.py", "--preset", "tiny", "--init", init, "--out", tmp_path / "out")
+    assert result.returncode == 1 and "run 04_dpo.py first" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    bad = run_script("05_grpo_reasoning.py", "--preset", "tiny", "--group_size", "1")
+    assert bad.returncode == 2 and "--group_size must be at least 2" in bad.stderr
+
+
+def test_the_kl_term_is_a_penalty_toward_the_reference():
+    """With zero advantages only beta * k3 is left: the loss is +beta * mean k3, and a step pulls the
+    policy's log-probabilities toward the reference's."""
+    args = types.SimpleNamespace(variant="dapo", clip_low=0.2, clip_high=0.28, beta=0.5, max_new_tokens=2)
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-2.0, -1.0]])
+    loss, _, kl = R.rl_loss(logp, logp.detach(), ref, torch.ones(1, 2), torch.zeros(1), args)
+    assert loss.item() == pytest.approx(0.5 * R.k3(logp, ref).mean().item()) and loss.item() > 0
+    loss.backward()
+    assert logp.grad[0, 0] > 0 and logp.grad[0, 1] < 0   # descent lowers -1 toward -2, raises -2 toward -1
