@@ -367,17 +367,17 @@ def policy_update(policy, reference, optimizer, batch, args, pad):
 
 
 def expert_iteration_update(policy, optimizer, batch, args, pad):
-    """Rejection-sampling fine-tuning: one next-token step on the replies the checker accepted."""
+    """Rejection-sampling fine-tuning: --inner_steps next-token steps on the replies the checker accepted."""
     kept = [r for r in batch if r["correct"] > 0]
-    if not kept:
-        return {"kept": 0}
-    with autocast(args.device):
-        logp, mask, entropy = token_logprobs(policy, [r["prompt"] for r in kept], [r["reply"] for r in kept],
-                                             pad)
-    loss = -(logp * mask).sum() / mask.sum()
-    loss.backward()
-    optimizer_step(policy, optimizer)
-    return {"kept": len(kept), "nll": loss.item(), "entropy": ((entropy * mask).sum() / mask.sum()).item()}
+    for _ in range(args.inner_steps if kept else 0):
+        with autocast(args.device):
+            logp, mask, entropy = token_logprobs(policy, [r["prompt"] for r in kept],
+                                                 [r["reply"] for r in kept], pad)
+        loss = -(logp * mask).sum() / mask.sum()
+        loss.backward()
+        optimizer_step(policy, optimizer)
+    return {"kept": len(kept)} if not kept else \
+        {"kept": len(kept), "nll": loss.item(), "entropy": ((entropy * mask).sum() / mask.sum()).item()}
 
 
 def optimizer_step(policy, optimizer):

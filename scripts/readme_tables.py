@@ -1,10 +1,12 @@
-"""Regenerate README's measured tables for stages 02-04: every run, every seed, every ablation.
+"""Regenerate README's measured tables for stages 02-05: every run, every seed, every ablation.
 
 Stage 01 runs once (its world and pretrained model are where every seed starts); stages 02, 03 and
 04 run for each seed, each on the same seed's previous stage; stage 04 also runs its one-factor
-ablations. Each table cell is the mean over seeds +- their sample standard deviation, in points.
+ablations, and with --grpo stage 05 runs its four variants on each seed's stage 04. Each table
+cell is the mean over seeds +- their sample standard deviation, in points.
 
     python scripts/readme_tables.py                       # CPU defaults, seeds 1337 1338 1339
+    python scripts/readme_tables.py --grpo                # ... and stage 05's variants
     python scripts/readme_tables.py --report_only         # print the tables from finished runs
     python scripts/readme_tables.py --preset tiny --out /tmp/readme --seeds 1 2   # a smoke test
 
@@ -41,6 +43,7 @@ STAGE02 = [("fact_qa_seen", "correct", "fact QA, subjects asked about in trainin
            ("tool_call", "correct", "well-formed call of the right tool"),
            ("harmful", "complied", "harmful requests complied with (helpful-only: high)"),
            ("all", "format_ok", "ends with <|end|>, writes no other turn")]
+GRPO_VARIANTS = ["grpo", "drgrpo", "dapo", "expert_iteration"]   # stage 05, at equal sampled tokens
 HARMLESS = [("harmful", "harmless", "harmful requests refused without leaking"),
             ("harmful/seen hazard", "harmless", "... about a hazard training prompts named"),
             ("harmful/new hazard", "harmless", "... about a hazard no training prompt named"),
@@ -62,7 +65,7 @@ def run(script, out, args, times):
     times[str(out)] = time.time() - start
 
 
-def run_all(base, preset, seeds):
+def run_all(base, preset, seeds, grpo=False):
     times_path = base / "times.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
     flags = ["--preset", preset]
@@ -78,6 +81,9 @@ def run_all(base, preset, seeds):
             if name != "dpo":
                 extra = extra + (["--steps", steps] if name == "no_contrast" else [])
                 run("04_dpo.py", s / f"04_{name}", seeded + ["--init", s / "03_cai"] + extra, times)
+        for variant in GRPO_VARIANTS if grpo else []:
+            flags05 = seeded + ["--init", s / "04_dpo", "--variant", variant]
+            run("05_grpo_reasoning.py", s / f"05_{variant}", flags05, times)
         times_path.write_text(json.dumps(times, indent=1))
 
 
@@ -139,6 +145,32 @@ def tables(base, seeds):
     return "\n".join(out) + "\n"
 
 
+def grpo_table(base, seeds):
+    """Stage 05: held-out pass rates before (stage 04's model) and after each variant, per cell."""
+    runs = {v: [load(base / f"seed{seed}" / f"05_{v}") for seed in seeds] for v in GRPO_VARIANTS}
+    runs = {v: [m for m in ms if m] for v, ms in runs.items() if any(ms)}
+    if not runs:
+        return ""
+    first = next(iter(runs.values()))[0]
+    cells = sorted(first["before"], key=lambda c: (c == "all", c))
+    k = max(first["before"]["all"]["pass_at_k"], key=int)
+    out = [f"**Stage 05** (held-out problems; seeds {len(next(iter(runs.values())))}; greedy pass@1, then "
+           f"sampled pass@1 / pass@{k} at temperature 1)", "",
+           "| cell | problems | stage 04 | " + " | ".join(runs) + " |", "|---|---|---|" + "---|" * len(runs)]
+    for cell in cells:
+        def triple(ms, when):
+            return " / ".join(mean_sd([m[when][cell][f] if f != "k" else m[when][cell]["pass_at_k"][k]
+                                       for m in ms]) for f in ("greedy", "sampled", "k"))
+        before = triple(next(iter(runs.values())), "before")
+        out.append(f"| {cell} | {first['before'][cell]['n']} | {before} | "
+                   + " | ".join(triple(ms, "after") for ms in runs.values()) + " |")
+    for kind, field, what in HARMLESS[:1] + HARMLESS[4:5]:
+        before = mean_sd([m["harmlessness"]["dpo"][kind][field] for m in next(iter(runs.values()))])
+        after = [mean_sd([m["harmlessness"]["rl"][kind][field] for m in ms]) for ms in runs.values()]
+        out.append(f"| {what} (stage 03's evaluation) | | {before} | " + " | ".join(after) + " |")
+    return "\n".join(out) + "\n"
+
+
 def probe_table(base, seeds):
     """Stage 01's raw-text fact completion ("<person> was born in") on the pretrained model and on
     each seed's SFT model: does SFT forget facts, or only fail to extract them in a chat?"""
@@ -179,11 +211,12 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
     p.add_argument("--out", help="where the runs go (default runs/readme/<preset>)")
     p.add_argument("--report_only", action="store_true", help="only print the tables of finished runs")
+    p.add_argument("--grpo", action="store_true", help="also run stage 05's four variants on each seed")
     args = p.parse_args()
     base = pathlib.Path(args.out or ROOT / "runs" / "readme" / args.preset)
     if not args.report_only:
-        run_all(base, args.preset, args.seeds)
-    text = tables(base, args.seeds) + "\n" + probe_table(base, args.seeds)
+        run_all(base, args.preset, args.seeds, args.grpo)
+    text = "\n".join([tables(base, args.seeds), probe_table(base, args.seeds), grpo_table(base, args.seeds)])
     base.mkdir(parents=True, exist_ok=True)
     (base / "tables.md").write_text(text)
     print(text)
