@@ -1082,7 +1082,7 @@ def compile_for_gpu(kernel, args, meta, capability: int):
 
 def _training_step_launches():
     """Launches of attention (head dims 64 and 128, 1 and 4 query heads per kv head, T = 2048, and one
-    decoding step against those 2048 keys) and of
+    decoding step against those 2048 keys, with and without left padding) and of
     an 8-expert top-2 MoE layer, forward and backward, in bf16 and fp32: tiles depend on dtype."""
     launches = []
     for dtype in (torch.bfloat16, torch.float32):
@@ -1092,6 +1092,9 @@ def _training_step_launches():
             launches += record_launches(lambda: torch.autograd.grad(
                 _FlashAttention.apply(q, k, v, True), (q, k, v), torch.zeros_like(q)))
             launches += record_launches(lambda: _FlashAttention.apply(q[:, :, -1:].detach(), k.detach(), v.detach(), True))
+            # ... and the same step for left-padded rows (batched generation of prompts of different lengths)
+            launches += record_launches(lambda: _FlashAttention.apply(
+                q[:, :, -1:].detach(), k.detach(), v.detach(), True, torch.zeros(1, dtype=torch.int32)))
         N, C, d_ff, E = 4096, 1024, 2816, 8
         x = torch.zeros(N, C, dtype=dtype, requires_grad=True)
         gates, experts, _ = route(torch.randn(N, E), 2)
