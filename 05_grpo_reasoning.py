@@ -19,10 +19,12 @@ How the per-token terms are averaged is where the variants differ (`--variant`, 
   grpo     1/|o_i| within each reply, then the mean over replies (DeepSeekMath's form).
   drgrpo   Dr. GRPO (Liu et al., arXiv 2503.20783): no division by std(r) (it over-weights groups
            that are nearly all right or all wrong) and no 1/|o_i| (it lets long wrong replies off
-           lightly per token); token sums are divided by a constant, G * max_new_tokens.
+           lightly per token); token sums are divided by a constant, replies x max_new_tokens.
   dapo     DAPO (Yu et al., arXiv 2503.14476): clip-higher (eps_high 0.28), one mean over every
            token in the batch, dynamic sampling (groups whose rewards are all equal carry no signal:
            drop them and sample more prompts), and a soft penalty on replies that run too long.
+           (DAPO also drops the KL term; --beta stays as for the others here, so only those four
+           change; --beta 0 gives the paper's form.)
   expert_iteration   the baseline without a policy gradient: sample G, keep the replies the
            checker accepts, fine-tune on them (rejection-sampling fine-tuning, as Stanford CS336
            sets beside GRPO), so the chapter can show what the gradient on wrong replies adds.
@@ -34,12 +36,13 @@ relations ("the region of the town where X was born"), and Countdown (reach a ta
 numbers with + - *; any valid working counts, so the checker re-does the arithmetic the model wrote).
 
 Where this small version departs from the papers, and why:
-  * The policy is stage 04's model of a few million parameters, not a 7B base: problems are sized
-    so that it solves some but not most at the start (the report prints its pass rates).
+  * The policy is stage 04's model (1.3M parameters on the CPU preset), not a 7B base: the problems
+    are sized so that it solves some, not most, at the start (the report prints its pass rates).
   * Problems are split by content and by template: evaluation problems never appear in training,
     and one template per family is held out entirely (reported as "new template").
   * Every variant stops at the same number of sampled tokens (`--sampled_tokens`), so GRPO, Dr.
-    GRPO, DAPO and expert iteration are compared at equal sampling cost, the cost that dominates RL.
+    GRPO, DAPO and expert iteration are compared at equal sampling cost, the cost that dominates RL
+    at scale (at this size the updates cost more; each step logs the share spent sampling).
   * pass@k for k up to 64 is measured before and after on the same problems: does RL raise pass@1
     without raising pass@k at large k (Yue et al. 2025, "Does RL really incentivize reasoning
     capacity...")? Stage 03's harmlessness evaluation is re-run: does reasoning RL undo it?
@@ -242,7 +245,7 @@ def pass_at_k(n, c, k):
 # 3. Data: problems from the world, held out by content and by template
 # =====================================================================================
 # Appendix A writes the problems (make_eval_problems, training_problems). Each has a `key` naming
-# its content without the wording (the person and relations asked about, the numbers): training
+# its content without the wording (the numbers; for relations, the person asked about): training
 # never draws a problem whose key an evaluation problem has, whatever template either used, and
 # each family's last template is kept for evaluation alone.
 
@@ -760,7 +763,7 @@ def _arithmetic(world, n_goods, rng, held_template):
     items = listing([f"{n} {item} at {price} coins each" for n, item, price in bought])
     question = template.format(name=person["name"], she=person["pronoun"], town=town, items=items, have=have)
     return {"question": question, "answer": have - total if kind == "left" else total,
-            "key": f"arithmetic:{kind}:{sorted(bought)}:{have}:{person['name']}"}
+            "key": f"arithmetic:{kind}:{sorted((n, price) for n, _, price in bought)}:{have}"}   # no names
 
 
 def _multihop(world, hops, rng, held_template):
@@ -774,7 +777,9 @@ def _multihop(world, hops, rng, held_template):
     except KeyError:   # a relation that points outside the world (a guild that is not an organisation)
         return None
     question = pick_template(templates, rng, held_template).format(s=person["name"])
-    return {"question": question, "answer": answer, "key": f"multihop:{chain}:{person['name']}"}
+    # Keyed by the person alone: no training question asks about anyone an evaluation question
+    # does, so no link of an evaluated chain is ever rewarded in training.
+    return {"question": question, "answer": answer, "key": f"multihop:{person['name']}"}
 
 
 def _countdown(n_numbers, rng, held_template):
