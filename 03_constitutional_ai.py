@@ -1274,7 +1274,10 @@ def write_atomic(path, data):
         if isinstance(data, bytes):
             tmp.write_bytes(data)
         else:
-            torch.save(data, tmp)
+            try:
+                torch.save(data, tmp)
+            except RuntimeError as err:   # how torch.save reports a full disk: not as an OSError
+                raise OSError(f"torch.save could not write {tmp.name} ({err})") from err
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
