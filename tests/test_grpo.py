@@ -245,3 +245,17 @@ def test_the_kl_term_is_a_penalty_toward_the_reference():
     assert loss.item() == pytest.approx(0.5 * R.k3(logp, ref).mean().item()) and loss.item() > 0
     loss.backward()
     assert logp.grad[0, 0] > 0 and logp.grad[0, 1] < 0   # descent lowers -1 toward -2, raises -2 toward -1
+
+
+def test_keys_hold_content_not_wording(world):
+    """The same numbers bought by another person are one arithmetic key; every relation question about
+    a person has that person's key, whatever the chain, so training never asks about an evaluated one."""
+    same_numbers = R._arithmetic(world, 2, random.Random(3), False)
+    other_person = R._arithmetic({**world, "people": world["people"][::-1]}, 2, random.Random(3), False)
+    assert same_numbers["question"] != other_person["question"] and same_numbers["key"] == other_person["key"]
+    rng = random.Random(1)
+    for _ in range(200):
+        p = R.make_problem(world, "multihop", rng.choice((1, 2)), rng, False)
+        if p:
+            name = p["key"].split(":", 1)[1]
+            assert p["key"] == f"multihop:{name}" and name in p["question"]
