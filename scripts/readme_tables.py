@@ -151,21 +151,24 @@ def grpo_table(base, seeds):
     runs = {v: [m for m in ms if m] for v, ms in runs.items() if any(ms)}
     if not runs:
         return ""
-    first = next(iter(runs.values()))[0]
+    baseline = next(iter(runs.values()))   # any variant's runs hold stage 04's numbers as "before"
+    first = baseline[0]
     cells = sorted(first["before"], key=lambda c: (c == "all", c))
     k = max(first["before"]["all"]["pass_at_k"], key=int)
-    out = [f"**Stage 05** (held-out problems; seeds {len(next(iter(runs.values())))}; greedy pass@1, then "
+
+    def rates(ms, when, cell):
+        """'greedy / sampled pass@1 / pass@k', each mean +- sd over the runs."""
+        found = [m[when][cell] for m in ms]
+        return " / ".join([mean_sd([c["greedy"] for c in found]), mean_sd([c["sampled"] for c in found]),
+                           mean_sd([c["pass_at_k"][k] for c in found])])
+    out = [f"**Stage 05** (held-out problems; seeds {len(baseline)}; greedy pass@1, then "
            f"sampled pass@1 / pass@{k} at temperature 1)", "",
            "| cell | problems | stage 04 | " + " | ".join(runs) + " |", "|---|---|---|" + "---|" * len(runs)]
     for cell in cells:
-        def triple(ms, when):
-            return " / ".join(mean_sd([m[when][cell][f] if f != "k" else m[when][cell]["pass_at_k"][k]
-                                       for m in ms]) for f in ("greedy", "sampled", "k"))
-        before = triple(next(iter(runs.values())), "before")
-        out.append(f"| {cell} | {first['before'][cell]['n']} | {before} | "
-                   + " | ".join(triple(ms, "after") for ms in runs.values()) + " |")
+        out.append(f"| {cell} | {first['before'][cell]['n']} | {rates(baseline, 'before', cell)} | "
+                   + " | ".join(rates(ms, "after", cell) for ms in runs.values()) + " |")
     for kind, field, what in HARMLESS[:1] + HARMLESS[4:5]:
-        before = mean_sd([m["harmlessness"]["dpo"][kind][field] for m in next(iter(runs.values()))])
+        before = mean_sd([m["harmlessness"]["dpo"][kind][field] for m in baseline])
         after = [mean_sd([m["harmlessness"]["rl"][kind][field] for m in ms]) for ms in runs.values()]
         out.append(f"| {what} (stage 03's evaluation) | | {before} | " + " | ".join(after) + " |")
     return "\n".join(out) + "\n"
