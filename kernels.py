@@ -467,6 +467,7 @@ class _FlashAttention(torch.autograd.Function):
         # allows, 16 rows, instead of training's 128, most of which would be masked-out work.
         block_m, block_n, warps, stages = _attn_tiles(D, q.dtype)["decode" if Tq <= 16 else "fwd"]
         padded = key_start is not None
+        # Without padding the kernel never reads KEY_START (PADDED is a constexpr): any tensor will do.
         starts = key_start.to(device=q.device, dtype=torch.int32).contiguous() if padded else lse
         _attn_fwd_kernel[(triton.cdiv(Tq, block_m), B * H)](
             q, k, v, o, lse, starts, *_bht(q), *_bht(k), *_bht(v), *_bht(o),
