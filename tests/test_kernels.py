@@ -424,6 +424,20 @@ def test_unsupported_head_dim_falls_back_under_auto_and_fails_under_triton():
         kernels.attention(q, k, v)
 
 
+@pytest.mark.parametrize("backend, expected", [("auto", "attention_torch"), ("triton", "_FlashAttention")])
+def test_inside_torch_compile_auto_means_pytorch_attention(backend, expected, monkeypatch):
+    """Where the kernel would run (here: as if on a GPU), a compiled graph still gets PyTorch's
+    attention under "auto" (faster compiled, and safe with dynamic shapes); "triton" keeps the kernel."""
+    calls = []
+    monkeypatch.setattr(kernels, "_use_triton", lambda x, unsupported=None: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(kernels._FlashAttention, "apply", lambda *args: calls.append("_FlashAttention"))
+    monkeypatch.setattr(kernels, "attention_torch", lambda *args: calls.append("attention_torch"))
+    kernels.set_backend(backend)
+    kernels.attention(*_tiny_inputs()[0])
+    assert calls == [expected]
+
+
 # --- the pieces of --compile-report (its GPU builds are tested in test_kernel_builds.py) ---
 
 @needs_triton
