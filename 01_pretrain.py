@@ -87,7 +87,7 @@ PRESETS = {
     "cpu": dict(depth=4, aspect=32, head_dim=32, seq_len=256, vocab_size=2048, n_people=200,
                 batch_tokens=16384, micro_batch=32, tokens_per_param=11.0, eval_every=100,
                 save_every=200, tokenizer_chars=2_000_000, probe_limit=600, val_tokens=65536),
-    # the one-GPU course size (H100-class): unmeasured until a GPU run is recorded in README.
+    # the one-GPU course size (H100-class): about 9 min on an H200, extrapolated from a tenth (README).
     "gpu": dict(depth=8, aspect=64, head_dim=64, seq_len=1024, vocab_size=8192, n_people=2000,
                 batch_tokens=131072, micro_batch=64, tokens_per_param=20.0, eval_every=250,
                 save_every=1000, tokenizer_chars=20_000_000, probe_limit=2000, val_tokens=1_048_576),
@@ -320,9 +320,8 @@ def train(args, run):
 
     from tqdm import tqdm
     run.write = tqdm.write if run.master else (lambda *a, **k: None)
-    peak = peak_flops(args.device)
+    peak, history = peak_flops(args.device), run.metrics["train"]
     t_last, tokens_since = time.time(), 0
-    history = run.metrics["train"]
     train_start = time.time() - (history[-1]["time"] if history else 0.0)  # resumed: add, not restart
     bar = tqdm(range(run.start_step, run.steps), initial=run.start_step, total=run.steps,
                disable=not run.master, desc="pretrain", dynamic_ncols=True)
@@ -330,11 +329,12 @@ def train(args, run):
         for step in bar:
             if run.master and step % args.eval_every == 0 and (step > run.start_step or step == 0):
                 evaluate(args, run, step)
-            loss_value, step_lr, grad_norm = train_step(args, run, step)
-            tokens_since += args.batch_tokens
-            now = time.time()
+            t_step = time.time()
+            loss_value, step_lr, grad_norm = train_step(args, run, step)  # .item() waits for the GPU
+            tokens_since, now = tokens_since + args.batch_tokens, time.time()
             history.append({"step": step + 1, "tokens": (step + 1) * args.batch_tokens, "loss": loss_value,
-                            "lr": step_lr, "grad_norm": grad_norm, "time": now - train_start})
+                            "lr": step_lr, "grad_norm": grad_norm, "time": now - train_start,
+                            "step_seconds": now - t_step})
             if now - t_last > 1.0 or step == run.steps - 1:
                 tok_s = tokens_since / (now - t_last)
                 mfu = f" mfu {mfu_percent(tok_s, run.flops_tok, peak, run.world_size):.1f}%" if peak else ""
@@ -629,13 +629,14 @@ def write_outputs(args, run, final_bpb, results, summary, baseline):
     """The stage's files and its summary line (rank 0); a finished run leaves no train_state.pt."""
     out, m = run.out, run.metrics
     out.mkdir(parents=True, exist_ok=True)
+    speed = speed_metrics(m["train"], args, run)
     summary_metrics = {
         "val_bpb": final_bpb, "final_train_loss": m["train"][-1]["loss"],
         "probe": summary, "probe_majority_baseline": baseline, "params": run.n_params,
         "active_params": run.n_active, "flops_per_token": run.flops_tok, "tokens": run.total_tokens,
         "steps": run.steps, "train_seconds": run.train_seconds, "device": describe_device(args.device),
-        "world_size": run.world_size, "preset": args.preset, "config": dataclasses.asdict(run.config),
-        "args": vars(args)}
+        **speed, "world_size": run.world_size, "preset": args.preset,
+        "config": dataclasses.asdict(run.config), "args": vars(args)}
     try:
         write_atomic(out / "tokenizer.json", run.tokenizer_json.encode("utf-8"))
         write_atomic(out / "world.json", json.dumps(run.world, indent=1).encode("utf-8"))
@@ -662,6 +663,9 @@ def make_report(m, results, world):
     right = [r for r in results if r["correct"]][:5]
     examples = "\n".join(f"- {'right' if r['correct'] else 'wrong'}: `{r['prompt']}` -> "
                          f"`{r['completion'].strip()[:60]}` (answer: {r['answer']})" for r in right + wrong)
+    speed = f"{m['tokens_per_second']:,.0f} tokens/s (median step, evaluation excluded)"
+    if m["mfu_percent"]:
+        speed += f", MFU {m['mfu_percent']:.1f}%, peak memory {m['peak_memory_gib']:.1f} GiB"
     tokens = (f"{m['tokens'] / 1e6:.1f}M in {m['steps']} steps "
               f"({m['tokens'] / m['active_params']:.1f} per active parameter)")
     return f"""# Stage 01 - pretraining report
@@ -675,6 +679,7 @@ World: {len(world['people'])} people, {len(world['facts'])} facts (`world.json`)
 | FLOPs per token (training) | {m['flops_per_token'] / 1e6:.1f}M |
 | tokens seen | {tokens} |
 | training time | {m['train_seconds'] / 60:.1f} min |
+| training speed | {speed} |
 | final train loss | {m['final_train_loss']:.3f} nats/token |
 | validation | {m['val_bpb']:.3f} bits per byte |
 
@@ -1996,6 +2001,21 @@ def peak_flops(device):
         if key in name:
             return tflops * 1e12
     return None
+
+
+def training_throughput(history, batch_tokens):
+    """Tokens/s of the optimizer steps alone (evaluation excluded): the median step, leaving out
+    the first 10 steps, which include compilation and warm-up when there are more than 20."""
+    times = sorted(r["step_seconds"] for r in history[10 if len(history) > 20 else 0:] if "step_seconds" in r)
+    return batch_tokens / times[len(times) // 2] if times else float("nan")
+
+
+def speed_metrics(history, args, run):
+    """tokens/s (all ranks), MFU and peak GPU memory of a finished run, for metrics.json."""
+    tok_s, peak = training_throughput(history, args.batch_tokens), peak_flops(args.device)
+    return {"tokens_per_second": tok_s,
+            "mfu_percent": mfu_percent(tok_s, run.flops_tok, peak, run.world_size) if peak else None,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None}
 
 
 def describe_device(device):

@@ -335,6 +335,14 @@ def test_parameter_flop_and_mfu_accounting_on_hand_values():
     assert P.pretraining_loss(2.0, 0.5, 0.01) == pytest.approx(2.005)
 
 
+def test_throughput_is_the_median_step_without_the_first_ten():
+    # 10 slow steps (compilation) then 15 steps of 1..15 s: the median of those is 8 s.
+    history = [{"step_seconds": 100.0}] * 10 + [{"step_seconds": float(t)} for t in range(1, 16)]
+    assert P.training_throughput(history, 800) == pytest.approx(100.0)
+    # a short run keeps every step (median of 1..5 is 3); a resumed run's old rows have no timing
+    assert P.training_throughput([{"loss": 1.0}] + [{"step_seconds": float(t)} for t in range(1, 6)], 6) == 2.0
+
+
 # ---------------------------------------------------------------- whole runs
 
 def test_tiny_run_lowers_loss_and_writes_the_stage_contract(tiny_pretrain):
