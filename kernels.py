@@ -37,7 +37,7 @@ Dispatch
   BACKEND is "auto" (default), "torch" or "triton"; the environment variable HIWT_KERNELS sets its
   initial value and set_backend() changes it. "auto" uses Triton when it imports and the tensors
   are on a CUDA device, and the PyTorch functions otherwise (CPU, or head dims the kernel does not
-  support). "torch" forces the PyTorch functions, for comparison. "triton" forces the kernels; on a
+  support); inside torch.compile, "auto" attention is PyTorch's (see attention). "torch" forces the PyTorch functions, for comparison. "triton" forces the kernels; on a
   CPU that only works under the Triton interpreter (TRITON_INTERPRET=1), which is how the tests run.
 
 `python kernels.py --bench` times both kernels on a CUDA GPU; `python kernels.py --check` compares
@@ -524,8 +524,8 @@ def attention(q, k, v, causal: bool = True, key_start=None):
     key_start (B,), causal only: row b's keys before key_start[b] are left padding, seen by no query
     (batched generation of prompts of different lengths; see padded_causal_mask).
     Dispatch: Triton when BACKEND == "triton", or BACKEND == "auto" and Triton imports and q is on
-    CUDA; otherwise attention_torch. Under "auto", head dims outside SUPPORTED_HEAD_DIMS and dtypes
-    other than fp16/bf16/fp32 also go to attention_torch."""
+    CUDA and not inside torch.compile; otherwise attention_torch. Under "auto", head dims outside
+    SUPPORTED_HEAD_DIMS and dtypes other than fp16/bf16/fp32 also go to attention_torch."""
     B, H, Tq, D = q.shape
     assert k.shape == v.shape and k.shape[0] == B and k.shape[3] == D, "k, v must be (B, Hkv, Tk, D)"
     assert H % k.shape[1] == 0, f"n_heads ({H}) must be a multiple of n_kv_heads ({k.shape[1]})"
