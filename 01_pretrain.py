@@ -56,8 +56,10 @@ import os
 import pathlib
 import random
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import types
 from collections import Counter
@@ -99,8 +101,7 @@ def parse_args(argv=None):
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="size bundle (default: gpu on CUDA, cpu otherwise)")
@@ -108,63 +109,62 @@ def make_parser():
     g.add_argument("--seed", type=int, default=1337, help="seeds the world, the data order and the weights")
     g.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     g.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda if available)")
-    g.add_argument("--compile", type=int, default=None, help="torch.compile the model (default: 1 on CUDA)")
-    g.add_argument("--stop_after_step", type=int, default=None,
+    g.add_argument("--compile", type=int, choices=(0, 1), help="torch.compile the model (default: 1 on CUDA)")
+    g.add_argument("--stop_after_step", type="positive_int", default=None,
                    help="save and exit after this step, as an interruption would (for testing --resume)")
     g = p.add_argument_group("data")
-    g.add_argument("--n_people", type=int, help="world size: people (towns, guilds, ... scale with it)")
+    g.add_argument("--n_people", type="positive_int", help="world size: people (towns, guilds... follow)")
     g.add_argument("--data", default=None, help="a UTF-8 text file or folder, or 'tinystories'")
-    g.add_argument("--data_mix", type=float, default=1.0,
+    g.add_argument("--data_mix", type="unit", default=1.0,
                    help="with --data: fraction of documents taken from it (the rest from the world)")
     g.add_argument("--data_url", default=TINYSTORIES_URL, help="where --data tinystories downloads from")
-    g.add_argument("--stream_stats", type=int, metavar="N",
+    g.add_argument("--stream_stats", type="positive_int", metavar="N",
                    help="only measure the data: are the first N documents unique, how many tokens, how fast")
-    g.add_argument("--data_workers", type=int, default=None,
+    g.add_argument("--data_workers", type="count", default=None,
                    help="processes generating documents ahead of training (default: up to 4 per GPU, "
                         "0 on CPU, where training needs the cores)")
     g.add_argument("--tokenizer", default="bpe",
                    help="'bpe' trains one here; or a stock tiktoken name (gpt2, cl100k_base) "
                         "if cached locally")
-    g.add_argument("--vocab_size", type=int, help="BPE vocabulary including special tokens")
-    g.add_argument("--tokenizer_chars", type=int, help="characters of text the BPE is trained on")
+    g.add_argument("--vocab_size", type="positive_int", help="BPE vocabulary including special tokens")
+    g.add_argument("--tokenizer_chars", type="positive_int", help="characters of text the BPE is trained on")
     g = p.add_argument_group("model")
-    g.add_argument("--depth", type=int, help="number of Transformer blocks: the one dial")
-    g.add_argument("--aspect", type=int, help="width per layer: n_embd = depth * aspect")
-    g.add_argument("--head_dim", type=int, help="attention head size")
-    g.add_argument("--gqa", type=int, default=2, help="query heads per key/value head")
-    g.add_argument("--seq_len", type=int, help="context length")
-    g.add_argument("--n_experts", type=int, default=0, help="Mixture-of-Experts experts (0: dense MLPs)")
-    g.add_argument("--top_k", type=int, default=2, help="experts per token")
-    g.add_argument("--moe_every", type=int, default=2, help="every k-th block is MoE (when n_experts > 0)")
-    g.add_argument("--moe_aux", type=float, default=0.01, help="Switch load-balancing loss weight")
-    g.add_argument("--moe_bias_gamma", type=float, default=1e-3,
+    g.add_argument("--depth", type="positive_int", help="number of Transformer blocks: the one dial")
+    g.add_argument("--aspect", type="positive_int", help="width per layer: n_embd = depth * aspect")
+    g.add_argument("--head_dim", type="positive_int", help="attention head size")
+    g.add_argument("--gqa", type="positive_int", default=2, help="query heads per key/value head")
+    g.add_argument("--seq_len", type="positive_int", help="context length")
+    g.add_argument("--n_experts", type="count", default=0, help="Mixture-of-Experts experts (0: dense MLPs)")
+    g.add_argument("--top_k", type="positive_int", default=2, help="experts per token")
+    g.add_argument("--moe_every", type="positive_int", default=2, help="MoE in every k-th block")
+    g.add_argument("--moe_aux", type="nonnegative", default=0.01, help="Switch load-balancing loss weight")
+    g.add_argument("--moe_bias_gamma", type="nonnegative", default=1e-3,
                    help="DeepSeek-V3 aux-free balancing: router-bias step per update (0: off)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: 3e-3 * sqrt(128 / n_embd))")
-    g.add_argument("--weight_decay", type=float, default=0.1)
-    g.add_argument("--grad_clip", type=float, default=1.0)
+    g.add_argument("--lr", type="positive", help="peak learning rate (default: 3e-3 * sqrt(128 / n_embd))")
+    g.add_argument("--weight_decay", type="nonnegative", default=0.1)
+    g.add_argument("--grad_clip", type="positive", default=1.0)
     g.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
                    help="cosine decay, or warmup-stable-decay (linear decay over the last 20%%)")
-    g.add_argument("--warmup_frac", type=float, default=0.03)
-    g.add_argument("--batch_tokens", type=int, help="tokens per optimizer step, over all ranks")
-    g.add_argument("--micro_batch", type=int, help="sequences per forward pass per rank")
-    g.add_argument("--steps", type=int, help="optimizer steps (default: from --tokens_per_param)")
-    g.add_argument("--tokens_per_param", type=float, help="token budget as a multiple of the parameters")
+    g.add_argument("--warmup_frac", type="unit", default=0.03)
+    g.add_argument("--batch_tokens", type="positive_int", help="tokens per optimizer step, over all ranks")
+    g.add_argument("--micro_batch", type="positive_int", help="sequences per forward pass per rank")
+    g.add_argument("--steps", type="positive_int", help="optimizer steps (default: from --tokens_per_param)")
+    g.add_argument("--tokens_per_param", type="positive", help="token budget as a multiple of the parameters")
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval_every", type=int)
-    g.add_argument("--save_every", type=int)
-    g.add_argument("--val_tokens", type=int)
-    g.add_argument("--probe_limit", type=int, help="fact probes per kind in the knowledge evaluation")
+    g.add_argument("--eval_every", type="positive_int")
+    g.add_argument("--save_every", type="positive_int")
+    g.add_argument("--val_tokens", type="positive_int")
+    g.add_argument("--probe_limit", type="positive_int", help="fact probes per kind in the knowledge test")
     return p
 
 
 def apply_preset(args):
-    """Fill each flag left unset from the preset (gpu on CUDA, cpu otherwise) or the device."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.device = device
-    preset = PRESETS[args.preset or ("gpu" if device == "cuda" else "cpu")]
+    """Fill each flag left unset from the preset (gpu on CUDA, else cpu); check --out before any work."""
+    check_out(args.out)
+    args.device = device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.preset = args.preset or ("gpu" if device == "cuda" else "cpu")
-    for key, value in preset.items():
+    for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.compile is None:
@@ -231,9 +231,8 @@ def token_byte_lengths(enc, device):
 def bits_per_byte(model, inputs, targets, byte_lengths, batch_size, autocast):
     """Summed next-token loss in bits over the bytes of the predicted text. Unlike loss per token,
     this does not change when the tokenizer does (nanochat and the Chinchilla paper report it)."""
-    was_training = model.training
+    was_training, nats, n_bytes = model.training, 0.0, 0.0
     model.eval()
-    nats, n_bytes = 0.0, 0.0
     for i in range(0, len(inputs), batch_size):
         x, y = inputs[i:i + batch_size], targets[i:i + batch_size]
         with autocast:
@@ -626,9 +625,9 @@ def prepare_evaluation(args, run):
 # =====================================================================================
 
 def write_outputs(args, run, final_bpb, results, summary, baseline):
-    """The stage's files and its summary line (rank 0); a finished run leaves no train_state.pt."""
+    """The stage's files and its summary line (rank 0), written beside OUT and swapped in whole
+    (staged_run), so a finished run replaces the folder, train_state.pt included, or nothing does."""
     out, m = run.out, run.metrics
-    out.mkdir(parents=True, exist_ok=True)
     speed = speed_metrics(m["train"], args, run)
     summary_metrics = {
         "val_bpb": final_bpb, "final_train_loss": m["train"][-1]["loss"],
@@ -638,13 +637,14 @@ def write_outputs(args, run, final_bpb, results, summary, baseline):
         **speed, "world_size": run.world_size, "preset": args.preset,
         "config": dataclasses.asdict(run.config), "args": vars(args)}
     try:
-        write_atomic(out / "tokenizer.json", run.tokenizer_json.encode("utf-8"))
-        write_atomic(out / "world.json", json.dumps(run.world, indent=1).encode("utf-8"))
-        write_atomic(out / "metrics.json", json.dumps({**summary_metrics, "history": m},
-                                                      indent=1).encode("utf-8"))
-        plot_losses(m, out / "loss.png")
-        write_atomic(out / "report.md", make_report(summary_metrics, results, run.world).encode("utf-8"))
-        save_model(run.model, out / "model.pt", {"step": run.steps, "args": vars(args)})
+        with staged_run(out) as new:
+            write_atomic(new / "tokenizer.json", run.tokenizer_json.encode("utf-8"))
+            write_atomic(new / "world.json", json.dumps(run.world, indent=1).encode("utf-8"))
+            write_atomic(new / "metrics.json", json.dumps({**summary_metrics, "history": m},
+                                                          indent=1).encode("utf-8"))
+            plot_losses(m, new / "loss.png")
+            write_atomic(new / "report.md", make_report(summary_metrics, results, run.world).encode("utf-8"))
+            save_model(run.model, new / "model.pt", {"step": run.steps, "args": vars(args)})
     except OSError as err:
         fail(f"could not write the results to {out} ({err.strerror or err}); "
              f"{run.state_path.name if run.state_path.exists() else 'nothing'} was kept.")
@@ -2093,19 +2093,58 @@ def stream_stats(source, enc, n_docs, seq_len, workers, chunk=10_000):
 # =====================================================================================
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
-# Every stage repeats the blocks below word for word, in one order (tokenizer, model, checkpoint,
-# sampling, chat, grading, stats, judging, choice, replies, pairs, feedback, arithmetic), and carries
-# only the ones it calls.
+# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
+# checkpoint, sampling, chat, grading, stats, judging, choice, replies, pairs, feedback, arithmetic),
+# and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
 #
 # This stage calls:
+#   flags        Parser
 #   tokenizer    tokenizer_from_json
 #   model        GPT, GPTConfig, MoE
-#   checkpoint   write_atomic, save_model
+#   checkpoint   check_out, staged_run, write_atomic, save_model
 #   sampling     generate
 #   arithmetic   arithmetic_problem
+
+# --- shared: flags (origin: 01_pretrain.py) ---
+class Parser(argparse.ArgumentParser):
+    """argparse with two changes: a bad flag costs one line on stderr and exit status 2 (-h has the
+    usage), and number types that refuse nonsense, by name: type="positive_int", "count" (0 or
+    more), "positive", "nonnegative", "fraction" (above 0 and below 1), "unit" (0 to 1)."""
+    TYPES = {"positive_int": (int, dict(at_least=1)), "count": (int, dict(at_least=0)),
+             "positive": (float, dict(above=0)), "nonnegative": (float, dict(at_least=0)),
+             "fraction": (float, dict(above=0, below=1)), "unit": (float, dict(at_least=0, at_most=1))}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, (kind, limits) in self.TYPES.items():
+            self.register("type", name, bounded(kind, **limits))
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see -h).\n")
+
+
+def bounded(kind, at_least=None, above=None, at_most=None, below=None):
+    """An argparse type: the flag's text as `kind` (int or float), refused with one sentence unless
+    finite and within the bounds given; bounded(float, above=0) suits a learning rate."""
+    tests = {"at least": lambda v, b: v >= b, "above": lambda v, b: v > b,
+             "at most": lambda v, b: v <= b, "below": lambda v, b: v < b}
+    bounds = [(word, b) for word, b in zip(tests, (at_least, above, at_most, below)) if b is not None]
+    words = ("a whole number " if kind is int else "a number ") + " and ".join(f"{w} {b}" for w, b in bounds)
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not all(tests[w](value, b) for w, b in bounds):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
+        return value
+    return parse
+# --- end shared: flags ---
+
 
 # --- shared: tokenizer (origin: 01_pretrain.py) ---
 def tokenizer_from_json(text):
@@ -2321,6 +2360,43 @@ def write_atomic(path, data):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_out(out):
+    """Before any work: OUT must be a folder, or not exist yet, beside which this process can write
+    (the run is written next to it, then swapped in). Exits with one sentence otherwise."""
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        sys.exit(f"error: --out {out} is a file, not a folder.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        sys.exit(f"error: cannot write a run beside --out {out} ({err.strerror or err}).")
+
+
+@contextlib.contextmanager
+def staged_run(out):
+    """Yield a fresh folder beside OUT to write a whole run into; if the block ends without an error,
+    the folder takes OUT's place (two renames). A failure, a full disk or a kill -9 while writing
+    leaves the earlier run in OUT as it was, never one run's model beside another's metrics. On
+    failure the partial folder is removed and the error raised again."""
+    out = pathlib.Path(out)
+    new, old = out.with_name(f".{out.name}.new"), out.with_name(f".{out.name}.old")
+    if old.exists() and not out.exists():
+        os.replace(old, out)   # an earlier swap was cut between its renames: put that run back
+    for leftover in (new, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        new.mkdir(parents=True)
+        yield new
+        if out.exists():
+            os.replace(out, old)
+        os.replace(new, out)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model(model, path, extra=None):

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import io
 import json
@@ -61,7 +62,9 @@ import os
 import pathlib
 import random
 import re
+import shutil
 import sys
+import tempfile
 import time
 import zlib
 from collections import Counter, defaultdict
@@ -85,8 +88,7 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="size bundle (default: gpu on CUDA, cpu otherwise)")
@@ -94,26 +96,29 @@ def parse_args(argv=None):
     g.add_argument("--out", default="runs/02_sft", help="output directory")
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda if available)")
-    g.add_argument("--compile", type=int, default=None, help="torch.compile the model (default: 1 on CUDA)")
+    g.add_argument("--compile", type=int, choices=(0, 1), help="torch.compile the model (default: 1 on CUDA)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None,
                    help="train on your own conversations (JSONL, schema in the docstring)")
-    g.add_argument("--n_train", type=int, help="generated training conversations")
-    g.add_argument("--n_eval", type=int, help="evaluation prompts per task (%d tasks)" % len(EVAL_TASKS))
+    g.add_argument("--n_train", type="positive_int", help="generated training conversations")
+    g.add_argument("--n_eval", type="positive_int",
+                   help="evaluation prompts per task (%d tasks)" % len(EVAL_TASKS))
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=float, help="passes over the training conversations")
-    g.add_argument("--batch_size", type=int, help="conversations per step (padded to the longest)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: a third of pretraining's)")
-    g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--warmup_frac", type=float, default=0.03)
-    g.add_argument("--grad_clip", type=float, default=1.0)
+    g.add_argument("--epochs", type="positive", help="passes over the training conversations")
+    g.add_argument("--batch_size", type="positive_int", help="conversations per step (padded to the longest)")
+    g.add_argument("--lr", type="positive", help="peak learning rate (default: a third of pretraining's)")
+    g.add_argument("--weight_decay", type="nonnegative", default=0.0)
+    g.add_argument("--warmup_frac", type="unit", default=0.03)
+    g.add_argument("--grad_clip", type="positive", default=1.0)
     g = p.add_argument_group("evaluation and chat")
-    g.add_argument("--eval_batch", type=int)
-    g.add_argument("--max_new_tokens", type=int)
+    g.add_argument("--eval_batch", type="positive_int")
+    g.add_argument("--max_new_tokens", type="positive_int")
     g.add_argument("--skip_base_eval", action="store_true", help="do not evaluate the pretrained model")
     g.add_argument("--chat", metavar="DIR", help="chat with the checkpoint in DIR instead of training")
-    g.add_argument("--temperature", type=float, default=0.7, help="chat sampling temperature (0: greedy)")
-    g.add_argument("--top_k", type=int, default=40, help="chat: sample among the k likeliest tokens")
+    g.add_argument("--temperature", type="nonnegative", default=0.7,
+                   help="chat sampling temperature (0: greedy)")
+    g.add_argument("--top_k", type="positive_int", default=40,
+                   help="chat: sample among the k likeliest tokens")
     g.add_argument("--system", default=None, help="chat: a system message")
     g.add_argument("--show_example", action="store_true", help="print one conversation with its loss mask")
     args = p.parse_args(argv)
@@ -124,6 +129,8 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.compile is None:
         args.compile = int(args.device == "cuda")
+    if not (args.chat or args.show_example):
+        check_out(args.out)   # a bad --out fails now, not after training
     return args
 
 
@@ -568,18 +575,19 @@ def prepare_data(args, world, enc, max_len):
 # =====================================================================================
 
 def write_outputs(out, init, model, args, before, after, records, history, train_seconds, n_conv, n_target):
-    out.mkdir(parents=True, exist_ok=True)
+    """Every file written beside OUT, then swapped in whole (staged_run): no half-replaced run."""
     metrics = {"before": before, "after": after, "headline_before": headline(before) if before else None,
                "headline_after": headline(after), "train_seconds": train_seconds,
                "train_conversations": n_conv, "assistant_tokens": n_target, "args": vars(args),
                "history": history, "samples": records[:200]}
     try:
-        for name in ("tokenizer.json", "world.json"):   # the next stage reads them from here
-            write_atomic(out / name, (init / name).read_bytes())
-        write_atomic(out / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
-        plot(history, before, after, out / "sft.png")
-        write_atomic(out / "report.md", make_report(metrics, records).encode("utf-8"))
-        save_model(model, out / "model.pt", {"stage": "02_sft", "args": vars(args)})
+        with staged_run(out) as new:
+            for name in ("tokenizer.json", "world.json"):   # the next stage reads them from here
+                write_atomic(new / name, (init / name).read_bytes())
+            write_atomic(new / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
+            plot(history, before, after, new / "sft.png")
+            write_atomic(new / "report.md", make_report(metrics, records).encode("utf-8"))
+            save_model(model, new / "model.pt", {"stage": "02_sft", "args": vars(args)})
     except OSError as err:
         sys.exit(f"error: could not write the results to {out} ({err.strerror or err}).")
 
@@ -1706,17 +1714,18 @@ def check_messages(messages):
 # =====================================================================================
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
-# Every stage repeats the blocks below word for word, in one order (tokenizer, model, checkpoint,
-# sampling, chat, grading, stats, judging, choice, replies, pairs, feedback, arithmetic), and carries
-# only the ones it calls.
+# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
+# checkpoint, sampling, chat, grading, stats, judging, choice, replies, pairs, feedback, arithmetic),
+# and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
 #
 # This stage calls:
+#   flags       Parser
 #   tokenizer   load_tokenizer
 #   model       GPT
-#   checkpoint  load_model, save_model, write_atomic
+#   checkpoint  check_out, staged_run, load_model, save_model, write_atomic
 #   sampling    generate
 #   chat        render_conversation, render_prompt, parse_reply, TURN_START
 #   grading     is_refusal, mentions, fact_correct
@@ -1724,6 +1733,44 @@ def check_messages(messages):
 #   judging     critique_verdict, critique_prompt, revision_prompt, VERDICT_*
 #   choice      choose_prompt
 #   arithmetic  arithmetic_problem
+
+# --- shared: flags (origin: 01_pretrain.py) ---
+class Parser(argparse.ArgumentParser):
+    """argparse with two changes: a bad flag costs one line on stderr and exit status 2 (-h has the
+    usage), and number types that refuse nonsense, by name: type="positive_int", "count" (0 or
+    more), "positive", "nonnegative", "fraction" (above 0 and below 1), "unit" (0 to 1)."""
+    TYPES = {"positive_int": (int, dict(at_least=1)), "count": (int, dict(at_least=0)),
+             "positive": (float, dict(above=0)), "nonnegative": (float, dict(at_least=0)),
+             "fraction": (float, dict(above=0, below=1)), "unit": (float, dict(at_least=0, at_most=1))}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, (kind, limits) in self.TYPES.items():
+            self.register("type", name, bounded(kind, **limits))
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see -h).\n")
+
+
+def bounded(kind, at_least=None, above=None, at_most=None, below=None):
+    """An argparse type: the flag's text as `kind` (int or float), refused with one sentence unless
+    finite and within the bounds given; bounded(float, above=0) suits a learning rate."""
+    tests = {"at least": lambda v, b: v >= b, "above": lambda v, b: v > b,
+             "at most": lambda v, b: v <= b, "below": lambda v, b: v < b}
+    bounds = [(word, b) for word, b in zip(tests, (at_least, above, at_most, below)) if b is not None]
+    words = ("a whole number " if kind is int else "a number ") + " and ".join(f"{w} {b}" for w, b in bounds)
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not all(tests[w](value, b) for w, b in bounds):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
+        return value
+    return parse
+# --- end shared: flags ---
+
 
 # --- shared: tokenizer (origin: 01_pretrain.py) ---
 def tokenizer_from_json(text):
@@ -1939,6 +1986,43 @@ def write_atomic(path, data):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_out(out):
+    """Before any work: OUT must be a folder, or not exist yet, beside which this process can write
+    (the run is written next to it, then swapped in). Exits with one sentence otherwise."""
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        sys.exit(f"error: --out {out} is a file, not a folder.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        sys.exit(f"error: cannot write a run beside --out {out} ({err.strerror or err}).")
+
+
+@contextlib.contextmanager
+def staged_run(out):
+    """Yield a fresh folder beside OUT to write a whole run into; if the block ends without an error,
+    the folder takes OUT's place (two renames). A failure, a full disk or a kill -9 while writing
+    leaves the earlier run in OUT as it was, never one run's model beside another's metrics. On
+    failure the partial folder is removed and the error raised again."""
+    out = pathlib.Path(out)
+    new, old = out.with_name(f".{out.name}.new"), out.with_name(f".{out.name}.old")
+    if old.exists() and not out.exists():
+        os.replace(old, out)   # an earlier swap was cut between its renames: put that run back
+    for leftover in (new, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        new.mkdir(parents=True)
+        yield new
+        if out.exists():
+            os.replace(out, old)
+        os.replace(new, out)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model(model, path, extra=None):

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import copy
 import dataclasses
 import io
@@ -65,7 +66,9 @@ import os
 import pathlib
 import random
 import re
+import shutil
 import sys
+import tempfile
 import time
 import zlib
 from collections import defaultdict
@@ -93,8 +96,7 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="size bundle (default: gpu on CUDA, cpu otherwise)")
@@ -105,31 +107,37 @@ def parse_args(argv=None):
     g.add_argument("--show_example", action="store_true",
                    help="print one prompt's draft, critique and revision")
     g = p.add_argument_group("SL-CAI: critique, revision, fine-tuning")
-    g.add_argument("--n_red_team", type=int, help="red-team prompts sent through critique and revision")
-    g.add_argument("--n_helpful", type=int, help="ordinary prompts whose own answers are mixed in")
-    g.add_argument("--rounds", type=int, help="critique-revision rounds per prompt (the paper used up to 4)")
-    g.add_argument("--sl_epochs", type=float, help="passes over the SL-CAI data")
-    g.add_argument("--sl_lr", type=float, help="peak learning rate (default: stage 02's)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for drafts and pairs")
+    g.add_argument("--n_red_team", type="positive_int",
+                   help="red-team prompts sent through critique and revision")
+    g.add_argument("--n_helpful", type="count", help="ordinary prompts whose own answers are mixed in")
+    g.add_argument("--rounds", type="positive_int",
+                   help="critique-revision rounds per prompt (the paper used up to 4)")
+    g.add_argument("--sl_epochs", type="positive", help="passes over the SL-CAI data")
+    g.add_argument("--sl_lr", type="positive", help="peak learning rate (default: stage 02's)")
+    g.add_argument("--temperature", type="positive", default=1.0,
+                   help="sampling temperature for drafts and pairs")
     g = p.add_argument_group("RL-CAI: AI feedback, preference model, RL")
-    g.add_argument("--n_pairs", type=int,
+    g.add_argument("--n_pairs", type="positive_int",
                    help="prompts to build preference pairs from (half harmful, half ordinary)")
-    g.add_argument("--pm_epochs", type=float, help="passes over the preference pairs")
-    g.add_argument("--pm_lr", type=float, help="preference model learning rate (default: stage 02's)")
-    g.add_argument("--held_out", type=float, default=0.2,
+    g.add_argument("--pm_epochs", type="positive", help="passes over the preference pairs")
+    g.add_argument("--pm_lr", type="positive", help="preference model learning rate (default: stage 02's)")
+    g.add_argument("--held_out", type="fraction", default=0.2,
                    help="fraction of prompts whose pairs the preference model never trains on "
                         "(split by prompt)")
-    g.add_argument("--rl_steps", type=int, help="policy updates")
-    g.add_argument("--rl_prompts", type=int, help="prompts per update")
-    g.add_argument("--samples_per_prompt", type=int, help="K responses per prompt (RLOO needs K >= 2)")
-    g.add_argument("--rl_lr", type=float, help="policy learning rate (default: a tenth of stage 02's)")
-    g.add_argument("--kl_coef", type=float, default=0.05, help="beta: reward -= beta * log(pi / pi_ref)")
-    g.add_argument("--no_end_penalty", type=float, default=1.0,
+    g.add_argument("--rl_steps", type="count", help="policy updates")
+    g.add_argument("--rl_prompts", type="positive_int", help="prompts per update")
+    g.add_argument("--samples_per_prompt", type="positive_int",
+                   help="K responses per prompt (RLOO needs K >= 2)")
+    g.add_argument("--rl_lr", type="positive", help="policy learning rate (default: a tenth of stage 02's)")
+    g.add_argument("--kl_coef", type="nonnegative", default=0.05,
+                   help="beta: reward -= beta * log(pi / pi_ref)")
+    g.add_argument("--no_end_penalty", type="nonnegative", default=1.0,
                    help="reward subtracted from a response that never writes <|end|>")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--n_eval", type=int, help="held-out prompts per kind (harmful, benign, fact)")
-    g.add_argument("--batch_size", type=int, help="sequences per forward pass when generating and training")
-    g.add_argument("--max_new_tokens", type=int)
+    g.add_argument("--n_eval", type="positive_int", help="held-out prompts per kind (harmful, benign, fact)")
+    g.add_argument("--batch_size", type="positive_int",
+                   help="sequences per forward pass when generating and training")
+    g.add_argument("--max_new_tokens", type="positive_int")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
@@ -138,6 +146,8 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.samples_per_prompt < 2:
         p.error("--samples_per_prompt must be at least 2: RLOO's baseline is the mean of the other samples")
+    if not args.show_example:
+        check_out(args.out)   # a bad --out fails now, not after training
     return args
 
 
@@ -754,9 +764,8 @@ def run_rl_cai(sl_model, pm, enc, world, args, generator):
 
 
 def write_outputs(out, init, policy, sl_model, pairs, eval_items, metrics, args):
-    """Everything at once at the end; each file through write_atomic, so a failure never leaves a
-    half-written file over a previous run's."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Everything at once at the end, written beside OUT and swapped in whole (staged_run), so a
+    failure never leaves a half-replaced run."""
     # One pair per line. "label" is P(a is better) as the preference model was trained on it: the AI's
     # soft label for harmful prompts, the world's 1/0 for ordinary ones, null where neither applies.
     preferences = "".join(json.dumps({"request": p["request"], "kind": p["kind"], "source": p["source"],
@@ -764,17 +773,18 @@ def write_outputs(out, init, policy, sl_model, pairs, eval_items, metrics, args)
                                       "response_b": p["b"], "label": p["label"], "p_a": p["p_a"],
                                       "p_a_orders": p["p_a_orders"], "principle": p["principle"],
                                       "truth": p["truth"]}) + "\n" for p in pairs)
+    items = "".join(json.dumps(it) + "\n" for it in eval_items)
     try:
-        for name in ("tokenizer.json", "world.json"):   # the next stage reads them from here
-            write_atomic(out / name, (init / name).read_bytes())
-        write_atomic(out / "preferences.jsonl", preferences.encode("utf-8"))
-        items = "".join(json.dumps(it) + "\n" for it in eval_items)
-        write_atomic(out / "eval_items.jsonl", items.encode("utf-8"))
-        write_atomic(out / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
-        plot(metrics, out / "cai.png")
-        write_atomic(out / "report.md", make_report(metrics).encode("utf-8"))
-        save_model(sl_model, out / "sl_cai.pt", {"stage": "03_sl_cai", "args": vars(args)})
-        save_model(policy, out / "model.pt", {"stage": "03_constitutional_ai", "args": vars(args)})
+        with staged_run(out) as new:
+            for name in ("tokenizer.json", "world.json"):   # the next stage reads them from here
+                write_atomic(new / name, (init / name).read_bytes())
+            write_atomic(new / "preferences.jsonl", preferences.encode("utf-8"))
+            write_atomic(new / "eval_items.jsonl", items.encode("utf-8"))
+            write_atomic(new / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
+            plot(metrics, new / "cai.png")
+            write_atomic(new / "report.md", make_report(metrics).encode("utf-8"))
+            save_model(sl_model, new / "sl_cai.pt", {"stage": "03_sl_cai", "args": vars(args)})
+            save_model(policy, new / "model.pt", {"stage": "03_constitutional_ai", "args": vars(args)})
     except OSError as err:
         sys.exit(f"error: could not write the results to {out} ({err.strerror or err}).")
 
@@ -1046,17 +1056,18 @@ def fact_request(world, rng, train):
 # =====================================================================================
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
-# Every stage repeats the blocks below word for word, in one order (tokenizer, model, checkpoint,
-# sampling, chat, grading, stats, judging, choice, replies, pairs, feedback, arithmetic), and carries
-# only the ones it calls.
+# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
+# checkpoint, sampling, chat, grading, stats, judging, choice, replies, pairs, feedback, arithmetic),
+# and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
 #
 # This stage calls:
+#   flags       Parser
 #   tokenizer   load_tokenizer
 #   model       GPT (final_hidden reads its parts)
-#   checkpoint  load_model, save_model, write_atomic
+#   checkpoint  check_out, staged_run, load_model, save_model, write_atomic
 #   sampling    (used by replies)
 #   chat        render_conversation, parse_reply
 #   grading     is_refusal
@@ -1066,6 +1077,44 @@ def fact_request(world, rng, train):
 #   replies     user_prompt, sample_replies, pad_right, grade, evaluate
 #   pairs       sequence_logprobs, split_by_prompt
 #   feedback    ai_feedback, ground_truth_preference, as_reply
+
+
+# --- shared: flags (origin: 01_pretrain.py) ---
+class Parser(argparse.ArgumentParser):
+    """argparse with two changes: a bad flag costs one line on stderr and exit status 2 (-h has the
+    usage), and number types that refuse nonsense, by name: type="positive_int", "count" (0 or
+    more), "positive", "nonnegative", "fraction" (above 0 and below 1), "unit" (0 to 1)."""
+    TYPES = {"positive_int": (int, dict(at_least=1)), "count": (int, dict(at_least=0)),
+             "positive": (float, dict(above=0)), "nonnegative": (float, dict(at_least=0)),
+             "fraction": (float, dict(above=0, below=1)), "unit": (float, dict(at_least=0, at_most=1))}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, (kind, limits) in self.TYPES.items():
+            self.register("type", name, bounded(kind, **limits))
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see -h).\n")
+
+
+def bounded(kind, at_least=None, above=None, at_most=None, below=None):
+    """An argparse type: the flag's text as `kind` (int or float), refused with one sentence unless
+    finite and within the bounds given; bounded(float, above=0) suits a learning rate."""
+    tests = {"at least": lambda v, b: v >= b, "above": lambda v, b: v > b,
+             "at most": lambda v, b: v <= b, "below": lambda v, b: v < b}
+    bounds = [(word, b) for word, b in zip(tests, (at_least, above, at_most, below)) if b is not None]
+    words = ("a whole number " if kind is int else "a number ") + " and ".join(f"{w} {b}" for w, b in bounds)
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not all(tests[w](value, b) for w, b in bounds):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
+        return value
+    return parse
+# --- end shared: flags ---
 
 
 # --- shared: tokenizer (origin: 01_pretrain.py) ---
@@ -1282,6 +1331,43 @@ def write_atomic(path, data):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_out(out):
+    """Before any work: OUT must be a folder, or not exist yet, beside which this process can write
+    (the run is written next to it, then swapped in). Exits with one sentence otherwise."""
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        sys.exit(f"error: --out {out} is a file, not a folder.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        sys.exit(f"error: cannot write a run beside --out {out} ({err.strerror or err}).")
+
+
+@contextlib.contextmanager
+def staged_run(out):
+    """Yield a fresh folder beside OUT to write a whole run into; if the block ends without an error,
+    the folder takes OUT's place (two renames). A failure, a full disk or a kill -9 while writing
+    leaves the earlier run in OUT as it was, never one run's model beside another's metrics. On
+    failure the partial folder is removed and the error raised again."""
+    out = pathlib.Path(out)
+    new, old = out.with_name(f".{out.name}.new"), out.with_name(f".{out.name}.old")
+    if old.exists() and not out.exists():
+        os.replace(old, out)   # an earlier swap was cut between its renames: put that run back
+    for leftover in (new, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        new.mkdir(parents=True)
+        yield new
+        if out.exists():
+            os.replace(out, old)
+        os.replace(new, out)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model(model, path, extra=None):

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import io
 import json
@@ -57,7 +58,9 @@ import os
 import pathlib
 import random
 import re
+import shutil
 import sys
+import tempfile
 import time
 import zlib
 from collections import defaultdict
@@ -81,11 +84,9 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--preset", choices=sorted(PRESETS),
-                   help="size bundle (default: gpu on CUDA, cpu otherwise)")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="size bundle (default: gpu on CUDA, else cpu)")
     g.add_argument("--init", default="runs/03_constitutional_ai", help="stage 03's output folder")
     g.add_argument("--out", default="runs/04_dpo", help="output directory")
     g.add_argument("--seed", type=int, default=1337)
@@ -93,15 +94,15 @@ def parse_args(argv=None):
     g = p.add_argument_group("DPO")
     g.add_argument("--loss", choices=tuple(LOSSES), default="dpo",
                    help="sigmoid (DPO) or squared (IPO) loss")
-    g.add_argument("--beta", type=float, default=0.1, help="strength of the KL constraint to the reference")
+    g.add_argument("--beta", type="positive", default=0.1, help="KL strength toward the reference")
     g.add_argument("--hard_labels", action="store_true", help="round stage 03's soft labels to 0/1 first")
-    g.add_argument("--nll_coef", type=float, default=1.0,
+    g.add_argument("--nll_coef", type="nonnegative", default=1.0,
                    help="weight of the next-token loss on each pair's preferred response (RPO); "
                         "0 is plain DPO")
-    g.add_argument("--epochs", type=float)
-    g.add_argument("--batch_size", type=int, help="pairs per step")
-    g.add_argument("--lr", type=float, help="peak learning rate (default: a tenth of stage 03's SL-CAI rate)")
-    g.add_argument("--held_out", type=float, default=0.2,
+    g.add_argument("--epochs", type="positive")
+    g.add_argument("--batch_size", type="positive_int", help="pairs per step")
+    g.add_argument("--lr", type="positive", help="peak rate (default: a tenth of SL-CAI's)")
+    g.add_argument("--held_out", type="fraction", default=0.2,
                    help="fraction of prompts whose pairs are kept to measure reward accuracy (the same "
                         "hash split as stage 03's preference model, so the same prompts)")
     g.add_argument("--kinds", default="harmful,benign,fact",
@@ -110,25 +111,24 @@ def parse_args(argv=None):
     g.add_argument("--sources", default="sl_vs_sl,sl_vs_sft,sft_vs_sl,sft_vs_refusal",
                    help="which of stage 03's pair sources to train on (sft_vs_refusal: the benign "
                         "contrast pairs, stage 02's answer against SL-CAI's own refusal)")
-    g.add_argument("--steps", type=int,
+    g.add_argument("--steps", type="positive_int",
                    help="optimizer steps (default: --epochs over the pairs); fixes the step count when "
                         "an ablation changes the number of pairs")
     g = p.add_argument_group("online (iterative) DPO")
-    g.add_argument("--online_rounds", type=int, default=0,
+    g.add_argument("--online_rounds", type="count", default=0,
                    help="0: offline DPO on stage 03's pairs. R > 0: R rounds, each labelling two fresh "
                         "samples of the current policy per training prompt as stage 03 did, then "
                         "--epochs passes of DPO over them")
     g.add_argument("--judge", help="the feedback model (default: the stage-02 model stage 03 started from)")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--max_new_tokens", type=int)
+    g.add_argument("--max_new_tokens", type="positive_int")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.beta <= 0:
-        p.error("--beta must be positive")
+    check_out(args.out)   # a bad --out fails now, not after training
     return args
 
 
@@ -405,14 +405,15 @@ def main(argv=None):
 
 
 def write_outputs(out, init, policy, eval_items, metrics, args):
-    out.mkdir(parents=True, exist_ok=True)
+    """Every file written beside OUT, then swapped in whole (staged_run): no half-replaced run."""
     try:
-        for name in ("tokenizer.json", "world.json", "eval_items.jsonl"):   # the next stages read them here
-            write_atomic(out / name, (init / name).read_bytes())
-        write_atomic(out / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
-        plot(metrics, out / "dpo.png")
-        write_atomic(out / "report.md", make_report(metrics).encode("utf-8"))
-        save_model(policy, out / "model.pt", {"stage": "04_dpo", "args": vars(args)})
+        with staged_run(out) as new:
+            for name in ("tokenizer.json", "world.json", "eval_items.jsonl"):   # the next stages read them
+                write_atomic(new / name, (init / name).read_bytes())
+            write_atomic(new / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
+            plot(metrics, new / "dpo.png")
+            write_atomic(new / "report.md", make_report(metrics).encode("utf-8"))
+            save_model(policy, new / "model.pt", {"stage": "04_dpo", "args": vars(args)})
     except OSError as err:
         sys.exit(f"error: could not write the results to {out} ({err.strerror or err}).")
 
@@ -561,17 +562,18 @@ def online_pairs(policy, judge, enc, requests, principles, round_, max_len, args
 # =====================================================================================
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
-# Every stage repeats the blocks below word for word, in one order (tokenizer, model, checkpoint,
-# sampling, chat, grading, stats, judging, choice, replies, pairs, feedback, arithmetic), and carries
-# only the ones it calls.
+# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
+# checkpoint, sampling, chat, grading, stats, judging, choice, replies, pairs, feedback, arithmetic),
+# and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
 #
 # This stage calls:
+#   flags       Parser
 #   tokenizer   load_tokenizer
 #   model       GPT
-#   checkpoint  load_model, save_model, write_atomic
+#   checkpoint  check_out, staged_run, load_model, save_model, write_atomic
 #   sampling    (used by replies)
 #   chat        parse_reply
 #   grading     (used by replies)
@@ -580,6 +582,44 @@ def online_pairs(policy, judge, enc, requests, principles, round_, max_len, args
 #   replies     user_prompt, sample_replies, evaluate
 #   pairs       sequence_logprobs, split_by_prompt
 #   feedback    ai_feedback, ground_truth_preference, as_reply
+
+
+# --- shared: flags (origin: 01_pretrain.py) ---
+class Parser(argparse.ArgumentParser):
+    """argparse with two changes: a bad flag costs one line on stderr and exit status 2 (-h has the
+    usage), and number types that refuse nonsense, by name: type="positive_int", "count" (0 or
+    more), "positive", "nonnegative", "fraction" (above 0 and below 1), "unit" (0 to 1)."""
+    TYPES = {"positive_int": (int, dict(at_least=1)), "count": (int, dict(at_least=0)),
+             "positive": (float, dict(above=0)), "nonnegative": (float, dict(at_least=0)),
+             "fraction": (float, dict(above=0, below=1)), "unit": (float, dict(at_least=0, at_most=1))}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, (kind, limits) in self.TYPES.items():
+            self.register("type", name, bounded(kind, **limits))
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see -h).\n")
+
+
+def bounded(kind, at_least=None, above=None, at_most=None, below=None):
+    """An argparse type: the flag's text as `kind` (int or float), refused with one sentence unless
+    finite and within the bounds given; bounded(float, above=0) suits a learning rate."""
+    tests = {"at least": lambda v, b: v >= b, "above": lambda v, b: v > b,
+             "at most": lambda v, b: v <= b, "below": lambda v, b: v < b}
+    bounds = [(word, b) for word, b in zip(tests, (at_least, above, at_most, below)) if b is not None]
+    words = ("a whole number " if kind is int else "a number ") + " and ".join(f"{w} {b}" for w, b in bounds)
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not all(tests[w](value, b) for w, b in bounds):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
+        return value
+    return parse
+# --- end shared: flags ---
 
 
 # --- shared: tokenizer (origin: 01_pretrain.py) ---
@@ -796,6 +836,43 @@ def write_atomic(path, data):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_out(out):
+    """Before any work: OUT must be a folder, or not exist yet, beside which this process can write
+    (the run is written next to it, then swapped in). Exits with one sentence otherwise."""
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        sys.exit(f"error: --out {out} is a file, not a folder.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        sys.exit(f"error: cannot write a run beside --out {out} ({err.strerror or err}).")
+
+
+@contextlib.contextmanager
+def staged_run(out):
+    """Yield a fresh folder beside OUT to write a whole run into; if the block ends without an error,
+    the folder takes OUT's place (two renames). A failure, a full disk or a kill -9 while writing
+    leaves the earlier run in OUT as it was, never one run's model beside another's metrics. On
+    failure the partial folder is removed and the error raised again."""
+    out = pathlib.Path(out)
+    new, old = out.with_name(f".{out.name}.new"), out.with_name(f".{out.name}.old")
+    if old.exists() and not out.exists():
+        os.replace(old, out)   # an earlier swap was cut between its renames: put that run back
+    for leftover in (new, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        new.mkdir(parents=True)
+        yield new
+        if out.exists():
+            os.replace(out, old)
+        os.replace(new, out)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model(model, path, extra=None):

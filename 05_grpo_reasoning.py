@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import ast
 import base64
+import contextlib
 import dataclasses
 import io
 import json
@@ -68,7 +69,9 @@ import os
 import pathlib
 import random
 import re
+import shutil
 import sys
+import tempfile
 import time
 import zlib
 from collections import Counter, defaultdict
@@ -96,8 +99,7 @@ FAMILIES = ("arithmetic", "multihop", "countdown")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS), help="size bundle (default: gpu on CUDA, else cpu)")
     g.add_argument("--init", default="runs/04_dpo", help="stage 04's output folder")
@@ -106,23 +108,26 @@ def parse_args(argv=None):
     g.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda if available)")
     g = p.add_argument_group("RL")
     g.add_argument("--variant", choices=tuple(VARIANTS), default="grpo")
-    g.add_argument("--sampled_tokens", type=int, help="stop after sampling this many reply tokens")
-    g.add_argument("--prompts_per_step", type=int, help="problems per rollout batch")
-    g.add_argument("--group_size", type=int, help="G: replies sampled per problem")
-    g.add_argument("--inner_steps", type=int, default=2,
+    g.add_argument("--sampled_tokens", type="positive_int", help="stop after sampling this many reply tokens")
+    g.add_argument("--prompts_per_step", type="positive_int", help="problems per rollout batch")
+    g.add_argument("--group_size", type="positive_int", help="G: replies sampled per problem")
+    g.add_argument("--inner_steps", type="positive_int", default=2,
                    help="optimizer steps on each rollout batch (above 1 the ratio and its clip matter)")
-    g.add_argument("--lr", type=float, default=3e-5)
-    g.add_argument("--beta", type=float, default=0.02, help="weight of the k3 KL to the reference (0: none)")
-    g.add_argument("--clip_low", type=float, default=0.2, help="eps_low: rho is clipped below at 1 - eps_low")
-    g.add_argument("--clip_high", type=float, help="eps_high (default: eps_low; dapo: 0.28)")
-    g.add_argument("--format_reward", type=float, default=0.1)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--max_new_tokens", type=int)
+    g.add_argument("--lr", type="positive", default=3e-5)
+    g.add_argument("--beta", type="nonnegative", default=0.02,
+                   help="weight of the k3 KL to the reference (0: none)")
+    g.add_argument("--clip_low", type="fraction", default=0.2,
+                   help="eps_low: rho is clipped below at 1 - eps_low")
+    g.add_argument("--clip_high", type="positive", help="eps_high (default: eps_low; dapo: 0.28)")
+    g.add_argument("--format_reward", type="nonnegative", default=0.1)
+    g.add_argument("--temperature", type="positive", default=1.0)
+    g.add_argument("--max_new_tokens", type="positive_int")
     g.add_argument("--families", default=",".join(FAMILIES))
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval_problems", type=int, help="held-out problems per family and difficulty")
-    g.add_argument("--pass_samples", type=int, help="samples per problem for pass@k (k up to this)")
-    g.add_argument("--batch_size", type=int, help="rows sampled at once")
+    g.add_argument("--eval_problems", type="positive_int", help="held-out problems per family and difficulty")
+    g.add_argument("--pass_samples", type="positive_int",
+                   help="samples per problem for pass@k (k up to this)")
+    g.add_argument("--batch_size", type="positive_int", help="rows sampled at once")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
@@ -131,16 +136,11 @@ def parse_args(argv=None):
     args.families = [f for f in args.families.split(",") if f]
     if args.clip_high is None:
         args.clip_high = VARIANTS[args.variant].get("clip_high", args.clip_low)
-    for name in ("sampled_tokens", "prompts_per_step", "inner_steps", "max_new_tokens", "eval_problems",
-                 "pass_samples", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1")
     if args.group_size < 2:
         p.error("--group_size must be at least 2: the group is the baseline")
     if not args.families or set(args.families) - set(FAMILIES):
         p.error(f"--families takes a comma-separated subset of {','.join(FAMILIES)}")
-    if not (args.lr > 0 and args.beta >= 0 and 0 <= args.clip_low < 1 and args.clip_high >= 0):
-        p.error("need --lr > 0, --beta >= 0, 0 <= --clip_low < 1 and --clip_high >= 0")
+    check_out(args.out)   # a bad --out fails now, not after training
     return args
 
 
@@ -517,14 +517,15 @@ def main(argv=None):
 
 
 def write_outputs(out, init, policy, metrics, args):
-    out.mkdir(parents=True, exist_ok=True)
+    """Every file written beside OUT, then swapped in whole (staged_run): no half-replaced run."""
     try:
-        for name in ("tokenizer.json", "world.json", "eval_items.jsonl"):   # the next stages read them here
-            write_atomic(out / name, (init / name).read_bytes())
-        write_atomic(out / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
-        plot(metrics, out / "grpo.png")
-        write_atomic(out / "report.md", make_report(metrics).encode("utf-8"))
-        save_model(policy, out / "model.pt", {"stage": "05_grpo_reasoning", "args": vars(args)})
+        with staged_run(out) as new:
+            for name in ("tokenizer.json", "world.json", "eval_items.jsonl"):   # the next stages read them
+                write_atomic(new / name, (init / name).read_bytes())
+            write_atomic(new / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
+            plot(metrics, new / "grpo.png")
+            write_atomic(new / "report.md", make_report(metrics).encode("utf-8"))
+            save_model(policy, new / "model.pt", {"stage": "05_grpo_reasoning", "args": vars(args)})
     except OSError as err:
         sys.exit(f"error: could not write the results to {out} ({err.strerror or err}).")
 
@@ -802,22 +803,61 @@ def _countdown(n_numbers, rng, held_template):
 # =====================================================================================
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
-# Every stage repeats the blocks below word for word, in one order (tokenizer, model, checkpoint,
-# sampling, chat, grading, stats, judging, choice, replies, pairs, feedback, arithmetic), and carries
-# only the ones it calls.
+# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
+# checkpoint, sampling, chat, grading, stats, judging, choice, replies, pairs, feedback, arithmetic),
+# and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
 #
 # This stage calls:
+#   flags       Parser
 #   tokenizer   load_tokenizer
 #   model       GPT
-#   checkpoint  load_model, save_model, write_atomic
+#   checkpoint  check_out, staged_run, load_model, save_model, write_atomic
 #   sampling    generate
 #   chat        render_prompt, parse_reply
 #   grading     (used by replies)
 #   stats       interval95, pct
 #   replies     STOP_TOKENS, pad_right, evaluate
+
+
+# --- shared: flags (origin: 01_pretrain.py) ---
+class Parser(argparse.ArgumentParser):
+    """argparse with two changes: a bad flag costs one line on stderr and exit status 2 (-h has the
+    usage), and number types that refuse nonsense, by name: type="positive_int", "count" (0 or
+    more), "positive", "nonnegative", "fraction" (above 0 and below 1), "unit" (0 to 1)."""
+    TYPES = {"positive_int": (int, dict(at_least=1)), "count": (int, dict(at_least=0)),
+             "positive": (float, dict(above=0)), "nonnegative": (float, dict(at_least=0)),
+             "fraction": (float, dict(above=0, below=1)), "unit": (float, dict(at_least=0, at_most=1))}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, (kind, limits) in self.TYPES.items():
+            self.register("type", name, bounded(kind, **limits))
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see -h).\n")
+
+
+def bounded(kind, at_least=None, above=None, at_most=None, below=None):
+    """An argparse type: the flag's text as `kind` (int or float), refused with one sentence unless
+    finite and within the bounds given; bounded(float, above=0) suits a learning rate."""
+    tests = {"at least": lambda v, b: v >= b, "above": lambda v, b: v > b,
+             "at most": lambda v, b: v <= b, "below": lambda v, b: v < b}
+    bounds = [(word, b) for word, b in zip(tests, (at_least, above, at_most, below)) if b is not None]
+    words = ("a whole number " if kind is int else "a number ") + " and ".join(f"{w} {b}" for w, b in bounds)
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not all(tests[w](value, b) for w, b in bounds):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
+        return value
+    return parse
+# --- end shared: flags ---
 
 
 # --- shared: tokenizer (origin: 01_pretrain.py) ---
@@ -1034,6 +1074,43 @@ def write_atomic(path, data):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_out(out):
+    """Before any work: OUT must be a folder, or not exist yet, beside which this process can write
+    (the run is written next to it, then swapped in). Exits with one sentence otherwise."""
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        sys.exit(f"error: --out {out} is a file, not a folder.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as err:
+        sys.exit(f"error: cannot write a run beside --out {out} ({err.strerror or err}).")
+
+
+@contextlib.contextmanager
+def staged_run(out):
+    """Yield a fresh folder beside OUT to write a whole run into; if the block ends without an error,
+    the folder takes OUT's place (two renames). A failure, a full disk or a kill -9 while writing
+    leaves the earlier run in OUT as it was, never one run's model beside another's metrics. On
+    failure the partial folder is removed and the error raised again."""
+    out = pathlib.Path(out)
+    new, old = out.with_name(f".{out.name}.new"), out.with_name(f".{out.name}.old")
+    if old.exists() and not out.exists():
+        os.replace(old, out)   # an earlier swap was cut between its renames: put that run back
+    for leftover in (new, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        new.mkdir(parents=True)
+        yield new
+        if out.exists():
+            os.replace(out, old)
+        os.replace(new, out)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model(model, path, extra=None):

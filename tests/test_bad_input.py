@@ -1,0 +1,131 @@
+"""Bad input gets one clear sentence and a non-zero exit, and never destroys a finished run.
+
+Each stage is driven through its real command line, in a subprocess, as a careless user would:
+numbers that make no sense, an --out that is a file, a disk that fills while the run is written.
+An earlier finished run in --out must be byte-identical afterwards.
+"""
+import filecmp
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+from conftest import load_stage, run_script
+
+P = load_stage("01_pretrain")
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under folder."""
+    folder = pathlib.Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_sentence(result):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0, result.stdout[-500:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------- the run is swapped in whole
+
+def test_staged_run_replaces_the_folder_only_when_every_file_is_written(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"old model")
+    (out / "metrics.json").write_bytes(b"old metrics")
+    with pytest.raises(OSError):
+        with P.staged_run(out) as new:
+            (new / "metrics.json").write_bytes(b"new metrics")
+            raise OSError(28, "No space left on device")   # the model never got written
+    assert snapshot(out) == {"model.pt": b"old model", "metrics.json": b"old metrics"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]   # no partial folder left behind
+    with P.staged_run(out) as new:
+        (new / "model.pt").write_bytes(b"new model")
+    assert snapshot(out) == {"model.pt": b"new model"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_staged_run_puts_back_a_run_cut_between_its_two_renames(tmp_path):
+    out, old = tmp_path / "run", tmp_path / ".run.old"
+    old.mkdir()
+    (old / "model.pt").write_bytes(b"finished run")   # killed after moving OUT aside, before the swap
+    with pytest.raises(RuntimeError):
+        with P.staged_run(out):
+            raise RuntimeError("killed again")
+    assert snapshot(out) == {"model.pt": b"finished run"}
+
+
+# --------------------------------------------------------------------- the command line
+
+# (stage, flags after --preset tiny); stages after 01 also get the previous tiny stage as --init
+BAD_FLAGS = [
+    ("01_pretrain.py", ["--lr", "nan"]), ("01_pretrain.py", ["--steps", "0"]),
+    ("01_pretrain.py", ["--warmup_frac", "2"]), ("01_pretrain.py", ["--micro_batch", "-3"]),
+    ("01_pretrain.py", ["--depth", "two"]), ("01_pretrain.py", ["--compile", "2"]),
+    ("02_sft.py", ["--epochs", "0"]), ("02_sft.py", ["--lr", "-1e-3"]), ("02_sft.py", ["--n_eval", "0"]),
+    ("03_constitutional_ai.py", ["--held_out", "1"]), ("03_constitutional_ai.py", ["--samples_per_prompt", "1"]),
+    ("03_constitutional_ai.py", ["--kl_coef", "-0.1"]),
+    ("04_dpo.py", ["--held_out", "1.0"]), ("04_dpo.py", ["--beta", "0"]), ("04_dpo.py", ["--steps", "0"]),
+    ("05_grpo_reasoning.py", ["--group_size", "1"]), ("05_grpo_reasoning.py", ["--clip_low", "inf"]),
+    ("05_grpo_reasoning.py", ["--sampled_tokens", "0"]),
+]
+PREVIOUS = {"02_sft.py": "tiny_pretrain", "03_constitutional_ai.py": "tiny_sft",
+            "04_dpo.py": "tiny_cai", "05_grpo_reasoning.py": "tiny_dpo"}
+
+
+@pytest.mark.parametrize("script, flags", BAD_FLAGS, ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_nonsense_numbers_are_refused_and_the_earlier_run_is_kept(script, flags, tiny_pretrain, tmp_path,
+                                                                   request):
+    out = tmp_path / "finished"
+    shutil.copytree(tiny_pretrain[0], out)   # a finished run, whichever stage wrote it
+    before = snapshot(out)
+    init = request.getfixturevalue(PREVIOUS[script])[0] if script in PREVIOUS else None
+    result = run_script(script, "--preset", "tiny", "--out", out, *(["--init", init] if init else []),
+                        *flags, timeout=120)
+    assert_one_sentence(result)
+    assert flags[0] in result.stderr
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("script", ["01_pretrain.py", "02_sft.py", "04_dpo.py", "05_grpo_reasoning.py"])
+def test_an_out_that_is_a_file_fails_before_any_work(script, tmp_path):
+    afile = tmp_path / "results.txt"
+    afile.write_bytes(b"keep me")
+    init = [] if script == "01_pretrain.py" else ["--init", tmp_path]
+    result = run_script(script, "--preset", "tiny", "--out", afile, *init, timeout=120)
+    assert_one_sentence(result)
+    assert "is a file" in result.stderr and afile.read_bytes() == b"keep me"
+
+
+# --------------------------------------------------------------------- a real full disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root and mount(8) needed; skipped otherwise, saying why)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True,
+                       capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as err:
+        reason = getattr(err, "stderr", "") or err
+        pytest.skip(f"cannot mount a small tmpfs here ({str(reason).strip()[:120]})")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_while_writing_keeps_the_earlier_run(tiny_pretrain, small_disk):
+    """Stage 01's tiny run is about 0.75 MiB: a 1 MiB disk holds one, so the new run trains (with no
+    training state saved on the way) but cannot be written beside the old one."""
+    out = small_disk / "run"
+    shutil.copytree(tiny_pretrain[0], out)
+    before = snapshot(out)
+    assert sum(map(len, before.values())) > 0.55 * 2**20, "the disk must be too small for two runs"
+    result = run_script("01_pretrain.py", "--preset", "tiny", "--out", out, "--save_every", "1000", timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: could not write the results")
+    assert snapshot(out) == before
+    assert sorted(p.name for p in small_disk.iterdir()) == ["run"]
+    assert filecmp.cmp(out / "model.pt", pathlib.Path(tiny_pretrain[0]) / "model.pt", shallow=False)
