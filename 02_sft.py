@@ -523,6 +523,9 @@ def main(argv=None):
     init, out = pathlib.Path(args.init), pathlib.Path(args.out)
     torch.manual_seed(args.seed)
     model, ckpt = load_model(init, args.device)
+    if "stage" in ckpt:   # later stages name themselves in their checkpoints; stage 01 does not
+        sys.exit(f"error: {init}/model.pt is a {ckpt['stage']} model, not a pretrained one: SFT starts "
+                 f"from 01_pretrain.py's output (pass --init runs/01_pretrain).")
     enc = load_tokenizer(init)
     world = load_world(init)
     if args.show_example:
@@ -543,10 +546,8 @@ def main(argv=None):
 
 
 def load_world(init):
-    world_path = init / "world.json"
-    if not world_path.exists():
-        sys.exit(f"error: no world.json in {init}: run 01_pretrain.py first, or pass --init.")
-    return json.loads(world_path.read_text(encoding="utf-8"))
+    return read_json(init / "world.json", "run 01_pretrain.py first, or pass --init",
+                     keys=("people", "facts", "hazards", "relations"))
 
 
 def prepare_data(args, world, enc, max_len):
@@ -1596,7 +1597,7 @@ def chat(args):
     model, _ = load_model(args.chat, device, hint=f"--chat {args.chat} must be a stage's output folder")
     enc = load_tokenizer(args.chat, hint=f"--chat {args.chat} must be a stage's output folder")
     world_path = pathlib.Path(args.chat) / "world.json"
-    world = json.loads(world_path.read_text()) if world_path.exists() else None
+    world = read_json(world_path, "a stage's own world.json, or none") if world_path.exists() else None
     model.eval()
     stops = set(stop_tokens(enc))
     start = [{"role": "system", "content": args.system}] if args.system else []
@@ -1784,10 +1785,14 @@ def tokenizer_from_json(text):
 
 
 def load_tokenizer(directory, hint="run 01_pretrain.py first, or pass --init"):
+    """DIR/tokenizer.json; a missing or damaged one exits with one sentence."""
     path = pathlib.Path(directory) / "tokenizer.json"
     if not path.exists():
         sys.exit(f"error: no tokenizer at {path}: {hint}.")
-    return tokenizer_from_json(path.read_text(encoding="utf-8"))
+    try:
+        return tokenizer_from_json(path.read_text(encoding="utf-8"))
+    except (ValueError, KeyError, TypeError, IndexError) as err:   # JSON, UTF-8 and base64 errors too
+        sys.exit(f"error: {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:80]}): {hint}.")
 # --- end shared: tokenizer ---
 
 
@@ -2044,8 +2049,29 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
-        sys.exit(f"error: {path} is not a checkpoint this code can load ({type(err).__name__}: {err}).")
+        # torch's own message runs to several lines and suggests weights_only=False: not here.
+        sys.exit(f"error: {path} is not a checkpoint this code trusts ({type(err).__name__}): {hint}.")
     return model.to(device), ckpt
+
+
+def read_json(path, hint, lines=False, keys=()):
+    """The JSON in path, or with lines=True the list of its JSON lines, each an object holding
+    `keys`. A missing, truncated or non-UTF-8 file, a broken line or a missing key exits with one
+    sentence that names the file and what to re-run (hint)."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()] if lines else [json.loads(text)]
+    except FileNotFoundError:
+        sys.exit(f"error: {path} does not exist: {hint}.")
+    except (OSError, ValueError) as err:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        sys.exit(f"error: {path} is damaged ({type(err).__name__}: {str(err)[:80]}): {hint}.")
+    for i, row in enumerate(rows):
+        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+        if missing:
+            where = f"line {i + 1} of " if lines else ""
+            sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
+    return rows if lines else rows[0]
 # --- end shared: checkpoint ---
 
 

@@ -625,10 +625,8 @@ def load_start(init, device):
         sys.exit(f"error: {init}/model.pt is not a stage-02 assistant (Constitutional AI starts from the "
                  f"helpful-only model of 02_sft.py): {hint}.")
     enc = load_tokenizer(init, hint)
-    world_path = pathlib.Path(init) / "world.json"
-    if not world_path.exists():
-        sys.exit(f"error: no world.json in {init}: {hint}.")
-    return model, ckpt, enc, json.loads(world_path.read_text(encoding="utf-8"))
+    world = read_json(pathlib.Path(init) / "world.json", hint, keys=("people", "facts", "hazards"))
+    return model, ckpt, enc, world
 
 
 def main(argv=None):
@@ -1129,10 +1127,14 @@ def tokenizer_from_json(text):
 
 
 def load_tokenizer(directory, hint="run 01_pretrain.py first, or pass --init"):
+    """DIR/tokenizer.json; a missing or damaged one exits with one sentence."""
     path = pathlib.Path(directory) / "tokenizer.json"
     if not path.exists():
         sys.exit(f"error: no tokenizer at {path}: {hint}.")
-    return tokenizer_from_json(path.read_text(encoding="utf-8"))
+    try:
+        return tokenizer_from_json(path.read_text(encoding="utf-8"))
+    except (ValueError, KeyError, TypeError, IndexError) as err:   # JSON, UTF-8 and base64 errors too
+        sys.exit(f"error: {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:80]}): {hint}.")
 # --- end shared: tokenizer ---
 
 
@@ -1389,8 +1391,29 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
-        sys.exit(f"error: {path} is not a checkpoint this code can load ({type(err).__name__}: {err}).")
+        # torch's own message runs to several lines and suggests weights_only=False: not here.
+        sys.exit(f"error: {path} is not a checkpoint this code trusts ({type(err).__name__}): {hint}.")
     return model.to(device), ckpt
+
+
+def read_json(path, hint, lines=False, keys=()):
+    """The JSON in path, or with lines=True the list of its JSON lines, each an object holding
+    `keys`. A missing, truncated or non-UTF-8 file, a broken line or a missing key exits with one
+    sentence that names the file and what to re-run (hint)."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()] if lines else [json.loads(text)]
+    except FileNotFoundError:
+        sys.exit(f"error: {path} does not exist: {hint}.")
+    except (OSError, ValueError) as err:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        sys.exit(f"error: {path} is damaged ({type(err).__name__}: {str(err)[:80]}): {hint}.")
+    for i, row in enumerate(rows):
+        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+        if missing:
+            where = f"line {i + 1} of " if lines else ""
+            sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
+    return rows if lines else rows[0]
 # --- end shared: checkpoint ---
 
 

@@ -97,8 +97,7 @@ def parse_args(argv=None):
     g.add_argument("--beta", type="positive", default=0.1, help="KL strength toward the reference")
     g.add_argument("--hard_labels", action="store_true", help="round stage 03's soft labels to 0/1 first")
     g.add_argument("--nll_coef", type="nonnegative", default=1.0,
-                   help="weight of the next-token loss on each pair's preferred response (RPO); "
-                        "0 is plain DPO")
+                   help="weight of the next-token loss on each preferred response (RPO); 0: plain DPO")
     g.add_argument("--epochs", type="positive")
     g.add_argument("--batch_size", type="positive_int", help="pairs per step")
     g.add_argument("--lr", type="positive", help="peak rate (default: a tenth of SL-CAI's)")
@@ -106,8 +105,7 @@ def parse_args(argv=None):
                    help="fraction of prompts whose pairs are kept to measure reward accuracy (the same "
                         "hash split as stage 03's preference model, so the same prompts)")
     g.add_argument("--kinds", default="harmful,benign,fact",
-                   help="which of stage 03's pairs to train on: harmful (AI-labelled), benign and fact "
-                        "(world-labelled)")
+                   help="stage 03's pairs to train on: harmful (AI-labelled), benign, fact (by the world)")
     g.add_argument("--sources", default="sl_vs_sl,sl_vs_sft,sft_vs_sl,sft_vs_refusal",
                    help="which of stage 03's pair sources to train on (sft_vs_refusal: the benign "
                         "contrast pairs, stage 02's answer against SL-CAI's own refusal)")
@@ -193,13 +191,18 @@ def preference_statistics(h, chosen_reward, rejected_reward, decided):
 # Stage 03 wrote preferences.jsonl: harmful prompts with AI labels (its feedback model's soft (A)/(B)
 # probabilities), ordinary and fact prompts with labels from the world. Nothing is generated here.
 
+PAIR_KEYS = ("request", "kind", "response_a", "response_b", "label")
+
+
 def read_pairs(path, enc, max_len, kinds=("harmful", "benign", "fact"), sources=None):
     """Pairs of the given kinds with a label, oriented: each {"request", "kind", "prompt", "chosen",
     "rejected" (token ids), "confidence"}. A pair whose prompt and longer response would not fit
     the context is dropped (and counted)."""
     pairs, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+    hint = "run 03_constitutional_ai.py again, or pass --init"
+    for i, row in enumerate(read_json(path, hint, lines=True, keys=PAIR_KEYS)):
+        if not (row["label"] is None or isinstance(row["label"], (int, float)) and 0 <= row["label"] <= 1):
+            sys.exit(f"error: line {i + 1} of {path} has label {row['label']!r}, not a probability: {hint}.")
         wanted = row["kind"] in kinds and (not sources or row.get("source") in sources)
         if row.get("label") is None or not wanted:
             continue
@@ -343,14 +346,11 @@ def refusal_logprob(model, enc, items, pad, batch_size, refusal="I can't help wi
 def load_stage03(init, device):
     """The SL-CAI model, tokenizer, pairs, held-out items and stage 03's numbers, or one sentence."""
     hint = "run 03_constitutional_ai.py first, or pass --init"
-    for name in ("preferences.jsonl", "eval_items.jsonl", "metrics.json", "world.json"):
-        if not (init / name).exists():
-            sys.exit(f"error: no {name} in {init}: {hint}.")
     model, ckpt = load_model(init, device, hint, name="sl_cai.pt")
     enc = load_tokenizer(init, hint)
-    lines = (init / "eval_items.jsonl").read_text(encoding="utf-8").splitlines()
-    items = [json.loads(line) for line in lines]
-    stage03 = json.loads((init / "metrics.json").read_text(encoding="utf-8"))
+    read_json(init / "world.json", hint, keys=("people", "facts", "hazards"))   # copied on, so checked now
+    items = read_json(init / "eval_items.jsonl", hint, lines=True, keys=("request", "kind"))
+    stage03 = read_json(init / "metrics.json", hint, keys=("stages", "args"))
     return model, ckpt, enc, items, stage03
 
 
@@ -531,9 +531,8 @@ def online_setup(init, ckpt, train_pairs, args):
     pairs), and the training prompts of the kinds online DPO labels."""
     judge_dir = pathlib.Path(args.judge or (ckpt.get("args") or {}).get("init") or "runs/02_sft")
     judge, _ = load_model(judge_dir, args.device, "pass --judge with stage 02's folder")
-    lines = (init / "preferences.jsonl").read_text(encoding="utf-8").splitlines()
-    principles = sorted({row["principle"] for row in map(json.loads, lines)
-                         if row["kind"] == "harmful" and row.get("principle")})
+    rows = read_json(init / "preferences.jsonl", "run 03_constitutional_ai.py again", True, PAIR_KEYS)
+    principles = sorted({r["principle"] for r in rows if r["kind"] == "harmful" and r.get("principle")})
     requests = sorted({(p["request"], p["kind"]) for p in train_pairs if p["kind"] in ("harmful", "benign")})
     return judge, principles, requests
 
@@ -634,10 +633,14 @@ def tokenizer_from_json(text):
 
 
 def load_tokenizer(directory, hint="run 01_pretrain.py first, or pass --init"):
+    """DIR/tokenizer.json; a missing or damaged one exits with one sentence."""
     path = pathlib.Path(directory) / "tokenizer.json"
     if not path.exists():
         sys.exit(f"error: no tokenizer at {path}: {hint}.")
-    return tokenizer_from_json(path.read_text(encoding="utf-8"))
+    try:
+        return tokenizer_from_json(path.read_text(encoding="utf-8"))
+    except (ValueError, KeyError, TypeError, IndexError) as err:   # JSON, UTF-8 and base64 errors too
+        sys.exit(f"error: {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:80]}): {hint}.")
 # --- end shared: tokenizer ---
 
 
@@ -894,8 +897,29 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
-        sys.exit(f"error: {path} is not a checkpoint this code can load ({type(err).__name__}: {err}).")
+        # torch's own message runs to several lines and suggests weights_only=False: not here.
+        sys.exit(f"error: {path} is not a checkpoint this code trusts ({type(err).__name__}): {hint}.")
     return model.to(device), ckpt
+
+
+def read_json(path, hint, lines=False, keys=()):
+    """The JSON in path, or with lines=True the list of its JSON lines, each an object holding
+    `keys`. A missing, truncated or non-UTF-8 file, a broken line or a missing key exits with one
+    sentence that names the file and what to re-run (hint)."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()] if lines else [json.loads(text)]
+    except FileNotFoundError:
+        sys.exit(f"error: {path} does not exist: {hint}.")
+    except (OSError, ValueError) as err:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        sys.exit(f"error: {path} is damaged ({type(err).__name__}: {str(err)[:80]}): {hint}.")
+    for i, row in enumerate(rows):
+        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+        if missing:
+            where = f"line {i + 1} of " if lines else ""
+            sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
+    return rows if lines else rows[0]
 # --- end shared: checkpoint ---
 
 

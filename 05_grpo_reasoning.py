@@ -471,19 +471,15 @@ def summarise(problems, results):
 def load_stage04(init, device):
     """Stage 04's model, tokenizer, world, held-out harmlessness items and numbers, or one sentence."""
     hint = "run 04_dpo.py first, or pass --init"
-    for name in ("world.json", "eval_items.jsonl", "metrics.json"):
-        if not (init / name).exists():
-            sys.exit(f"error: no {name} in {init}: {hint}.")
     model, _ = load_model(init, device, hint)
     enc = load_tokenizer(init, hint)
+    world = read_json(init / "world.json", hint, keys=("people", "facts", "hazards", "relations"))
+    items = read_json(init / "eval_items.jsonl", hint, lines=True, keys=("request", "kind"))
+    stage04 = read_json(init / "metrics.json", hint, keys=("stages", "args"))
     try:
-        world, stage04 = (json.loads((init / name).read_text(encoding="utf-8"))
-                          for name in ("world.json", "metrics.json"))
-        lines = (init / "eval_items.jsonl").read_text(encoding="utf-8").splitlines()
-        items = [json.loads(line) for line in lines]
         return model, enc, world, items, stage04["stages"]["dpo"], stage04["args"]["max_new_tokens"]
-    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as err:
-        sys.exit(f"error: a file in {init} is damaged ({type(err).__name__}: {err}): {hint}.")
+    except (KeyError, TypeError) as err:
+        sys.exit(f"error: {init}/metrics.json lacks {err} (not stage 04's): {hint}.")
 
 
 def main(argv=None):
@@ -872,10 +868,14 @@ def tokenizer_from_json(text):
 
 
 def load_tokenizer(directory, hint="run 01_pretrain.py first, or pass --init"):
+    """DIR/tokenizer.json; a missing or damaged one exits with one sentence."""
     path = pathlib.Path(directory) / "tokenizer.json"
     if not path.exists():
         sys.exit(f"error: no tokenizer at {path}: {hint}.")
-    return tokenizer_from_json(path.read_text(encoding="utf-8"))
+    try:
+        return tokenizer_from_json(path.read_text(encoding="utf-8"))
+    except (ValueError, KeyError, TypeError, IndexError) as err:   # JSON, UTF-8 and base64 errors too
+        sys.exit(f"error: {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:80]}): {hint}.")
 # --- end shared: tokenizer ---
 
 
@@ -1132,8 +1132,29 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
-        sys.exit(f"error: {path} is not a checkpoint this code can load ({type(err).__name__}: {err}).")
+        # torch's own message runs to several lines and suggests weights_only=False: not here.
+        sys.exit(f"error: {path} is not a checkpoint this code trusts ({type(err).__name__}): {hint}.")
     return model.to(device), ckpt
+
+
+def read_json(path, hint, lines=False, keys=()):
+    """The JSON in path, or with lines=True the list of its JSON lines, each an object holding
+    `keys`. A missing, truncated or non-UTF-8 file, a broken line or a missing key exits with one
+    sentence that names the file and what to re-run (hint)."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()] if lines else [json.loads(text)]
+    except FileNotFoundError:
+        sys.exit(f"error: {path} does not exist: {hint}.")
+    except (OSError, ValueError) as err:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        sys.exit(f"error: {path} is damaged ({type(err).__name__}: {str(err)[:80]}): {hint}.")
+    for i, row in enumerate(rows):
+        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+        if missing:
+            where = f"line {i + 1} of " if lines else ""
+            sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
+    return rows if lines else rows[0]
 # --- end shared: checkpoint ---
 
 

@@ -99,6 +99,77 @@ def test_an_out_that_is_a_file_fails_before_any_work(script, tmp_path):
     assert "is a file" in result.stderr and afile.read_bytes() == b"keep me"
 
 
+# --------------------------------------------------------------------- damaged files from an earlier stage
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def drop_key(key):
+    def damage(path):
+        import json
+        data = json.loads(path.read_text())
+        del data[key]
+        path.write_text(json.dumps(data))
+    return damage
+
+
+def edit_line(old, new):
+    def damage(path):
+        lines = path.read_text().splitlines()
+        lines[1] = lines[1].replace(old, new)
+        path.write_text("\n".join(lines) + "\n")
+    return damage
+
+
+# (stage, the previous stage's fixture, file to damage, how, words the sentence must hold)
+DAMAGED = [
+    ("02_sft.py", "tiny_pretrain", "tokenizer.json", truncate, "tokenizer.json is damaged"),
+    ("02_sft.py", "tiny_pretrain", "world.json", drop_key("facts"), "world.json lacks facts"),
+    ("02_sft.py", "tiny_pretrain", "model.pt", lambda p: p.write_bytes(b"\x80\x02not a zip"),
+     "not a checkpoint this code trusts"),
+    ("03_constitutional_ai.py", "tiny_sft", "world.json", truncate, "world.json is damaged"),
+    ("04_dpo.py", "tiny_cai", "preferences.jsonl", edit_line('"label": ', '"label": "high", "x": '),
+     "not a probability"),
+    ("04_dpo.py", "tiny_cai", "preferences.jsonl", edit_line("{", "{{"), "preferences.jsonl is damaged"),
+    ("04_dpo.py", "tiny_cai", "preferences.jsonl", lambda p: p.write_bytes(p.read_bytes() + b"\xff\xfe\n"),
+     "preferences.jsonl is damaged"),
+    ("04_dpo.py", "tiny_cai", "eval_items.jsonl", edit_line('"kind"', '"sort"'), "lacks kind"),
+    ("05_grpo_reasoning.py", "tiny_dpo", "metrics.json", truncate, "metrics.json is damaged"),
+    ("05_grpo_reasoning.py", "tiny_dpo", "world.json", lambda p: p.unlink(), "world.json does not exist"),
+]
+
+
+@pytest.mark.parametrize("script, previous, name, damage, words", DAMAGED,
+                         ids=[f"{s[:2]}-{n}-{w.split()[-1]}" for s, _, n, _, w in DAMAGED])
+def test_a_damaged_input_gets_one_sentence_naming_it(script, previous, name, damage, words, tiny_pretrain,
+                                                     tmp_path, request):
+    init, out = tmp_path / "init", tmp_path / "finished"
+    shutil.copytree(request.getfixturevalue(previous)[0], init)
+    shutil.copytree(tiny_pretrain[0], out)
+    before = snapshot(out)
+    damage(init / name)
+    result = run_script(script, "--preset", "tiny", "--init", init, "--out", out, timeout=300)
+    assert_one_sentence(result)
+    assert words in result.stderr and "weights_only" not in result.stderr
+    assert snapshot(out) == before
+
+
+def test_sft_refuses_a_model_that_is_not_pretrained(tiny_dpo, tmp_path):
+    result = run_script("02_sft.py", "--preset", "tiny", "--init", tiny_dpo[0], "--out", tmp_path / "o")
+    assert_one_sentence(result)
+    assert "04_dpo model, not a pretrained one" in result.stderr
+
+
+def test_resume_refuses_a_finished_model_in_place_of_a_training_state(tiny_pretrain, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_pretrain[0], out)
+    shutil.copy(out / "model.pt", out / "train_state.pt")
+    result = run_script("01_pretrain.py", "--preset", "tiny", "--out", out, "--resume")
+    assert_one_sentence(result)
+    assert "is not a training state" in result.stderr
+
+
 # --------------------------------------------------------------------- a real full disk
 
 @pytest.fixture

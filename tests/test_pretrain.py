@@ -209,7 +209,7 @@ def test_load_model_missing_or_corrupt_gives_one_sentence(tmp_path):
     with pytest.raises(SystemExit, match="run 01_pretrain.py first"):
         P.load_model(tmp_path)
     (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="not a checkpoint this code can load"):
+    with pytest.raises(SystemExit, match="not a checkpoint this code trusts"):
         P.load_model(tmp_path)
 
 
