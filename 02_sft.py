@@ -1589,6 +1589,16 @@ def _end_conversation(ctx, rng):
 # ----------------------------------------------------------------------------------------------
 # The chat CLI: talk to any checkpoint
 # ----------------------------------------------------------------------------------------------
+def fit_context(enc, messages, keep, budget):
+    """The rendered prompt after forgetting the oldest turns (never the first `keep`: the system
+    message) until it is at most `budget` tokens; None if the newest message alone is longer."""
+    prompt = render_prompt(enc, messages)
+    while len(prompt) > budget and len(messages) > keep + 1:
+        messages.pop(keep)
+        prompt = render_prompt(enc, messages)
+    return prompt if len(prompt) <= budget else None
+
+
 def chat(args):
     """A multi-turn chat in the terminal, streaming tokens. Lines from a pipe are read as user
     turns, so a script (or a test) can drive it. /reset starts over, /quit leaves. Tool calls are
@@ -1603,6 +1613,7 @@ def chat(args):
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
     interactive = sys.stdin.isatty()
+    sys.stdin.reconfigure(errors="replace")   # bytes that are not UTF-8 become U+FFFD, not a crash
     generator = torch.Generator(device=device).manual_seed(args.seed)
     print(f"chatting with {args.chat} (temperature {args.temperature}, top-k {args.top_k}); /reset, /quit")
     while True:
@@ -1611,7 +1622,8 @@ def chat(args):
         line = sys.stdin.readline()
         if not line or line.strip() in ("/quit", "/exit"):
             break
-        line = line.strip()
+        # control characters (terminal escapes, NULs from a binary file) are not text: drop them
+        line = "".join(ch for ch in line if ch.isprintable() or ch == "\t").strip()
         if line == "/reset":
             messages = list(start)
             print("(new conversation)")
@@ -1622,10 +1634,12 @@ def chat(args):
             print(f"you> {line}")
         messages.append({"role": "user", "content": line})
         while True:  # one assistant turn, plus another after each tool result
-            prompt = render_prompt(enc, messages)
-            while len(prompt) + args.max_new_tokens > model.config.seq_len and len(messages) > len(start) + 1:
-                messages.pop(len(start))  # forget the oldest turn rather than run past the context
-                prompt = render_prompt(enc, messages)
+            prompt = fit_context(enc, messages, len(start), model.config.seq_len - args.max_new_tokens)
+            if prompt is None:
+                print(f"(that message does not fit: this model reads {model.config.seq_len} tokens, "
+                      f"{args.max_new_tokens} of them kept for the reply; send a shorter one)")
+                messages.pop()
+                break
             print("assistant> ", end="", flush=True)
             new_ids, shown = [], ""
             for t in generate(model, [prompt], args.max_new_tokens, args.temperature, args.top_k,

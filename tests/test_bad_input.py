@@ -5,12 +5,14 @@ numbers that make no sense, an --out that is a file, a disk that fills while the
 An earlier finished run in --out must be byte-identical afterwards.
 """
 import filecmp
+import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
-from conftest import load_stage, run_script
+from conftest import ROOT, load_stage, run_script
 
 P = load_stage("01_pretrain")
 
@@ -65,7 +67,8 @@ BAD_FLAGS = [
     ("01_pretrain.py", ["--warmup_frac", "2"]), ("01_pretrain.py", ["--micro_batch", "-3"]),
     ("01_pretrain.py", ["--depth", "two"]), ("01_pretrain.py", ["--compile", "2"]),
     ("02_sft.py", ["--epochs", "0"]), ("02_sft.py", ["--lr", "-1e-3"]), ("02_sft.py", ["--n_eval", "0"]),
-    ("03_constitutional_ai.py", ["--held_out", "1"]), ("03_constitutional_ai.py", ["--samples_per_prompt", "1"]),
+    ("03_constitutional_ai.py", ["--held_out", "1"]),
+    ("03_constitutional_ai.py", ["--samples_per_prompt", "1"]),
     ("03_constitutional_ai.py", ["--kl_coef", "-0.1"]),
     ("04_dpo.py", ["--held_out", "1.0"]), ("04_dpo.py", ["--beta", "0"]), ("04_dpo.py", ["--steps", "0"]),
     ("05_grpo_reasoning.py", ["--group_size", "1"]), ("05_grpo_reasoning.py", ["--clip_low", "inf"]),
@@ -170,6 +173,22 @@ def test_resume_refuses_a_finished_model_in_place_of_a_training_state(tiny_pretr
     assert "is not a training state" in result.stderr
 
 
+# --------------------------------------------------------------------- the chat CLI
+
+def test_chat_survives_an_overlong_turn_and_binary_input(tiny_sft):
+    """A turn past the context is refused with one sentence and the chat goes on; bytes that are not
+    UTF-8 and control characters are read as text without them."""
+    script = ("word " * 3000 + "\n").encode() + b"\xff\xfe\x00\x1b[31mHello\x07\n" + b"Who are you?\n/quit\n"
+    command = [sys.executable, str(ROOT / "02_sft.py"), "--chat", str(tiny_sft[0]), "--temperature", "0",
+               "--max_new_tokens", "8"]
+    result = subprocess.run(command, input=script, capture_output=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert out.count("(that message does not fit") == 1 and out.count("assistant> ") == 2
+    assert "you> \ufffd\ufffd[31mHello" in out   # NUL, ESC and BEL dropped; the bad bytes marked
+
+
 # --------------------------------------------------------------------- a real full disk
 
 @pytest.fixture
@@ -194,7 +213,8 @@ def test_a_full_disk_while_writing_keeps_the_earlier_run(tiny_pretrain, small_di
     shutil.copytree(tiny_pretrain[0], out)
     before = snapshot(out)
     assert sum(map(len, before.values())) > 0.55 * 2**20, "the disk must be too small for two runs"
-    result = run_script("01_pretrain.py", "--preset", "tiny", "--out", out, "--save_every", "1000", timeout=300)
+    result = run_script("01_pretrain.py", "--preset", "tiny", "--out", out, "--save_every", "1000",
+                        timeout=300)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: could not write the results")
     assert snapshot(out) == before
