@@ -40,6 +40,12 @@ Dispatch
   support); inside torch.compile, "auto" attention is PyTorch's (see attention). "torch" forces the PyTorch functions, for comparison. "triton" forces the kernels; on a
   CPU that only works under the Triton interpreter (TRITON_INTERPRET=1), which is how the tests run.
 
+Precision
+  fp32 inputs: on an NVIDIA GPU every tl.dot runs in TF32 (Triton's default, kept on purpose: the
+  stages let cuBLAS do the same, torch.backends.cuda.matmul.allow_tf32), so fp32 results carry
+  about 1e-3 relative error (2.9e-3 on an H200, `--check`, whose fp32 limit on CUDA is 1e-2); the
+  interpreter computes them in full fp32. bf16 and fp16 inputs accumulate in fp32.
+
 `python kernels.py --bench` times both kernels on a CUDA GPU; `python kernels.py --check` compares
 them with the references on whatever device is present; `python kernels.py --compile-report [90]`
 compiles them for a GPU of that compute capability on any Linux machine, no GPU needed, and prints
@@ -238,6 +244,17 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, rows
 
 
 @triton.jit
+def _block_and_head(n_blocks, n_heads):
+    """The programs of a flat grid, n_blocks * heads * batch (CUDA allows 2**31 - 1 programs on a
+    grid's first axis but 65,535 on the others, which batched decoding can pass): this program's
+    block, batch row, head and batch * heads + head, blocks varying fastest, so that neighbouring
+    programs share one head's keys and values in cache."""
+    pid = tl.program_id(0).to(tl.int64)
+    bh = pid // n_blocks
+    return (pid % n_blocks).to(tl.int32), bh // n_heads, bh % n_heads, bh
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, KEY_START,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
@@ -250,10 +267,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KEY_START,
     qk_scale = tl.cast(qk_scale, tl.float32)
     # Causal query blocks near the end do the most work: launch them first so that the GPU is not
     # left finishing a few long programs at the end.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    n_blocks = tl.cdiv(Tq, BLOCK_M)
+    block, b, h, bh = _block_and_head(n_blocks, n_heads)
+    start_m = (n_blocks - 1 - block) * BLOCK_M
     h_kv = h // group_size  # GQA: the key/value head this query head shares
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -299,10 +315,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, KEY_START,
 def _attn_bwd_delta_kernel(O, dO, Delta, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt,
                            n_heads, Tq, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Delta = rowsum(O * dO): the term the softmax backward subtracts, computed once per row."""
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    block, b, h, bh = _block_and_head(tl.cdiv(Tq, BLOCK_M), n_heads)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
                 mask=rows[:, None] < Tq, other=0.0).to(tl.float32)
@@ -346,10 +360,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, dO, LSE, Delta, dK, dV,
     """One program: dK and dV of BLOCK_N keys of one (batch, kv head), summed over the query
     heads that share it. Each program owns its output rows, so no atomics are needed."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 if compiled
-    start_n = tl.program_id(0) * BLOCK_N
-    bhk = tl.program_id(1)
-    b = (bhk // n_kv_heads).to(tl.int64)
-    h_kv = (bhk % n_kv_heads).to(tl.int64)
+    block, b, h_kv, _ = _block_and_head(tl.cdiv(Tk, BLOCK_N), n_kv_heads)
+    start_n = block * BLOCK_N
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -420,10 +432,9 @@ def _attn_bwd_dq_kernel(Q, K, V, dO, LSE, Delta, dQ,
                         HEAD_DIM: tl.constexpr):
     """One program: dQ of BLOCK_M queries of one (batch, head)."""
     qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 if compiled
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest blocks first
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
+    n_blocks = tl.cdiv(Tq, BLOCK_M)
+    block, b, h, bh = _block_and_head(n_blocks, n_heads)
+    start_m = (n_blocks - 1 - block) * BLOCK_M  # heaviest blocks first
     h_kv = h // group_size
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -472,9 +483,10 @@ class _FlashAttention(torch.autograd.Function):
         # allows, 16 rows, instead of training's 128, most of which would be masked-out work.
         block_m, block_n, warps, stages = _attn_tiles(D, q.dtype)["decode" if Tq <= 16 else "fwd"]
         padded = key_start is not None
-        # Without padding the kernel never reads KEY_START (PADDED is a constexpr): any tensor will do.
-        starts = key_start.to(device=q.device, dtype=torch.int32).contiguous() if padded else lse
-        _attn_fwd_kernel[(triton.cdiv(Tq, block_m), B * H)](
+        # Without padding the kernel never reads KEY_START (PADDED is a constexpr): any tensor will do,
+        # but not one the kernel writes (torch.compile would see two names for one written buffer).
+        starts = key_start.to(device=q.device, dtype=torch.int32).contiguous() if padded else q
+        _attn_fwd_kernel[(triton.cdiv(Tq, block_m) * H * B,)](
             q, k, v, o, lse, starts, *_bht(q), *_bht(k), *_bht(v), *_bht(o),
             H, H // Hkv, Tq, Tk, sm_scale * math.log2(math.e),
             CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, PADDED=padded,
@@ -498,16 +510,16 @@ class _FlashAttention(torch.autograd.Function):
         tiles = _attn_tiles(D, q.dtype)
         delta = torch.empty_like(lse)
         delta_rows = 4096 // D  # a (rows x D) tile of O and of dO per program
-        _attn_bwd_delta_kernel[(triton.cdiv(Tq, delta_rows), B * H)](
+        _attn_bwd_delta_kernel[(triton.cdiv(Tq, delta_rows) * H * B,)](
             o, do, delta, *_bht(o), *_bht(do), H, Tq, BLOCK_M=delta_rows, HEAD_DIM=D)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         block_m, block_n, warps, stages = tiles["dkdv"]
-        _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, block_n), B * Hkv)](
+        _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, block_n) * Hkv * B,)](
             q, k, v, do, lse, delta, dk, dv, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dk), *_bht(dv),
             H, Hkv, H // Hkv, Tq, Tk, qk_scale, sm_scale,
             CAUSAL=ctx.causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, num_warps=warps, num_stages=stages)
         block_m, block_n, warps, stages = tiles["dq"]
-        _attn_bwd_dq_kernel[(triton.cdiv(Tq, block_m), B * H)](
+        _attn_bwd_dq_kernel[(triton.cdiv(Tq, block_m) * H * B,)](
             q, k, v, do, lse, delta, dq, *_bht(q), *_bht(k), *_bht(v), *_bht(do), *_bht(dq),
             H, H // Hkv, Tq, Tk, qk_scale, sm_scale,
             CAUSAL=ctx.causal, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=D, num_warps=warps, num_stages=stages)
@@ -677,7 +689,7 @@ def _moe_gate_up_kernel(X, Wg, Wu, G, U, Hid, block_expert, block_row_start, blo
     if row_start >= row_end:  # a surplus program of the schedule
         return
     e = tl.load(block_expert + pid).to(tl.int64)
-    rows = row_start + tl.arange(0, BLOCK_M)
+    rows = row_start.to(tl.int64) + tl.arange(0, BLOCK_M)  # 64-bit: rows * stride passes 2**31
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -713,7 +725,7 @@ def _moe_grouped_mm_kernel(A, W, A2, W2, Y, Y2, G, U, block_expert, block_row_st
     if row_start >= row_end:
         return
     e = tl.load(block_expert + pid).to(tl.int64)
-    rows = row_start + tl.arange(0, BLOCK_M)
+    rows = row_start.to(tl.int64) + tl.arange(0, BLOCK_M)  # 64-bit: rows * stride passes 2**31
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -770,8 +782,10 @@ def _grouped_mm(a, w_t, sched, tiles, a2=None, w2_t=None, swiglu=None):
     R, K = a.shape
     N = w_t.shape[2]
     y = torch.empty(R, N, device=a.device, dtype=a.dtype)
-    y2 = torch.empty_like(y) if swiglu else y
-    g, u = swiglu if swiglu else (y, y)
+    # Arguments the kernel does not touch in this variant get a placeholder that is never written,
+    # so no written buffer goes in under two names (torch.compile would see aliasing outputs).
+    y2 = torch.empty_like(y) if swiglu else y.new_empty(0)
+    g, u = swiglu if swiglu else (a, a)
     block_n, block_k, warps, stages = tiles["mm_swiglu_bwd" if swiglu else "mm"]
     _moe_grouped_mm_kernel[(n_programs, triton.cdiv(N, block_n))](
         a, w_t, a if a2 is None else a2, w_t if w2_t is None else w2_t, y, y2, g, u, expert, row_start, row_end,
@@ -819,7 +833,7 @@ class _MoESwiGLU(torch.autograd.Function):
         out = torch.zeros(N, C, device=x.device, dtype=torch.float32)
         out.index_add_(0, token, y.float() * gate_sorted[:, None])
         ctx.save_for_backward(xs, g, u, hid, y, gate_sorted, order, token, offsets, *sched[:3], w_gate, w_up, w_down)
-        ctx.n_programs, ctx.n_tokens, ctx.gates_dtype = sched[3], N, gates.dtype
+        ctx.n_programs, ctx.n_tokens, ctx.top_k, ctx.gates_dtype = sched[3], N, gates.shape[1], gates.dtype
         return out.to(x.dtype)
 
     @staticmethod
@@ -847,7 +861,7 @@ class _MoESwiGLU(torch.autograd.Function):
         dw_gate = _weight_grad(xs, dg, offsets, n_experts, w_gate.dtype, tiles)  # (E, C, F)
         dw_up = _weight_grad(xs, du, offsets, n_experts, w_up.dtype, tiles)  # (E, C, F)
         dw_down = _weight_grad(hid, dy, offsets, n_experts, w_down.dtype, tiles)  # (E, F, C)
-        return (dx.to(xs.dtype), dgates.view(ctx.n_tokens, -1).to(ctx.gates_dtype), None,
+        return (dx.to(xs.dtype), dgates.view(ctx.n_tokens, ctx.top_k).to(ctx.gates_dtype), None,
                 dw_gate, dw_up, dw_down)
 
 

@@ -458,6 +458,50 @@ def test_specialise_follows_the_launchers_rules():
 
 
 @needs_triton
+def test_moe_with_no_tokens_runs_forward_and_backward():
+    kernels.set_backend("triton")
+    x = torch.randn(0, 32, requires_grad=True)
+    gates, experts, _ = kernels.route(torch.randn(0, 4), 2)
+    ws = [(torch.randn(4, *s) / 8).requires_grad_() for s in ((32, 48), (32, 48), (48, 32))]
+    out = kernels.moe_swiglu(x, gates, experts, *ws)
+    grads = torch.autograd.grad(out.sum(), (x, *ws))
+    assert out.shape == (0, 32) and grads[0].shape == (0, 32)
+    assert all(torch.equal(g, torch.zeros_like(w)) for g, w in zip(grads[1:], ws))   # no token, no gradient
+
+
+@needs_triton
+def test_attention_grid_keeps_batch_and_heads_within_cudas_limits(monkeypatch):
+    """CUDA allows 2**31 - 1 programs on a grid's first axis but 65,535 on the others: batched
+    decoding of 70,000 rows must not put batch * heads on one of those."""
+    grids = []
+
+    class Capture:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **meta: None
+    monkeypatch.setattr(kernels, "_attn_fwd_kernel", Capture())
+    q, k = torch.zeros(70_000, 2, 1, 16), torch.zeros(70_000, 2, 3, 16)
+    kernels._FlashAttention.apply(q, k, k, True)
+    (grid,) = grids
+    assert all(n <= 65_535 for n in grid[1:]) and grid[0] < 2**31
+    assert grid[0] * (grid[1] if len(grid) > 1 else 1) == 70_000 * 2   # one program per (row, head)
+
+
+@needs_triton
+def test_no_launch_passes_a_written_buffer_under_two_names():
+    """torch.compile treats a user kernel's stored-to arguments as its outputs; one buffer passed as
+    two arguments, one of them written, is aliasing it cannot see through."""
+    import inspect
+    import re
+    for kernel, args, meta in kernels._training_step_launches():
+        written = set(re.findall(r"tl\.store\((\w+)", inspect.getsource(kernel.fn)))
+        tensors = {n: a for n, a in zip(kernel.arg_names, args) if torch.is_tensor(a) and a.numel()}
+        for name in written & set(tensors):
+            twins = [n for n, t in tensors.items() if n != name and t.data_ptr() == tensors[name].data_ptr()]
+            assert not twins, f"{kernel.__name__} writes {name}, which is also passed as {twins}"
+
+
+@needs_triton
 def test_record_launches_sees_every_kernel_of_a_step_and_puts_the_kernels_back():
     real = {name: getattr(kernels, name) for name in kernels._LAUNCHED_KERNELS}
     q, k, v = (torch.zeros(1, 2, 40, 64, requires_grad=True) for _ in range(3))
