@@ -148,6 +148,8 @@ def parse_args(argv=None):
         p.error("--samples_per_prompt must be at least 2: RLOO's baseline is the mean of the other samples")
     if not args.show_example:
         check_out(args.out)   # a bad --out fails now, not after training
+    if args.rl_steps == 0:
+        print("--rl_steps 0: no RL-CAI; the RL-CAI column and model.pt are the SL-CAI model itself.")
     return args
 
 
