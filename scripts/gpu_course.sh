@@ -10,8 +10,8 @@
 #   kernels   python kernels.py --check, then --bench (TFLOP/s against SDPA and a per-expert loop)
 #   compile   python scripts/gpu_check.py: the machine's ceilings; torch.compile through the kernels
 #   pretrain  stage 01's GPU preset for a tenth of its steps (420 of 4181): tokens/s, MFU, memory
-#   chain     stages 02-05 at a tenth of their GPU presets, each on the previous one's output
-#             (on stage 01 from `pretrain` if it is there, else a 60-step uncompiled stage 01 first)
+#   chain     stages 02-05 at a tenth of their GPU presets (03 at a twentieth), each on the previous one's
+#             output (on stage 01 from `pretrain` if it is there, else a 60-step uncompiled stage 01)
 #   moe       (not in the default list) the compile check for the Mixture-of-Experts model
 # Runs and logs go to $RUNS (default runs/gpu): each part's log, and times.txt with its wall time,
 # exit code and peak GPU memory; at the end the logs and the stages' metrics.json and report.md are
@@ -74,8 +74,9 @@ part_chain() {
     fi
     run stage02 100 $PY 02_sft.py --init "$RUNS/01" --out "$RUNS/02" --n_train 20000 --n_eval 50 --skip_base_eval \
         || return
-    run stage03 90 $PY 03_constitutional_ai.py --init "$RUNS/02" --out "$RUNS/03" --n_red_team 800 \
-        --n_helpful 1200 --n_pairs 800 --rl_steps 40 --n_eval 60 || return
+    # Stage 03 at a twentieth: at a tenth its generation alone outran 90 s on an H200 (2026-11-30).
+    run stage03 150 $PY 03_constitutional_ai.py --init "$RUNS/02" --out "$RUNS/03" --n_red_team 400 \
+        --n_helpful 600 --n_pairs 400 --rl_steps 20 --n_eval 30 || return
     run stage04 45 $PY 04_dpo.py --init "$RUNS/03" --out "$RUNS/04" || return
     run stage05 75 $PY 05_grpo_reasoning.py --init "$RUNS/04" --out "$RUNS/05" --sampled_tokens 800000 \
         --eval_problems 10 --pass_samples 16
