@@ -126,7 +126,7 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    check_out(args.out)   # a bad --out fails now, not after training
+    check_out(args.out, args.init)   # a bad --out fails now, not after training
     return args
 
 
@@ -841,12 +841,15 @@ def write_atomic(path, data):
         raise
 
 
-def check_out(out):
+def check_out(out, init=None):
     """Before any work: OUT must be a folder, or not exist yet, beside which this process can write
-    (the run is written next to it, then swapped in). Exits with one sentence otherwise."""
+    (the run is written next to it, then swapped in), and not the --init folder the stage reads
+    (the new run would replace it). Exits with one sentence otherwise."""
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         sys.exit(f"error: --out {out} is a file, not a folder.")
+    if init is not None and out.resolve() == pathlib.Path(init).resolve():
+        sys.exit(f"error: --out {out} is the --init folder; the run would replace what it starts from.")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out.parent).close()

@@ -102,6 +102,15 @@ def test_an_out_that_is_a_file_fails_before_any_work(script, tmp_path):
     assert "is a file" in result.stderr and afile.read_bytes() == b"keep me"
 
 
+def test_an_out_that_is_the_init_folder_is_refused(tiny_pretrain, tmp_path):
+    init = tmp_path / "pretrained"
+    shutil.copytree(tiny_pretrain[0], init)
+    before = snapshot(init)
+    result = run_script("02_sft.py", "--preset", "tiny", "--init", init, "--out", init / ".." / "pretrained")
+    assert_one_sentence(result)
+    assert "is the --init folder" in result.stderr and snapshot(init) == before
+
+
 # --------------------------------------------------------------------- damaged files from an earlier stage
 
 def truncate(path):
