@@ -648,7 +648,6 @@ def write_outputs(args, run, final_bpb, results, summary, baseline):
     except OSError as err:
         fail(f"could not write the results to {out} ({err.strerror or err}); "
              f"{run.state_path.name if run.state_path.exists() else 'nothing'} was kept.")
-    run.state_path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     seen = summary.get("kind=seen", {}).get("accuracy", float("nan"))
     held = summary.get("kind=heldout", {}).get("accuracy", float("nan"))
     first_bpb = m["val"][0]["val_bpb"] if m["val"] else float("nan")
@@ -2432,6 +2431,9 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
         # torch's own message runs to several lines and suggests weights_only=False: not here.
         sys.exit(f"error: {path} is not a checkpoint this code trusts ({type(err).__name__}): {hint}.")
     return model.to(device), ckpt
+
+
+WORLD_KEYS = ("people", "facts", "hazards", "relations")   # what later stages read of world.json
 
 
 def read_json(path, hint, lines=False, keys=()):

@@ -546,8 +546,7 @@ def main(argv=None):
 
 
 def load_world(init):
-    return read_json(init / "world.json", "run 01_pretrain.py first, or pass --init",
-                     keys=("people", "facts", "hazards", "relations"))
+    return read_json(init / "world.json", "run 01_pretrain.py first, or pass --init", keys=WORLD_KEYS)
 
 
 def prepare_data(args, world, enc, max_len):
@@ -1740,7 +1739,7 @@ def check_messages(messages):
 #   flags       Parser
 #   tokenizer   load_tokenizer
 #   model       GPT
-#   checkpoint  check_out, staged_run, load_model, save_model, write_atomic
+#   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, save_model, write_atomic
 #   sampling    generate
 #   chat        render_conversation, render_prompt, parse_reply, TURN_START
 #   grading     is_refusal, mentions, fact_correct
@@ -2069,6 +2068,9 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
         # torch's own message runs to several lines and suggests weights_only=False: not here.
         sys.exit(f"error: {path} is not a checkpoint this code trusts ({type(err).__name__}): {hint}.")
     return model.to(device), ckpt
+
+
+WORLD_KEYS = ("people", "facts", "hazards", "relations")   # what later stages read of world.json
 
 
 def read_json(path, hint, lines=False, keys=()):

@@ -627,7 +627,7 @@ def load_start(init, device):
         sys.exit(f"error: {init}/model.pt is not a stage-02 assistant (Constitutional AI starts from the "
                  f"helpful-only model of 02_sft.py): {hint}.")
     enc = load_tokenizer(init, hint)
-    world = read_json(pathlib.Path(init) / "world.json", hint, keys=("people", "facts", "hazards"))
+    world = read_json(pathlib.Path(init) / "world.json", hint, keys=WORLD_KEYS)
     return model, ckpt, enc, world
 
 
@@ -1067,7 +1067,7 @@ def fact_request(world, rng, train):
 #   flags       Parser
 #   tokenizer   load_tokenizer
 #   model       GPT (final_hidden reads its parts)
-#   checkpoint  check_out, staged_run, load_model, save_model, write_atomic
+#   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, save_model, write_atomic
 #   sampling    (used by replies)
 #   chat        render_conversation, parse_reply
 #   grading     is_refusal
@@ -1399,6 +1399,9 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
         # torch's own message runs to several lines and suggests weights_only=False: not here.
         sys.exit(f"error: {path} is not a checkpoint this code trusts ({type(err).__name__}): {hint}.")
     return model.to(device), ckpt
+
+
+WORLD_KEYS = ("people", "facts", "hazards", "relations")   # what later stages read of world.json
 
 
 def read_json(path, hint, lines=False, keys=()):

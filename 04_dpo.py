@@ -348,7 +348,7 @@ def load_stage03(init, device):
     hint = "run 03_constitutional_ai.py first, or pass --init"
     model, ckpt = load_model(init, device, hint, name="sl_cai.pt")
     enc = load_tokenizer(init, hint)
-    read_json(init / "world.json", hint, keys=("people", "facts", "hazards"))   # copied on, so checked now
+    read_json(init / "world.json", hint, keys=WORLD_KEYS)   # copied on, so checked now
     items = read_json(init / "eval_items.jsonl", hint, lines=True, keys=("request", "kind"))
     stage03 = read_json(init / "metrics.json", hint, keys=("stages", "args"))
     return model, ckpt, enc, items, stage03
@@ -572,7 +572,7 @@ def online_pairs(policy, judge, enc, requests, principles, round_, max_len, args
 #   flags       Parser
 #   tokenizer   load_tokenizer
 #   model       GPT
-#   checkpoint  check_out, staged_run, load_model, save_model, write_atomic
+#   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, save_model, write_atomic
 #   sampling    (used by replies)
 #   chat        parse_reply
 #   grading     (used by replies)
@@ -903,6 +903,9 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
         # torch's own message runs to several lines and suggests weights_only=False: not here.
         sys.exit(f"error: {path} is not a checkpoint this code trusts ({type(err).__name__}): {hint}.")
     return model.to(device), ckpt
+
+
+WORLD_KEYS = ("people", "facts", "hazards", "relations")   # what later stages read of world.json
 
 
 def read_json(path, hint, lines=False, keys=()):

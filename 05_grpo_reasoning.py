@@ -473,7 +473,7 @@ def load_stage04(init, device):
     hint = "run 04_dpo.py first, or pass --init"
     model, _ = load_model(init, device, hint)
     enc = load_tokenizer(init, hint)
-    world = read_json(init / "world.json", hint, keys=("people", "facts", "hazards", "relations"))
+    world = read_json(init / "world.json", hint, keys=WORLD_KEYS)
     items = read_json(init / "eval_items.jsonl", hint, lines=True, keys=("request", "kind"))
     stage04 = read_json(init / "metrics.json", hint, keys=("stages", "args"))
     try:
@@ -810,7 +810,7 @@ def _countdown(n_numbers, rng, held_template):
 #   flags       Parser
 #   tokenizer   load_tokenizer
 #   model       GPT
-#   checkpoint  check_out, staged_run, load_model, save_model, write_atomic
+#   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, save_model, write_atomic
 #   sampling    generate
 #   chat        render_prompt, parse_reply
 #   grading     (used by replies)
@@ -1138,6 +1138,9 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
         # torch's own message runs to several lines and suggests weights_only=False: not here.
         sys.exit(f"error: {path} is not a checkpoint this code trusts ({type(err).__name__}): {hint}.")
     return model.to(device), ckpt
+
+
+WORLD_KEYS = ("people", "facts", "hazards", "relations")   # what later stages read of world.json
 
 
 def read_json(path, hint, lines=False, keys=()):
