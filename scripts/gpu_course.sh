@@ -3,7 +3,7 @@
 # GPU preset, each part under its own time limit, so that the whole fits a short lease.
 #
 #   bash scripts/gpu_course.sh                      # every part, in order
-#   bash scripts/gpu_course.sh kernels compile      # some parts: info kernels compile pretrain chain
+#   bash scripts/gpu_course.sh kernels compile      # some parts: info kernels compile pretrain chain moe tune
 #
 # Parts:
 #   info      the GPU, driver and versions
@@ -13,6 +13,7 @@
 #   chain     stages 02-05 at a tenth of their GPU presets (03 at a twentieth), each on the previous one's
 #             output (on stage 01 from `pretrain` if it is there, else a 60-step uncompiled stage 01)
 #   moe       (not in the default list) the compile check for the Mixture-of-Experts model
+#   tune      (not in the default list) scripts/tune_attention.py: the attention tiles at D = 128 timed
 # Runs and logs go to $RUNS (default runs/gpu): each part's log, and times.txt with its wall time,
 # exit code and peak GPU memory; at the end the logs and the stages' metrics.json and report.md are
 # packed into $OUT/results.tar.gz (default $RUNS). The stages' tenth-size results measure speed and
@@ -69,17 +70,21 @@ part_pretrain() {
 
 part_chain() {
     if [ ! -f "$RUNS/01/model.pt" ]; then
-        run stage01s 80 $PY 01_pretrain.py --out "$RUNS/01" --steps 60 --eval_every 1000 --save_every 100000 \
+        run stage01s 70 $PY 01_pretrain.py --out "$RUNS/01" --steps 60 --eval_every 1000 --save_every 100000 \
             --probe_limit 200 --compile 0 || return
     fi
-    run stage02 100 $PY 02_sft.py --init "$RUNS/01" --out "$RUNS/02" --n_train 20000 --n_eval 50 --skip_base_eval \
+    run stage02 120 $PY 02_sft.py --init "$RUNS/01" --out "$RUNS/02" --n_train 20000 --n_eval 50 --skip_base_eval \
         || return
     # Stage 03 at a twentieth: at a tenth its generation alone outran 90 s on an H200 (2026-11-30).
-    run stage03 150 $PY 03_constitutional_ai.py --init "$RUNS/02" --out "$RUNS/03" --n_red_team 400 \
+    run stage03 140 $PY 03_constitutional_ai.py --init "$RUNS/02" --out "$RUNS/03" --n_red_team 400 \
         --n_helpful 600 --n_pairs 400 --rl_steps 20 --n_eval 30 || return
     run stage04 45 $PY 04_dpo.py --init "$RUNS/03" --out "$RUNS/04" || return
     run stage05 75 $PY 05_grpo_reasoning.py --init "$RUNS/04" --out "$RUNS/05" --sampled_tokens 800000 \
         --eval_problems 10 --pass_samples 16
+}
+
+part_tune() {
+    run tune 120 $PY scripts/tune_attention.py --head_dims 128
 }
 
 pack() {
