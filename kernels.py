@@ -187,7 +187,7 @@ _ATTN_TILES = {
     16: dict(fwd=(128, 64, 8, 3), decode=(16, 64, 4, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
     32: dict(fwd=(128, 64, 8, 3), decode=(16, 64, 4, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
     64: dict(fwd=(128, 64, 8, 3), decode=(16, 64, 4, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)),
-    128: dict(fwd=(128, 64, 8, 3), decode=(16, 64, 4, 3), dkdv=(32, 64, 8, 2), dq=(128, 32, 8, 3)),
+    128: dict(fwd=(128, 64, 8, 3), decode=(16, 64, 4, 3), dkdv=(32, 64, 4, 3), dq=(128, 64, 8, 3)),
 }
 # fp32 tiles take twice the shared memory and registers: smaller tiles, fewer pipeline stages.
 _ATTN_TILES_FP32 = {

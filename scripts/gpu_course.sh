@@ -52,7 +52,7 @@ part_info() {
 }
 
 part_kernels() {
-    run check 60 $PY kernels.py --check
+    run check 45 $PY kernels.py --check
     run bench 90 $PY kernels.py --bench
 }
 
@@ -70,10 +70,10 @@ part_pretrain() {
 
 part_chain() {
     if [ ! -f "$RUNS/01/model.pt" ]; then
-        run stage01s 70 $PY 01_pretrain.py --out "$RUNS/01" --steps 60 --eval_every 1000 --save_every 100000 \
+        run stage01s 50 $PY 01_pretrain.py --out "$RUNS/01" --steps 60 --eval_every 1000 --save_every 100000 \
             --probe_limit 200 --compile 0 || return
     fi
-    run stage02 120 $PY 02_sft.py --init "$RUNS/01" --out "$RUNS/02" --n_train 20000 --n_eval 50 --skip_base_eval \
+    run stage02 100 $PY 02_sft.py --init "$RUNS/01" --out "$RUNS/02" --n_train 20000 --n_eval 50 --skip_base_eval --compile 0 \
         || return
     # Stage 03 at a twentieth: at a tenth its generation alone outran 90 s on an H200 (2026-11-30).
     run stage03 140 $PY 03_constitutional_ai.py --init "$RUNS/02" --out "$RUNS/03" --n_red_team 400 \
