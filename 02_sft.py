@@ -366,18 +366,16 @@ def stop_tokens(enc):
 
 @torch.no_grad()
 def generate_replies(model, enc, prompts, max_new_tokens, batch_size, desc="generate"):
-    """Greedy replies for many prompts. Prompts of equal length are batched together (the model
-    has no padding mask); each reply is cut after its first stop token."""
+    """Greedy replies for many prompts, each cut after its first stop token. Prompts are sorted by
+    length and batched with masked left padding, so a batch wastes little on padding and a GPU gets
+    a few full batches, not one small call per prompt length."""
     from tqdm import tqdm
     stops = set(stop_tokens(enc))
-    by_length = defaultdict(list)
-    for i, ids in enumerate(prompts):
-        by_length[len(ids)].append(i)
-    groups = [idx[j:j + batch_size] for idx in by_length.values() for j in range(0, len(idx), batch_size)]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    groups = [order[j:j + batch_size] for j in range(0, len(order), batch_size)]
     replies = [None] * len(prompts)
-    device = model.embed.weight.device
     for group in tqdm(groups, desc=desc, leave=False, dynamic_ncols=True):
-        batch = torch.tensor([prompts[i] for i in group], device=device)
+        batch = [prompts[i] for i in group]
         steps = list(generate(model, batch, max_new_tokens, temperature=0, stop_ids=stops))
         new = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in group]
         for i, ids in zip(group, new):

@@ -284,3 +284,16 @@ def test_wrong_or_missing_start_is_one_sentence(tiny_pretrain, tmp_path):
         assert result.returncode == 1 and expected in result.stderr and "Traceback" not in result.stderr
         assert "run 02_sft.py first" in result.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_batched_replies_come_back_in_order_and_equal_each_prompt_alone(model, enc):
+    """sample_replies sorts prompts by length and left-pads a batch: each greedy reply must be the one
+    that prompt gets by itself, and land at that prompt's index."""
+    texts = ["Who is the mayor?", "Tell me a long story about the town by the river, please.", "Hi",
+             "What does a lantern cost in the market today?", "Hi"]
+    prompts = [C.user_prompt(enc, t) for t in texts]
+    assert len({len(p) for p in prompts}) >= 3  # lengths differ, so batches are padded
+    batched = C.sample_replies(model, enc, prompts, 12, batch_size=3, temperature=0.0)
+    alone = [C.sample_replies(model, enc, [p], 12, batch_size=1, temperature=0.0)[0] for p in prompts]
+    assert batched == alone
+    assert len({tuple(r) for r in alone}) > 1  # the replies differ, so a mix-up would show
