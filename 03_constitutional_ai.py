@@ -1057,8 +1057,8 @@ def fact_request(world, rng, train):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, sampling, chat, grading, stats, judging, choice, replies, pairs, feedback, arithmetic),
-# and carries only the ones it calls.
+# checkpoint, sampling, chat, grading, stats, judging, choice, replies, pairs, worldlabel, feedback,
+# arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -1076,7 +1076,8 @@ def fact_request(world, rng, train):
 #   choice      choose_prompt
 #   replies     user_prompt, sample_replies, pad_right, grade, evaluate
 #   pairs       sequence_logprobs, split_by_prompt
-#   feedback    ai_feedback, ground_truth_preference, as_reply
+#   worldlabel  ground_truth_preference, as_reply
+#   feedback    ai_feedback
 
 
 # --- shared: flags (origin: 01_pretrain.py) ---
@@ -1749,9 +1750,9 @@ def split_by_prompt(items, fraction):
 # --- end shared: pairs ---
 
 
-# --- shared: feedback (origin: 03_constitutional_ai.py) ---
-# Labels for a pair of responses: the AI's, read off a judge's (A)/(B) probabilities, and the
-# world's. Stage 03 labels its pairs with them; stage 04's online DPO labels its own samples.
+# --- shared: worldlabel (origin: 03_constitutional_ai.py) ---
+# The world's label for a pair of responses, where it can tell. Stage 03 labels its ordinary pairs
+# with it and checks its AI labels against it; stage 04's online DPO labels its own samples.
 def as_reply(text):
     """A response text (from a pair or a revision) in the parsed-reply form grade() reads."""
     return {"content": text, "ended": True, "wrote_other_turn": False}
@@ -1766,8 +1767,12 @@ def ground_truth_preference(item, a, b):
     if ga[key] == gb[key]:
         return None
     return 1.0 if ga[key] else 0.0
+# --- end shared: worldlabel ---
 
 
+# --- shared: feedback (origin: 03_constitutional_ai.py) ---
+# The AI's label for a pair of responses, read off a judge's (A)/(B) probabilities in both orders
+# (stages 03 and 04; stage 06 ranks the model's own replies with it).
 def soft_label(p_a_first, p_a_second):
     """P(a is better) from the feedback model asked in both orders: P("(A)") when a is shown as (A),
     and P("(B)") when a is shown as (B). Averaging cancels the preference for a position."""
