@@ -75,3 +75,8 @@ def tiny_cai(tiny_sft, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dpo(tiny_cai, tmp_path_factory):
     return tiny_run("04_dpo.py", tmp_path_factory.mktemp("04_dpo"), "--init", tiny_cai[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_grpo(tiny_dpo, tmp_path_factory):
+    return tiny_run("05_grpo_reasoning.py", tmp_path_factory.mktemp("05_grpo"), "--init", tiny_dpo[0])

@@ -73,9 +73,10 @@ BAD_FLAGS = [
     ("04_dpo.py", ["--held_out", "1.0"]), ("04_dpo.py", ["--beta", "0"]), ("04_dpo.py", ["--steps", "0"]),
     ("05_grpo_reasoning.py", ["--group_size", "1"]), ("05_grpo_reasoning.py", ["--clip_low", "inf"]),
     ("05_grpo_reasoning.py", ["--sampled_tokens", "0"]),
+    ("06_character.py", ["--n_docs", "0"]), ("06_character.py", ["--beta", "nan"]),
 ]
 PREVIOUS = {"02_sft.py": "tiny_pretrain", "03_constitutional_ai.py": "tiny_sft",
-            "04_dpo.py": "tiny_cai", "05_grpo_reasoning.py": "tiny_dpo"}
+            "04_dpo.py": "tiny_cai", "05_grpo_reasoning.py": "tiny_dpo", "06_character.py": "tiny_grpo"}
 
 
 @pytest.mark.parametrize("script, flags", BAD_FLAGS, ids=lambda v: v if isinstance(v, str) else " ".join(v))
@@ -92,7 +93,8 @@ def test_nonsense_numbers_are_refused_and_the_earlier_run_is_kept(script, flags,
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("script", ["01_pretrain.py", "02_sft.py", "04_dpo.py", "05_grpo_reasoning.py"])
+@pytest.mark.parametrize("script", ["01_pretrain.py", "02_sft.py", "04_dpo.py", "05_grpo_reasoning.py",
+                                    "06_character.py"])
 def test_an_out_that_is_a_file_fails_before_any_work(script, tmp_path):
     afile = tmp_path / "results.txt"
     afile.write_bytes(b"keep me")
@@ -149,6 +151,8 @@ DAMAGED = [
     ("04_dpo.py", "tiny_cai", "eval_items.jsonl", edit_line('"kind"', '"sort"'), "lacks kind"),
     ("05_grpo_reasoning.py", "tiny_dpo", "metrics.json", truncate, "metrics.json is damaged"),
     ("05_grpo_reasoning.py", "tiny_dpo", "world.json", lambda p: p.unlink(), "world.json does not exist"),
+    ("06_character.py", "tiny_grpo", "world.json", drop_key("towns"), "world.json lacks towns"),
+    ("06_character.py", "tiny_grpo", "eval_items.jsonl", edit_line('"kind"', '"sort"'), "lacks kind"),
 ]
 
 
