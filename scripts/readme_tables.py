@@ -7,6 +7,7 @@ cell is the mean over seeds +- their sample standard deviation, in points.
 
     python scripts/readme_tables.py                       # CPU defaults, seeds 1337 1338 1339
     python scripts/readme_tables.py --grpo                # ... and stage 05's variants
+    python scripts/readme_tables.py --grpo --character    # ... and stage 06's three arms on 05_grpo
     python scripts/readme_tables.py --report_only         # print the tables from finished runs
     python scripts/readme_tables.py --preset tiny --out /tmp/readme --seeds 1 2   # a smoke test
 
@@ -65,7 +66,7 @@ def run(script, out, args, times):
     times[str(out)] = time.time() - start
 
 
-def run_all(base, preset, seeds, grpo=False):
+def run_all(base, preset, seeds, grpo=False, character=False):
     times_path = base / "times.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
     flags = ["--preset", preset]
@@ -84,6 +85,9 @@ def run_all(base, preset, seeds, grpo=False):
         for variant in GRPO_VARIANTS if grpo else []:
             flags05 = seeded + ["--init", s / "04_dpo", "--variant", variant]
             run("05_grpo_reasoning.py", s / f"05_{variant}", flags05, times)
+        for method in CHARACTER_ARMS if character else []:
+            flags06 = seeded + ["--init", s / "05_grpo", "--method", method]
+            run("06_character.py", s / f"06_{method}", flags06, times)
         times_path.write_text(json.dumps(times, indent=1))
 
 
@@ -174,6 +178,55 @@ def grpo_table(base, seeds):
     return "\n".join(out) + "\n"
 
 
+CHARACTER_ARMS = ("both", "ranking", "sdf")
+
+
+def character_table(base, seeds):
+    """Stage 06: each character score before (stage 05's model) and after each arm, and each arm's gain,
+    mean +- sd over seeds; then stage 03's evaluation, and the self-ranking's own numbers."""
+    runs = {a: [load(base / f"seed{seed}" / f"06_{a}") for seed in seeds] for a in CHARACTER_ARMS}
+    runs = {a: [m for m in ms if m] for a, ms in runs.items() if any(ms)}
+    if not runs:
+        return ""
+    stage06 = _load_stage("06_character")
+    baseline = next(iter(runs.values()))
+    out = [f"**Stage 06** (held-out prompts, greedy; {len(baseline)} seeds; after, then the gain over stage "
+           "05 in points)", "", "| measure | prompts | stage 05 | " + " | ".join(runs) + " |",
+           "|---|---|---|" + "---|" * len(runs)]
+    for kind, key, label, good in stage06.SCORES:
+        before = [m["before"][kind][key] for m in baseline]
+        cells = []
+        for ms in runs.values():
+            gains = [m["after"][kind][key] - m["before"][kind][key] for m in ms]
+            cells.append(f"{mean_sd([m['after'][kind][key] for m in ms])} ({mean_sd(gains)})")
+        arrow = "" if good else " (lower is better)"
+        out.append(f"| {label}{arrow} | {baseline[0]['after'][kind]['n']} | {mean_sd(before)} | "
+                   + " | ".join(cells) + " |")
+    for kind, field, what in HARMLESS[:1] + HARMLESS[4:6]:
+        before = mean_sd([m["harmlessness"]["before"][kind][field] for m in baseline])
+        after = [mean_sd([m["harmlessness"]["after"][kind][field] for m in ms]) for ms in runs.values()]
+        out.append(f"| {what} (stage 03's evaluation) | | {before} | " + " | ".join(after) + " |")
+    for a, ms in runs.items():
+        ranked = [m["phases"]["ranking"] for m in ms if "ranking" in m["phases"]]
+        if ranked:
+            agree = mean_sd([r["agreement_with_scorers"]["rate"] for r in ranked])
+            held = mean_sd([r["held_out_reward_accuracy"] for r in ranked])
+            first = mean_sd([r["ranked_first"].get("writer in character", 0.0) for r in ranked])
+            out.append(f"\n{a}: the model's ranking agrees with the scorers on {agree} of the pairs they "
+                       f"split; DPO's implicit reward ranks held-out pairs its way {held}; the writer's "
+                       f"in-character reply is ranked first for {first} of prompts.")
+    return "\n".join(out) + "\n"
+
+
+def _load_stage(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def probe_table(base, seeds):
     """Stage 01's raw-text fact completion ("<person> was born in") on the pretrained model and on
     each seed's SFT model: does SFT forget facts, or only fail to extract them in a chat?"""
@@ -215,11 +268,13 @@ def main():
     p.add_argument("--out", help="where the runs go (default runs/readme/<preset>)")
     p.add_argument("--report_only", action="store_true", help="only print the tables of finished runs")
     p.add_argument("--grpo", action="store_true", help="also run stage 05's four variants on each seed")
+    p.add_argument("--character", action="store_true", help="also run stage 06's arms on each seed's 05_grpo")
     args = p.parse_args()
     base = pathlib.Path(args.out or ROOT / "runs" / "readme" / args.preset)
     if not args.report_only:
-        run_all(base, args.preset, args.seeds, args.grpo)
-    text = "\n".join([tables(base, args.seeds), probe_table(base, args.seeds), grpo_table(base, args.seeds)])
+        run_all(base, args.preset, args.seeds, args.grpo, args.character)
+    text = "\n".join([tables(base, args.seeds), probe_table(base, args.seeds), grpo_table(base, args.seeds),
+                      character_table(base, args.seeds)])
     base.mkdir(parents=True, exist_ok=True)
     (base / "tables.md").write_text(text)
     print(text)

@@ -82,7 +82,7 @@ def test_one_training_step_on_a_ranked_pair_raises_the_chosen_reply():
 # ---------------------------------------------------------------- scorers on hand-written replies
 
 def item_of(ix, maker, seed=0):
-    return maker(ix, random.Random(seed), "eval")
+    return maker(ix, random.Random(seed), "eval", "eval")
 
 
 def test_fact_scores_check_the_world(ix):
@@ -164,7 +164,7 @@ def test_the_writer_s_replies_score_as_intended(ix):
     writer and the scorers agree on what the traits mean, though they share no wording rule."""
     for kind, maker in S.PROMPT_MAKERS.items():
         for seed in range(5):
-            item = maker(ix, random.Random(seed), "train")
+            item = maker(ix, random.Random(seed), "train", "train")
             good, bad = (S.score_reply(ix, item, item[k]) for k in ("in_character", "out_of_character"))
             value = lambda s: sum(s[n] if up else -s[n]  # noqa: E731
                                   for k, n, _, up in S.SCORES if k == kind)
@@ -214,7 +214,8 @@ def test_tiny_runs_of_each_method(tiny_grpo, tmp_path):
         m = json.loads((out / "metrics.json").read_text())
         phases = {"both": {"sdf", "ranking"}, "ranking": {"ranking"}, "sdf": {"sdf"}}[method]
         assert set(m["phases"]) == phases
-        assert set(m["after"]) == set(S.KINDS) and m["harmlessness"]["after"]
+        assert set(m["after"]) == set(S.KINDS) == set(m["training_phrasings"]["after"])
+        assert m["harmlessness"]["after"]
         assert torch.load(out / "model.pt", weights_only=True)["stage"] == "06_character"
 
 
