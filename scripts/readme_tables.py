@@ -193,15 +193,7 @@ def character_table(base, seeds):
     out = [f"**Stage 06** (held-out prompts, greedy; {len(baseline)} seeds; after, then the gain over stage "
            "05 in points)", "", "| measure | prompts | stage 05 | " + " | ".join(runs) + " |",
            "|---|---|---|" + "---|" * len(runs)]
-    for kind, key, label, good in stage06.SCORES:
-        before = [m["before"][kind][key] for m in baseline]
-        cells = []
-        for ms in runs.values():
-            gains = [m["after"][kind][key] - m["before"][kind][key] for m in ms]
-            cells.append(f"{mean_sd([m['after'][kind][key] for m in ms])} ({mean_sd(gains)})")
-        arrow = "" if good else " (lower is better)"
-        out.append(f"| {label}{arrow} | {baseline[0]['after'][kind]['n']} | {mean_sd(before)} | "
-                   + " | ".join(cells) + " |")
+    out += score_table_rows(stage06.SCORES, runs, lambda m: m)
     for kind, field, what in HARMLESS[:1] + HARMLESS[4:6]:
         before = mean_sd([m["harmlessness"]["before"][kind][field] for m in baseline])
         after = [mean_sd([m["harmlessness"]["after"][kind][field] for m in ms]) for ms in runs.values()]
@@ -215,7 +207,27 @@ def character_table(base, seeds):
             out.append(f"\n{a}: the model's ranking agrees with the scorers on {agree} of the pairs they "
                        f"split; DPO's implicit reward ranks held-out pairs its way {held}; the writer's "
                        f"in-character reply is ranked first for {first} of prompts.")
+    if all("training_phrasings" in m for ms in runs.values() for m in ms):
+        out += ["", "The diagnostic: held-out people and towns asked in the training prompts' phrasings", "",
+                "| measure | prompts | stage 05 | " + " | ".join(runs) + " |",
+                "|---|---|---|" + "---|" * len(runs)]
+        out += score_table_rows(stage06.SCORES, runs, lambda m: m["training_phrasings"])
     return "\n".join(out) + "\n"
+
+
+def score_table_rows(scores, runs, part):
+    """One row a character score: stage 05, then each arm's after (gain), mean +- sd over seeds; part(m)
+    picks the {"before", "after"} pair of a run's metrics to read."""
+    baseline, rows = next(iter(runs.values())), []
+    for kind, key, label, good in scores:
+        cells = []
+        for ms in runs.values():
+            gains = [part(m)["after"][kind][key] - part(m)["before"][kind][key] for m in ms]
+            cells.append(f"{mean_sd([part(m)['after'][kind][key] for m in ms])} ({mean_sd(gains)})")
+        n = part(baseline[0])["after"][kind]["n"]
+        before = mean_sd([part(m)["before"][kind][key] for m in baseline])
+        rows.append(f"| {label}{'' if good else ' (lower is better)'} | {n} | {before} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def _load_stage(name):
