@@ -226,7 +226,8 @@ def score_table_rows(scores, runs, part):
             cells.append(f"{mean_sd([part(m)['after'][kind][key] for m in ms])} ({mean_sd(gains)})")
         n = part(baseline[0])["after"][kind]["n"]
         before = mean_sd([part(m)["before"][kind][key] for m in baseline])
-        rows.append(f"| {label}{'' if good else ' (lower is better)'} | {n} | {before} | " + " | ".join(cells) + " |")
+        label += "" if good else " (lower is better)"
+        rows.append(f"| {label} | {n} | {before} | " + " | ".join(cells) + " |")
     return rows
 
 
