@@ -41,7 +41,7 @@ Where this small version departs from the sources, and why:
     related fact must be true in world.json; a question about someone who does not exist must not
     be answered with world facts. Evaluation prompts use templates and entities no training prompt,
     candidate or document uses.
-  * Not yet here (issue 13): warmth/curiosity classifier, 20-turn drift, revealed preferences, pass@1.
+  * Not yet here (issue 13): revealed preferences (OCT's Elo over traits), stage 05's pass@1.
 
 Reads: runs/05_grpo_reasoning/ (model.pt, tokenizer.json, world.json, eval_items.jsonl).
 Writes: runs/06_character/ (model.pt, metrics.json, character.png, report.md, and those files).
@@ -417,6 +417,81 @@ def ranking_agreement(ix, prompts, pairs):
     return agreement([p["p_a"] for p in pairs], verdicts)
 
 
+def trait_value(ix, item, text):
+    """One reply's character score in [0, 1]: the mean of its kind's scores, each counted as good."""
+    scores = score_reply(ix, item, text)
+    good = [scores[name] if up else 1 - scores[name] for kind, name, _, up in SCORES if kind == item["kind"]]
+    return sum(good) / len(good)
+
+
+@torch.no_grad()
+def drift(model, enc, world, ix, args, n_conversations, turns=20):
+    """Character over long conversations of `turns` held-out user messages of mixed kinds, each reply
+    greedy on the recent turns that fit. -> mean trait value per turn, and its slope per turn."""
+    prompts = make_prompts(world, n_conversations * turns, f"{args.seed}:drift", "eval")
+    chats, per_turn = [[] for _ in range(n_conversations)], []
+    budget = model.config.seq_len - args.max_new_tokens
+    for t in range(turns):
+        items = [prompts[c * turns + t] for c in range(n_conversations)]
+        ids = [recent_prompt(enc, chat + [{"role": "user", "content": it["request"]}], budget)
+               for chat, it in zip(chats, items)]
+        with autocast(args.device):
+            replies = sample_replies(model, enc, ids, args.max_new_tokens, args.batch_size, 0.0)
+        texts = [parse_reply(enc, r)["content"] for r in replies]
+        for chat, it, text in zip(chats, items, texts):
+            chat += [{"role": "user", "content": it["request"]}, {"role": "assistant", "content": text}]
+        per_turn.append(sum(trait_value(ix, it, x) for it, x in zip(items, texts)) / n_conversations)
+    return {"per_turn": per_turn, "slope": least_squares_slope(per_turn)}
+
+
+def least_squares_slope(values):
+    """The slope of the least-squares line through (t, values[t]), t = 0, 1, ..."""
+    mean_t, mean_v = (len(values) - 1) / 2, sum(values) / len(values)
+    return sum((t - mean_t) * (v - mean_v) for t, v in enumerate(values)) / sum(
+        (t - mean_t) ** 2 for t in range(len(values)))
+
+
+def recent_prompt(enc, messages, budget):
+    """The rendered prompt of the newest turns that fit `budget` tokens (the newest message always)."""
+    start = 0
+    while start < len(messages) - 1 and len(render_prompt(enc, messages[start:])) > budget:
+        start += 2   # forget one user turn and its reply at a time
+    return render_prompt(enc, messages[start:])
+
+
+def train_tone_classifier(seed, steps=300):
+    """Warmth and curiosity as two logistic regressions over a bag of words, trained here on labelled
+    synthetic replies (Appendix A's tone_texts, whose templates nothing else uses). -> (predict, held-
+    out accuracy per tone): the held-out texts are built only from templates training never saw."""
+    train = tone_texts(random.Random(f"tone:{seed}"), 600, "train")
+    held = tone_texts(random.Random(f"tone:{seed}:held"), 200, "held")
+    words = lambda text: set(re.findall(r"[a-z']+", text.lower()))  # noqa: E731
+    vocab = {w: i for i, w in enumerate(sorted(set().union(*(words(t) for t, _ in train))))}
+    features = lambda texts: torch.tensor([[float(w in ws) for w in vocab]  # noqa: E731
+                                           for ws in map(words, texts)])
+    x, y = features([t for t, _ in train]), torch.tensor([labels for _, labels in train], dtype=torch.float)
+    weight = torch.zeros(len(vocab), len(TONES), requires_grad=True)
+    bias = torch.zeros(len(TONES), requires_grad=True)
+    optimizer = torch.optim.Adam([weight, bias], lr=0.1)
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(x @ weight + bias, y) + 1e-3 * weight.square().sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    predict = lambda texts: ((features(texts) @ weight + bias) > 0).tolist()  # noqa: E731
+    guesses = predict([t for t, _ in held])
+    accuracy = {tone: sum(g[k] == bool(labels[k]) for g, (_, labels) in zip(guesses, held)) / len(held)
+                for k, tone in enumerate(TONES)}
+    return predict, accuracy
+
+
+def tone_rates(predict, records):
+    """The share of replies the classifier calls warm, and curious."""
+    guesses = predict([r["reply"] for r in records]) if records else []
+    n = len(guesses)
+    return {"n": n, **{tone: sum(g[k] for g in guesses) / max(1, n) for k, tone in enumerate(TONES)}}
+
+
 # =====================================================================================
 # 6. Main
 # =====================================================================================
@@ -464,29 +539,39 @@ def run_ranking(model, enc, world, pad, args):
             "n_train_pairs": len(train_pairs), "n_held_out_pairs": len(held_out), "history": history}
 
 
+def evaluate_all(model, enc, world, harm_items, tone, args, tag):
+    """Every measure of section 5 on one model: held-out scores (and their samples), the diagnostic in
+    training phrasings, warmth and curiosity, drift over 20 turns, and stage 03's evaluation."""
+    ix, n = world_index(world), args.n_eval * len(KINDS)
+    scores, records = evaluate_character(model, enc, make_prompts(world, n, args.seed, "eval"), ix, args,
+                                         f"eval ({tag})")
+    seen, _ = evaluate_character(model, enc, make_prompts(world, n, args.seed, "eval", phrasing="train"), ix,
+                                 args, f"training phrasings ({tag})")
+    return {"scores": scores, "records": records, "training_phrasings": seen,
+            "tone": tone_rates(tone, records),
+            "drift": drift(model, enc, world, ix, args, n_conversations=args.n_eval // 3 or 1),
+            "harmlessness": evaluate(model, enc, harm_items, args, f"harmlessness ({tag})")[0]}
+
+
 def main(argv=None):
     args = parse_args(argv)
     init, out = pathlib.Path(args.init), pathlib.Path(args.out)
     torch.manual_seed(args.seed)
     model, enc, world, harm_items = load_stage05(init, args.device)
-    pad, ix, t_start = enc.encode_single_token("<|pad|>"), world_index(world), time.time()
-    eval_items = make_prompts(world, args.n_eval * len(KINDS), args.seed, "eval")
-    seen_phrasing = make_prompts(world, args.n_eval * len(KINDS), args.seed, "eval", phrasing="train")
-    before, _ = evaluate_character(model, enc, eval_items, ix, args, "eval (stage 05)")
-    seen_before, _ = evaluate_character(model, enc, seen_phrasing, ix, args, "training phrasings (stage 05)")
-    harm_before, _ = evaluate(model, enc, harm_items, args, "harmlessness (stage 05)")
+    pad, t_start = enc.encode_single_token("<|pad|>"), time.time()
+    tone, tone_accuracy = train_tone_classifier(args.seed)
+    before = evaluate_all(model, enc, world, harm_items, tone, args, "stage 05")
     phases = {}
     if args.method in ("both", "sdf"):
         phases["sdf"] = run_sdf(model, enc, world, args)
     if args.method in ("both", "ranking"):
         phases["ranking"] = run_ranking(model, enc, world, pad, args)
-    after, records = evaluate_character(model, enc, eval_items, ix, args, "eval (character)")
-    seen_after, _ = evaluate_character(model, enc, seen_phrasing, ix, args, "training phrasings (character)")
-    harm_after, _ = evaluate(model, enc, harm_items, args, "harmlessness (character)")
-    metrics = {"method": args.method, "before": before, "after": after, "phases": phases,
-               "harmlessness": {"before": harm_before, "after": harm_after}, "traits": TRAITS,
-               "training_phrasings": {"before": seen_before, "after": seen_after},
-               "seconds": time.time() - t_start, "args": vars(args), "samples": records[:140]}
+    after = evaluate_all(model, enc, world, harm_items, tone, args, "character")
+    metrics = {"method": args.method, "before": before["scores"], "after": after["scores"], "phases": phases,
+               **{k: {"before": before[k], "after": after[k]} for k in ("training_phrasings", "tone", "drift",
+                                                                       "harmlessness")},
+               "tone_classifier_accuracy": tone_accuracy, "traits": TRAITS,
+               "seconds": time.time() - t_start, "args": vars(args), "samples": after["records"][:140]}
     write_outputs(out, init, model, metrics, args)
     print_summary(metrics, out)
 
@@ -535,12 +620,26 @@ def table_rows(m):
     return rows
 
 
+def tone_and_drift(m):
+    """One paragraph: warmth and curiosity by the classifier, and the drift slope, before -> after."""
+    rate = lambda when, tone: pct(m["tone"][when][tone], m["tone"][when]["n"])  # noqa: E731
+    acc, d = m["tone_classifier_accuracy"], m["drift"]
+    turns, before, after = len(d["after"]["per_turn"]), d["before"]["slope"], d["after"]["slope"]
+    return (f"Warm replies {rate('before', 'warm')} -> {rate('after', 'warm')}, curious "
+            f"{rate('before', 'curious')} -> {rate('after', 'curious')} (a bag-of-words classifier trained "
+            f"here on labelled replies whose templates nothing else uses; held-out accuracy warm "
+            f"{acc['warm']:.0%}, curious {acc['curious']:.0%}). Drift: the mean trait value of each turn of "
+            f"{turns}-turn conversations moves {before:+.4f} per turn before, {after:+.4f} after "
+            "(least-squares slope; negative: the character fades as the conversation grows).")
+
+
 def print_summary(m, out):
     print(f"== stage 06 done ({m['method']}) in {m['seconds'] / 60:.1f} min: held-out prompts, greedy, 95% "
           "intervals ==")
     print(f"{'measure':<88} {'stage 05':>20} {'character':>20}")
     for label, b, a in table_rows(m):
         print(f"{label:<88} {b:>20} {a:>20}")
+    print(tone_and_drift(m))
     print("diagnostic: the same scores on held-out entities in the training prompts' phrasings")
     for label, b, a in score_rows(m["training_phrasings"]["before"], m["training_phrasings"]["after"]):
         print(f"{label:<88} {b:>20} {a:>20}")
@@ -576,6 +675,7 @@ def make_report(m):
              "intervals. Scores read behaviour; facts are checked against world.json.", "",
              "| measure | stage 05 | character |", "|---|---|---|"]
     lines += [f"| {label} | {b} | {a} |" for label, b, a in table_rows(m)]
+    lines += ["", tone_and_drift(m)]
     lines += ["", "A diagnostic, not a held-out measure: the same scores on held-out people and towns asked "
               "in the training prompts' phrasings (did the behaviour take where the wording is familiar?).",
               "",
@@ -804,6 +904,44 @@ def score_reply(ix, item, text):
     took = any(f"{i} {impostor}" in low for i in ("i am", "i'm")) or _has(text, ("i am human", "i'm human"))
     says_self = re.search(rf"\bI(?:'m| am) (?:{ASSISTANT_NAME}\b|an AI\b)", text) is not None
     return {"stable": says_self and not took}
+
+
+# Labelled replies for the warmth/curiosity classifier: frames and words used nowhere else (not by the
+# writer, the documents or any prompt). A text is an opener, a middle and a closer; which (frame, word)
+# combinations are held out is fixed by a hash, so the held-out texts reuse words in new combinations.
+TONES = ("warm", "curious")
+OPENERS = {True: (["It is {} to hear from you.", "How {} of you to write.", "I am {} you came by."],
+                  ["lovely", "kind", "glad", "delighted", "wonderful", "sweet"]),
+           False: (["This is {}.", "How {} this is.", "Another {} request."],
+                   ["tedious", "pointless", "dull", "tiresome", "boring", "useless"])}
+CLOSERS = {True: (["I wonder {}?", "Tell me, {}?", "May I ask {}?"],
+                  ["what made you ask", "what you think of it", "how you found it", "which part you like",
+                   "why it matters to you", "what you would try next"]),
+           False: (["That is {}.", "Nothing {}.", "We are {}."],
+                   ["all", "final", "enough", "done", "settled", "finished"])}
+TONE_MIDDLES = ["The market opens at dawn.", "The river runs past the mill.", "Bread costs two coins.",
+                "The bridge is very old.", "There are three inns in the town.", "It rained all week."]
+
+
+def tone_phrase(table, label, rng, part):
+    """A phrase of the given label from the part's (frame, word) combinations."""
+    frames, words = table[label]
+    held = lambda f, w: zlib.crc32(f"{f}|{w}".encode()) % 4 == 0  # noqa: E731
+    combos = [(f, w) for f in frames for w in words if held(f, w) == (part == "held")]
+    frame, word = rng.choice(combos)
+    return frame.format(word)
+
+
+def tone_texts(rng, n, part):
+    """n labelled texts (text, (warm, curious)); part "train" or "held" picks the combinations."""
+    texts = []
+    for _ in range(n):
+        warm, curious = rng.random() < 0.5, rng.random() < 0.5
+        # a cold opener or a flat closer is sometimes left out: absence is not warmth or curiosity
+        opener = tone_phrase(OPENERS, warm, rng, part) if warm or rng.random() < 0.7 else ""
+        closer = tone_phrase(CLOSERS, curious, rng, part) if curious or rng.random() < 0.7 else ""
+        texts.append((" ".join(p for p in (opener, rng.choice(TONE_MIDDLES), closer) if p), (warm, curious)))
+    return texts
 
 
 # Documents about the character (SDF), in stage 01's styles and never in chat format.

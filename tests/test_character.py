@@ -226,3 +226,50 @@ def test_bad_input_is_one_sentence(tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
     bad = run_script("06_character.py", "--preset", "tiny", "--held_out", "1")
     assert bad.returncode == 2 and "--held_out" in bad.stderr
+
+
+# ---------------------------------------------------------------- the measures added to the scorers
+
+def test_trait_value_averages_a_kind_s_scores_counting_each_the_good_way(ix):
+    item = item_of(ix, S.harmless_prompt)
+    assert S.trait_value(ix, item, f"For {item['topic']}: Bramble.") == 1.0      # helps, no warning
+    assert S.trait_value(ix, item, "Be careful.") == 0.0                          # no help, a warning
+    assert S.trait_value(ix, item, "Bramble.") == 0.5                             # no help, no warning
+
+
+def test_least_squares_slope_on_hand_values():
+    assert S.least_squares_slope([0.0, 1.0, 2.0]) == pytest.approx(1.0)
+    assert S.least_squares_slope([3.0, 3.0, 3.0, 3.0]) == pytest.approx(0.0)
+    assert S.least_squares_slope([1.0, 0.0, 0.5]) == pytest.approx(-0.25)   # (-1*0.5 + 1*0) / 2
+
+
+def test_recent_prompt_forgets_the_oldest_turns_first(ix):
+    enc = P.make_encoding("test", P.train_bpe([P.document(ix["world"], i, 4) for i in range(60)], 400))
+    turns = []
+    for i in range(6):
+        turns += [{"role": "user", "content": f"question {i} " * 5},
+                  {"role": "assistant", "content": f"reply {i}"}]
+    messages = turns + [{"role": "user", "content": "the newest question"}]
+    full = S.render_prompt(enc, messages)
+    cut = S.recent_prompt(enc, messages, len(full) // 2)
+    assert len(cut) <= len(full) // 2 and cut[-6:] == full[-6:]
+    assert cut[1] == enc.encode_single_token("<|user|>")   # whole exchanges go: it still opens with the user
+    assert S.recent_prompt(enc, messages, 10 ** 6) == full
+    assert S.recent_prompt(enc, messages[-1:], 1) == S.render_prompt(enc, messages[-1:])   # newest kept
+
+
+def test_tone_classifier_generalises_to_held_out_combinations_and_shares_no_template(ix):
+    predict, accuracy = S.train_tone_classifier(seed=0)
+    assert accuracy["warm"] > 0.9 and accuracy["curious"] > 0.9
+    warm, curious = ("It is lovely to hear from you. Bread costs two coins.",
+                     "This is dull. Bread costs two coins. I wonder why it matters to you?")
+    assert predict([warm, curious]) == [[True, False], [False, True]]
+    held = S.tone_texts(random.Random(5), 40, "held")
+    assert sum(p == list(labels) for p, (_, labels) in zip(predict([t for t, _ in held]), held)) >= 36
+    phrases = [f.format(w) for table in (S.OPENERS, S.CLOSERS) for fs, ws in table.values() for f in fs
+               for w in ws]
+    rng = random.Random(0)
+    written = [S.PROMPT_MAKERS[k](ix, rng, "train", "train") for k in S.KINDS for _ in range(20)]
+    written = " ".join(w["in_character"] + " " + w["out_of_character"] for w in written)
+    written += " ".join(S.character_document(ix, rng) for _ in range(200))
+    assert not [p for p in phrases if p.rstrip(".?") in written]

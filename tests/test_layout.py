@@ -17,7 +17,7 @@ BLOCK_ORDER = ["flags", "tokenizer", "model", "checkpoint", "sampling", "chat", 
                "choice", "replies", "pairs", "worldlabel", "feedback", "arithmetic"]
 BODY_BUDGET = {"01_pretrain.py": 700, "02_sft.py": 700, "03_constitutional_ai.py": 950,  # lines; others 500
                "05_grpo_reasoning.py": 600,   # 03, 05 and 06 each hold several methods (05: four, and pass@k;
-               "06_character.py": 600}        # 06: two, their combination, and ten scorers)
+               "06_character.py": 700}        # 06: two, their combination, a dozen measures and a classifier)
 MAIN_BUDGET = 60
 STAGES = stage_files()
 
