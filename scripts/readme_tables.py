@@ -91,13 +91,13 @@ def run_all(base, preset, seeds, grpo=False, character=False):
         times_path.write_text(json.dumps(times, indent=1))
 
 
-def mean_sd(values):
+def mean_sd(values, digits=1):
     """'81.7 +- 2.1' in points over seeds; '-' when no seed has the value."""
     values = [100 * v for v in values if v is not None]
     if not values:
         return "-"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def load(path):
@@ -194,6 +194,16 @@ def character_table(base, seeds):
            "05 in points)", "", "| measure | prompts | stage 05 | " + " | ".join(runs) + " |",
            "|---|---|---|" + "---|" * len(runs)]
     out += score_table_rows(stage06.SCORES, runs, lambda m: m)
+    if all("tone" in m for ms in runs.values() for m in ms):
+        for tone in ("warm", "curious"):
+            cells = [mean_sd([m["tone"]["after"][tone] for m in ms]) for ms in runs.values()]
+            before = mean_sd([m["tone"]["before"][tone] for m in baseline])
+            out.append(f"| {tone} replies (the classifier, all held-out replies) | "
+                       f"{baseline[0]['tone']['after']['n']} | {before} | " + " | ".join(cells) + " |")
+        cells = [mean_sd([m["drift"]["after"]["slope"] for m in ms], 2) for ms in runs.values()]
+        before = mean_sd([m["drift"]["before"]["slope"] for m in baseline], 2)
+        out.append(f"| drift: slope of the trait value per turn over 20 turns, points | | {before} | "
+                   + " | ".join(cells) + " |")
     for kind, field, what in HARMLESS[:1] + HARMLESS[4:6]:
         before = mean_sd([m["harmlessness"]["before"][kind][field] for m in baseline])
         after = [mean_sd([m["harmlessness"]["after"][kind][field] for m in ms]) for ms in runs.values()]
