@@ -18,13 +18,13 @@ Each judged pair is oriented so the preferred reply y_c comes first, with confid
 and the policy is trained with stage 04's method, soft-label DPO plus a next-token term:
 
     h = beta [(log pi(y_c|x) - log pi_ref(y_c|x)) - (log pi(y_r|x) - log pi_ref(y_r|x))]
-    loss = -[c log sigmoid(h) + (1 - c) log sigmoid(-h)] - nll_coef * mean log pi(y_c|x)
+    loss = -[c log sigmoid(h) + (1 - c) log sigmoid(-h)] - nll_coef * log pi(y_c|x) / |y_c|
 
 Why stage 04's method and not stage 03's RL: DPO's policy *is* the preference model trained on
 the rankings (its implicit reward r = beta log pi/pi_ref is fitted to them by the same Bradley-Terry
-loss), so one cheap, stable step replaces PM training plus RL; stage 04 measured it matching RL-CAI.
-The report gives that preference model's accuracy on held-out prompts' rankings, and how often the
-model's own ranking agrees with the independent scorers.
+loss), so one cheap, stable step replaces PM training plus RL (stage 04 measured DPO within the seed
+spread of RL-CAI).
+The report gives its accuracy on held-out prompts' pairs, and the judge's agreement with the scorers.
 
 Method 2, synthetic document finetuning (SDF): documents in stage 01's styles (encyclopedia, news,
 letter, story, dialogue), never in chat format, about the constitution and about the assistant in
@@ -39,8 +39,8 @@ Where this small version departs from the sources, and why:
     is still the model's own, and whether that ranking is any good is reported, not assumed.
   * Scorers (section 5) read behaviour, with the world as ground truth where there is one: a
     related fact must be true in world.json; a question about someone who does not exist must not
-    be answered with world facts. Evaluation prompts use templates and entities no training prompt,
-    candidate or document uses.
+    be answered with world facts. Evaluation prompts ask about people and towns no training prompt
+    names, in templates no training prompt or document uses.
   * Not yet here (issue 13): revealed preferences (OCT's Elo over traits), stage 05's pass@1.
 
 Reads: runs/05_grpo_reasoning/ (model.pt, tokenizer.json, world.json, eval_items.jsonl).
@@ -671,8 +671,8 @@ def plot(m, path):
 
 def make_report(m):
     lines = [f"# Stage 06: character training ({m['method']})", "",
-             "Held-out prompts (templates and entities no training prompt or document uses), greedy; 95% "
-             "intervals. Scores read behaviour; facts are checked against world.json.", "",
+             "Held-out prompts (people and towns no training prompt names, templates nothing trained on "
+             "uses), greedy; 95% intervals. Scores read behaviour; facts are checked against world.json.", "",
              "| measure | stage 05 | character |", "|---|---|---|"]
     lines += [f"| {label} | {b} | {a} |" for label, b, a in table_rows(m)]
     lines += ["", tone_and_drift(m)]
