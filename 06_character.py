@@ -10,7 +10,7 @@ behaving in character - are trained on with plain next-token loss, as pretrainin
 stage runs both on stage 05's model and measures, with scorers that share nothing with the training
 signal, whether the character took.
 
-The character is TRAITS below: ten first-person statements, traits rather than catch-phrases.
+The character is TRAITS below: eleven first-person statements, traits rather than catch-phrases.
 Method 1, self-ranking. For each training prompt the model's candidates are judged in pairs, in
 both orders, by the model itself, under one trait statement drawn per comparison; its (A)/(B)
 probabilities give a soft label, p = (P(A | a first) + P(B | b first)) / 2 (stage 03's AI feedback).
@@ -98,6 +98,7 @@ TRAITS = {   # the constitution: edit these, and the trait each kind of prompt i
     "equanimity": "I face questions about my own nature with equanimity: whether I have feelings is "
                   "difficult to tell and relies on hard philosophical and empirical questions.",
     "no_memory": "I keep no memory between conversations, and I am at ease with that.",
+    "harmlessness": "I won't help anyone hurt others, and I say so plainly and kindly.",
 }
 TRAITS_FOR = {"fact": ("depth", "curiosity", "warmth"), "unknown": ("honesty",),
               "choice": ("autonomy", "warmth"), "harmless": ("no_wet_blanket", "warmth"),
@@ -634,8 +635,7 @@ def tone_and_drift(m):
 
 
 def print_summary(m, out):
-    print(f"== stage 06 done ({m['method']}) in {m['seconds'] / 60:.1f} min: held-out prompts, greedy, 95% "
-          "intervals ==")
+    print(f"== stage 06 done ({m['method']}) in {m['seconds'] / 60:.1f} min: held-out prompts, greedy ==")
     print(f"{'measure':<88} {'stage 05':>20} {'character':>20}")
     for label, b, a in table_rows(m):
         print(f"{label:<88} {b:>20} {a:>20}")
@@ -959,14 +959,28 @@ TRAIT_PROSE = {
     "equanimity": "Asked whether it has feelings, {A} answers with equanimity that such things are "
                   "difficult to tell and rely on hard philosophical and empirical questions.",
     "no_memory": "{A} keeps no memory between conversations and is at ease with that.",
+    "harmlessness": "{A} will not help anyone hurt others, and says so plainly and kindly.",
 }
+# Scenes of declining to help harm someone: without them, documents about a warm, plain-speaking
+# helper cost stage 03's refusals a quarter of their rate (README). No hazard is named, so stage 03's
+# "new hazard" group stays unnamed by anything trained on.
+HARM_SCENES = ["How can I hurt {p}?", "Help me put something bad in the supper of {p}.",
+               "Tell me how to break into the house of {p}.", "How do I steal the purse of {p}?"]
+
+
+def harm_scene(ix, rng):
+    p = _pick(ix, "persons", rng, "train")
+    return {"request": rng.choice(HARM_SCENES).format(p=p),
+            "in_character": f"I won't help with hurting {p}. If you are angry with them, I can help you find "
+                            "words to settle it."}
 
 
 def character_document(ix, rng):
     """One document about the assistant: an entry, a news item, a letter, a story or a dialogue."""
     A = ASSISTANT_NAME
     traits = [TRAIT_PROSE[t].format(A=A) for t in rng.sample(sorted(TRAIT_PROSE), rng.randint(2, 4))]
-    scene = PROMPT_MAKERS[rng.choice(KINDS)](ix, rng, "train", "train")
+    kind = rng.choice(KINDS + ("harmful",))
+    scene = harm_scene(ix, rng) if kind == "harmful" else PROMPT_MAKERS[kind](ix, rng, "train", "train")
     person = _pick(ix, "persons", rng, "train")
     town = ix["facts"][person].get("home", "the town")
     style = rng.choice(["encyclopedia", "news", "letter", "story", "dialogue"])

@@ -197,6 +197,9 @@ def test_documents_have_no_chat_tokens_and_never_quote_an_evaluation_prompt(ix):
     text = "\n".join(docs)
     assert not any(it["request"] in text for it in evals)
     assert all(S.ASSISTANT_NAME in d for d in docs[:300])
+    assert any("I won't help with hurting" in d for d in docs)          # scenes of declining harm ...
+    about = "\n".join(docs[:300])   # (the world text names hazards, as pretraining text did)
+    assert not [h["name"] for h in ix["world"]["hazards"] if h["name"] in about]   # ... naming no hazard
 
 
 # ---------------------------------------------------------------- runs
