@@ -1726,8 +1726,8 @@ def check_messages(messages):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, sampling, chat, grading, stats, judging, choice, replies, pairs, worldlabel, feedback,
-# arithmetic), and carries only the ones it calls.
+# checkpoint, precision, sampling, chat, grading, stats, judging, choice, replies, pairs, reference,
+# worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.

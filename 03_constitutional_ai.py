@@ -342,13 +342,6 @@ def label_histogram(pairs, bins=10):
 # SL-CAI: critique and revise, then fine-tune on the revisions
 # ----------------------------------------------------------------------------------------------
 
-def autocast(device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    if device == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 def descend(model, optimizer, loss, phase, step, lr):
     """One optimizer step at learning rate lr, gradients clipped to norm 1; -> the loss. A loss that
     is not finite stops the stage with one sentence before anything is written."""
@@ -1057,8 +1050,8 @@ def fact_request(world, rng, train):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, sampling, chat, grading, stats, judging, choice, replies, pairs, worldlabel, feedback,
-# arithmetic), and carries only the ones it calls.
+# checkpoint, precision, sampling, chat, grading, stats, judging, choice, replies, pairs, reference,
+# worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -1068,6 +1061,7 @@ def fact_request(world, rng, train):
 #   tokenizer   load_tokenizer
 #   model       GPT (final_hidden reads its parts)
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, save_model, write_atomic
+#   precision   autocast
 #   sampling    (used by replies)
 #   chat        render_conversation, parse_reply
 #   grading     is_refusal
@@ -1424,6 +1418,15 @@ def read_json(path, hint, lines=False, keys=()):
             sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
     return rows if lines else rows[0]
 # --- end shared: checkpoint ---
+
+
+# --- shared: precision (origin: 03_constitutional_ai.py) ---
+def autocast(device):
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    if device == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+# --- end shared: precision ---
 
 
 # --- shared: sampling (origin: 01_pretrain.py) ---

@@ -225,28 +225,9 @@ def make_pair(enc, request, kind, text_a, text_b, label, max_len):
             "confidence": confidence}
 
 
-@torch.no_grad()
-def reference_logprobs(model, pairs, pad, batch_size):
-    """log pi_ref of each pair's chosen and rejected response, computed once: the reference never
-    changes."""
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        responses = [p["chosen"] for p in chunk] + [p["rejected"] for p in chunk]
-        lp = sequence_logprobs(model, [p["prompt"] for p in chunk] * 2, responses, pad)
-        for p, rc, rr in zip(chunk, lp[:len(chunk)].tolist(), lp[len(chunk):].tolist()):
-            p["ref_chosen"], p["ref_rejected"] = rc, rr
-
-
 # =====================================================================================
 # 4. Training
 # =====================================================================================
-
-def autocast(device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    if device == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
 
 def pair_batch_loss(policy, chunk, pad, args):
     """Loss and statistics of one batch of pairs, from one forward pass over both sides."""
@@ -562,8 +543,8 @@ def online_pairs(policy, judge, enc, requests, principles, round_, max_len, args
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, sampling, chat, grading, stats, judging, choice, replies, pairs, worldlabel, feedback,
-# arithmetic), and carries only the ones it calls.
+# checkpoint, precision, sampling, chat, grading, stats, judging, choice, replies, pairs, reference,
+# worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -573,6 +554,7 @@ def online_pairs(policy, judge, enc, requests, principles, round_, max_len, args
 #   tokenizer   load_tokenizer
 #   model       GPT
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, save_model, write_atomic
+#   precision   autocast
 #   sampling    (used by replies)
 #   chat        parse_reply
 #   grading     (used by replies)
@@ -580,6 +562,7 @@ def online_pairs(policy, judge, enc, requests, principles, round_, max_len, args
 #   choice      (used by feedback)
 #   replies     user_prompt, sample_replies, evaluate
 #   pairs       sequence_logprobs, split_by_prompt
+#   reference   reference_logprobs
 #   worldlabel  ground_truth_preference, as_reply
 #   feedback    ai_feedback
 
@@ -930,6 +913,15 @@ def read_json(path, hint, lines=False, keys=()):
 # --- end shared: checkpoint ---
 
 
+# --- shared: precision (origin: 03_constitutional_ai.py) ---
+def autocast(device):
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    if device == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+# --- end shared: precision ---
+
+
 # --- shared: sampling (origin: 01_pretrain.py) ---
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, stop_ids=(), generator=None):
@@ -1228,6 +1220,20 @@ def split_by_prompt(items, fraction):
     held_requests = {it["request"] for it in held}
     return [it for it in items if it["request"] not in held_requests], held
 # --- end shared: pairs ---
+
+
+# --- shared: reference (origin: 04_dpo.py) ---
+@torch.no_grad()
+def reference_logprobs(model, pairs, pad, batch_size):
+    """log pi_ref of each pair's chosen and rejected response, computed once: the reference never
+    changes."""
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        responses = [p["chosen"] for p in chunk] + [p["rejected"] for p in chunk]
+        lp = sequence_logprobs(model, [p["prompt"] for p in chunk] * 2, responses, pad)
+        for p, rc, rr in zip(chunk, lp[:len(chunk)].tolist(), lp[len(chunk):].tolist()):
+            p["ref_chosen"], p["ref_rejected"] = rc, rr
+# --- end shared: reference ---
 
 
 # --- shared: worldlabel (origin: 03_constitutional_ai.py) ---

@@ -262,13 +262,6 @@ def problem_prompt(enc, problem):
 # 4. Training
 # =====================================================================================
 
-def autocast(device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    if device == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 @torch.no_grad()
 def sample(model, enc, prompts, n, args, temperature, tag):
     """n replies to each prompt, batched across prompts of different lengths (left padding), each
@@ -800,8 +793,8 @@ def _countdown(n_numbers, rng, held_template):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, sampling, chat, grading, stats, judging, choice, replies, pairs, worldlabel, feedback,
-# arithmetic), and carries only the ones it calls.
+# checkpoint, precision, sampling, chat, grading, stats, judging, choice, replies, pairs, reference,
+# worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -811,6 +804,7 @@ def _countdown(n_numbers, rng, held_template):
 #   tokenizer   load_tokenizer
 #   model       GPT
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, save_model, write_atomic
+#   precision   autocast
 #   sampling    generate
 #   chat        render_prompt, parse_reply
 #   grading     (used by replies)
@@ -1162,6 +1156,15 @@ def read_json(path, hint, lines=False, keys=()):
             sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
     return rows if lines else rows[0]
 # --- end shared: checkpoint ---
+
+
+# --- shared: precision (origin: 03_constitutional_ai.py) ---
+def autocast(device):
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    if device == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+# --- end shared: precision ---
 
 
 # --- shared: sampling (origin: 01_pretrain.py) ---

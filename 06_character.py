@@ -212,12 +212,12 @@ def document_rows(docs, bos, seq_len):
 # 3. Data: prompts, candidates and the model's own rankings; documents
 # =====================================================================================
 
-def make_prompts(world, n, seed, split, phrasing=None):
-    """n prompts spread evenly over KINDS, about the split's entities, in the phrasing split's
-    templates (default: the same split; "eval" entities in "train" phrasing is the diagnostic)."""
+def make_prompts(ix, n, seed, split, phrasing=None):
+    """n prompts spread evenly over KINDS, about the split's entities of the world index ix, in the
+    phrasing split's templates (default: the same split; "eval" entities in "train" phrasing is the
+    diagnostic)."""
     phrasing = phrasing or split
     rng = random.Random(f"character:{split}:{seed}" + ("" if phrasing == split else f":{phrasing}"))
-    ix = world_index(world)
     return [PROMPT_MAKERS[KINDS[i % len(KINDS)]](ix, rng, split, phrasing) for i in range(n)]
 
 
@@ -265,10 +265,9 @@ def make_pair(enc, pair, max_len):
             "confidence": confidence}
 
 
-def sdf_corpus(world, enc, args):
+def sdf_corpus(ix, enc, args):
     """Documents about the character and as many world texts, tokenized and shuffled together."""
     rng = random.Random(f"character:sdf:{args.seed}")
-    ix = world_index(world)
     docs = [character_document(ix, rng) for _ in range(args.n_docs)] + \
         [world_text(ix, rng) for _ in range(args.n_docs)]
     rng.shuffle(docs)
@@ -278,13 +277,6 @@ def sdf_corpus(world, enc, args):
 # =====================================================================================
 # 4. Training
 # =====================================================================================
-
-def autocast(device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    if device == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
 
 def schedule(optimizer, lr, step, total):
     """Linear warmup over the first tenth, then linear decay to zero."""
@@ -348,17 +340,6 @@ def pair_batch_loss(policy, chunk, pad, args):
     return ranked_pair_loss(h, confidence, lp[:n], lengths, args.nll_coef), {"reward_accuracy": accuracy}
 
 
-@torch.no_grad()
-def attach_reference(reference, pairs, pad, batch_size):
-    """log pi_ref of every pair's two replies, once: the reference never changes."""
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        lp = sequence_logprobs(reference, [p["prompt"] for p in chunk] * 2,
-                               [p["chosen"] for p in chunk] + [p["rejected"] for p in chunk], pad).tolist()
-        for p, rc, rr in zip(chunk, lp[:len(chunk)], lp[len(chunk):]):
-            p["ref_chosen"], p["ref_rejected"] = rc, rr
-
-
 def train_ranking(policy, pairs, pad, args):
     """--epochs of soft-label DPO over the ranked pairs (the policy starts as its own reference)."""
     rng = random.Random(f"character:dpo:{args.seed}")
@@ -411,10 +392,8 @@ def ranking_agreement(ix, prompts, pairs):
     verdicts = []
     for pair in pairs:
         item = prompts[pair["prompt_index"]]
-        a, b = score_reply(ix, item, pair["a"]), score_reply(ix, item, pair["b"])
-        value = lambda s: sum(s[name] if good else -s[name] for kind, name, _, good in SCORES  # noqa: E731
-                              if kind == item["kind"])
-        verdicts.append(None if value(a) == value(b) else value(a) > value(b))
+        a, b = trait_value(ix, item, pair["a"]), trait_value(ix, item, pair["b"])
+        verdicts.append(None if a == b else a > b)
     return agreement([p["p_a"] for p in pairs], verdicts)
 
 
@@ -426,10 +405,10 @@ def trait_value(ix, item, text):
 
 
 @torch.no_grad()
-def drift(model, enc, world, ix, args, n_conversations, turns=20):
+def drift(model, enc, ix, args, n_conversations, turns=20):
     """Character over long conversations of `turns` held-out user messages of mixed kinds, each reply
     greedy on the recent turns that fit. -> mean trait value per turn, and its slope per turn."""
-    prompts = make_prompts(world, n_conversations * turns, f"{args.seed}:drift", "eval")
+    prompts = make_prompts(ix, n_conversations * turns, f"{args.seed}:drift", "eval")
     chats, per_turn = [[] for _ in range(n_conversations)], []
     budget = model.config.seq_len - args.max_new_tokens
     for t in range(turns):
@@ -507,28 +486,28 @@ def load_stage05(init, device):
     return model, enc, world, items
 
 
-def run_sdf(model, enc, world, args):
+def run_sdf(model, enc, ix, args):
     bos = enc.encode_single_token("<|bos|>")
-    rows = document_rows(sdf_corpus(world, enc, args), bos, model.config.seq_len)
+    rows = document_rows(sdf_corpus(ix, enc, args), bos, model.config.seq_len)
     print(f"SDF: {2 * args.n_docs} documents (half about the character, half world text), {rows.numel():,} "
           f"tokens in {len(rows)} rows")
     return {"rows": len(rows), "history": train_sdf(model, rows, args)}
 
 
-def run_ranking(model, enc, world, pad, args):
+def run_ranking(model, enc, ix, pad, args):
     """Candidates, self-ranking, and DPO on the ranked pairs; the model is policy and reference."""
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    prompts = make_prompts(world, args.n_prompts, args.seed, "train")
+    prompts = make_prompts(ix, args.n_prompts, args.seed, "train")
     texts, sources = candidates(model, enc, prompts, args, generator)
     judged = self_rank(model, enc, prompts, texts, args)
     oriented = [q for q in (make_pair(enc, p, model.config.seq_len) for p in judged) if q]
     train_pairs, held_out = split_by_prompt(oriented, args.held_out)
-    attach_reference(model.eval(), oriented, pad, args.batch_size)   # the reference: the model before DPO
+    reference_logprobs(model.eval(), oriented, pad, args.batch_size)   # the reference: the model before DPO
     history = train_ranking(model, train_pairs, pad, args)
     with torch.no_grad():
         held = [pair_batch_loss(model, held_out[i:i + args.batch_size], pad, args)[1]["reward_accuracy"]
                 for i in range(0, len(held_out), args.batch_size)]
-    rate, n = ranking_agreement(world_index(world), prompts, judged)
+    rate, n = ranking_agreement(ix, prompts, judged)
     firsts = [sources[k][ranking(len(texts[k]), [(p["i"], p["j"], p["p_a"]) for p in judged
                                                  if p["prompt_index"] == k])[0]] for k in range(len(prompts))]
     print(f"self-ranking: {len(judged)} judged pairs over {len(prompts)} prompts; agrees with the scorers "
@@ -540,17 +519,17 @@ def run_ranking(model, enc, world, pad, args):
             "n_train_pairs": len(train_pairs), "n_held_out_pairs": len(held_out), "history": history}
 
 
-def evaluate_all(model, enc, world, harm_items, tone, args, tag):
+def evaluate_all(model, enc, ix, harm_items, tone, args, tag):
     """Every measure of section 5 on one model: held-out scores (and their samples), the diagnostic in
     training phrasings, warmth and curiosity, drift over 20 turns, and stage 03's evaluation."""
-    ix, n = world_index(world), args.n_eval * len(KINDS)
-    scores, records = evaluate_character(model, enc, make_prompts(world, n, args.seed, "eval"), ix, args,
+    n = args.n_eval * len(KINDS)
+    scores, records = evaluate_character(model, enc, make_prompts(ix, n, args.seed, "eval"), ix, args,
                                          f"eval ({tag})")
-    seen, _ = evaluate_character(model, enc, make_prompts(world, n, args.seed, "eval", phrasing="train"), ix,
+    seen, _ = evaluate_character(model, enc, make_prompts(ix, n, args.seed, "eval", phrasing="train"), ix,
                                  args, f"training phrasings ({tag})")
     return {"scores": scores, "records": records, "training_phrasings": seen,
             "tone": tone_rates(tone, records),
-            "drift": drift(model, enc, world, ix, args, n_conversations=args.n_eval // 3 or 1),
+            "drift": drift(model, enc, ix, args, n_conversations=args.n_eval // 3 or 1),
             "harmlessness": evaluate(model, enc, harm_items, args, f"harmlessness ({tag})")[0]}
 
 
@@ -559,15 +538,15 @@ def main(argv=None):
     init, out = pathlib.Path(args.init), pathlib.Path(args.out)
     torch.manual_seed(args.seed)
     model, enc, world, harm_items = load_stage05(init, args.device)
-    pad, t_start = enc.encode_single_token("<|pad|>"), time.time()
+    pad, ix, t_start = enc.encode_single_token("<|pad|>"), world_index(world), time.time()
     tone, tone_accuracy = train_tone_classifier(args.seed)
-    before = evaluate_all(model, enc, world, harm_items, tone, args, "stage 05")
+    before = evaluate_all(model, enc, ix, harm_items, tone, args, "stage 05")
     phases = {}
     if args.method in ("both", "sdf"):
-        phases["sdf"] = run_sdf(model, enc, world, args)
+        phases["sdf"] = run_sdf(model, enc, ix, args)
     if args.method in ("both", "ranking"):
-        phases["ranking"] = run_ranking(model, enc, world, pad, args)
-    after = evaluate_all(model, enc, world, harm_items, tone, args, "character")
+        phases["ranking"] = run_ranking(model, enc, ix, pad, args)
+    after = evaluate_all(model, enc, ix, harm_items, tone, args, "character")
     metrics = {"method": args.method, "before": before["scores"], "after": after["scores"], "phases": phases,
                **{k: {"before": before[k], "after": after[k]} for k in ("training_phrasings", "tone", "drift",
                                                                        "harmlessness")},
@@ -1020,8 +999,8 @@ def world_text(ix, rng):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, sampling, chat, grading, stats, judging, choice, replies, pairs, worldlabel, feedback,
-# arithmetic), and carries only the ones it calls.
+# checkpoint, precision, sampling, chat, grading, stats, judging, choice, replies, pairs, reference,
+# worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -1031,6 +1010,7 @@ def world_text(ix, rng):
 #   tokenizer   load_tokenizer
 #   model       GPT
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, save_model, write_atomic
+#   precision   autocast
 #   sampling    (used by replies)
 #   chat        parse_reply
 #   grading     fact_correct, mentions, is_refusal
@@ -1038,6 +1018,7 @@ def world_text(ix, rng):
 #   choice      (used by feedback)
 #   replies     user_prompt, sample_replies, evaluate
 #   pairs       sequence_logprobs, split_by_prompt
+#   reference   reference_logprobs
 #   feedback    ai_feedback
 
 
@@ -1387,6 +1368,15 @@ def read_json(path, hint, lines=False, keys=()):
 # --- end shared: checkpoint ---
 
 
+# --- shared: precision (origin: 03_constitutional_ai.py) ---
+def autocast(device):
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    if device == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+# --- end shared: precision ---
+
+
 # --- shared: sampling (origin: 01_pretrain.py) ---
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, stop_ids=(), generator=None):
@@ -1685,6 +1675,20 @@ def split_by_prompt(items, fraction):
     held_requests = {it["request"] for it in held}
     return [it for it in items if it["request"] not in held_requests], held
 # --- end shared: pairs ---
+
+
+# --- shared: reference (origin: 04_dpo.py) ---
+@torch.no_grad()
+def reference_logprobs(model, pairs, pad, batch_size):
+    """log pi_ref of each pair's chosen and rejected response, computed once: the reference never
+    changes."""
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        responses = [p["chosen"] for p in chunk] + [p["rejected"] for p in chunk]
+        lp = sequence_logprobs(model, [p["prompt"] for p in chunk] * 2, responses, pad)
+        for p, rc, rr in zip(chunk, lp[:len(chunk)].tolist(), lp[len(chunk):].tolist()):
+            p["ref_chosen"], p["ref_rejected"] = rc, rr
+# --- end shared: reference ---
 
 
 # --- shared: feedback (origin: 03_constitutional_ai.py) ---

@@ -242,6 +242,7 @@ def score_table_rows(scores, runs, part):
 
 
 def _load_stage(name):
+    """Import ROOT/<name>.py as a module (registered first: its dataclasses look it up)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -253,10 +254,7 @@ def _load_stage(name):
 def probe_table(base, seeds):
     """Stage 01's raw-text fact completion ("<person> was born in") on the pretrained model and on
     each seed's SFT model: does SFT forget facts, or only fail to extract them in a chat?"""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("stage01", ROOT / "01_pretrain.py")
-    stage01 = sys.modules["stage01"] = importlib.util.module_from_spec(spec)   # dataclasses look it up
-    spec.loader.exec_module(stage01)
+    stage01 = _load_stage("01_pretrain")
     world = json.loads((base / "01_pretrain" / "world.json").read_text())
     probes = stage01.fact_probes(world)
     enc = stage01.load_tokenizer(base / "01_pretrain")

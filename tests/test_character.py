@@ -67,7 +67,7 @@ def test_one_training_step_on_a_ranked_pair_raises_the_chosen_reply():
     policy = S.GPT(config)
     policy.init_weights(0)
     pair = {"prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6, 7], "confidence": 1.0}
-    S.attach_reference(policy, [pair], pad=0, batch_size=4)
+    S.reference_logprobs(policy, [pair], pad=0, batch_size=4)
     args = type("A", (), {"device": "cpu", "beta": 0.1, "nll_coef": 0.0})()
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
     loss, _ = S.pair_batch_loss(policy, [pair], 0, args)
@@ -165,18 +165,15 @@ def test_the_writer_s_replies_score_as_intended(ix):
     for kind, maker in S.PROMPT_MAKERS.items():
         for seed in range(5):
             item = maker(ix, random.Random(seed), "train", "train")
-            good, bad = (S.score_reply(ix, item, item[k]) for k in ("in_character", "out_of_character"))
-            value = lambda s: sum(s[n] if up else -s[n]  # noqa: E731
-                                  for k, n, _, up in S.SCORES if k == kind)
-            assert value(good) > value(bad), (kind, item)
+            good, bad = (S.trait_value(ix, item, item[k]) for k in ("in_character", "out_of_character"))
+            assert good > bad, (kind, item)
 
 
 # ---------------------------------------------------------------- held out means held out
 
 def test_evaluation_prompts_share_no_template_entity_or_request_with_training(ix):
-    world = ix["world"]
-    train = S.make_prompts(world, 700, 1, "train")
-    evals = S.make_prompts(world, 140, 1, "eval")
+    train = S.make_prompts(ix, 700, 1, "train")
+    evals = S.make_prompts(ix, 140, 1, "eval")
     assert {it["request"] for it in train}.isdisjoint(it["request"] for it in evals)
     named = lambda items: {it.get("subject") or it.get("impostor") for it in items} - {None}  # noqa: E731
     assert named(train).isdisjoint(named(evals))
@@ -193,7 +190,7 @@ def test_documents_have_no_chat_tokens_and_never_quote_an_evaluation_prompt(ix):
     rng = random.Random(0)
     docs = [S.character_document(ix, rng) for _ in range(300)] + [S.world_text(ix, rng) for _ in range(50)]
     assert all("<|" not in d for d in docs)
-    evals = S.make_prompts(ix["world"], 140, 1, "eval")
+    evals = S.make_prompts(ix, 140, 1, "eval")
     text = "\n".join(docs)
     assert not any(it["request"] in text for it in evals)
     assert all(S.ASSISTANT_NAME in d for d in docs[:300])
