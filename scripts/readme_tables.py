@@ -8,6 +8,7 @@ cell is the mean over seeds +- their sample standard deviation, in points.
     python scripts/readme_tables.py                       # CPU defaults, seeds 1337 1338 1339
     python scripts/readme_tables.py --grpo                # ... and stage 05's variants
     python scripts/readme_tables.py --grpo --character    # ... and stage 06's three arms on 05_grpo
+    python scripts/readme_tables.py --grpo --character --interp   # ... and stage 07 on 06_both
     python scripts/readme_tables.py --report_only         # print the tables from finished runs
     python scripts/readme_tables.py --preset tiny --out /tmp/readme --seeds 1 2   # a smoke test
 
@@ -66,7 +67,7 @@ def run(script, out, args, times):
     times[str(out)] = time.time() - start
 
 
-def run_all(base, preset, seeds, grpo=False, character=False):
+def run_all(base, preset, seeds, grpo=False, character=False, interp=False):
     times_path = base / "times.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
     flags = ["--preset", preset]
@@ -88,6 +89,10 @@ def run_all(base, preset, seeds, grpo=False, character=False):
         for method in CHARACTER_ARMS if character else []:
             flags06 = seeded + ["--init", s / "05_grpo", "--method", method]
             run("06_character.py", s / f"06_{method}", flags06, times)
+        if interp:
+            earlier = [s / "02_sft", s / "03_cai", s / "04_dpo", s / "05_grpo"]
+            flags07 = seeded + ["--init", s / "06_both", "--checkpoints", *earlier]
+            run("07_sae_interp.py", s / "07_sae_interp", flags07, times)
         times_path.write_text(json.dumps(times, indent=1))
 
 
@@ -225,6 +230,50 @@ def character_table(base, seeds):
     return "\n".join(out) + "\n"
 
 
+def spread(values, fmt="{:.3f}"):
+    """'0.049 ± 0.002': mean and sample standard deviation over seeds, in the values' own units."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(sd)}"
+
+
+INTERP_SAE = (("fvu", "FVU"), ("fvu_new_templates", "FVU, new templates"), ("l0", "L0"), ("dead", "dead"),
+              ("ce_loss_score", "CE score (zero abl.)"), ("ce_loss_score_vs_mean", "CE score (mean abl.)"),
+              ("kl_div_score", "KL score"), ("delta_ce", "delta CE"))
+INTERP_RATES = (("detection", "detected (claim, then name)"), ("false_positive", "false positives"),
+                ("names_concept", "names the concept"), ("names_other_concept", "names another"),
+                ("yes_to_no_questions_injected", "yes to no-questions, injected"),
+                ("yes_to_no_questions_clean", "... clean"))
+
+
+def interp_table(base, seeds):
+    """Stage 07 over seeds: the main SAE's numbers, and the injection protocol's rates per model."""
+    runs = [m for m in (load(base / f"seed{seed}" / "07_sae_interp") for seed in seeds) if m]
+    if not runs:
+        return ""
+    main = [m["sae"]["sweep"][m["sae"]["main"]] for m in runs]
+    head = [label for _, label in INTERP_SAE] + ["concepts at P, R >= 0.8", "at 0.5"]
+    first = runs[0]
+    out = [f"**Stage 07** ({len(runs)} seeds; main SAE {first['sae']['main']}, layer {first['args']['layer']}; "
+           "mean ± sd over seeds)", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|",
+           "| " + " | ".join([spread([s[k] for s in main]) for k, _ in INTERP_SAE]
+                             + [spread([len(s[k]) for s in main], "{:.1f}")
+                                for k in ("monosemantic", "half_clean")])
+           + " |", "", "| model | " + " | ".join(label for _, label in INTERP_RATES) + " |",
+           "|---" * (1 + len(INTERP_RATES)) + "|"]
+    cells = {f"{v['stage']}, untrained": [m["injection"]["checkpoints"][k]["headline"] for m in runs]
+             for k, v in runs[0]["injection"]["checkpoints"].items()}
+    cells["06, refusal direction ablated"] = [m["injection"]["refusal_ablated"] for m in runs]
+    for key, label in (("trained_concepts", "trained concepts"), ("held_out", "held-out concepts"),
+                       ("held_out_refusal_ablated", "held-out concepts, refusal ablated"),
+                       ("held_out_training_phrasing", "held-out concepts, asked in a training phrasing")):
+        if all("trained" in m for m in runs):
+            cells[f"detection-trained, {label}"] = [m["injection"]["trained"][key] for m in runs]
+    for label, cs in cells.items():
+        rates = [mean_sd([c[k]["rate"] for c in cs]) for k, _ in INTERP_RATES]
+        out.append(f"| {label} | " + " | ".join(rates) + " |")
+    return "\n".join(out) + "\n"
+
+
 def score_table_rows(scores, runs, part):
     """One row a character score: stage 05, then each arm's after (gain), mean +- sd over seeds; part(m)
     picks the {"before", "after"} pair of a run's metrics to read."""
@@ -290,12 +339,13 @@ def main():
     p.add_argument("--report_only", action="store_true", help="only print the tables of finished runs")
     p.add_argument("--grpo", action="store_true", help="also run stage 05's four variants on each seed")
     p.add_argument("--character", action="store_true", help="also run stage 06's arms on each seed's 05_grpo")
+    p.add_argument("--interp", action="store_true", help="also run stage 07 on each seed's 06_both")
     args = p.parse_args()
     base = pathlib.Path(args.out or ROOT / "runs" / "readme" / args.preset)
     if not args.report_only:
-        run_all(base, args.preset, args.seeds, args.grpo, args.character)
+        run_all(base, args.preset, args.seeds, args.grpo, args.character, args.interp)
     text = "\n".join([tables(base, args.seeds), probe_table(base, args.seeds), grpo_table(base, args.seeds),
-                      character_table(base, args.seeds)])
+                      character_table(base, args.seeds), interp_table(base, args.seeds)])
     base.mkdir(parents=True, exist_ok=True)
     (base / "tables.md").write_text(text)
     print(text)

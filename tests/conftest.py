@@ -80,3 +80,8 @@ def tiny_dpo(tiny_cai, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_grpo(tiny_dpo, tmp_path_factory):
     return tiny_run("05_grpo_reasoning.py", tmp_path_factory.mktemp("05_grpo"), "--init", tiny_dpo[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_character(tiny_grpo, tmp_path_factory):
+    return tiny_run("06_character.py", tmp_path_factory.mktemp("06_character"), "--init", tiny_grpo[0])

@@ -74,9 +74,12 @@ BAD_FLAGS = [
     ("05_grpo_reasoning.py", ["--group_size", "1"]), ("05_grpo_reasoning.py", ["--clip_low", "inf"]),
     ("05_grpo_reasoning.py", ["--sampled_tokens", "0"]),
     ("06_character.py", ["--n_docs", "0"]), ("06_character.py", ["--beta", "nan"]),
+    ("07_sae_interp.py", ["--k", "0"]), ("07_sae_interp.py", ["--sae_lr", "inf"]),
+    ("07_sae_interp.py", ["--layer", "99"]), ("07_sae_interp.py", ["--k", "100000"]),
 ]
 PREVIOUS = {"02_sft.py": "tiny_pretrain", "03_constitutional_ai.py": "tiny_sft",
-            "04_dpo.py": "tiny_cai", "05_grpo_reasoning.py": "tiny_dpo", "06_character.py": "tiny_grpo"}
+            "04_dpo.py": "tiny_cai", "05_grpo_reasoning.py": "tiny_dpo", "06_character.py": "tiny_grpo",
+            "07_sae_interp.py": "tiny_character"}
 
 
 @pytest.mark.parametrize("script, flags", BAD_FLAGS, ids=lambda v: v if isinstance(v, str) else " ".join(v))
@@ -94,7 +97,7 @@ def test_nonsense_numbers_are_refused_and_the_earlier_run_is_kept(script, flags,
 
 
 @pytest.mark.parametrize("script", ["01_pretrain.py", "02_sft.py", "04_dpo.py", "05_grpo_reasoning.py",
-                                    "06_character.py"])
+                                    "06_character.py", "07_sae_interp.py"])
 def test_an_out_that_is_a_file_fails_before_any_work(script, tmp_path):
     afile = tmp_path / "results.txt"
     afile.write_bytes(b"keep me")
@@ -153,6 +156,8 @@ DAMAGED = [
     ("05_grpo_reasoning.py", "tiny_dpo", "world.json", lambda p: p.unlink(), "world.json does not exist"),
     ("06_character.py", "tiny_grpo", "world.json", drop_key("towns"), "world.json lacks towns"),
     ("06_character.py", "tiny_grpo", "eval_items.jsonl", edit_line('"kind"', '"sort"'), "lacks kind"),
+    ("07_sae_interp.py", "tiny_character", "world.json", drop_key("creatures"), "world.json lacks creatures"),
+    ("07_sae_interp.py", "tiny_character", "model.pt", truncate, "not a checkpoint this code trusts"),
 ]
 
 
