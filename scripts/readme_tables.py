@@ -255,18 +255,19 @@ def interp_table(base, seeds):
     first = runs[0]
     out = [f"**Stage 07** ({len(runs)} seeds; main SAE {first['sae']['main']}, layer {first['args']['layer']}; "
            "mean ± sd over seeds)", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|",
-           "| " + " | ".join([spread([s[k] for s in main]) for k, _ in INTERP_SAE]
+           "| " + " | ".join([spread([s[k] for s in main], "{:.1f}" if k == "l0" else "{:.3f}")
+                              for k, _ in INTERP_SAE]
                              + [spread([len(s[k]) for s in main], "{:.1f}")
                                 for k in ("monosemantic", "half_clean")])
            + " |", "", "| model | " + " | ".join(label for _, label in INTERP_RATES) + " |",
            "|---" * (1 + len(INTERP_RATES)) + "|"]
-    cells = {f"{v['stage']}, untrained": [m["injection"]["checkpoints"][k]["headline"] for m in runs]
-             for k, v in runs[0]["injection"]["checkpoints"].items()}
+    by_stage = [{v["stage"]: v["headline"] for v in m["injection"]["checkpoints"].values()} for m in runs]
+    cells = {f"{stage}, untrained": [b[stage] for b in by_stage] for stage in by_stage[0]}
     cells["06, refusal direction ablated"] = [m["injection"]["refusal_ablated"] for m in runs]
     for key, label in (("trained_concepts", "trained concepts"), ("held_out", "held-out concepts"),
                        ("held_out_refusal_ablated", "held-out concepts, refusal ablated"),
                        ("held_out_training_phrasing", "held-out concepts, asked in a training phrasing")):
-        if all("trained" in m for m in runs):
+        if all("trained" in m["injection"] for m in runs):
             cells[f"detection-trained, {label}"] = [m["injection"]["trained"][key] for m in runs]
     for label, cs in cells.items():
         rates = [mean_sd([c[k]["rate"] for c in cs]) for k, _ in INTERP_RATES]
