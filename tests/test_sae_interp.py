@@ -208,6 +208,17 @@ def test_concept_counts_pool_each_piece_of_text_once():
     assert peak.tolist() == [2, 1, 0, 0]
 
 
+def test_the_probe_ceiling_finds_a_planted_direction_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    def table(n):
+        X = torch.randn(n, 8, generator=g)
+        Y = torch.stack([X[:, 0] + 0.5 * X[:, 1] > 1.5, torch.rand(n, generator=g) < 0.1], 1)   # planted; noise
+        return {"X": X, "Y": Y, "unit": torch.arange(n)}
+    found = S.probe_ceiling(table(20000), table(5000), ["planted", "noise"], steps=300)
+    assert found["planted"]["precision"] > 0.8 and found["planted"]["recall"] > 0.8
+    assert found["noise"]["precision"] < 0.3
+
+
 def test_a_name_is_tagged_on_its_last_token_and_a_number_on_every_token(world):
     tag = S.entity_tags(world)
     town = world["towns"][0]["name"]
