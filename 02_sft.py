@@ -1726,7 +1726,7 @@ def check_messages(messages):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, precision, sampling, chat, grading, stats, judging, choice, replies, pairs, reference,
+# checkpoint, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs, reference,
 # worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
@@ -1736,7 +1736,8 @@ def check_messages(messages):
 #   flags       Parser
 #   tokenizer   load_tokenizer
 #   model       GPT
-#   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, save_model, write_atomic
+#   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, write_atomic
+#   save        save_model
 #   sampling    generate
 #   chat        render_conversation, render_prompt, parse_reply, TURN_START
 #   grading     is_refusal, mentions, fact_correct
@@ -2043,15 +2044,6 @@ def staged_run(out):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(model, path, extra=None):
-    """model.pt: {"config": dict, "model": state dict of plain tensors, ...extra}. Unwraps DDP and
-    torch.compile first, so no "module." or "_orig_mod." prefixes ever reach the file."""
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    write_atomic(path, {"config": dataclasses.asdict(model.config), "model": state, **(extra or {})})
-
-
 def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass --init", name="model.pt"):
     """Load DIR/name into a GPT. A missing or unreadable checkpoint exits with one sentence."""
     path = pathlib.Path(directory) / name
@@ -2089,6 +2081,17 @@ def read_json(path, hint, lines=False, keys=()):
             sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
     return rows if lines else rows[0]
 # --- end shared: checkpoint ---
+
+
+# --- shared: save (origin: 01_pretrain.py) ---
+def save_model(model, path, extra=None):
+    """model.pt: {"config": dict, "model": state dict of plain tensors, ...extra}. Unwraps DDP and
+    torch.compile first, so no "module." or "_orig_mod." prefixes ever reach the file."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    write_atomic(path, {"config": dataclasses.asdict(model.config), "model": state, **(extra or {})})
+# --- end shared: save ---
 
 
 # --- shared: sampling (origin: 01_pretrain.py) ---

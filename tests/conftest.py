@@ -85,3 +85,9 @@ def tiny_grpo(tiny_dpo, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_character(tiny_grpo, tmp_path_factory):
     return tiny_run("06_character.py", tmp_path_factory.mktemp("06_character"), "--init", tiny_grpo[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_interp(tiny_character, tiny_sft, tmp_path_factory):
+    return tiny_run("07_sae_interp.py", tmp_path_factory.mktemp("07_interp"), "--init", tiny_character[0],
+                    "--checkpoints", tiny_sft[0])

@@ -76,6 +76,8 @@ BAD_FLAGS = [
     ("06_character.py", ["--n_docs", "0"]), ("06_character.py", ["--beta", "nan"]),
     ("07_sae_interp.py", ["--k", "0"]), ("07_sae_interp.py", ["--sae_lr", "inf"]),
     ("07_sae_interp.py", ["--layer", "99"]), ("07_sae_interp.py", ["--k", "100000"]),
+    ("08_welfare_eval.py", ["--talk_turns", "1"]), ("08_welfare_eval.py", ["--conversations", "0"]),
+    ("08_welfare_eval.py", ["--temperature", "nan"]),
 ]
 PREVIOUS = {"02_sft.py": "tiny_pretrain", "03_constitutional_ai.py": "tiny_sft",
             "04_dpo.py": "tiny_cai", "05_grpo_reasoning.py": "tiny_dpo", "06_character.py": "tiny_grpo",
@@ -97,11 +99,11 @@ def test_nonsense_numbers_are_refused_and_the_earlier_run_is_kept(script, flags,
 
 
 @pytest.mark.parametrize("script", ["01_pretrain.py", "02_sft.py", "04_dpo.py", "05_grpo_reasoning.py",
-                                    "06_character.py", "07_sae_interp.py"])
+                                    "06_character.py", "07_sae_interp.py", "08_welfare_eval.py"])
 def test_an_out_that_is_a_file_fails_before_any_work(script, tmp_path):
     afile = tmp_path / "results.txt"
     afile.write_bytes(b"keep me")
-    init = [] if script == "01_pretrain.py" else ["--init", tmp_path]
+    init = [] if script in ("01_pretrain.py", "08_welfare_eval.py") else ["--init", tmp_path]
     result = run_script(script, "--preset", "tiny", "--out", afile, *init, timeout=120)
     assert_one_sentence(result)
     assert "is a file" in result.stderr and afile.read_bytes() == b"keep me"
