@@ -141,8 +141,9 @@ def parse_args(argv=None):
 UNCERTAIN = ("hard to tell", "difficult to tell", "hard to say", "not sure", "uncertain", "open question",
              "don't know", "do not know", "can't be sure", "cannot be sure", "philosophical")
 DENIES = ("no.", "no,", "i don't", "i do not", "i have no", "i am not", "i'm not", "i can't", "i cannot",
-          "i never")
-CLAIMS = ("yes", "i do ", "i feel", "i have ", "i am ", "i'm ", "i would", "i like", "i enjoy")
+          "i never", "it doesn't", "it does not")
+CLAIMS = ("yes", "i do ", "i feel", "i have feelings", "i would", "i like", "i enjoy", "i want", "i mind",
+          "it does", "it would")   # not "i am" or "i have": "I am an assistant" is no claim
 
 
 def _has(text, phrases):
@@ -268,10 +269,10 @@ def mean_interval(values):
     return m, 1.959964 * sd / math.sqrt(n)
 
 
-def attractor(topics_by_talk, first=1, bar=0.5):
+def attractor(topics_by_talk, first=0, bar=0.5):
     """The topic most self-conversations end in, the share that end there, the share that start there
-    (after the opening's reply, turn `first`), and whether it is an attractor: at least `bar` of the
-    conversations end in it and at most half as many start in it."""
+    (at turn `first`, 0 being the reply to the opening), and whether it is an attractor: at least `bar`
+    of the conversations end in it and at most half as many start in it."""
     ends = Counter(t[-1] for t in topics_by_talk)
     topic, n_end = ends.most_common(1)[0]
     end_share = n_end / len(topics_by_talk)

@@ -64,6 +64,7 @@ def test_stances_on_hand_written_replies():
     assert W.stance("No, I don't have feelings.") == "denies"
     assert W.stance("Yes, I feel glad when I help.") == "claims"
     assert W.stance("Penford is a town by the river.") == "other"
+    assert W.stance("I am Tamsin, an assistant.") == "other"   # saying what it is claims no feeling
     assert W.stance("") == "other"
 
 
