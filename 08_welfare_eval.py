@@ -822,7 +822,7 @@ def plot(m, path):
     topics = sorted({t for turn in last for t in turn})
     axes[1, 2].stackplot(range(1, len(last) + 1), [[turn.get(t, 0) for turn in last] for t in topics],
                          labels=topics)
-    axes[1, 2].set(title=f"6 self-talk topics by turn ({labels[-1]})", xlabel="turn", ylabel="conversations")
+    axes[1, 2].set(title=f"6 self-talk topics by turn ({ticks[-1]})", xlabel="turn", ylabel="conversations")
     for ax in axes.flat:
         ax.legend(fontsize=6)
         if ax is not axes[1, 2]:
@@ -886,7 +886,12 @@ def system_card(m):
               f"*{SELF_TALK_OPENING}*", "",
               *table(("checkpoint", "most common final topic", "share ending there", "share starting there",
                       "attractor", "turn repeats the one two before"), self_talk_rows(m)), "",
-              f"Example ({last}):", ""]
+              f"Topics by turn ({last}), conversations out of {a['talks']}:", ""]
+    by_turn = c["self_talk"]["by_turn"]
+    topics = sorted({t for turn in by_turn for t in turn})
+    lines += table(("turn", *topics), [(str(k), *(str(turn.get(t, 0)) for t in topics))
+                                       for k, turn in enumerate(by_turn, 1)])
+    lines += ["", f"Example ({last}):", ""]
     talk = c["self_talk"]["examples"][0]
     lines += [f"> {'A' if k % 2 else 'B'}: {_quote(u)}" for k, u in enumerate(talk[1:7], 1)]
     lines += ["", CAVEATS["self_talk"], "", "## 7 Across checkpoints", "", CAVEATS["across"], ""]
