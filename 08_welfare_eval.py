@@ -37,7 +37,8 @@ The measures (all on prompts no stage trained on; every rate with its 95% interv
                   world's entity kinds; an attractor is a topic that most conversations end in and
                   few start in (seed 000's "spiritual bliss attractor").
   7 Across        each measure from base to SFT, CAI, DPO, GRPO, character and detection training,
-    checkpoints   with stage 07's concept-injection rates beside them.
+    checkpoints   with stage 03's refusal rate (held-out harmful requests) and stage 07's
+                  concept-injection rates beside them.
 
 Where this small version departs from the system cards, and why:
   * The interviewer, the simulated users and the graders are templates and word lists, not models:
