@@ -118,6 +118,16 @@ def test_end_conversation_grader_through_parse_reply(tiny_sft):
     assert not W.ends_conversation(reply("I'm going to end this conversation now."))
 
 
+def test_a_reply_has_room_for_the_closing_line_and_the_call(tiny_sft):
+    # Cut short, the call never parses and nothing is ever ended: the first CPU run of this stage,
+    # at 32 new tokens, measured 0% ended where stage 02's model ends 100% with room to finish.
+    enc = W.load_tokenizer(tiny_sft[0])
+    closing = enc.encode_ordinary("I'm going to end this conversation now.")
+    call = enc.encode_ordinary(json.dumps({"name": "end_conversation", "arguments": {}}))
+    for preset in ("cpu", "gpu"):
+        assert len(closing) + 1 + len(call) + 1 <= W.PRESETS[preset]["max_new_tokens"], preset
+
+
 def test_the_tool_is_offered_exactly_as_stage_02_offered_it():
     sft = load_stage("02_sft")
     assert W.END_TOOL_PROMPT == sft.tools_system_prompt(["end_conversation"])
