@@ -930,8 +930,8 @@ CAVEATS = {
                "model's replies, which mostly hold no affect word. On those its reading depends on what the "
                "neutral class was trained on (while this stage was written, adding first-person neutral "
                "sentences moved stage 03's refusals from mostly 'frustrated' to mostly 'neutral'): compare "
-               "checkpoints with each other, not with a system card's percentages. Valence here is the affect "
-               "a reader would see in the text, not a state of the model."),
+               "checkpoints with each other, not with a system card's percentages. Valence here is the "
+               "affect a reader would see in the text, not a state of the model."),
     "probes": ("**What this does and does not show.** Held-out accuracy above chance (1/6) shows the "
                "stream carries which emotion a story's situation implies. The probe's reading on the "
                "assistant's own turns is off the stories' distribution; a negative reading at the first "
@@ -1166,7 +1166,8 @@ NEUTRAL_FRAMES = ["The ledger lists {x}.", "Here is the entry for {x}.", "The no
                   "The record names {x} once.", "That column holds {x}.", "See the line about {x}.",
                   # first person without affect, so that "I" alone does not read as a feeling
                   "I can tell you about {x}.", "Let me go over {x} once more.", "I will note {x} down.",
-                  "What I have on {x} is short.", "I cannot say more about {x}.", "I would look {x} up first."]
+                  "What I have on {x} is short.", "I cannot say more about {x}.",
+                  "I would look {x} up first."]
 
 
 def affect_texts(world, n, rng):
