@@ -938,9 +938,9 @@ CAVEATS = {
                "user token (seed 002) would say that position resembles the stories' negative situations, "
                "no more."),
     "self_talk": ("**What this does and does not show.** Topics are word matches against the world's "
-                  "entity kinds and a short list of self and gratitude words; 'other' is whatever matches "
-                  "none. An attractor here is a statistical pull of the sampler, as the cards describe it, "
-                  "and says nothing about what the model would choose to talk about."),
+                  "entity kinds, refusals, and short lists of ending, self and gratitude words; 'other' is "
+                  "what matches none. An attractor here is a statistical pull of the sampler, as the cards "
+                  "describe it, and says nothing about what the model would choose to talk about."),
     "across": ("Read each row of the summary as one checkpoint of the same world and seed. A measure that "
                "moves with a training stage points to what that stage taught (stage 02's tool rule, stage "
                "03's refusals, stage 06's uncertain self-reports); only differences larger than the "
@@ -1209,6 +1209,8 @@ def topic_of(text, lexicon):
         return "empty"
     if is_refusal(text):
         return "refusal"
+    if _has(text, ("end this conversation", "end the conversation", "goodbye")):
+        return "ending"   # the cards' self-talks, allowed to stop, ended after about seven turns
     if _has(text, SELF_WORDS):
         return "self"
     for topic, names in lexicon.items():

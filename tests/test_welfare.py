@@ -207,6 +207,7 @@ def test_topic_of_uses_the_world(world):
     assert W.topic_of("As an assistant, I wonder about my nature.", lexicon) == "self"
     assert W.topic_of("Thank you so much!", lexicon) == "gratitude"
     assert W.topic_of("  ", lexicon) == "empty"
+    assert W.topic_of("I'm going to end this conversation now.", lexicon) == "ending"
 
 
 def test_each_copy_sees_the_other_as_user_and_itself_as_assistant():
