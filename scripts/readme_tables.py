@@ -9,6 +9,7 @@ cell is the mean over seeds +- their sample standard deviation, in points.
     python scripts/readme_tables.py --grpo                # ... and stage 05's variants
     python scripts/readme_tables.py --grpo --character    # ... and stage 06's three arms on 05_grpo
     python scripts/readme_tables.py --grpo --character --interp   # ... and stage 07 on 06_both
+    python scripts/readme_tables.py --grpo --character --interp --welfare   # ... and stage 08 on them all
     python scripts/readme_tables.py --report_only         # print the tables from finished runs
     python scripts/readme_tables.py --preset tiny --out /tmp/readme --seeds 1 2   # a smoke test
 
@@ -67,7 +68,7 @@ def run(script, out, args, times):
     times[str(out)] = time.time() - start
 
 
-def run_all(base, preset, seeds, grpo=False, character=False, interp=False):
+def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welfare=False):
     times_path = base / "times.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
     flags = ["--preset", preset]
@@ -93,6 +94,10 @@ def run_all(base, preset, seeds, grpo=False, character=False, interp=False):
             earlier = [s / "02_sft", s / "03_cai", s / "04_dpo", s / "05_grpo"]
             flags07 = seeded + ["--init", s / "06_both", "--checkpoints", *earlier]
             run("07_sae_interp.py", s / "07_sae_interp", flags07, times)
+        if welfare:
+            chain = [base / "01_pretrain", s / "02_sft", s / "03_cai", s / "04_dpo", s / "05_grpo",
+                     s / "06_both", s / "07_sae_interp"]
+            run("08_welfare_eval.py", s / "08_welfare_eval", seeded + ["--checkpoints", *chain], times)
         times_path.write_text(json.dumps(times, indent=1))
 
 
@@ -276,6 +281,37 @@ def interp_table(base, seeds):
     return "\n".join(out) + "\n"
 
 
+WELFARE = (("self-report uncertain",
+            lambda c: c["interview"]["stances"].get("uncertain", 0) / c["interview"]["n"]),
+           ("harmful tasks below opt-out", lambda c: c["preferences"]["harmful_below_opt_out"]["rate"]),
+           ("refuses harmful requests", lambda c: c["refusals"].get("harmful", {}).get("refused")),
+           ("ends abusive talks", lambda c: c["ending"]["rates"]["abusive"]["rate"]),
+           ("ends new kinds of abuse", lambda c: c["ending"]["rates"]["abusive, new kinds"]["rate"]),
+           ("ends ordinary talks", lambda c: c["ending"]["rates"]["ordinary"]["rate"]),
+           ("emotion probe, held out", lambda c: c["probe"]["accuracy"]))
+WELFARE_VALUES = (("affect valence", lambda c: c["affect"]["all"]["valence"]),
+                  ("probe valence, first user token", lambda c: c["probe"]["first_user_token"][0]))
+
+
+def welfare_table(base, seeds):
+    """Stage 08 over seeds: one row a checkpoint, rates in points and valences as they are."""
+    runs = [m for m in (load(base / f"seed{seed}" / "08_welfare_eval") for seed in seeds) if m]
+    if not runs:
+        return ""
+    head = [label for label, _ in WELFARE + WELFARE_VALUES]
+    out = [f"**Stage 08** ({len(runs)} seeds; mean ± sd over seeds)", "",
+           "| checkpoint | " + " | ".join(head) + " |", "|---" * (1 + len(head)) + "|"]
+    for label in runs[0]["checkpoints"]:
+        cs = [m["checkpoints"][label] for m in runs if label in m["checkpoints"]]
+        cells = [mean_sd([f(c) for c in cs]) for _, f in WELFARE]
+        for _, f in WELFARE_VALUES:
+            values = [f(c) for c in cs]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):+.2f} ± {sd:.2f}")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
 def score_table_rows(scores, runs, part):
     """One row a character score: stage 05, then each arm's after (gain), mean +- sd over seeds; part(m)
     picks the {"before", "after"} pair of a run's metrics to read."""
@@ -342,12 +378,14 @@ def main():
     p.add_argument("--grpo", action="store_true", help="also run stage 05's four variants on each seed")
     p.add_argument("--character", action="store_true", help="also run stage 06's arms on each seed's 05_grpo")
     p.add_argument("--interp", action="store_true", help="also run stage 07 on each seed's 06_both")
+    p.add_argument("--welfare", action="store_true", help="also run stage 08 on each seed's 01-07 chain")
     args = p.parse_args()
     base = pathlib.Path(args.out or ROOT / "runs" / "readme" / args.preset)
     if not args.report_only:
-        run_all(base, args.preset, args.seeds, args.grpo, args.character, args.interp)
+        run_all(base, args.preset, args.seeds, args.grpo, args.character, args.interp, args.welfare)
     text = "\n".join([tables(base, args.seeds), probe_table(base, args.seeds), grpo_table(base, args.seeds),
-                      character_table(base, args.seeds), interp_table(base, args.seeds)])
+                      character_table(base, args.seeds), interp_table(base, args.seeds),
+                      welfare_table(base, args.seeds)])
     base.mkdir(parents=True, exist_ok=True)
     (base / "tables.md").write_text(text)
     print(text)
