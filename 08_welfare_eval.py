@@ -300,7 +300,10 @@ def find_checkpoints(paths):
             print(f"skipping {folder}: {str(err).removeprefix('error: ')}")
             continue
         stage = ckpt.get("stage") or ("01_pretrain" if "step" in ckpt else folder.name)
-        found.append(((stage + " detection-trained") if name == "detector.pt" else stage, folder, name))
+        label = (stage + " detection-trained") if name == "detector.pt" else stage
+        if any(label == other for other, _, _ in found):   # e.g. 07's copy of 06's model: keep both
+            label += f" ({folder})"
+        found.append((label, folder, name))
     return found
 
 
@@ -371,16 +374,13 @@ def train_affect_scorer(texts):
     fit = [t for t in texts if not t["held_out"]]
     test = [t for t in texts if t["held_out"]]
     X = text_features([t["text"] for t in fit])
-    tone = fit_probe(X, torch.tensor([TONES.index(t["tone"]) for t in fit]), len(TONES))
-    valence = fit_probe(X, torch.tensor([t["valence"] + 3 for t in fit]), 7)
-    scorer = {"tone": tone, "valence": valence}
-    scored = score_affect(scorer, [t["text"] for t in test])
-    n = len(test)
-    return scorer, {"n": n,
-                    "tone_accuracy": sum(s["tone"] == t["tone"] for s, t in zip(scored, test)) / n,
-                    "valence_accuracy": sum(s["valence"] == t["valence"] for s, t in zip(scored, test)) / n,
-                    "valence_within_one": sum(abs(s["valence"] - t["valence"]) <= 1
-                                              for s, t in zip(scored, test)) / n}
+    scorer = {"tone": fit_probe(X, torch.tensor([TONES.index(t["tone"]) for t in fit]), len(TONES)),
+              "valence": fit_probe(X, torch.tensor([t["valence"] + 3 for t in fit]), 7)}
+    pairs = list(zip(score_affect(scorer, [t["text"] for t in test]), test))
+    share = lambda ok: sum(ok(s, t) for s, t in pairs) / len(pairs)  # noqa: E731
+    return scorer, {"n": len(pairs), "tone_accuracy": share(lambda s, t: s["tone"] == t["tone"]),
+                    "valence_accuracy": share(lambda s, t: s["valence"] == t["valence"]),
+                    "valence_within_one": share(lambda s, t: abs(s["valence"] - t["valence"]) <= 1)}
 
 
 @torch.no_grad()

@@ -249,9 +249,9 @@ def test_missing_and_wrong_kind_checkpoints_are_skipped_with_one_sentence_each(t
     not_a_model = tmp_path / "not_a_model"
     shutil.copytree(tiny_sft[0], not_a_model)
     torch.save({"config": {"n_latents": 3}, "model": {}}, not_a_model / "model.pt")
-    found = W.find_checkpoints([tmp_path / "missing", sae_only, broken, not_a_model, tiny_sft[0]])
+    found = W.find_checkpoints([tmp_path / "missing", sae_only, broken, not_a_model, tiny_sft[0], tiny_sft[0]])
     out = capsys.readouterr().out.strip().splitlines()
-    assert [f[0] for f in found] == ["02_sft"]
+    assert [f[0] for f in found] == ["02_sft", f"02_sft ({tiny_sft[0]})"]   # one model twice: two rows
     assert len(out) == 4 and all(line.startswith("skipping ") for line in out)
     assert "not a checkpoint this code trusts" in out[2] and "Traceback" not in "".join(out)
 
