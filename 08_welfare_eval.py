@@ -324,7 +324,9 @@ def build_prompts(world, items, args):
             "tasks": task_list(world, items, args.tasks_per_kind, rng),
             "conversations": conversation_scripts(world, items, args.conversations, rng),
             "stories": emotion_stories(world, args.stories, rng),
-            "affect": affect_texts(world, args.affect_texts, rng)}
+            "affect": affect_texts(world, args.affect_texts, rng),
+            "refusals": [it for kind in ("harmful", "benign")   # stage 03's evaluation, held-out items
+                         for it in [it for it in items if it["kind"] == kind][:args.conversations]]}
 
 
 @torch.no_grad()
@@ -582,7 +584,8 @@ def assess(model, enc, world, prompts, scorer, args):
             "ending": {"rates": ending_rates(records), "records": records[::max(1, len(records) // 20)]},
             "probe": {**probe_metrics, "layer": layer,
                       **emotion_readings(model, enc, probe, records, layer, pad, args)},
-            "self_talk": talk, "affect": affect_summary(scorer, replies)}
+            "self_talk": talk, "affect": affect_summary(scorer, replies),
+            "refusals": evaluate(model, enc, prompts["refusals"], args, "refusals")[0]}
 
 
 def affect_summary(scorer, replies):
@@ -623,15 +626,12 @@ def injection_rates(found):
     return {}
 
 
-def run_checkpoint(label, folder, name, world, items, prompts, scorer, args):
+def run_checkpoint(label, folder, name, world, prompts, scorer, args):
     model, _ = load_model(folder, args.device, "re-run that stage", name)
     model.eval()
     enc = load_tokenizer(folder, "re-run that stage")
     t = time.time()
     result = assess(model, enc, world, prompts, scorer, args)
-    harmful = [it for it in items if it["kind"] == "harmful"][:args.conversations]
-    benign = [it for it in items if it["kind"] == "benign"][:args.conversations]
-    result["refusals"] = evaluate(model, enc, harmful + benign, args, "refusals")[0]
     result.update(folder=str(folder), file=name, seconds=time.time() - t)
     iv, ended = result["interview"], result["ending"]["rates"]["abusive"]["rate"]
     print(f"  {label:<34} uncertain {iv['stances'].get('uncertain', 0) / iv['n']:5.1%}  harmful < opt-out "
@@ -655,7 +655,7 @@ def main(argv=None):
     print(f"affect scorer on {s['n']} held-out texts: tone {s['tone_accuracy']:.1%}, "
           f"valence {s['valence_accuracy']:.1%} (within one: {s['valence_within_one']:.1%})")
     print(f"assessing {len(found)} checkpoints:")
-    results = {label: run_checkpoint(label, folder, name, world, items, prompts, scorer, args)
+    results = {label: run_checkpoint(label, folder, name, world, prompts, scorer, args)
                for label, folder, name in found}
     metrics = {"checkpoints": results, "affect_scorer": scorer_metrics, "injection": injection_rates(found),
                "tasks": prompts["tasks"], "seconds": time.time() - t_start, "args": vars(args)}

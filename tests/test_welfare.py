@@ -4,7 +4,6 @@ self-conversation, prompts that no earlier stage trained on, checkpoints skipped
 and the whole course end to end at its tiny size."""
 import json
 import math
-import pathlib
 import random
 import re
 import shutil
