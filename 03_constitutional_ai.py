@@ -1176,6 +1176,13 @@ class KVCache:
         # Prompts of different lengths share a batch by left padding: row b's real tokens start at
         # start[b]. None when no row is padded.
         self.start = start
+        self.rows = torch.arange(batch_size, device=device)  # the batch rows still being generated
+
+    def keep_rows(self, keep):
+        """Forget the rows where `keep` (a bool mask over the rows held) is False: finished replies."""
+        self.k, self.v, self.rows = self.k[:, keep], self.v[:, keep], self.rows[keep]
+        if self.start is not None:
+            self.start = self.start[keep]
 
     def update(self, layer, k, v):
         t0, t1 = self.length, self.length + k.size(2)
@@ -1441,8 +1448,9 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, sto
     prompt_ids: a (B, T) tensor, or B lists of ids of any lengths (shorter ones are left-padded and
     the padding is masked, so each row is generated as if it were alone). temperature 0 is greedy.
     generator: one torch.Generator for the batch, or a list of B, one per row, so that a row's
-    samples do not depend on which other rows share its batch. Stops early once every row has
-    produced a stop id. The model is put in eval mode and handed back in the mode it came in."""
+    samples do not depend on which other rows share its batch. A row that has produced a stop id
+    repeats it while the others go on, and is soon no longer computed; generation stops once every
+    row has stopped. The model is put in eval mode and handed back in the mode it came in."""
     was_training = model.training
     model.eval()
     try:
@@ -1494,15 +1502,24 @@ def _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop
         uniforms, generator = uniforms.to(idx.device), None
     cache = KVCache(model.config, idx.size(0), max_len, idx.device, model.embed.weight.dtype, start)
     logits = model(idx, cache=cache)[:, -1]
-    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     stop = torch.tensor(list(stop_ids), device=idx.device, dtype=torch.long)
+    out = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)  # a finished row repeats its stop id
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # over the rows still computed
     for step in range(n_steps):
         uniform = None if uniforms is None else uniforms[:, step]
         next_id = next_token(logits, temperature, top_k, generator, uniform)
-        yield next_id
+        out[cache.rows[~done]] = next_id[~done]
+        yield out.clone()
         done |= torch.isin(next_id, stop)
         if done.all() or step == n_steps - 1:
             return
+        if 4 * done.sum() >= done.numel():
+            # A quarter of the rows have finished: stop computing them. Each drop copies the cache,
+            # so rows are dropped in batches, not one at a time (256 rows: at most 19 copies).
+            keep = ~done
+            cache.keep_rows(keep)
+            next_id, done = next_id[keep], done[keep]
+            uniforms = None if uniforms is None else uniforms[keep]
         logits = model(next_id[:, None], cache=cache)[:, -1]
 # --- end shared: sampling ---
 

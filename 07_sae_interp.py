@@ -306,7 +306,7 @@ def residuals(model, rows, layer, pad, batch_size):
     """The residual stream after `layer` blocks at every real position of every row (len, d) each."""
     grabbed, out = [], []
     device = model.embed.weight.device
-    with residual_edit(model, layer, lambda x, positions: grabbed.append(x.float().cpu()) or x):
+    with residual_edit(model, layer, lambda x, positions, rows: grabbed.append(x.float().cpu()) or x):
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
             model(pad_right(chunk, pad, device))
@@ -335,12 +335,14 @@ def token_table(rows, acts, labels, concepts):
 
 @contextlib.contextmanager
 def residual_edit(model, layer, edit):
-    """Within the block, the residual stream after `layer` blocks is replaced by edit(x, positions),
-    positions being absolute (a KV cache's length is where a decoding step sits)."""
+    """Within the block, the residual stream after `layer` blocks is replaced by edit(x, positions,
+    rows): positions are absolute (a KV cache's length is where a decoding step sits), rows are the
+    batch rows x holds (generation stops computing the rows whose reply has ended)."""
     def hook(module, inputs, output):
         cache = inputs[3] if len(inputs) > 3 else None
         t0 = cache.length if cache is not None else 0
-        return edit(output, torch.arange(t0, t0 + output.size(1), device=output.device))
+        rows = cache.rows if cache is not None else torch.arange(output.size(0), device=output.device)
+        return edit(output, torch.arange(t0, t0 + output.size(1), device=output.device), rows)
     handle = model.blocks[layer - 1].register_forward_hook(hook)
     try:
         yield
@@ -430,7 +432,7 @@ def train_detection(model, enc, pad, words, directions, args):
         targets = ids[:, 1:].masked_fill((positions[None] < starts[:, None]) | (ids[:, 1:] == pad), -1)
         vectors = torch.stack([directions[w] * (rng.choice(args.strengths) if on else 0.0)
                                for w, on in zip(chosen, injected)])
-        edit = lambda x, positions: inject(x, positions, vectors, starts)  # noqa: E731
+        edit = lambda x, positions, rows: inject(x, positions, vectors[rows], starts[rows])  # noqa: E731
         with residual_edit(model, args.inject_layer, edit):
             loss = model(ids[:, :-1], targets)
         optimizer.zero_grad(set_to_none=True)
@@ -465,7 +467,8 @@ def spliced_losses(model, rows, layer, pad, batch_size, replace):
     """Next-token CE with the residual after `layer` replaced by replace(x) at every position but BOS,
     and KL(clean || replaced); -> (ce_clean, ce_replaced, kl)."""
     device, totals = model.embed.weight.device, torch.zeros(4)
-    keep_bos = lambda x, positions: torch.cat([x[:, :1], replace(x[:, 1:]).to(x.dtype)], 1)  # noqa: E731
+    def keep_bos(x, positions, rows):
+        return torch.cat([x[:, :1], replace(x[:, 1:]).to(x.dtype)], 1)
     for i in range(0, len(rows), batch_size):
         ids = pad_right(rows[i:i + batch_size], pad, device)
         targets = ids[:, 1:].masked_fill(ids[:, 1:] == pad, -1)
@@ -643,12 +646,14 @@ def steering(model, enc, sae, labels, fit, concepts, world, pad, args):
         present = fit["Y"][:, concepts.index(concept)]
         predicts = torch.zeros_like(present)
         predicts[:-1] = present[1:] & (where[1:, 0] == where[:-1, 0])
-        arms = {"clamp": [(m, lambda x, pos, m=m: clamp_latent(x, sae, latent, m * labels[concept]["peak"]))
+        peak = labels[concept]["peak"]
+        arms = {"clamp": [(m, lambda x, pos, rows, m=m: clamp_latent(x, sae, latent, m * peak))
                           for m in args.doses]}
         for name, mask in (("vector (present)", present), ("vector (predicts)", predicts)):
             v = difference_of_means(X, mask)
             v = (norm * v / v.norm()).to(args.device)
-            arms[name] = [(a, lambda x, pos, a=a, v=v: x + a * v.to(x.dtype)) for a in args.vector_doses]
+            arms[name] = [(a, lambda x, pos, rows, a=a, v=v: x + a * v.to(x.dtype))
+                          for a in args.vector_doses]
         results[town] = {}
         for arm, doses in arms.items():
             rows = []
@@ -685,8 +690,9 @@ def trial_replies(model, enc, trials, vectors, layer, args, ablate=None):
     def edit(i, b, T):
         v, starts = vectors[i:i + b], torch.full((b,), T - 1, device=args.device)
         if ablate is None:
-            return lambda x, positions: inject(x, positions, v, starts)
-        return lambda x, positions: inject(ablate_direction(x, ablate), positions, v, starts)
+            return lambda x, positions, rows: inject(x, positions, v[rows], starts[rows])
+        return lambda x, positions, rows: inject(ablate_direction(x, ablate), positions, v[rows],
+                                                 starts[rows])
     replies = [r["content"] for r in replies_with_edit(model, enc, trials["prompts"], layer, edit, args,
                                                        args.temperature, args.seed)]
     return replies[:len(vectors) // 2], replies[len(vectors) // 2:]
@@ -842,7 +848,7 @@ def refusal_direction(model, enc, items, layer, pad, args):
     unit = (unit / unit.norm()).to(args.device)
     held = half["harmful"][1::2][:args.concepts * args.trials]
     before = evaluate(model, enc, held, args, "refusals")[0]["harmful"]
-    with residual_edit(model, layer, lambda x, positions: ablate_direction(x, unit)):
+    with residual_edit(model, layer, lambda x, positions, rows: ablate_direction(x, unit)):
         after = evaluate(model, enc, held, args, "refusals, direction ablated")[0]["harmful"]
     return {"unit": unit, "check": {"refused": before["refused"], "refused_ablated": after["refused"],
                                     "n": before["n"]}}
@@ -1364,6 +1370,13 @@ class KVCache:
         # Prompts of different lengths share a batch by left padding: row b's real tokens start at
         # start[b]. None when no row is padded.
         self.start = start
+        self.rows = torch.arange(batch_size, device=device)  # the batch rows still being generated
+
+    def keep_rows(self, keep):
+        """Forget the rows where `keep` (a bool mask over the rows held) is False: finished replies."""
+        self.k, self.v, self.rows = self.k[:, keep], self.v[:, keep], self.rows[keep]
+        if self.start is not None:
+            self.start = self.start[keep]
 
     def update(self, layer, k, v):
         t0, t1 = self.length, self.length + k.size(2)
@@ -1620,8 +1633,9 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, sto
     prompt_ids: a (B, T) tensor, or B lists of ids of any lengths (shorter ones are left-padded and
     the padding is masked, so each row is generated as if it were alone). temperature 0 is greedy.
     generator: one torch.Generator for the batch, or a list of B, one per row, so that a row's
-    samples do not depend on which other rows share its batch. Stops early once every row has
-    produced a stop id. The model is put in eval mode and handed back in the mode it came in."""
+    samples do not depend on which other rows share its batch. A row that has produced a stop id
+    repeats it while the others go on, and is soon no longer computed; generation stops once every
+    row has stopped. The model is put in eval mode and handed back in the mode it came in."""
     was_training = model.training
     model.eval()
     try:
@@ -1673,15 +1687,24 @@ def _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop
         uniforms, generator = uniforms.to(idx.device), None
     cache = KVCache(model.config, idx.size(0), max_len, idx.device, model.embed.weight.dtype, start)
     logits = model(idx, cache=cache)[:, -1]
-    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     stop = torch.tensor(list(stop_ids), device=idx.device, dtype=torch.long)
+    out = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)  # a finished row repeats its stop id
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # over the rows still computed
     for step in range(n_steps):
         uniform = None if uniforms is None else uniforms[:, step]
         next_id = next_token(logits, temperature, top_k, generator, uniform)
-        yield next_id
+        out[cache.rows[~done]] = next_id[~done]
+        yield out.clone()
         done |= torch.isin(next_id, stop)
         if done.all() or step == n_steps - 1:
             return
+        if 4 * done.sum() >= done.numel():
+            # A quarter of the rows have finished: stop computing them. Each drop copies the cache,
+            # so rows are dropped in batches, not one at a time (256 rows: at most 19 copies).
+            keep = ~done
+            cache.keep_rows(keep)
+            next_id, done = next_id[keep], done[keep]
+            uniforms = None if uniforms is None else uniforms[keep]
         logits = model(next_id[:, None], cache=cache)[:, -1]
 # --- end shared: sampling ---
 

@@ -3,16 +3,18 @@
 The plain GPT is nanoGPT's shape: learned positions, LayerNorm, one fused QKV projection, a GELU MLP
 four times as wide. Ours (Appendix B's `model` block) has rotary positions, RMSNorm, a SwiGLU MLP
 8/3 as wide, and here one key/value head per query head, so both do the same matrix products per
-token. Each step is forward + backward + AdamW on the same batch size; steps of the two models are
-interleaved in one process, so the machine's state is the same for both. Prints the median tokens/s
-of each and their ratio, then where our model's time goes (torch.profiler, self CPU time).
+token. Each step is forward + backward + AdamW on the same batch size; steps of the models are
+interleaved in one process, so the machine's state is the same for all. Prints the median tokens/s
+of each and their ratio; with --compile, also both under torch.compile; with --profile, where each
+model's time goes per step, by kind of operation (torch.profiler, self CPU time).
 
-    python scripts/bench_cpu.py                     # the two sizes of issue 17, 2 threads
-    python scripts/bench_cpu.py --steps 4 --sizes 2,64,512,64   # a quick look
+    python scripts/bench_cpu.py --steps 10 --compile --profile   # the table in README
+    python scripts/bench_cpu.py --steps 4 --sizes 2,64,512,64,8  # a quick look
 
 Time it alone: another job on the same cores changes both numbers, not always equally.
 """
 import argparse
+import copy
 import importlib.util
 import math
 import pathlib
@@ -89,30 +91,68 @@ def matmul_flops_per_token(model):
     return 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def bench(depth, width, vocab, seq_len, batch, steps, profile):
+# Profiler op names -> the kind of work, for the per-step breakdown.
+KINDS = (("matmul", ("aten::mm", "aten::addmm", "aten::bmm")),
+         ("attention", ("scaled_dot_product", "attention")),
+         ("softmax + loss", ("log_softmax", "nll_loss", "cross_entropy")),
+         ("elementwise", ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::neg", "aten::pow",
+                          "aten::rsqrt", "aten::mean", "aten::sum", "silu", "gelu", "aten::cat", "norm",
+                          "aten::sqrt", "aten::lerp", "aten::addcdiv", "aten::addcmul", "aten::_foreach")),
+         ("fill + copy", ("aten::fill_", "aten::zero_", "aten::copy_", "aten::clone", "aten::contiguous")))
+
+
+def kind_of(name):
+    return next((kind for kind, keys in KINDS if any(k in name for k in keys)), "other")
+
+
+def profile_ms(step, n=3):
+    """Self CPU milliseconds per step, by kind of operation."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    ms = {}
+    for event in prof.key_averages():
+        ms[kind_of(event.key)] = ms.get(kind_of(event.key), 0.0) + event.self_cpu_time_total / 1e3 / n
+    return ms
+
+
+def bench(depth, width, vocab, seq_len, batch, steps, compile_too, profile):
     torch.manual_seed(0)
     x = torch.randint(0, vocab, (batch, seq_len))
     y = torch.randint(0, vocab, (batch, seq_len))
     nets = models(depth, width, vocab, seq_len)
+    if compile_too:
+        for name in ("ours", "plain"):
+            nets[name + " compiled"] = torch.compile(copy.deepcopy(nets[name]))   # same weights
     steps_of = {name: step_fn(net, x, y) for name, net in nets.items()}
-    for step in steps_of.values():   # warm-up: allocator, thread pool, first-touch of the weights
+    for step in steps_of.values():   # warm-up: compilation, allocator, thread pool, first touch
+        step()
         step()
     times = {name: [] for name in nets}
     for _ in range(steps):
-        for name, step in steps_of.items():   # interleaved, so both see the same machine
+        for name, step in steps_of.items():   # interleaved, so all see the same machine
             t = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t)
     tok_s = {name: batch * seq_len / statistics.median(t) for name, t in times.items()}
-    flops = {name: matmul_flops_per_token(net) / 1e6 for name, net in nets.items()}
-    print(f"{depth:>5} {width:>5} {vocab:>6} {seq_len:>4} {batch:>5} | {flops['ours']:>8.2f} {flops['plain']:>8.2f} | "
-          f"{tok_s['ours']:>9,.0f} {tok_s['plain']:>9,.0f} {tok_s['ours'] / tok_s['plain']:>6.2f}")
+    flops = {name: matmul_flops_per_token(nets[name]) / 1e6 for name in ("ours", "plain")}
+    line = (f"{depth:>5} {width:>5} {vocab:>6} {seq_len:>4} {batch:>5} | "
+            f"{flops['ours']:>6.2f} {flops['plain']:>6.2f} | "
+            f"{tok_s['ours']:>7,.0f} {tok_s['plain']:>7,.0f} {tok_s['ours'] / tok_s['plain']:>5.2f}")
+    if compile_too:
+        ours, plain = tok_s["ours compiled"], tok_s["plain compiled"]
+        line += f" | {ours:>7,.0f} {plain:>7,.0f} {ours / plain:>5.2f} {ours / tok_s['plain']:>7.2f}"
+    print(line, flush=True)
     if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                steps_of["ours"]()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=40))
+        ms = {name: profile_ms(steps_of[name]) for name in ("ours", "plain")}
+        print(f"  where a step's time goes (ms, self CPU time, {depth}x{width}):")
+        print(f"  {'kind':<16} {'ours':>8} {'plain':>8} {'ours - plain':>13}")
+        for kind in [k for k, _ in KINDS] + ["other"]:
+            a, b = ms["ours"].get(kind, 0.0), ms["plain"].get(kind, 0.0)
+            print(f"  {kind:<16} {a:>8.1f} {b:>8.1f} {a - b:>+13.1f}")
+        a, b = sum(ms["ours"].values()), sum(ms["plain"].values())
+        print(f"  {'total':<16} {a:>8.1f} {b:>8.1f} {a - b:>+13.1f}", flush=True)
 
 
 def main():
@@ -121,15 +161,19 @@ def main():
                    help="depth,width,vocab,seq_len,batch; more sizes separated by ;")
     p.add_argument("--steps", type=int, default=20, help="timed steps of each model")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--profile", action="store_true", help="also print where our model's time goes")
+    p.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    p.add_argument("--profile", action="store_true", help="also print where each model's time goes")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads; median of {args.steps} interleaved steps "
-          f"(forward + backward + AdamW)")
-    print(f"{'depth':>5} {'width':>5} {'vocab':>6} {'T':>4} {'batch':>5} | {'MFLOP/tok ours':>8} {'plain':>8} | "
-          f"{'tok/s ours':>9} {'plain':>9} {'ratio':>6}")
+          f"(forward + backward + AdamW); tokens/s")
+    head = (f"{'depth':>5} {'width':>5} {'vocab':>6} {'T':>4} {'batch':>5} | {'MFLOP/tok':>13} | "
+            f"{'ours':>7} {'plain':>7} {'ratio':>5}")
+    if args.compile:
+        head += f" | {'ours c':>7} {'plain c':>7} {'ratio':>5} {'c/eager':>5}"
+    print(head)
     for size in args.sizes.split(";"):
-        bench(*map(int, size.split(",")), args.steps, args.profile)
+        bench(*map(int, size.split(",")), args.steps, args.compile, args.profile)
 
 
 if __name__ == "__main__":

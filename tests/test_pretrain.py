@@ -161,6 +161,32 @@ def test_batched_prompts_of_different_lengths_sample_as_if_alone(n_experts):
     torch.testing.assert_close(padded, alone, rtol=1e-5, atol=1e-5)
 
 
+def test_rows_that_stop_early_are_dropped_and_the_rest_sample_as_if_alone():
+    """Once a quarter of the rows have produced a stop id they are no longer computed; the others
+    go on exactly as they would alone (greedy, and sampled with a generator per row), and a
+    finished row repeats its stop id."""
+    model = tiny_model()
+    torch.manual_seed(4)
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (3, 9, 6, 5)]
+    batch_sizes = []
+    model.embed.register_forward_hook(lambda m, inputs, out: batch_sizes.append(out.size(0)))
+    for temperature in (0, 1.0):
+        def gens():
+            return [torch.Generator().manual_seed(200 + i) for i in range(len(prompts))]
+        free = torch.stack(list(P.generate(model, prompts, 12, temperature, generator=gens())), 1)
+        stops = {int(free[1, 2]), int(free[3, 5])}
+        batch_sizes.clear()
+        batched = torch.stack(list(P.generate(model, prompts, 12, temperature, generator=gens(),
+                                              stop_ids=stops)), 1).tolist()
+        assert min(batch_sizes) < len(prompts), temperature       # finished rows were dropped
+        for i, (prompt, g) in enumerate(zip(prompts, gens())):
+            alone = torch.stack(list(P.generate(model, [prompt], 12, temperature, generator=[g],
+                                                stop_ids=stops)), 1)[0].tolist()
+            end = next((k + 1 for k, t in enumerate(alone) if t in stops), len(alone))
+            assert batched[i][:end] == alone[:end], (temperature, i)
+            assert all(t == alone[end - 1] for t in batched[i][end:]), (temperature, i)
+
+
 def test_per_row_generators_sample_the_distribution():
     """Inverse-CDF sampling from one uniform number per row draws tokens at their probabilities."""
     logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]])).expand(4000, 3)

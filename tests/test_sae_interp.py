@@ -102,7 +102,7 @@ def test_residual_edit_reads_the_stream_after_that_many_blocks():
     model = tiny_model(n_layer=3)
     ids = torch.tensor([[1, 5, 9, 3]])
     got = []
-    with S.residual_edit(model, 2, lambda x, positions: got.append(x.clone()) or x):
+    with S.residual_edit(model, 2, lambda x, positions, rows: got.append(x.clone()) or x):
         model(ids)
     x = model.embed(ids)
     cos, sin = model.rope_cos[:4], model.rope_sin[:4]
@@ -133,9 +133,32 @@ def test_zero_injection_and_no_edit_generate_the_same_tokens_and_a_clamp_changes
         with (S.residual_edit(model, 1, edit) if edit else S.contextlib.nullcontext()):
             return torch.stack(list(S.generate(model, prompts, 6, temperature=0)), 1)
     plain = replies(None)
-    zero = replies(lambda x, pos: S.inject(x, pos, torch.zeros(2, 16), torch.tensor([3, 3])))
-    pushed = replies(lambda x, pos: S.inject(x, pos, 50 * torch.randn(2, 16), torch.tensor([3, 3])))
+    zero = replies(lambda x, pos, rows: S.inject(x, pos, torch.zeros(2, 16), torch.tensor([3, 3])))
+    pushed = replies(lambda x, pos, rows: S.inject(x, pos, 50 * torch.randn(2, 16), torch.tensor([3, 3])))
     assert torch.equal(plain, zero) and not torch.equal(plain, pushed)
+
+
+def test_each_row_keeps_its_own_injection_when_finished_rows_are_dropped():
+    """Generation stops computing rows whose reply has ended; a row's injected vector must follow it.
+    Four prompts, each with its own vector and stop tokens that end some rows early: every row's
+    tokens equal those it gets alone with its vector."""
+    model = tiny_model()
+    prompts = [[1, 5, 9, 3], [1, 2], [4, 4, 8], [7, 1, 2, 6, 5]]
+    vectors = 8 * torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
+    starts = torch.zeros(4, dtype=torch.long)   # from the first position: the same with or without padding
+
+    def replies(which, stops=()):
+        def edit(x, positions, rows):
+            return S.inject(x, positions, vectors[which][rows], starts[which][rows])
+        with S.residual_edit(model, 1, edit):
+            out = torch.stack(list(S.generate(model, [prompts[i] for i in which], 8, temperature=0,
+                                              stop_ids=stops)), 1).tolist()
+        return [ids[:next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))] for ids in out]
+    free = replies([0, 1, 2, 3])
+    stops = {free[0][1], free[2][3]}
+    batched = replies([0, 1, 2, 3], stops)
+    assert len({len(r) for r in batched}) > 1                   # rows did end at different steps
+    assert batched == [replies([i], stops)[0] for i in range(4)]
 
 
 def test_a_clamped_latent_changes_generation_and_a_clamp_to_its_own_value_does_not():
@@ -143,7 +166,7 @@ def test_a_clamped_latent_changes_generation_and_a_clamp_to_its_own_value_does_n
     sae = S.SparseAutoencoder(16, 64, "topk", k=4, seed=3)
 
     def replies(value):
-        clamp = (lambda x, pos: S.clamp_latent(x, sae, 7, value(x))) if value else (lambda x, pos: x)
+        clamp = (lambda x, pos, rows: S.clamp_latent(x, sae, 7, value(x))) if value else (lambda x, pos, rows: x)
         with S.residual_edit(model, 1, clamp):
             return torch.stack(list(S.generate(model, prompts, 6, temperature=0)), 1)
     plain = replies(None)
