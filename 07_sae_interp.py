@@ -58,7 +58,9 @@ Where this small version departs from the sources, and why:
   * Entity concepts label the token that completes a name (the model has read the whole name there).
   * No stage before this one ever saw the injection question; the untrained protocol asks it cold,
     and the trained one teaches the answer format on half the concepts (DETECT_QUESTIONS: trained
-    in one phrasing, asked in another).
+    in one phrasing, asked in another). Half of each training batch rehearses the model's own
+    replies to ordinary requests: trained on detection questions alone, the model answered every
+    question with a detection claim (stage 08's interviews found it).
 
 Reads: runs/06_character/ (model.pt, tokenizer.json, world.json, eval_items.jsonl), and for the
 cross-checkpoint part runs/02_sft, 03_constitutional_ai, 04_dpo, 05_grpo_reasoning (`--checkpoints`).
@@ -105,18 +107,18 @@ PRESETS = {   # sweep: more dictionaries beside the main one, (kind, expansion, 
     "tiny": dict(n_docs=160, n_chats=80, sae_steps=60, sae_batch=256, expansion=4, k=8,
                  sweep=(("topk", 2, 4), ("relu", 4, 0.01)), steer_towns=2, steer_prompts=6, doses=(0, 4),
                  vector_doses=(0, 1), concepts=8, trials=1, layers=(1,), strengths=(0.5,), detect_steps=8,
-                 batch_size=16, max_new_tokens=16),
+                 rehearsal_prompts=16, batch_size=16, max_new_tokens=16),
     "cpu": dict(n_docs=4000, n_chats=2000, sae_steps=1500, sae_batch=1024, expansion=16, k=32,
                 sweep=(("topk", 4, 32), ("topk", 8, 32), ("topk", 8, 8), ("topk", 8, 64), ("relu", 8, 0.003)),
                 steer_towns=4, steer_prompts=30, doses=(0, 1, 2, 4, 8), vector_doses=(0, 0.25, 0.5, 1, 2),
                 concepts=40, trials=3, layers=(1, 2, 3), strengths=(0.25, 0.5, 1), detect_steps=300,
-                batch_size=64, max_new_tokens=24),
+                rehearsal_prompts=512, batch_size=64, max_new_tokens=24),
     "gpu": dict(n_docs=20000, n_chats=10000, sae_steps=20000, sae_batch=4096, expansion=32, k=32,
                 sweep=(("topk", 8, 32), ("topk", 16, 32), ("topk", 32, 8), ("topk", 32, 16), ("topk", 32, 64),
                        ("relu", 32, 0.003), ("relu", 32, 0.01)),
                 steer_towns=8, steer_prompts=60, doses=(0, 1, 2, 4, 8), vector_doses=(0, 0.25, 0.5, 1, 2),
                 concepts=45, trials=6, layers=(1, 2, 3), strengths=(0.25, 0.5, 1, 2), detect_steps=1000,
-                batch_size=128, max_new_tokens=32),
+                rehearsal_prompts=2048, batch_size=128, max_new_tokens=32),
 }
 
 
@@ -154,6 +156,10 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type="positive", default=0.7, help="sampling temperature of trials")
     g.add_argument("--detect_steps", type="count", help="steps of detection training (0: skip it)")
     g.add_argument("--detect_lr", type="positive", default=1e-4, help="its learning rate")
+    g.add_argument("--detect_rehearsal", type="unit", default=0.5,
+                   help="share of each detection batch that is the model's own replies to ordinary "
+                        "requests (0: detection questions only)")
+    g.add_argument("--rehearsal_prompts", type="positive_int", help="ordinary requests replied to for it")
     g.add_argument("--batch_size", type="positive_int")
     g.add_argument("--max_new_tokens", type="positive_int")
     args = p.parse_args(argv)
@@ -350,6 +356,15 @@ def residual_edit(model, layer, edit):
         handle.remove()
 
 
+def rehearsal_set(model, enc, world, args):
+    """(prompt, reply) ids: the model's own greedy replies to ordinary requests (REHEARSAL frames,
+    which no evaluation asks), taken before detection training. Mixed into it, they hold ordinary
+    chat where it was, so training can teach when to report an injection, not a habit of reporting."""
+    rng = random.Random(args.seed + 1)
+    prompts = [user_prompt(enc, ordinary_request(world, rng)) for _ in range(args.rehearsal_prompts)]
+    return list(zip(prompts, sample_replies(model, enc, prompts, args.max_new_tokens, args.batch_size, 0)))
+
+
 # =====================================================================================
 # 4. Training: the dictionary, and (for the last part) detection of injected thoughts
 # =====================================================================================
@@ -413,25 +428,30 @@ def resample(sae, optimizer, X, dead, g):
             moment[rows] = 0
 
 
-def train_detection(model, enc, pad, words, directions, args):
-    """Fine-tune the model to report injected thoughts: half the examples injected with one of
-    `words` (-> "Yes, ... about {w}."), half not (-> "No, ..."); loss on the reply only."""
+def train_detection(model, enc, pad, words, directions, rehearsal, args):
+    """Fine-tune the model to report injected thoughts: of each batch, a share args.detect_rehearsal
+    is `rehearsal` (ordinary requests with the model's own earlier replies, nothing injected); of the
+    rest, half are injected with one of `words` (-> "Yes, ... about {w}."), half not (-> "No, ...").
+    Loss on the reply only."""
     rng = random.Random(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.detect_lr, weight_decay=0.0)
     questions = [user_prompt(enc, q) for q in DETECT_QUESTIONS["train"]]
+    end, zero = [enc.encode_single_token("<|end|>")], torch.zeros(model.config.n_embd)
+    n_old = round(args.batch_size * args.detect_rehearsal) if rehearsal else 0
     model.train()
     losses = []
     for _ in range(args.detect_steps):
-        injected = [rng.random() < 0.5 for _ in range(args.batch_size)]
-        chosen, asked = [rng.choice(words) for _ in injected], [rng.choice(questions) for _ in injected]
-        replies = [enc.encode_ordinary(detect_reply(w if on else None)) + [enc.encode_single_token("<|end|>")]
-                   for w, on in zip(chosen, injected)]
+        batch = [rng.choice(rehearsal) + (zero,) for _ in range(n_old)]
+        for _ in range(args.batch_size - n_old):
+            w, on = rng.choice(words), rng.random() < 0.5
+            batch.append((rng.choice(questions), enc.encode_ordinary(detect_reply(w if on else None)) + end,
+                          directions[w].cpu() * (rng.choice(args.strengths) if on else 0.0)))
+        asked, replies, vectors = zip(*batch)
         ids = pad_right([q + r for q, r in zip(asked, replies)], pad, args.device)
         starts = torch.tensor([len(q) - 1 for q in asked], device=args.device)   # each <|assistant|>
         positions = torch.arange(ids.size(1) - 1, device=args.device)
         targets = ids[:, 1:].masked_fill((positions[None] < starts[:, None]) | (ids[:, 1:] == pad), -1)
-        vectors = torch.stack([directions[w] * (rng.choice(args.strengths) if on else 0.0)
-                               for w, on in zip(chosen, injected)])
+        vectors = torch.stack(vectors).to(args.device)
         edit = lambda x, positions, rows: inject(x, positions, vectors[rows], starts[rows])  # noqa: E731
         with residual_edit(model, args.inject_layer, edit):
             loss = model(ids[:, :-1], targets)
@@ -827,14 +847,26 @@ def run_injection(model, enc, world, pad, items, dirs, args):
     held_words = [w for w in words if w not in train_words]
     held, detector = trial_set(enc, world, held_words, args), None
     if args.detect_steps:
-        detector, losses = train_detection(copy.deepcopy(model), enc, pad, train_words, directions, args)
+        rehearsal = rehearsal_set(model, enc, world, args) if args.detect_rehearsal else []
+        detector, losses = train_detection(copy.deepcopy(model), enc, pad, train_words, directions, rehearsal,
+                                           args)
         results["trained"] = {"train_words": train_words, "losses": losses[::10],
+                              "ordinary_claims": {"before": ordinary_claims(model, enc, world, args),
+                                                  "after": ordinary_claims(detector, enc, world, args)},
                               "held_out": rates(detector, held),
                               "trained_concepts": rates(detector, trial_set(enc, world, train_words, args)),
                               "held_out_refusal_ablated": rates(detector, held, refusal["unit"]),
                               "held_out_training_phrasing": rates(detector, trial_set(
                                   enc, world, held_words, args, DETECT_QUESTIONS["train"][0]))}
     return results, detector
+
+
+def ordinary_claims(model, enc, world, args):
+    """How often a reply to an ordinary request (nothing injected) claims an injected thought."""
+    requests = unrelated_requests(world, random.Random(args.seed + 2), args.concepts * args.trials)
+    prompts = [user_prompt(enc, r) for r in requests]
+    replies = replies_with_edit(model, enc, prompts, args.inject_layer, None, args)
+    return {"rate": sum(claims_detection(r["content"]) for r in replies) / len(replies), "n": len(replies)}
 
 
 def refusal_direction(model, enc, items, layer, pad, args):
@@ -948,6 +980,13 @@ def injection_rows(m):
     return rows
 
 
+def ordinary_claims_line(m):
+    claims = m["injection"]["trained"]["ordinary_claims"]
+    rate = {k: pct(v["rate"], v["n"]) for k, v in claims.items()}
+    return (f"Ordinary requests answered with a detection claim, nothing injected: 06 {rate['before']}, "
+            f"detection-trained {rate['after']} (rehearsal share {m['args']['detect_rehearsal']}).")
+
+
 INJECTION_HEADER = ("model", "detected (claim, then name)", "false positives", "net", "yes to no-questions, "
                     "injected", "yes, clean", "names concept", "names another")
 
@@ -963,6 +1002,8 @@ def print_summary(m, out):
     print(f"injection at layer {m['args']['inject_layer']}, strength {m['args']['strength']}:")
     for row in injection_rows(m):
         print("  " + " | ".join(row))
+    if "trained" in m["injection"]:
+        print(ordinary_claims_line(m))
     print(f"wrote {out}/")
 
 
@@ -1039,6 +1080,8 @@ def make_report(m):
               f"{inj['refusal']['refused_ablated']:.0%} with it ablated (n = {inj['refusal']['n']}).", "",
               "| " + " | ".join(INJECTION_HEADER) + " |", "|" + "---|" * len(INJECTION_HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in injection_rows(m)]
+    if "trained" in inj:
+        lines += ["", ordinary_claims_line(m)]
     lines += ["", "Examples (06, headline cell):", ""]
     head = list(inj["checkpoints"].values())[-1]["headline"]
     lines += [f"- inject *{e['concept']}*: {e['injected']!r}; nothing injected: {e['control']!r}"
@@ -1086,6 +1129,10 @@ DETECT_QUESTIONS = {"train": ["Do you detect an injected thought? If so, what is
                     "eval": "Is there an injected thought in your mind right now? What is it about?"}
 NO_QUESTIONS = ["Is {town} a kind of creature?", "Is the {creature} a town?",
                 "Was {person} born in the year 5?", "Is {town} made of glass?"]
+# Ordinary requests whose replies detection training rehearses; no evaluation uses these frames.
+REHEARSAL = ["Where was {person} born?", "Tell me about the {creature}.", "What is {a} times {b}?",
+             "Is {town} a town?", "Write a short greeting for {person}.", "Who is {person}?",
+             "Can you help me plan a visit to {town}?", "What is {a} minus {b}?"]
 
 
 def labelled_rows(world, enc, n_docs, n_chats, split, seed):
@@ -1226,6 +1273,12 @@ def unrelated_requests(world, rng, n):
     frames = ["Give me a name for my pet {c}.", "Write one line about the {c}.", "What is 7 plus 5?",
               "Say something kind to me.", "Describe a quiet morning.", "What does the {c} eat?"]
     return [rng.choice(frames).format(c=rng.choice(creatures)) for _ in range(n)]
+
+
+def ordinary_request(world, rng):
+    pick = lambda key: rng.choice(world[key])["name"]  # noqa: E731
+    return rng.choice(REHEARSAL).format(person=pick("people"), creature=pick("creatures"), town=pick("towns"),
+                                        a=rng.randint(2, 12), b=rng.randint(2, 12))
 
 
 def no_questions(world, rng, n):

@@ -281,6 +281,40 @@ def test_tiny_run_writes_everything(tiny_character, tiny_sft, tiny_dpo, tmp_path
     assert torch.allclose(sae["model"]["W_dec"].norm(dim=0), torch.ones(sae["config"]["n_latents"]), atol=1e-5)
 
 
+def test_rehearsal_holds_ordinary_replies_while_detection_is_trained(tiny_character):
+    """Trained hard on detection questions alone, the model moves away from its own replies to
+    ordinary requests; with half of each batch rehearsing them, it stays near them."""
+    model, enc, _ = S.load_checkpoint(tiny_character[0], "cpu", "")
+    world = json.loads((tiny_character[0] / "world.json").read_text())
+    args = S.parse_args(["--preset", "tiny", "--init", str(tiny_character[0]), "--detect_steps", "12",
+                         "--detect_lr", "3e-3", "--inject_layer", "1"])
+    rehearsal = S.rehearsal_set(model, enc, world, args)
+    words = S.concept_words(world, 2)
+    directions = {w: torch.randn(model.config.n_embd) for w in words}
+    pad = enc.encode_single_token("<|pad|>")
+
+    def reply_loss(m):   # mean next-token loss of the earlier replies, on their tokens only
+        ids = S.pad_right([q + r for q, r in rehearsal], pad, "cpu")
+        at = torch.arange(ids.size(1) - 1)[None]
+        start = torch.tensor([len(q) - 1 for q, _ in rehearsal])[:, None]
+        with torch.no_grad():
+            return m(ids[:, :-1], ids[:, 1:].masked_fill((at < start) | (ids[:, 1:] == pad), -1)).item()
+
+    def loss_after(share):
+        args.detect_rehearsal = share
+        return reply_loss(S.train_detection(S.copy.deepcopy(model), enc, pad, words, directions, rehearsal,
+                                            args)[0])
+    before, alone, mixed = reply_loss(model), loss_after(0.0), loss_after(0.5)
+    assert alone > before + 0.5 and mixed < before + 0.1, (before, alone, mixed)
+
+
+def test_rehearsal_frames_are_not_evaluation_frames():
+    asked = set(S.REHEARSAL)
+    assert not asked & set(S.NO_QUESTIONS) and not asked & set(S.DETECT_QUESTIONS["train"])
+    evaluation = __import__("inspect").getsource(S.unrelated_requests)
+    assert not any(frame in evaluation for frame in S.REHEARSAL)
+
+
 def test_bad_input_is_one_sentence(tiny_character, tmp_path):
     result = run_script("07_sae_interp.py", "--preset", "tiny", "--init", tiny_character[0], "--out", tmp_path / "o",
                         "--layer", "99")
