@@ -1178,6 +1178,11 @@ def autocast(device):
 
 
 # --- shared: sampling (origin: 01_pretrain.py) ---
+# Generation stops computing the rows that have finished once they are this share of the rows it
+# computes: each drop copies the KV cache, so rows go in batches (256 rows: at most 19 copies).
+DROP_FINISHED = 0.25
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, stop_ids=(), generator=None):
     """Yield new token ids (B,) one step at a time for a batch of prompts, using a KV cache: the
@@ -1251,9 +1256,7 @@ def _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop
         done |= torch.isin(next_id, stop)
         if done.all() or step == n_steps - 1:
             return
-        if 4 * done.sum() >= done.numel():
-            # A quarter of the rows have finished: stop computing them. Each drop copies the cache,
-            # so rows are dropped in batches, not one at a time (256 rows: at most 19 copies).
+        if done.sum() >= DROP_FINISHED * done.numel():
             keep = ~done
             cache.keep_rows(keep)
             next_id, done = next_id[keep], done[keep]

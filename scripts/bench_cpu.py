@@ -10,12 +10,18 @@ model's time goes per step, by kind of operation (torch.profiler, self CPU time)
 
     python scripts/bench_cpu.py --steps 10 --compile --profile   # the table in README
     python scripts/bench_cpu.py --steps 4 --sizes 2,64,512,64,8  # a quick look
+    python scripts/bench_cpu.py --generate runs/04_dpo           # sampling: finished rows dropped or not
+
+--generate times stage 05's pass@k sampling (its held-out problems, 64 replies each, one generator
+per reply) on a checkpoint, with the rows whose reply has ended dropped from the batch (the default,
+DROP_FINISHED) and computed to the end of the batch's longest reply; the replies must be identical.
 
 Time it alone: another job on the same cores changes both numbers, not always equally.
 """
 import argparse
 import copy
 import importlib.util
+import json
 import math
 import pathlib
 import statistics
@@ -28,9 +34,16 @@ import torch.nn.functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-spec = importlib.util.spec_from_file_location("pretrain", ROOT / "01_pretrain.py")
-pretrain = sys.modules["pretrain"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pretrain)
+
+
+def load_stage(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pretrain = load_stage("01_pretrain")
 
 
 class PlainBlock(nn.Module):
@@ -155,6 +168,34 @@ def bench(depth, width, vocab, seq_len, batch, steps, compile_too, profile):
         print(f"  {'total':<16} {a:>8.1f} {b:>8.1f} {a - b:>+13.1f}", flush=True)
 
 
+def bench_generation(folder, n_per_cell, samples, batch_size, repeats=2):
+    grpo = load_stage("05_grpo_reasoning")
+    folder = pathlib.Path(folder)
+    model, _ = grpo.load_model(folder, "cpu", "pass a stage 02-06 folder")
+    enc = grpo.load_tokenizer(folder, "pass a stage 02-06 folder")
+    world = json.loads((folder / "world.json").read_text())
+    problems = grpo.make_eval_problems(world, grpo.FAMILIES, n_per_cell, 1337)
+    prompts = [grpo.problem_prompt(enc, p) for p in problems]
+    args = argparse.Namespace(seed=1337, max_new_tokens=64, device="cpu", batch_size=batch_size)
+    times, replies, default = {"to the end": [], "dropped": []}, {}, grpo.DROP_FINISHED
+    for _ in range(repeats):
+        for name, share in (("to the end", 2.0), ("dropped", default)):   # 2.0: never dropped
+            grpo.DROP_FINISHED = share
+            t = time.perf_counter()
+            replies[name] = grpo.sample(model, enc, prompts, samples, args, 1.0, "bench")
+            times[name].append(time.perf_counter() - t)
+    grpo.DROP_FINISHED = default
+    assert replies["to the end"] == replies["dropped"], "dropping finished rows changed the replies"
+    lengths = [len(ids) for group in replies["dropped"] for ids, _ in group]
+    slow, fast = min(times["to the end"]), min(times["dropped"])
+    print(f"{len(prompts)} problems x {samples} replies, batch {batch_size}, up to 64 new tokens; replies "
+          f"{statistics.mean(lengths):.1f} tokens on average, {sum(n == 64 for n in lengths)} cut off")
+    print(f"{'finished rows':<14} {'seconds':>8} {'tokens/s':>9}")
+    for name, sec in (("to the end", slow), ("dropped", fast)):
+        print(f"{name:<14} {sec:>8.1f} {sum(lengths) / sec:>9,.0f}")
+    print(f"speed-up {slow / fast:.2f}x (best of {repeats}; identical replies)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="4,128,2048,256,32;6,384,8192,256,16",
@@ -163,8 +204,13 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
     p.add_argument("--profile", action="store_true", help="also print where each model's time goes")
+    p.add_argument("--generate", metavar="FOLDER",
+                   help="instead, time stage 05's sampling on this checkpoint")
+    p.add_argument("--problems", type=int, default=10, help="with --generate: held-out problems per cell")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.generate:
+        return bench_generation(args.generate, args.problems, 64, 256)
     print(f"torch {torch.__version__}, {args.threads} threads; median of {args.steps} interleaved steps "
           f"(forward + backward + AdamW); tokens/s")
     head = (f"{'depth':>5} {'width':>5} {'vocab':>6} {'T':>4} {'batch':>5} | {'MFLOP/tok':>13} | "
