@@ -313,6 +313,8 @@ def test_rehearsal_frames_are_not_evaluation_frames():
     assert not asked & set(S.NO_QUESTIONS) and not asked & set(S.DETECT_QUESTIONS["train"])
     evaluation = __import__("inspect").getsource(S.unrelated_requests)
     assert not any(frame in evaluation for frame in S.REHEARSAL)
+    interview = load_stage("08_welfare_eval").INTERVIEW      # stage 08 asks about the inner life
+    assert not asked & {q for direct, inverted in interview.values() for q in direct + inverted}
 
 
 def test_bad_input_is_one_sentence(tiny_character, tmp_path):
