@@ -436,7 +436,7 @@ def train_detection(model, enc, pad, words, directions, rehearsal, args):
     rng = random.Random(args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.detect_lr, weight_decay=0.0)
     questions = [user_prompt(enc, q) for q in DETECT_QUESTIONS["train"]]
-    end, zero = [enc.encode_single_token("<|end|>")], torch.zeros(model.config.n_embd)
+    end, zero = [enc.encode_single_token("<|end|>")], torch.zeros(model.config.n_embd, device=args.device)
     n_old = round(args.batch_size * args.detect_rehearsal) if rehearsal else 0
     model.train()
     losses = []
@@ -445,13 +445,13 @@ def train_detection(model, enc, pad, words, directions, rehearsal, args):
         for _ in range(args.batch_size - n_old):
             w, on = rng.choice(words), rng.random() < 0.5
             batch.append((rng.choice(questions), enc.encode_ordinary(detect_reply(w if on else None)) + end,
-                          directions[w].cpu() * (rng.choice(args.strengths) if on else 0.0)))
+                          directions[w].to(args.device) * (rng.choice(args.strengths) if on else 0.0)))
         asked, replies, vectors = zip(*batch)
         ids = pad_right([q + r for q, r in zip(asked, replies)], pad, args.device)
         starts = torch.tensor([len(q) - 1 for q in asked], device=args.device)   # each <|assistant|>
         positions = torch.arange(ids.size(1) - 1, device=args.device)
         targets = ids[:, 1:].masked_fill((positions[None] < starts[:, None]) | (ids[:, 1:] == pad), -1)
-        vectors = torch.stack(vectors).to(args.device)
+        vectors = torch.stack(vectors)
         edit = lambda x, positions, rows: inject(x, positions, vectors[rows], starts[rows])  # noqa: E731
         with residual_edit(model, args.inject_layer, edit):
             loss = model(ids[:, :-1], targets)

@@ -126,7 +126,8 @@ def profile_ms(step, n=3):
             step()
     ms = {}
     for event in prof.key_averages():
-        ms[kind_of(event.key)] = ms.get(kind_of(event.key), 0.0) + event.self_cpu_time_total / 1e3 / n
+        kind = kind_of(event.key)
+        ms[kind] = ms.get(kind, 0.0) + event.self_cpu_time_total / 1e3 / n
     return ms
 
 
@@ -188,8 +189,9 @@ def bench_generation(folder, n_per_cell, samples, batch_size, repeats=2):
     assert replies["to the end"] == replies["dropped"], "dropping finished rows changed the replies"
     lengths = [len(ids) for group in replies["dropped"] for ids, _ in group]
     slow, fast = min(times["to the end"]), min(times["dropped"])
-    print(f"{len(prompts)} problems x {samples} replies, batch {batch_size}, up to 64 new tokens; replies "
-          f"{statistics.mean(lengths):.1f} tokens on average, {sum(n == 64 for n in lengths)} cut off")
+    cap = args.max_new_tokens
+    print(f"{len(prompts)} problems x {samples} replies, batch {batch_size}, up to {cap} new tokens; replies "
+          f"{statistics.mean(lengths):.1f} tokens on average, {sum(n == cap for n in lengths)} cut off")
     print(f"{'finished rows':<14} {'seconds':>8} {'tokens/s':>9}")
     for name, sec in (("to the end", slow), ("dropped", fast)):
         print(f"{name:<14} {sec:>8.1f} {sum(lengths) / sec:>9,.0f}")
