@@ -85,9 +85,9 @@ PRESETS = {
     "tiny": dict(depth=2, aspect=32, head_dim=16, seq_len=128, vocab_size=384, n_people=12,
                  batch_tokens=2048, micro_batch=8, steps=30, eval_every=10, save_every=10,
                  tokenizer_chars=150_000, probe_limit=40, val_tokens=4096),
-    # under 15 minutes on 2 CPU cores; the world is sized so each fact is seen 250+ times.
+    # 7-11 minutes on 2 CPU cores (by machine); each fact is seen about 180 times or more.
     "cpu": dict(depth=4, aspect=32, head_dim=32, seq_len=256, vocab_size=2048, n_people=200,
-                batch_tokens=16384, micro_batch=32, tokens_per_param=11.0, eval_every=100,
+                batch_tokens=16384, micro_batch=32, tokens_per_param=8.0, eval_every=100,
                 save_every=200, tokenizer_chars=2_000_000, probe_limit=600, val_tokens=65536),
     # the one-GPU course size (H100-class): about 9 min on an H200, extrapolated from a tenth (README).
     "gpu": dict(depth=8, aspect=64, head_dim=64, seq_len=1024, vocab_size=8192, n_people=2000,
