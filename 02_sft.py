@@ -83,7 +83,7 @@ import kernels  # noqa: E402  (attention and MoE: Triton on CUDA, PyTorch elsewh
 
 PRESETS = {
     "tiny": dict(n_train=600, n_eval=6, epochs=2, batch_size=16, eval_batch=16, max_new_tokens=48),
-    "cpu": dict(n_train=24000, n_eval=250, epochs=2, batch_size=32, eval_batch=32, max_new_tokens=96),
+    "cpu": dict(n_train=36000, n_eval=250, epochs=2, batch_size=32, eval_batch=32, max_new_tokens=96),
     "gpu": dict(n_train=200000, n_eval=500, epochs=2, batch_size=64, eval_batch=64, max_new_tokens=160),
 }
 
