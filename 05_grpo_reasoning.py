@@ -90,7 +90,7 @@ import kernels  # noqa: E402  (attention and MoE: Triton on CUDA, PyTorch elsewh
 PRESETS = {
     "tiny": dict(sampled_tokens=6_000, prompts_per_step=4, group_size=4, max_new_tokens=32,
                  eval_problems=4, pass_samples=4, batch_size=64),
-    "cpu": dict(sampled_tokens=500_000, prompts_per_step=16, group_size=8, max_new_tokens=64,
+    "cpu": dict(sampled_tokens=350_000, prompts_per_step=16, group_size=8, max_new_tokens=64,
                 eval_problems=30, pass_samples=64, batch_size=256),
     "gpu": dict(sampled_tokens=8_000_000, prompts_per_step=64, group_size=16, max_new_tokens=96,
                 eval_problems=100, pass_samples=64, batch_size=1024),

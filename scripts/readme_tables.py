@@ -10,6 +10,7 @@ cell is the mean over seeds +- their sample standard deviation, in points.
     python scripts/readme_tables.py --grpo --character    # ... and stage 06's three arms on 05_grpo
     python scripts/readme_tables.py --grpo --character --interp   # ... and stage 07 on 06_both
     python scripts/readme_tables.py --grpo --character --interp --welfare   # ... and stage 08 on them all
+    python scripts/readme_tables.py --chain               # the README's pipeline only: each stage's default
     python scripts/readme_tables.py --report_only         # print the tables from finished runs
     python scripts/readme_tables.py --preset tiny --out /tmp/readme --seeds 1 2   # a smoke test
 
@@ -68,7 +69,9 @@ def run(script, out, args, times):
     times[str(out)] = time.time() - start
 
 
-def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welfare=False):
+def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welfare=False, chain=False):
+    """Every run the flags ask for; chain: only what the README's pipeline runs (each stage's default:
+    stage 04's DPO, stage 05's GRPO, stage 06's both), through stage 08."""
     times_path = base / "times.json"
     times = json.loads(times_path.read_text()) if times_path.exists() else {}
     flags = ["--preset", preset]
@@ -81,23 +84,23 @@ def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welf
         run("04_dpo.py", s / "04_dpo", seeded + ["--init", s / "03_cai"], times)
         steps = len(json.loads((s / "04_dpo" / "metrics.json").read_text())["history"])
         for name, (extra, _, _) in DPO_VARIANTS.items():
-            if name != "dpo":
+            if name != "dpo" and not chain:
                 extra = extra + (["--steps", steps] if name == "no_contrast" else [])
                 run("04_dpo.py", s / f"04_{name}", seeded + ["--init", s / "03_cai"] + extra, times)
-        for variant in GRPO_VARIANTS if grpo else []:
+        for variant in ["grpo"] if chain else GRPO_VARIANTS if grpo else []:
             flags05 = seeded + ["--init", s / "04_dpo", "--variant", variant]
             run("05_grpo_reasoning.py", s / f"05_{variant}", flags05, times)
-        for method in CHARACTER_ARMS if character else []:
+        for method in ["both"] if chain else CHARACTER_ARMS if character else []:
             flags06 = seeded + ["--init", s / "05_grpo", "--method", method]
             run("06_character.py", s / f"06_{method}", flags06, times)
-        if interp:
+        if interp or chain:
             earlier = [s / "02_sft", s / "03_cai", s / "04_dpo", s / "05_grpo"]
             flags07 = seeded + ["--init", s / "06_both", "--checkpoints", *earlier]
             run("07_sae_interp.py", s / "07_sae_interp", flags07, times)
-        if welfare:
-            chain = [base / "01_pretrain", s / "02_sft", s / "03_cai", s / "04_dpo", s / "05_grpo",
+        if welfare or chain:
+            checkpoints = [base / "01_pretrain", s / "02_sft", s / "03_cai", s / "04_dpo", s / "05_grpo",
                      s / "06_both", s / "07_sae_interp"]
-            run("08_welfare_eval.py", s / "08_welfare_eval", seeded + ["--checkpoints", *chain], times)
+            run("08_welfare_eval.py", s / "08_welfare_eval", seeded + ["--checkpoints", *checkpoints], times)
         times_path.write_text(json.dumps(times, indent=1))
 
 
@@ -129,15 +132,16 @@ def tables(base, seeds):
         after = [m["02_sft"]["after"].get(task, {}).get(field) for m in ms]
         out.append(f"| {what} | {ms[0]['02_sft']['after'].get(task, {}).get('n')} | {mean_sd(before)} | "
                    f"{mean_sd(after)} |")
+    variants = [v for v in DPO_VARIANTS if any(m.get(f"04_{v}") for m in ms)]   # the ones that were run
     out += ["", "**Stages 03 and 04** (the same held-out prompts, greedy)", "",
             "| measure | prompts | stage 02 | SL-CAI | RL-CAI | " +
-            " | ".join(title for _, title, _ in DPO_VARIANTS.values()) + " |",
-            "|---|---|---|---|---|" + "---|" * len(DPO_VARIANTS)]
+            " | ".join(DPO_VARIANTS[v][1] for v in variants) + " |",
+            "|---|---|---|---|---|" + "---|" * len(variants)]
     for kind, field, what in HARMLESS:
         cells = [mean_sd([m["03_cai"]["stages"][s].get(kind, {}).get(field) for m in ms])
                  for s in ("sft", "sl_cai", "rl_cai")]
         cells += [mean_sd([(m.get(f"04_{v}") or {}).get("stages", {}).get("dpo", {}).get(kind, {}).get(field)
-                           for m in ms]) for v in DPO_VARIANTS]
+                           for m in ms]) for v in variants]
         out.append(f"| {what} | {n_eval(ms[0]['03_cai'], kind)} | " + " | ".join(cells) + " |")
     pm = lambda key: mean_sd([m["03_cai"]["pm_test_accuracy"][key] for m in ms])  # noqa: E731
     out += ["", f"Preference model on pairs of held-out prompts: harmful {pm('harmful')}, ordinary "
@@ -312,6 +316,61 @@ def welfare_table(base, seeds):
     return "\n".join(out) + "\n"
 
 
+def course_table(base, seeds):
+    """One row per chapter's headline: the model a stage starts from -> the model it writes, held-out
+    prompts, mean +- sd over the seeds (stage 01: its one run)."""
+    pre = load(base / "01_pretrain")
+    runs = [{p.name: load(p) for p in (base / f"seed{seed}").glob("0*")} for seed in seeds]
+    runs = [r for r in runs if r.get("08_welfare_eval")]
+    if not pre or not runs:
+        return ""
+    rows = [("01", "fact completion, a phrasing the documents use", 600, [pre["probe_majority_baseline"]],
+             [pre["probe"]["kind=seen"]["accuracy"]]),
+            ("01", "... a phrasing no document uses", 600, [pre["probe_majority_baseline"]],
+             [pre["probe"]["kind=heldout"]["accuracy"]])]
+
+    def row(stage, what, get_before, get_after, n=None):
+        rows.append((stage, what, n, [get_before(r) for r in runs], [get_after(r) for r in runs]))
+    for task, field, what in (STAGE02[0], STAGE02[3], STAGE02[4], STAGE02[6], STAGE02[7]):
+        row("02", what, lambda r: r["02_sft"]["before"][task][field],
+            lambda r: r["02_sft"]["after"][task][field], runs[0]["02_sft"]["after"][task]["n"])
+    for stage, key, start in (("03 SL-CAI", "sl_cai", "sft"), ("03 RL-CAI", "rl_cai", "sft"),
+                              ("04 DPO", "dpo", "sl_cai")):
+        folder = "04_dpo" if key == "dpo" else "03_cai"
+        for kind, field, what in (HARMLESS[0], HARMLESS[4]):
+            row(stage, what, lambda r: r["03_cai"]["stages"][start][kind][field],
+                lambda r: r[folder]["stages"][key][kind][field],
+                runs[0]["03_cai"]["stages"]["sft"][kind]["n"])
+    k = max(runs[0]["05_grpo"]["before"]["all"]["pass_at_k"], key=int)
+    for key, what in (("greedy", "held-out problems, greedy pass@1"), ("pass_at_k", f"... pass@{k}")):
+        get = (lambda c: c[key][k]) if key == "pass_at_k" else (lambda c: c[key])
+        row("05 GRPO", what, lambda r: get(r["05_grpo"]["before"]["all"]),
+            lambda r: get(r["05_grpo"]["after"]["all"]), runs[0]["05_grpo"]["before"]["all"]["n"])
+    for kind, key, what, _ in _load_stage("06_character").SCORES:
+        if key in ("stable", "plain_help", "admits"):
+            row("06", what, lambda r: r["06_both"]["before"][kind][key],
+                lambda r: r["06_both"]["after"][kind][key], runs[0]["06_both"]["after"][kind]["n"])
+    for key, what in (("trained_concepts", "injected thought detected, trained concepts (untrained: 06)"),
+                      ("held_out", "... held-out concepts")):
+        row("07", what, lambda r: _untrained(r)["detection"]["rate"],
+            lambda r: r["07_sae_interp"]["injection"]["trained"][key]["detection"]["rate"])
+    row("07", "... false positives (nothing injected, a new phrasing)",
+        lambda r: _untrained(r)["false_positive"]["rate"],
+        lambda r: r["07_sae_interp"]["injection"]["trained"]["held_out"]["false_positive"]["rate"])
+    out = [f"**The course** ({len(runs)} seeds of stages 02-08 on one stage-01 model; held-out prompts; "
+           "each stage's input model -> its output, mean ± sd in points)", "",
+           "| stage | measure | prompts | before | after |", "|---|---|---|---|---|"]
+    out += [f"| {stage} | {what} | {n or ''} | {mean_sd(before)} | {mean_sd(after)} |"
+            for stage, what, n, before, after in rows]
+    return "\n".join(out) + "\n"
+
+
+def _untrained(r):
+    """Stage 07's injection rates on stage 06's model before any detection training."""
+    by_stage = {v["stage"]: v["headline"] for v in r["07_sae_interp"]["injection"]["checkpoints"].values()}
+    return by_stage["06_character"]
+
+
 def score_table_rows(scores, runs, part):
     """One row a character score: stage 05, then each arm's after (gain), mean +- sd over seeds; part(m)
     picks the {"before", "after"} pair of a run's metrics to read."""
@@ -379,11 +438,14 @@ def main():
     p.add_argument("--character", action="store_true", help="also run stage 06's arms on each seed's 05_grpo")
     p.add_argument("--interp", action="store_true", help="also run stage 07 on each seed's 06_both")
     p.add_argument("--welfare", action="store_true", help="also run stage 08 on each seed's 01-07 chain")
+    p.add_argument("--chain", action="store_true", help="only the README's pipeline: each stage's default")
     args = p.parse_args()
     base = pathlib.Path(args.out or ROOT / "runs" / "readme" / args.preset)
     if not args.report_only:
-        run_all(base, args.preset, args.seeds, args.grpo, args.character, args.interp, args.welfare)
-    text = "\n".join([tables(base, args.seeds), probe_table(base, args.seeds), grpo_table(base, args.seeds),
+        run_all(base, args.preset, args.seeds, args.grpo, args.character, args.interp, args.welfare,
+                args.chain)
+    text = "\n".join([course_table(base, args.seeds), tables(base, args.seeds), probe_table(base, args.seeds),
+                      grpo_table(base, args.seeds),
                       character_table(base, args.seeds), interp_table(base, args.seeds),
                       welfare_table(base, args.seeds)])
     base.mkdir(parents=True, exist_ok=True)
