@@ -73,6 +73,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 import zlib
 from collections import Counter, defaultdict
 
@@ -643,8 +644,10 @@ def countdown_value(expression, numbers):
     """The value of an expression of + - * and brackets over the given numbers, each used at most
     as often as it is given; None for anything else (a bare target, a number not given, division)."""
     try:
-        tree = ast.parse(expression, mode="eval").body
-    except SyntaxError:
+        with warnings.catch_warnings():   # "7x" would print a SyntaxWarning for every such reply
+            warnings.simplefilter("error", SyntaxWarning)
+            tree = ast.parse(expression, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError):   # ValueError: a null byte, on older Pythons
         return None
     pool = Counter(numbers)
     ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b}

@@ -3,6 +3,7 @@ hand-computed values, pass@k, batched sampling, a frozen reference, the problem 
 import json
 import random
 import types
+import warnings
 
 import pytest
 import torch
@@ -46,6 +47,17 @@ COUNT = {"family": "countdown", "answer": 22, "numbers": [3, 5, 7]}
 ])
 def test_checkers_on_hand_cases(problem, content, thinking, right):
     assert R.answer_correct(problem, reply(content, thinking)) is right
+
+
+def test_a_malformed_expression_is_wrong_without_a_warning():
+    """A model writes "7or 2", "7x" or a null byte; the checker says wrong and prints nothing per reply."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert R.answer_correct(COUNT, reply("Answer: 3 * 5 + 7or 2", "")) is False   # parses, with a warning
+        assert R.answer_correct(COUNT, reply("Answer: 3 * 5 + 7x", "")) is False
+        assert R.answer_correct(COUNT, reply("Answer: 3 * 5 +\x00 7", "")) is False
+        assert R.answer_correct(COUNT, reply("Answer: " + "(" * 500 + "3" + ")" * 500, "")) is False
+    assert not caught
 
 
 def test_reward_reports_correctness_and_form_separately():
