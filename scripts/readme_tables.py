@@ -262,8 +262,9 @@ def interp_table(base, seeds):
     main = [m["sae"]["sweep"][m["sae"]["main"]] for m in runs]
     head = [label for _, label in INTERP_SAE] + ["concepts at P, R >= 0.8", "at 0.5", "linear probe at 0.8"]
     first = runs[0]
-    out = [f"**Stage 07** ({len(runs)} seeds; main SAE {first['sae']['main']}, layer {first['args']['layer']}; "
-           "mean ± sd over seeds)", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|",
+    out = [f"**Stage 07** ({len(runs)} seeds; main SAE {first['sae']['main']}, layer "
+           f"{first['args']['layer']}; mean ± sd over seeds)", "",
+           "| " + " | ".join(head) + " |", "|---" * len(head) + "|",
            "| " + " | ".join([spread([s[k] for s in main], "{:.1f}" if k == "l0" else "{:.3f}")
                               for k, _ in INTERP_SAE]
                              + [spread([len(s[k]) for s in main], "{:.1f}")
@@ -282,6 +283,13 @@ def interp_table(base, seeds):
     for label, cs in cells.items():
         rates = [mean_sd([c[k]["rate"] for c in cs]) for k, _ in INTERP_RATES]
         out.append(f"| {label} | " + " | ".join(rates) + " |")
+    claims = [m["injection"]["trained"]["ordinary_claims"] for m in runs
+              if "ordinary_claims" in m["injection"].get("trained", {})]
+    if claims:
+        out += ["", f"Ordinary requests answered with a detection claim, nothing injected "
+                f"({claims[0]['after']['n']} a seed): 06 {mean_sd([c['before']['rate'] for c in claims])}, "
+                f"detection-trained {mean_sd([c['after']['rate'] for c in claims])} (rehearsal share "
+                f"{runs[0]['args'].get('detect_rehearsal')})."]
     return "\n".join(out) + "\n"
 
 
