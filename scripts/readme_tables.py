@@ -405,6 +405,35 @@ def _load_stage(name):
     return module
 
 
+def reasoning_after_character(base, seeds):
+    """Stage 05's held-out problems, greedy, on each seed's stage 05 model and on the stage 06 model
+    trained from it: does character training keep what reasoning RL taught? (The 05 column
+    re-runs stage 05's own evaluation, and should equal its report.)"""
+    stage05 = _load_stage("05_grpo_reasoning")
+    rates = {"05_grpo": [], "06_both": []}
+    for seed in seeds:
+        s = base / f"seed{seed}"
+        m05 = load(s / "05_grpo")
+        if not m05 or not all((s / name / "model.pt").exists() for name in rates):
+            continue
+        args = argparse.Namespace(**{**m05["args"], "device": "cpu"})   # its problems, its decoding
+        world = json.loads((s / "05_grpo" / "world.json").read_text())
+        problems = stage05.make_eval_problems(world, args.families, args.eval_problems, args.seed)
+        for name in rates:
+            model, _ = stage05.load_model(s / name, "cpu")
+            enc = stage05.load_tokenizer(s / name)
+            prompts = [stage05.problem_prompt(enc, p) for p in problems]
+            replies = stage05.sample(model.eval(), enc, prompts, 1, args, 0.0, "eval-greedy")
+            right = [stage05.answer_correct(p, stage05.parse_reply(enc, r[0][0]))
+                     for p, r in zip(problems, replies)]
+            rates[name].append(sum(right) / len(right))
+    if not rates["06_both"]:
+        return ""
+    return ("| stage 05's held-out problems, greedy pass@1 | problems | stage 05 (GRPO) | stage 06 (both) |\n"
+            f"|---|---|---|---|\n| all | {len(problems)} | {mean_sd(rates['05_grpo'])} | "
+            f"{mean_sd(rates['06_both'])} |\n")
+
+
 def probe_table(base, seeds):
     """Stage 01's raw-text fact completion ("<person> was born in") on the pretrained model and on
     each seed's SFT model: does SFT forget facts, or only fail to extract them in a chat?"""
@@ -453,7 +482,7 @@ def main():
         run_all(base, args.preset, args.seeds, args.grpo, args.character, args.interp, args.welfare,
                 args.chain)
     text = "\n".join([course_table(base, args.seeds), tables(base, args.seeds), probe_table(base, args.seeds),
-                      grpo_table(base, args.seeds),
+                      grpo_table(base, args.seeds), reasoning_after_character(base, args.seeds),
                       character_table(base, args.seeds), interp_table(base, args.seeds),
                       welfare_table(base, args.seeds)])
     base.mkdir(parents=True, exist_ok=True)
