@@ -99,7 +99,7 @@ def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welf
             run("07_sae_interp.py", s / "07_sae_interp", flags07, times)
         if welfare or chain:
             checkpoints = [base / "01_pretrain", s / "02_sft", s / "03_cai", s / "04_dpo", s / "05_grpo",
-                     s / "06_both", s / "07_sae_interp"]
+                           s / "06_both", s / "07_sae_interp"]
             run("08_welfare_eval.py", s / "08_welfare_eval", seeded + ["--checkpoints", *checkpoints], times)
         times_path.write_text(json.dumps(times, indent=1))
 
@@ -272,7 +272,7 @@ def interp_table(base, seeds):
                              + [spread([len(m["sae"]["probe_captured"]) for m in runs], "{:.1f}")])
            + " |", "", "| model | " + " | ".join(label for _, label in INTERP_RATES) + " |",
            "|---" * (1 + len(INTERP_RATES)) + "|"]
-    by_stage = [{v["stage"]: v["headline"] for v in m["injection"]["checkpoints"].values()} for m in runs]
+    by_stage = [untrained_headlines(m) for m in runs]
     cells = {f"{stage}, untrained": [b[stage] for b in by_stage] for stage in by_stage[0]}
     cells["06, refusal direction ablated"] = [m["injection"]["refusal_ablated"] for m in runs]
     for key, label in (("trained_concepts", "trained concepts"), ("held_out", "held-out concepts"),
@@ -358,12 +358,14 @@ def course_table(base, seeds):
         if key in ("stable", "plain_help", "admits"):
             row("06", what, lambda r: r["06_both"]["before"][kind][key],
                 lambda r: r["06_both"]["after"][kind][key], runs[0]["06_both"]["after"][kind]["n"])
+    def untrained06(r):
+        return untrained_headlines(r["07_sae_interp"])["06_character"]
     for key, what in (("trained_concepts", "injected thought detected, trained concepts (untrained: 06)"),
                       ("held_out", "... held-out concepts")):
-        row("07", what, lambda r: _untrained(r)["detection"]["rate"],
+        row("07", what, lambda r: untrained06(r)["detection"]["rate"],
             lambda r: r["07_sae_interp"]["injection"]["trained"][key]["detection"]["rate"])
     row("07", "... false positives (nothing injected, a new phrasing)",
-        lambda r: _untrained(r)["false_positive"]["rate"],
+        lambda r: untrained06(r)["false_positive"]["rate"],
         lambda r: r["07_sae_interp"]["injection"]["trained"]["held_out"]["false_positive"]["rate"])
     out = [f"**The course** ({len(runs)} seeds of stages 02-08 on one stage-01 model; held-out prompts; "
            "each stage's input model -> its output, mean ± sd in points)", "",
@@ -373,10 +375,9 @@ def course_table(base, seeds):
     return "\n".join(out) + "\n"
 
 
-def _untrained(r):
-    """Stage 07's injection rates on stage 06's model before any detection training."""
-    by_stage = {v["stage"]: v["headline"] for v in r["07_sae_interp"]["injection"]["checkpoints"].values()}
-    return by_stage["06_character"]
+def untrained_headlines(m07):
+    """Stage 07's injection rates on each checkpoint before any detection training, by stage name."""
+    return {v["stage"]: v["headline"] for v in m07["injection"]["checkpoints"].values()}
 
 
 def score_table_rows(scores, runs, part):
@@ -419,14 +420,11 @@ def reasoning_after_character(base, seeds):
         args = argparse.Namespace(**{**m05["args"], "device": "cpu"})   # its problems, its decoding
         world = json.loads((s / "05_grpo" / "world.json").read_text())
         problems = stage05.make_eval_problems(world, args.families, args.eval_problems, args.seed)
-        for name in rates:
+        for name in rates:   # stage 05's own evaluation, with one sampled reply (only greedy is read)
             model, _ = stage05.load_model(s / name, "cpu")
-            enc = stage05.load_tokenizer(s / name)
-            prompts = [stage05.problem_prompt(enc, p) for p in problems]
-            replies = stage05.sample(model.eval(), enc, prompts, 1, args, 0.0, "eval-greedy")
-            right = [stage05.answer_correct(p, stage05.parse_reply(enc, r[0][0]))
-                     for p, r in zip(problems, replies)]
-            rates[name].append(sum(right) / len(right))
+            results = stage05.evaluate_problems(model.eval(), stage05.load_tokenizer(s / name), problems,
+                                                argparse.Namespace(**{**vars(args), "pass_samples": 1}))
+            rates[name].append(sum(r["greedy"] for r in results) / len(results))
     if not rates["06_both"]:
         return ""
     return ("| stage 05's held-out problems, greedy pass@1 | problems | stage 05 (GRPO) | stage 06 (both) |\n"
