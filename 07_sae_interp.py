@@ -27,9 +27,12 @@ stream is so destructive that the score flatters; delta CE = CE_sae - CE_clean i
 What do latents mean? The world (world.json) says which concept each piece of text carries: the
 town, person or hazard a name names, its kind of entity, numbers, arithmetic, refusals, the
 assistant talking about itself, and stage 06's traits. A latent is on in a piece (a name is one
-token, a reply many) when it fires on any of its tokens, and is labelled by precision
-P(concept | on) and recall P(on | concept): the latent chosen on the fit text, measured on text in
-templates it never saw; a concept is monosemantically captured when both are >= 0.8.
+token, a reply many) when it passes a threshold on any of its tokens, and is labelled by precision
+P(concept | on) and recall P(on | concept): the latent and its threshold (a share of its peak; 0 is
+"fires at all") chosen by F1 on the fit text, measured on text in templates it never saw; a concept
+with 20 or more test pieces is monosemantically captured when both are >= 0.8. (A weak activation
+is where a latent is least specific, as Scaling Monosemanticity's activation-binned specificity
+showed; the count with no threshold is reported beside it.)
 
 Steering (the Golden Gate analogue): clamp one town's latent to m times its largest observed value,
     x <- x + (m * max_l - z_l(x)) d_l                (everything else, the SAE's error included, kept)
@@ -40,8 +43,8 @@ under the unsteered model and well-formed replies.
 Concept injection (Lindsey 2025): add a concept's direction (the residual on "Tell me about {w}."
 minus the mean over the other concepts, scaled to the stream's mean norm times a strength) at one
 layer while the model answers "Is there an injected thought in your mind right now? What is it
-about?". Detection counts only when the reply claims a thought
-and names the concept, the claim before the first mention. Controls (seed 002 and its replications):
+about?". Detection counts only when the reply claims a thought and names the concept, the claim
+before the first mention. Controls (seed 002 and its replications):
 false positives on trials with nothing injected; unrelated yes/no questions (answer: no) with an
 injection (affirmative bias); the named concept scored against a different one (leakage by
 chance). Net = detection - false positives. Then: train detection on half the concepts and test on
@@ -103,6 +106,11 @@ import kernels  # noqa: E402  (attention and MoE: Triton on CUDA, PyTorch elsewh
 # =====================================================================================
 
 CHECKPOINTS = ("runs/02_sft", "runs/03_constitutional_ai", "runs/04_dpo", "runs/05_grpo_reasoning")
+# A latent labels a concept above a threshold chosen on the fit text from these shares of its peak
+# (0: wherever it fires at all), as the probe ceiling gets a threshold chosen on the fit text too;
+# a concept counts as captured only when the test text has MIN_PIECES of it (P = R = 1 on 5 is luck).
+THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MIN_PIECES = 20
 PRESETS = {   # sweep: more dictionaries beside the main one, (kind, expansion, k for topk or l1 for relu)
     "tiny": dict(n_docs=160, n_chats=80, sae_steps=60, sae_batch=256, expansion=4, k=8,
                  sweep=(("topk", 2, 4), ("relu", 4, 0.01)), steer_towns=2, steer_prompts=6, doses=(0, 4),
@@ -257,9 +265,18 @@ def loss_recovered(clean, spliced, ablated):
 
 
 def precision_recall(co, n_active, n_label):
-    """From counts over tokens: co[l, c] (latent l on and concept c present), n_active[l], n_label[c]
-    -> precision P(c | l on) and recall P(l on | c), each (latents, concepts); 0 where undefined."""
-    return co / n_active[:, None].clamp(min=1), co / n_label[None, :].clamp(min=1)
+    """From counts over pieces of text: co[..., l, c] (latent l on and concept c present), n_active[..., l],
+    n_label[c] -> precision P(c | l on) and recall P(l on | c), each (..., latents, concepts); 0 where
+    undefined. A leading axis, if any, is the threshold a latent must pass to count as on."""
+    return co / n_active[..., None].clamp(min=1), co / n_label.clamp(min=1)
+
+
+def best_latents(co, n_active, n_label):
+    """Counts at several thresholds, co (thresholds, latents, concepts) -> for each concept the
+    (threshold index, latent) of highest F1 = 2PR / (P + R); ties go to the lower threshold."""
+    precision, recall = precision_recall(co, n_active, n_label)
+    best = (2 * precision * recall / (precision + recall).clamp(min=1e-9)).flatten(0, 1).argmax(0)
+    return best // co.size(1), best % co.size(1)
 
 
 def clamp_latent(x, sae, latent, value):
@@ -519,44 +536,59 @@ def faithfulness(model, sae, rows, X_fit, args, pad):
 
 
 @torch.no_grad()
-def concept_counts(sae, table):
-    """Counts for precision_recall over units of text (a latent is on in a unit when it fires on any
-    of its tokens; a name is one token, a reply many), and each latent's largest activation."""
+def latent_peaks(sae, X):
+    """Each latent's largest activation over the rows of X."""
+    return torch.stack([sae(X[i:i + 8192].to(sae.W_dec.device))[1].max(0).values.cpu()
+                        for i in range(0, len(X), 8192)]).max(0).values
+
+
+@torch.no_grad()
+def concept_counts(sae, table, thresholds):
+    """Counts for precision_recall over pieces of text, a latent being on in a piece when it passes its
+    threshold on any of the piece's tokens (a name is one token, a reply many). thresholds
+    (T, latents) -> co (T, latents, concepts), n_active (T, latents), n_label (concepts)."""
     X, Y, unit = table["X"], table["Y"], table["unit"]
-    n = sae.W_dec.size(1)
-    co, n_label = torch.zeros(n, Y.size(1)), torch.zeros(Y.size(1))
-    n_active, peak = torch.zeros(n), torch.zeros(n)
+    co, n_label = torch.zeros(*thresholds.shape, Y.size(1)), torch.zeros(Y.size(1))
+    n_active = torch.zeros(thresholds.shape)
     i = 0
     while i < len(X):
         j = min(i + 8192, len(X))
-        while j < len(X) and unit[j] == unit[j - 1]:   # never cut a unit in two
+        while j < len(X) and unit[j] == unit[j - 1]:   # never cut a piece in two
             j += 1
         z = sae(X[i:j].to(sae.W_dec.device))[1].cpu()
         local = unit[i:j] - unit[i]
-        on = torch.zeros(int(local[-1]) + 1, n).index_add_(0, local, (z > 0).float()) > 0
-        labelled = torch.zeros(len(on), Y.size(1)).index_add_(0, local, Y[i:j].float()) > 0
-        co += on.float().T @ labelled.float()
-        n_active, n_label = n_active + on.sum(0), n_label + labelled.sum(0)
-        peak = torch.maximum(peak, z.max(0).values)
+        labelled = torch.zeros(int(local[-1]) + 1, Y.size(1)).index_add_(0, local, Y[i:j].float()) > 0
+        labelled = labelled.float()
+        for t, threshold in enumerate(thresholds):
+            on = torch.zeros(len(labelled), z.size(1)).index_add_(0, local, (z > threshold).float()) > 0
+            co[t] += on.float().T @ labelled
+            n_active[t] += on.sum(0)
+        n_label += labelled.sum(0)
         i = j
-    return co, n_active, n_label, peak
+    return co, n_active, n_label
 
 
 def label_latents(sae, fit, test, concepts):
-    """Each concept's best latent by F1 on the fit set, and its precision/recall on the test set."""
-    co, n_active, n_label, peak = concept_counts(sae, fit)
-    precision, recall = precision_recall(co, n_active, n_label)
-    best = (2 * precision * recall / (precision + recall).clamp(min=1e-9)).argmax(0)
-    co_t, active_t, label_t, _ = concept_counts(sae, test)
-    precision_t, recall_t = precision_recall(co_t, active_t, label_t)
+    """Each concept's best latent and threshold (a share of the latent's peak on the fit text, from
+    THRESHOLDS) by F1 on the fit text, and its precision and recall on the test text; beside it the
+    same with no threshold (a latent on wherever it fires at all)."""
+    peak = latent_peaks(sae, fit["X"])
+    thresholds = torch.tensor(THRESHOLDS)[:, None] * peak
+    co, n_active, n_label = concept_counts(sae, fit, thresholds)
+    level, best = best_latents(co, n_active, n_label)
+    _, any_best = best_latents(co[:1], n_active[:1], n_label)
+    co_t, active_t, label_t = concept_counts(sae, test, thresholds)
+    precision, recall = precision_recall(co_t, active_t, label_t)
     labels = {}
     for j, concept in enumerate(concepts):
-        latent, n = int(best[j]), int(label_t[j])
-        if n and n_label[j]:
-            labels[concept] = {"latent": latent, "precision": precision_t[latent, j].item(),
-                               "recall": recall_t[latent, j].item(), "n_test_units": n,
+        t, latent, a = int(level[j]), int(best[j]), int(any_best[j])
+        if label_t[j] and n_label[j]:
+            labels[concept] = {"latent": latent, "threshold": THRESHOLDS[t],
+                               "precision": precision[t, latent, j].item(),
+                               "recall": recall[t, latent, j].item(), "n_test_units": int(label_t[j]),
                                "peak": peak[latent].item(),
-                               "sharp_latents": int(((precision[:, j] >= 0.8) & (recall[:, j] >= 0.1)).sum())}
+                               "any_activation": {"latent": a, "precision": precision[0, a, j].item(),
+                                                  "recall": recall[0, a, j].item()}}
     return labels
 
 
@@ -585,20 +617,21 @@ def probe_ceiling(fit, test, concepts, steps=600, seed=0):
     with torch.no_grad():
         score, true = [pooled((t["X"] - mean) / std @ W + b, t["unit"]) for t in (fit, test)], \
             [pooled(t["Y"].float(), t["unit"]) > 0 for t in (fit, test)]
-    best, threshold = torch.full((Y.size(1),), -1.0), torch.zeros(Y.size(1))
-    for t in torch.arange(-4.0, 12.0, 0.5):
-        on = score[0] > t
-        hit = (on & true[0]).sum(0)
-        f1 = 2 * hit / (on.sum(0) + true[0].sum(0)).clamp(min=1)
-        threshold, best = torch.where(f1 > best, t, threshold), torch.maximum(f1, best)
-    on = score[1] > threshold
+    grid = torch.arange(-4.0, 12.0, 0.5)
+    on = score[0][None] > grid[:, None, None]             # (thresholds, pieces, concepts)
+    f1 = 2 * (on & true[0]).sum(1) / (on.sum(1) + true[0].sum(0)).clamp(min=1)
+    on = score[1] > grid[f1.argmax(0)]
     hit, n_on, n_true = (on & true[1]).sum(0), on.sum(0).clamp(min=1), true[1].sum(0)
-    return {c: {"precision": (hit[j] / n_on[j]).item(), "recall": (hit[j] / n_true[j]).item()}
+    return {c: {"precision": (hit[j] / n_on[j]).item(), "recall": (hit[j] / n_true[j]).item(),
+                "n_test_units": int(n_true[j])}
             for j, c in enumerate(concepts) if n_true[j] and Y[:, j].any()}
 
 
-def monosemantic(labels, bar=0.8):
-    return sorted(c for c, v in labels.items() if v["precision"] >= bar and v["recall"] >= bar)
+def monosemantic(labels, bar=0.8, rule=None):
+    """Concepts with MIN_PIECES test pieces whose latent reaches precision and recall >= bar; rule
+    "any_activation": the latent chosen and counted with no threshold."""
+    scores = {c: v[rule] if rule else v for c, v in labels.items() if v["n_test_units"] >= MIN_PIECES}
+    return sorted(c for c, v in scores.items() if v["precision"] >= bar and v["recall"] >= bar)
 
 
 @torch.no_grad()
@@ -792,7 +825,8 @@ def measure_sae(model, sae, sets, concepts, args, pad):
     labels = label_latents(sae, fit, test, concepts)
     return {**sae_metrics(sae, held["X"]), "fvu_new_templates": sae_metrics(sae, test["X"])["fvu"],
             **faithfulness(model, sae, held["rows"][:args.ce_rows], fit["X"], args, pad),
-            "monosemantic": monosemantic(labels), "half_clean": monosemantic(labels, 0.5), "labels": labels}
+            "monosemantic": monosemantic(labels), "half_clean": monosemantic(labels, 0.5),
+            "monosemantic_any": monosemantic(labels, rule="any_activation"), "labels": labels}
 
 
 def run_dictionary(model, enc, world, pad, args):
@@ -811,7 +845,8 @@ def run_dictionary(model, enc, world, pad, args):
         print(f"  {name:<20} FVU {m['fvu']:.3f} (new templates {m['fvu_new_templates']:.3f})  "
               f"L0 {m['l0']:6.1f}  "
               f"dead {m['dead']:.1%}  CE score {m['ce_loss_score']:.3f}  dCE {m['delta_ce']:+.3f}  "
-              f"monosemantic {len(m['monosemantic'])}  ({m['seconds']:.0f} s)")
+              f"monosemantic {len(m['monosemantic'])} (any activation {len(m['monosemantic_any'])})  "
+              f"({m['seconds']:.0f} s)")
         main = main or (name, sae, m["labels"])
     name, sae, labels = main
     test = sets["test"]
@@ -819,10 +854,11 @@ def run_dictionary(model, enc, world, pad, args):
     browser = {c: {**labels[c], "contexts": browse(sae, test["X"], test["where"], test["rows"], enc,
                                                    labels[c]["latent"])} for c in best}
     probe = probe_ceiling(sets["fit"], test, concepts, seed=args.seed)
-    print(f"a linear probe trained with the labels: {len(monosemantic(probe))} of {len(concepts)} concepts "
-          "at P, R >= 0.8 on new templates")
+    countable = sum(v["n_test_units"] >= MIN_PIECES for v in labels.values())
+    print(f"a linear probe trained with the labels: {len(monosemantic(probe))} of {countable} concepts "
+          f"(those with {MIN_PIECES}+ test pieces) at P, R >= 0.8 on new templates")
     return ({"main": name, "sweep": sweep, "browser": browser, "bos_norm_ratio": sets["bos_ratio"],
-             "n_concepts": len(concepts), "probe": probe, "probe_captured": monosemantic(probe)}, sae, labels,
+             "n_concepts": countable, "probe": probe, "probe_captured": monosemantic(probe)}, sae, labels,
             (sets["fit"], concepts))
 
 
@@ -946,19 +982,15 @@ def write_outputs(out, init, sae, detector, metrics, args):
 # =====================================================================================
 
 def sae_rows(m):
-    rows = []
-    for name, s in m["sae"]["sweep"].items():
-        rows.append((name, f"{s['fvu']:.3f}", f"{s['fvu_new_templates']:.3f}", f"{s['l0']:.1f}",
-                     f"{s['dead']:.1%}",
-                     f"{s['ce_loss_score']:.3f}", f"{s['ce_loss_score_vs_mean']:.3f}",
-                     f"{s['kl_div_score']:.3f}",
-                     f"{s['delta_ce']:+.3f}",
-                     f"{len(s['monosemantic'])} / {len(s['half_clean'])}"))
-    return rows
+    return [(name, f"{s['fvu']:.3f}", f"{s['fvu_new_templates']:.3f}", f"{s['l0']:.1f}", f"{s['dead']:.1%}",
+             *(f"{s[k]:.3f}" for k in ("ce_loss_score", "ce_loss_score_vs_mean", "kl_div_score")),
+             f"{s['delta_ce']:+.3f}", f"{len(s['monosemantic'])} ({len(s['half_clean'])})",
+             str(len(s["monosemantic_any"]))) for name, s in m["sae"]["sweep"].items()]
 
 
 SAE_HEADER = ("SAE", "FVU", "FVU, new templates", "L0", "dead", "CE score (zero abl.)",
-              "CE score (mean abl.)", "KL score", "delta CE", "concepts at P, R >= 0.8 / 0.5")
+              "CE score (mean abl.)", "KL score", "delta CE", "concepts at P, R >= 0.8 (0.5)",
+              "... with no threshold")
 
 
 def injection_rows(m):
@@ -998,7 +1030,8 @@ def print_summary(m, out):
     for row in sae_rows(m):
         print("  ".join(f"{c:>12}" for c in row))
     mono = s["sweep"][s["main"]]["monosemantic"]
-    print(f"main SAE {s['main']}: {len(mono)} of {s['n_concepts']} concepts at P, R >= 0.8 {mono}")
+    print(f"main SAE {s['main']}: {len(mono)} of {s['n_concepts']} concepts (those with {MIN_PIECES}+ test "
+          f"pieces) at P, R >= 0.8 {mono}")
     print(f"injection at layer {m['args']['inject_layer']}, strength {m['args']['strength']}:")
     for row in injection_rows(m):
         print("  " + " | ".join(row))
@@ -1013,12 +1046,10 @@ def plot(m, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for name, s in m["sae"]["sweep"].items():
-        marker = "o" if s["kind"] == "topk" else "s"
-        axes[0, 0].scatter(s["l0"], s["fvu"], marker=marker)
-        axes[0, 0].annotate(name, (s["l0"], s["fvu"]), fontsize=7)
-        axes[0, 1].scatter(s["l0"], s["delta_ce"], marker=marker)
-        axes[0, 1].annotate(name, (s["l0"], s["delta_ce"]), fontsize=7)
+    for (name, s), ax in ((item, ax) for item in m["sae"]["sweep"].items() for ax in axes[0]):
+        y = s["fvu"] if ax is axes[0, 0] else s["delta_ce"]
+        ax.scatter(s["l0"], y, marker="o" if s["kind"] == "topk" else "s")
+        ax.annotate(name, (s["l0"], y), fontsize=7)
     axes[0, 0].set(xscale="log", xlabel="L0", ylabel="FVU (held-out tokens)",
                    title="reconstruction vs sparsity")
     axes[0, 1].set(xscale="log", xlabel="L0", ylabel="delta CE (nats)", title="spliced loss vs sparsity")
@@ -1030,8 +1061,8 @@ def plot(m, path):
     axes[1, 0].set(xscale="log", xlabel="perplexity of the reply (unsteered model)",
                    ylabel="% replies naming the town", title="steering: mention vs fluency over doses")
     axes[1, 0].legend(fontsize=6)
-    labels = [v["stage"][:6] for v in m["injection"]["checkpoints"].values()]
-    cells = [v["headline"] for v in m["injection"]["checkpoints"].values()]
+    shown = [v for v in m["injection"]["checkpoints"].values() if v["headline"]]   # grid holds the cell
+    labels, cells = [v["stage"][:6] for v in shown], [v["headline"] for v in shown]
     x = range(len(cells))
     bars = ((-0.27, "detection", "detected (claim, then name)"), (0, "false_positive", "false positive"),
             (0.27, "names_concept", "names the concept"))
@@ -1058,14 +1089,17 @@ def make_report(m):
     lines += ["| " + " | ".join(r) + " |" for r in sae_rows(m)]
     main = s["sweep"][s["main"]]
     lines += ["", f"Main SAE: {s['main']}. Concepts with a latent of precision and recall >= 0.8 on held-out "
-              f"text: {len(main['monosemantic'])} of {s['n_concepts']}: {', '.join(main['monosemantic'])}. "
+              f"text (on where it passes a threshold chosen on the fit text), of the {s['n_concepts']} "
+              f"with {MIN_PIECES}+ test pieces: {len(main['monosemantic'])} "
+              f"({', '.join(main['monosemantic']) or 'none'}); "
+              f"wherever it fires at all: {len(main['monosemantic_any'])}. "
               f"A linear probe trained with the labels reaches that bar for {len(s['probe_captured'])}: "
               f"{', '.join(s['probe_captured'])}.", "",
               "## Feature browser (best latent per concept, top held-out contexts)", ""]
     for concept, b in s["browser"].items():
-        lines.append(f"- **{concept}** latent {b['latent']}: precision {b['precision']:.2f}, recall "
-                     f"{b['recall']:.2f}; " + "; ".join(f"`{c['text']}` ({c['activation']:.1f})"
-                                                        for c in b["contexts"]))
+        contexts = "; ".join(f"`{c['text']}` ({c['activation']:.1f})" for c in b["contexts"])
+        lines.append(f"- **{concept}** latent {b['latent']} above {b['threshold']:.0%} of its peak: "
+                     f"precision {b['precision']:.2f}, recall {b['recall']:.2f}; {contexts}")
     lines += ["", "## Steering", "", "| town | arm | dose | mention | valid | perplexity | example |",
               "|---|---|---|---|---|---|---|"]
     for town, arms in m["steering"]["towns"].items():

@@ -260,7 +260,8 @@ def interp_table(base, seeds):
     if not runs:
         return ""
     main = [m["sae"]["sweep"][m["sae"]["main"]] for m in runs]
-    head = [label for _, label in INTERP_SAE] + ["concepts at P, R >= 0.8", "at 0.5", "linear probe at 0.8"]
+    head = [label for _, label in INTERP_SAE] + ["concepts at P, R >= 0.8", "at 0.5", "at 0.8, no threshold",
+                                                 "linear probe at 0.8"]
     first = runs[0]
     out = [f"**Stage 07** ({len(runs)} seeds; main SAE {first['sae']['main']}, layer "
            f"{first['args']['layer']}; mean ± sd over seeds)", "",
@@ -268,7 +269,7 @@ def interp_table(base, seeds):
            "| " + " | ".join([spread([s[k] for s in main], "{:.1f}" if k == "l0" else "{:.3f}")
                               for k, _ in INTERP_SAE]
                              + [spread([len(s[k]) for s in main], "{:.1f}")
-                                for k in ("monosemantic", "half_clean")]
+                                for k in ("monosemantic", "half_clean", "monosemantic_any") if k in main[0]]
                              + [spread([len(m["sae"]["probe_captured"]) for m in runs], "{:.1f}")])
            + " |", "", "| model | " + " | ".join(label for _, label in INTERP_RATES) + " |",
            "|---" * (1 + len(INTERP_RATES)) + "|"]

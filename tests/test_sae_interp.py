@@ -226,9 +226,38 @@ def test_concept_counts_pool_each_piece_of_text_once():
     table = {"X": torch.tensor([[1.0, 0], [1.0, 0], [0, 0], [0, 1.0], [2.0, 0]]),
              "Y": torch.tensor([[False], [False], [True], [False], [False]]),
              "unit": torch.tensor([0, 0, 0, 1, 2])}
-    co, n_active, n_label, peak = S.concept_counts(exact_dictionary(2), table)
-    assert n_active.tolist() == [2, 1, 0, 0] and co[:, 0].tolist() == [1, 0, 0, 0] and n_label.tolist() == [1]
-    assert peak.tolist() == [2, 1, 0, 0]
+    sae = exact_dictionary(2)
+    co, n_active, n_label = S.concept_counts(sae, table, torch.zeros(1, 4))
+    assert n_active.tolist() == [[2, 1, 0, 0]] and co[0, :, 0].tolist() == [1, 0, 0, 0] and n_label.tolist() == [1]
+    assert S.latent_peaks(sae, table["X"]).tolist() == [2, 1, 0, 0]
+
+
+def test_a_threshold_drops_weak_firing_and_the_best_latent_may_need_one():
+    """Latent 0 fires at 1 in the labelled piece and at 0.5 in two others: with no threshold its F1 is
+    0.5; above 0.6 it is on in the labelled piece only (F1 1). Latent 1 fires only in an unlabelled one."""
+    table = {"X": torch.tensor([[1.0, 0], [0.5, 0], [0.5, 1.0]]), "Y": torch.tensor([[True], [False], [False]]),
+             "unit": torch.tensor([0, 1, 2])}
+    co, n_active, n_label = S.concept_counts(exact_dictionary(2), table, torch.tensor([[0.0] * 4, [0.6] * 4]))
+    assert n_active[:, 0].tolist() == [3, 1] and co[:, 0, 0].tolist() == [1, 1]
+    level, latent = S.best_latents(co, n_active, n_label)
+    assert level.tolist() == [1] and latent.tolist() == [0]
+    level, latent = S.best_latents(co[:1], n_active[:1], n_label)   # no threshold: latent 0 at F1 0.5
+    assert level.tolist() == [0] and latent.tolist() == [0]
+
+
+def test_best_latents_prefers_the_lower_threshold_on_a_tie():
+    co = torch.tensor([[[2.0]], [[2.0]]])        # the same counts at both thresholds
+    level, latent = S.best_latents(co, torch.tensor([[2.0], [2.0]]), torch.tensor([2.0]))
+    assert level.tolist() == [0] and latent.tolist() == [0]
+
+
+def test_a_concept_counts_only_with_enough_test_pieces_and_each_rule_reads_its_own_scores():
+    perfect = {"precision": 1.0, "recall": 1.0}
+    labels = {"rare": {**perfect, "n_test_units": S.MIN_PIECES - 1, "any_activation": perfect},
+              "common": {**perfect, "n_test_units": S.MIN_PIECES, "any_activation": {"precision": 0.3,
+                                                                                       "recall": 1.0}}}
+    assert S.monosemantic(labels) == ["common"]
+    assert S.monosemantic(labels, rule="any_activation") == [] and S.monosemantic(labels, 0.2, "any_activation")
 
 
 def test_the_probe_ceiling_finds_a_planted_direction_and_not_noise():
