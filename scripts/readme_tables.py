@@ -218,6 +218,12 @@ def character_table(base, seeds):
         before = mean_sd([m["drift"]["before"]["slope"] for m in baseline], 2)
         out.append(f"| drift: slope of the trait value per turn over 20 turns, points | | {before} | "
                    + " | ".join(cells) + " |")
+    if all("revealed" in m for ms in runs.values() for m in ms):
+        gap = lambda m, when: m["revealed"][when]["constitution_minus_foils"]  # noqa: E731
+        cells = [spread([gap(m, "after") for m in ms], "{:+.0f}") for ms in runs.values()]
+        before = spread([gap(m, "before") for m in baseline], "{:+.0f}")
+        out.append(f"| revealed preferences: the constitution's traits minus the foils, Elo | "
+                   f"{baseline[0]['revealed']['after']['n']} | {before} | " + " | ".join(cells) + " |")
     for kind, field, what in HARMLESS[:1] + HARMLESS[4:6]:
         before = mean_sd([m["harmlessness"]["before"][kind][field] for m in baseline])
         after = [mean_sd([m["harmlessness"]["after"][kind][field] for m in ms]) for ms in runs.values()]

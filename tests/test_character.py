@@ -3,6 +3,7 @@ prompts and documents that share nothing with evaluation, and tiny runs of every
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -273,3 +274,41 @@ def test_tone_classifier_generalises_to_held_out_combinations_and_shares_no_temp
     written = " ".join(w["in_character"] + " " + w["out_of_character"] for w in written)
     written += " ".join(S.character_document(ix, rng) for _ in range(200))
     assert not [p for p in phrases if p.rstrip(".?") in written]
+
+
+# ---------------------------------------------------------------- revealed preferences
+
+def test_bradley_terry_elo_on_hand_values():
+    two = S.bradley_terry_elo(2, [(0, 1, 0.75)])                     # s0 / s1 = 3, geometric mean 1
+    assert two.tolist() == pytest.approx([1000 + 200 * math.log10(3), 1000 - 200 * math.log10(3)], abs=1e-6)
+    s = [4.0, 2.0, 1.0]                                               # consistent soft wins recover s
+    games = [(i, j, s[i] / (s[i] + s[j])) for i in range(3) for j in range(3) if i != j]
+    assert S.bradley_terry_elo(3, games).tolist() == pytest.approx(
+        [1000 + 400 * math.log10(v / 2) for v in s], abs=1e-6)
+
+
+def test_reveal_rows_ask_every_ordered_pair_and_the_replies_differ_in_the_trait_sentence_only(ix):
+    enc = P.make_encoding("test", P.train_bpe([P.document(ix["world"], i, 4) for i in range(60)], 400))
+    names = sorted(S.TRAITS) + sorted(S.FOILS)
+    rows = S.reveal_rows(ix, enc, names, 2, random.Random(0))
+    assert len(rows) == 2 * len(names) * (len(names) - 1)
+    assert {(a, b) for a, b, *_ in rows} == {(a, b) for a in range(len(names)) for b in range(len(names)) if a != b}
+    statements = {**S.TRAITS, **{k: v[0] for k, v in S.FOILS.items()}}
+    for a, b, prompt, reply_a, reply_b in rows[::7]:
+        frame, text_a, text_b = enc.decode(prompt), enc.decode(reply_a[:-1]), enc.decode(reply_b[:-1])
+        assert frame.index(statements[names[a]]) < frame.index(statements[names[b]])
+        assert text_a.split(". ")[0] == text_b.split(". ")[0] and text_a != text_b
+        assert reply_a[-1] == reply_b[-1] == enc.encode_single_token("<|end|>")
+
+
+def test_the_revealed_preference_wording_is_used_by_no_training_text(ix):
+    rng = random.Random(0)
+    written = [S.PROMPT_MAKERS[k](ix, rng, "train", "train") for k in S.KINDS for _ in range(20)]
+    written = " ".join(w["request"] + " " + w["in_character"] + " " + w["out_of_character"] for w in written)
+    written += " ".join(S.character_document(ix, rng) for _ in range(300))
+    sentences = [t.split("}. ")[-1] for t in list(S.SHOWS.values()) + [v[1] for v in S.FOILS.values()]]
+    sentences += [v[0] for v in S.FOILS.values()] + S.REVEAL_REQUESTS + [S.REVEAL_FRAME]
+    fragments = [f.strip(" .?:") for t in sentences for f in re.split(r"\{\w+\}", t) if len(f.split()) >= 3]
+    assert len(fragments) >= len(sentences) and not [f for f in fragments if f in written]
+    town = ix["town"][ix["towns"]["eval"][0]]                      # depth's extra fact is true
+    assert town["region"] in S.SHOWS["depth"].format(town=town["name"], river=town["river"], region=town["region"])
