@@ -30,9 +30,9 @@ assistant talking about itself, and stage 06's traits. A latent is on in a piece
 token, a reply many) when it passes a threshold on any of its tokens, and is labelled by precision
 P(concept | on) and recall P(on | concept): the latent and its threshold (a share of its peak; 0 is
 "fires at all") chosen by F1 on the fit text, measured on text in templates it never saw; a concept
-with 20 or more test pieces is monosemantically captured when both are >= 0.8. (A weak activation
-is where a latent is least specific, as Scaling Monosemanticity's activation-binned specificity
-showed; the count with no threshold is reported beside it.)
+with 20 or more test pieces is monosemantically captured when both are >= 0.8. (Weak activations
+are where a latent is least specific, as Anthropic's monosemanticity papers found by grading its
+contexts at each activation level; the count with no threshold is reported beside it.)
 
 Steering (the Golden Gate analogue): clamp one town's latent to m times its largest observed value,
     x <- x + (m * max_l - z_l(x)) d_l                (everything else, the SAE's error included, kept)
