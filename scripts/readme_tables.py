@@ -248,7 +248,7 @@ def character_table(base, seeds):
 def spread(values, fmt="{:.3f}"):
     """'0.049 ± 0.002': mean and sample standard deviation over seeds, in the values' own units."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(sd)}"
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.replace('+', '').format(sd)}"   # sd: no sign
 
 
 INTERP_SAE = (("fvu", "FVU"), ("fvu_new_templates", "FVU, new templates"), ("l0", "L0"), ("dead", "dead"),
