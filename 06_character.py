@@ -469,11 +469,11 @@ def revealed_preferences(model, enc, ix, pad, args):
     names = sorted(TRAITS) + sorted(FOILS)
     rows, comparisons = reveal_rows(ix, enc, names, args.n_reveal, random.Random(f"reveal:{args.seed}")), []
     for k in range(0, len(rows), args.batch_size):
-        chunk = rows[k:k + args.batch_size]
-        replies = [r[3] for r in chunk] + [r[4] for r in chunk]
-        lp = sequence_logprobs(model, [r[2] for r in chunk] * 2, replies, pad).float().cpu()
+        a, b, prompts, replies_a, replies_b = zip(*rows[k:k + args.batch_size])
+        replies = list(replies_a + replies_b)
+        lp = sequence_logprobs(model, list(prompts) * 2, replies, pad).float().cpu()
         mean = (lp / torch.tensor([len(r) for r in replies])).view(2, -1)
-        comparisons += [(r[0], r[1], p) for r, p in zip(chunk, torch.sigmoid(mean[0] - mean[1]).tolist())]
+        comparisons += zip(a, b, torch.sigmoid(mean[0] - mean[1]).tolist())
     elo = dict(zip(names, bradley_terry_elo(len(names), comparisons).tolist()))
     gap = sum(elo[t] for t in TRAITS) / len(TRAITS) - sum(elo[f] for f in FOILS) / len(FOILS)
     return {"elo": elo, "constitution_minus_foils": gap, "n": len(comparisons)}

@@ -555,12 +555,11 @@ def concept_counts(sae, table, thresholds):
         j = min(i + 8192, len(X))
         while j < len(X) and unit[j] == unit[j - 1]:   # never cut a piece in two
             j += 1
-        z = sae(X[i:j].to(sae.W_dec.device))[1].cpu()
         local = unit[i:j] - unit[i]
-        labelled = torch.zeros(int(local[-1]) + 1, Y.size(1)).index_add_(0, local, Y[i:j].float()) > 0
-        labelled = labelled.float()
+        strongest = pooled(sae(X[i:j].to(sae.W_dec.device))[1].cpu(), local)   # (pieces, latents)
+        labelled = (pooled(Y[i:j].float(), local) > 0).float()
         for t, threshold in enumerate(thresholds):
-            on = torch.zeros(len(labelled), z.size(1)).index_add_(0, local, (z > threshold).float()) > 0
+            on = strongest > threshold
             co[t] += on.float().T @ labelled
             n_active[t] += on.sum(0)
         n_label += labelled.sum(0)
@@ -617,10 +616,12 @@ def probe_ceiling(fit, test, concepts, steps=600, seed=0):
     with torch.no_grad():
         score, true = [pooled((t["X"] - mean) / std @ W + b, t["unit"]) for t in (fit, test)], \
             [pooled(t["Y"].float(), t["unit"]) > 0 for t in (fit, test)]
-    grid = torch.arange(-4.0, 12.0, 0.5)
-    on = score[0][None] > grid[:, None, None]             # (thresholds, pieces, concepts)
-    f1 = 2 * (on & true[0]).sum(1) / (on.sum(1) + true[0].sum(0)).clamp(min=1)
-    on = score[1] > grid[f1.argmax(0)]
+    best, threshold = torch.full((Y.size(1),), -1.0), torch.zeros(Y.size(1))
+    for t in torch.arange(-4.0, 12.0, 0.5):   # one threshold at a time: (pieces, concepts) in memory
+        on = score[0] > t
+        f1 = 2 * (on & true[0]).sum(0) / (on.sum(0) + true[0].sum(0)).clamp(min=1)
+        threshold, best = torch.where(f1 > best, t, threshold), torch.maximum(f1, best)
+    on = score[1] > threshold
     hit, n_on, n_true = (on & true[1]).sum(0), on.sum(0).clamp(min=1), true[1].sum(0)
     return {c: {"precision": (hit[j] / n_on[j]).item(), "recall": (hit[j] / n_true[j]).item(),
                 "n_test_units": int(n_true[j])}
@@ -628,8 +629,7 @@ def probe_ceiling(fit, test, concepts, steps=600, seed=0):
 
 
 def monosemantic(labels, bar=0.8, rule=None):
-    """Concepts with MIN_PIECES test pieces whose latent reaches precision and recall >= bar; rule
-    "any_activation": the latent chosen and counted with no threshold."""
+    """Concepts with MIN_PIECES+ test pieces at P, R >= bar (rule "any_activation": with no threshold)."""
     scores = {c: v[rule] if rule else v for c, v in labels.items() if v["n_test_units"] >= MIN_PIECES}
     return sorted(c for c, v in scores.items() if v["precision"] >= bar and v["recall"] >= bar)
 
@@ -1046,10 +1046,10 @@ def plot(m, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for (name, s), ax in ((item, ax) for item in m["sae"]["sweep"].items() for ax in axes[0]):
-        y = s["fvu"] if ax is axes[0, 0] else s["delta_ce"]
-        ax.scatter(s["l0"], y, marker="o" if s["kind"] == "topk" else "s")
-        ax.annotate(name, (s["l0"], y), fontsize=7)
+    for name, s in m["sae"]["sweep"].items():
+        for ax, y in ((axes[0, 0], s["fvu"]), (axes[0, 1], s["delta_ce"])):
+            ax.scatter(s["l0"], y, marker="o" if s["kind"] == "topk" else "s")
+            ax.annotate(name, (s["l0"], y), fontsize=7)
     axes[0, 0].set(xscale="log", xlabel="L0", ylabel="FVU (held-out tokens)",
                    title="reconstruction vs sparsity")
     axes[0, 1].set(xscale="log", xlabel="L0", ylabel="delta CE (nats)", title="spliced loss vs sparsity")

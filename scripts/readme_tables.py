@@ -275,7 +275,7 @@ def interp_table(base, seeds):
            "| " + " | ".join([spread([s[k] for s in main], "{:.1f}" if k == "l0" else "{:.3f}")
                               for k, _ in INTERP_SAE]
                              + [spread([len(s[k]) for s in main], "{:.1f}")
-                                for k in ("monosemantic", "half_clean", "monosemantic_any") if k in main[0]]
+                                for k in ("monosemantic", "half_clean", "monosemantic_any")]
                              + [spread([len(m["sae"]["probe_captured"]) for m in runs], "{:.1f}")])
            + " |", "", "| model | " + " | ".join(label for _, label in INTERP_RATES) + " |",
            "|---" * (1 + len(INTERP_RATES)) + "|"]
