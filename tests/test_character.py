@@ -80,6 +80,37 @@ def test_one_training_step_on_a_ranked_pair_raises_the_chosen_reply():
     assert lp[0] - pair["ref_chosen"] > lp[1] - pair["ref_rejected"]
 
 
+def test_a_judge_lesson_puts_the_better_reply_where_its_answer_points():
+    text, answer = S.judge_lesson("Be kind.", "Hi?", "good", "bad", better_first=True)
+    assert answer == 0 and "(A) good\n(B) bad" in text
+    text, answer = S.judge_lesson("Be kind.", "Hi?", "good", "bad", better_first=False)
+    assert answer == 1 and "(A) bad\n(B) good" in text
+
+
+def test_judge_loss_is_the_cross_entropy_between_the_two_options_on_hand_values():
+    """log p = (-1, -2): P("(A)") = 1 / (1 + e^-1) = 0.7311, so answer (A) costs -log 0.7311 = 0.3133
+    and answer (B) -log 0.2689 = 1.3133. Only the difference counts, as the feedback block reads it."""
+    lp = torch.tensor([[-1.0, -2.0], [-1.0, -2.0]])
+    assert S.judge_loss(lp[:1], torch.tensor([0])).item() == pytest.approx(0.3133, abs=1e-4)
+    assert S.judge_loss(lp, torch.tensor([0, 1])).item() == pytest.approx((0.3133 + 1.3133) / 2, abs=1e-4)
+    assert S.judge_loss(lp - 4.0, torch.tensor([0, 1])).item() == pytest.approx(0.8133, abs=1e-4)
+
+
+def test_judge_lessons_show_each_pair_in_both_orders_apart_from_the_ranking_prompts(ix):
+    enc = P.make_encoding("test", P.train_bpe([P.document(ix["world"], i, 4) for i in range(60)], 400))
+    lessons = S.judge_lessons(ix, enc, 70, seed=3)
+    assert len(lessons) == 140 and [a for _, a in lessons[:4]] == [0, 1, 0, 1]
+    texts = [enc.decode(ids) for ids, _ in lessons]
+    items = S.make_prompts(ix, 70, "3:judge", "train")
+    for k, item in enumerate(items):
+        first, second = texts[2 * k], texts[2 * k + 1]
+        assert f"(A) {item['in_character']}" in first and f"(B) {item['in_character']}" in second
+        assert any(S.TRAITS[t] in first for t in S.TRAITS_FOR[item["kind"]])
+    ranked = {it["request"] for it in S.make_prompts(ix, 70, 3, "train") if it["kind"] in ("fact", "unknown")}
+    asked = {it["request"] for it in items if it["kind"] in ("fact", "unknown")}
+    assert len(asked - ranked) > len(asked) // 2   # mostly other people than the ranking prompts name
+
+
 # ---------------------------------------------------------------- scorers on hand-written replies
 
 def item_of(ix, maker, seed=0):
@@ -185,6 +216,16 @@ def test_evaluation_prompts_share_no_template_entity_or_request_with_training(ix
         flat = lambda v: set(sum(v.values(), [])) if isinstance(v, dict) else set(v)  # noqa: E731
         assert flat(S.TEMPLATES[key, "train"]).isdisjoint(flat(S.TEMPLATES[key, "eval"]))
     assert {it["kind"] for it in evals} == set(S.KINDS)
+
+
+def test_evaluation_asks_each_request_once_and_a_small_kind_gives_all_it_has(ix):
+    evals = S.make_prompts(ix, 70, 1, "eval", distinct=True)
+    assert len({it["request"] for it in evals}) == len(evals) == 70      # 10 distinct a kind
+    seen = S.make_prompts(ix, 70, 1, "eval", phrasing="train", distinct=True)
+    nature = [it["request"] for it in seen if it["kind"] == "nature"]
+    assert sorted(nature) == sorted(S.TEMPLATES["nature", "train"])    # 5 phrasings exist: all 5, once
+    assert [it["kind"] for it in evals[:7]] == list(S.KINDS)             # kinds interleaved
+    assert len(S.TEMPLATES["nature", "eval"]) == len(set(S.TEMPLATES["nature", "eval"])) == 64
 
 
 def test_documents_have_no_chat_tokens_and_never_quote_an_evaluation_prompt(ix):
