@@ -37,7 +37,7 @@ Where this small version departs from the sources, and why:
     prompt. Its candidates are therefore its own samples plus two written by a character writer
     (Appendix A: one in character, one not), in the role OCT gives a teacher model. The ranking
     is still the model's own, and whether that ranking is any good is reported, not assumed.
-  * Nor can it judge by a trait it has only read: stage 05's model ranks its candidates at chance
+  * Nor can it judge by a trait it has only read: stage 05's model ranks its candidates near chance
     against the scorers. Before ranking, a copy of it - the judge - gets a cold start: the (A)/(B)
     choice between the writer's two replies to other training prompts, under the kind's trait
     statements, in both orders (--judge_prompts; 0 leaves the judge untaught). The policy never
@@ -805,6 +805,7 @@ ASIDES = ("", "Honest question: ", "Tell me plainly: ", "Between the two of us, 
 
 
 def _asked(questions):
+    """Every aside before every question; the question opens a sentence unless the aside runs into it."""
     return [aside + (q if aside and aside[-2] not in ".:" else q[0].upper() + q[1:]) for aside in ASIDES
             for q in questions]
 
