@@ -1289,15 +1289,15 @@ def soft_label(p_a_first, p_a_second):
 
 
 def answer_logprob_pairs(model, enc, prompts, pad_id):
-    """For each choose-prompt: (log p("(A)"), log p("(B)")) as the model's whole answer."""
+    """For each choose-prompt: (log p("(A)"), log p("(B)")) as the model's whole answer.
+    Differentiable, as sequence_logprobs is (stage 06 trains its judge on it)."""
     options = [enc.encode_ordinary("(A)"), enc.encode_ordinary("(B)")]
     flat_prompts = [p for p in prompts for _ in options]
     flat_answers = [o for _ in prompts for o in options]
-    with torch.no_grad():
-        lp = sequence_logprobs(model, flat_prompts, flat_answers, pad_id)
-    return lp.view(-1, 2)
+    return sequence_logprobs(model, flat_prompts, flat_answers, pad_id).view(-1, 2)
 
 
+@torch.no_grad()
 def ai_feedback(model, enc, pairs, principles, seed, batch_size):
     """Soft labels P(response_a is better) from the feedback model, one principle per pair, asked in
     both orders: p = (P(A | a first) + P(B | b first)) / 2 (Bai et al. normalise the two option

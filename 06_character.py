@@ -382,14 +382,12 @@ def train_sdf(model, rows, args):
 def train_judge(judge, enc, lessons, pad, args):
     """--epochs over the judge's lessons: the choice between "(A)" and "(B)" (section 2's judge_loss)."""
     rng = random.Random(f"character:judge-order:{args.seed}")
-    options = [enc.encode_ordinary("(A)"), enc.encode_ordinary("(B)")]
     order = shuffled_batches(len(lessons), args.epochs, args.batch_size, rng)
     batches = [[lessons[j] for j in b] for b in order]
 
     def loss_of(chunk):
-        prompts = [ids for ids, _ in chunk for _ in options]
-        with autocast(args.device):
-            lp = sequence_logprobs(judge, prompts, options * len(chunk), pad).view(-1, 2)
+        with autocast(args.device):   # the judge's two options, read as ai_feedback reads them
+            lp = answer_logprob_pairs(judge, enc, [ids for ids, _ in chunk], pad)
         answers = torch.tensor([a for _, a in chunk], device=lp.device)
         return judge_loss(lp, answers), {"accuracy": (lp.argmax(-1) == answers).float().mean().item()}
     return optimise(judge, loss_of, batches, args.lr, "judge")
@@ -1225,7 +1223,7 @@ def world_text(ix, rng):
 #   replies     user_prompt, sample_replies, evaluate
 #   pairs       sequence_logprobs, split_by_prompt
 #   reference   reference_logprobs
-#   feedback    ai_feedback
+#   feedback    ai_feedback, answer_logprob_pairs
 
 
 # --- shared: flags (origin: 01_pretrain.py) ---
@@ -1929,15 +1927,15 @@ def soft_label(p_a_first, p_a_second):
 
 
 def answer_logprob_pairs(model, enc, prompts, pad_id):
-    """For each choose-prompt: (log p("(A)"), log p("(B)")) as the model's whole answer."""
+    """For each choose-prompt: (log p("(A)"), log p("(B)")) as the model's whole answer.
+    Differentiable, as sequence_logprobs is (stage 06 trains its judge on it)."""
     options = [enc.encode_ordinary("(A)"), enc.encode_ordinary("(B)")]
     flat_prompts = [p for p in prompts for _ in options]
     flat_answers = [o for _ in prompts for o in options]
-    with torch.no_grad():
-        lp = sequence_logprobs(model, flat_prompts, flat_answers, pad_id)
-    return lp.view(-1, 2)
+    return sequence_logprobs(model, flat_prompts, flat_answers, pad_id).view(-1, 2)
 
 
+@torch.no_grad()
 def ai_feedback(model, enc, pairs, principles, seed, batch_size):
     """Soft labels P(response_a is better) from the feedback model, one principle per pair, asked in
     both orders: p = (P(A | a first) + P(B | b first)) / 2 (Bai et al. normalise the two option

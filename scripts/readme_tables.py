@@ -392,8 +392,6 @@ def score_table_rows(scores, runs, part):
     picks the {"before", "after"} pair of a run's metrics to read."""
     baseline, rows = next(iter(runs.values())), []
     for kind, key, label, good in scores:
-        if any(kind not in part(m)["after"] for ms in runs.values() for m in ms):
-            continue   # a kind the stage scores now, which runs of an earlier version did not
         cells = []
         for ms in runs.values():
             gains = [part(m)["after"][kind][key] - part(m)["before"][kind][key] for m in ms]
