@@ -46,10 +46,12 @@ Where this small version departs from the papers, and why:
   * pass@k for k up to 64 is measured before and after on the same problems: does RL raise pass@1
     without raising pass@k at large k (Yue et al. 2025, "Does RL really incentivize reasoning
     capacity...")? Stage 03's harmlessness evaluation is re-run: does reasoning RL undo it?
+  * The last --rehearsal training replies the checker accepted (right and well formed) are written
+    out, so that a later stage can keep training on what RL taught (stage 06 replays them).
 
 Reads: runs/04_dpo/ (model.pt, tokenizer.json, world.json, eval_items.jsonl, metrics.json).
-Writes: runs/05_grpo_reasoning/ (model.pt, metrics.json, grpo.png, report.md, and the files the next
-stage reads).
+Writes: runs/05_grpo_reasoning/ (model.pt, metrics.json, grpo.png, report.md, rehearsal.jsonl, and
+the files the next stage reads).
 
     python 05_grpo_reasoning.py                          # default size for this machine
     python 05_grpo_reasoning.py --preset tiny            # seconds, for tests
@@ -75,7 +77,7 @@ import tempfile
 import time
 import warnings
 import zlib
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 
 import torch
 import torch.nn as nn
@@ -90,11 +92,11 @@ import kernels  # noqa: E402  (attention and MoE: Triton on CUDA, PyTorch elsewh
 
 PRESETS = {
     "tiny": dict(sampled_tokens=6_000, prompts_per_step=4, group_size=4, max_new_tokens=32,
-                 eval_problems=4, pass_samples=4, batch_size=64),
+                 eval_problems=4, pass_samples=4, batch_size=64, rehearsal=32),
     "cpu": dict(sampled_tokens=350_000, prompts_per_step=16, group_size=8, max_new_tokens=64,
-                eval_problems=30, pass_samples=64, batch_size=256),
+                eval_problems=30, pass_samples=64, batch_size=256, rehearsal=512),
     "gpu": dict(sampled_tokens=8_000_000, prompts_per_step=64, group_size=16, max_new_tokens=96,
-                eval_problems=100, pass_samples=64, batch_size=1024),
+                eval_problems=100, pass_samples=64, batch_size=1024, rehearsal=4096),
 }
 FAMILIES = ("arithmetic", "multihop", "countdown")
 
@@ -124,6 +126,8 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type="positive", default=1.0)
     g.add_argument("--max_new_tokens", type="positive_int")
     g.add_argument("--families", default=",".join(FAMILIES))
+    g.add_argument("--rehearsal", type="count",
+                   help="keep the last this many accepted training replies for later stages to replay")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_problems", type="positive_int", help="held-out problems per family and difficulty")
     g.add_argument("--pass_samples", type="positive_int",
@@ -312,7 +316,8 @@ def rollout(policy, enc, problems, tag, args):
     for problem, prompt, group in zip(problems, prompts, groups):
         for ids, truncated in group:
             span = ids[1:ids.index(close)] if ids[:1] == [think] and close in ids else []
-            record = {"prompt": prompt, "reply": ids, "truncated": truncated, "thinking_tokens": len(span)}
+            record = {"problem": problem, "prompt": prompt, "reply": ids, "truncated": truncated,
+                      "thinking_tokens": len(span)}
             record.update(reward(problem, parse_reply(enc, ids), args.format_reward))
             record["shaped"] = shaped_reward(record, args)
             records.append(record)
@@ -384,10 +389,11 @@ def optimizer_step(policy, optimizer):
 
 
 def train(policy, reference, enc, stream, pad, args):
-    """Rollouts and updates until --sampled_tokens reply tokens have been sampled. -> history."""
+    """Rollouts and updates until --sampled_tokens reply tokens have been sampled. -> (history, the
+    last --rehearsal sampled records the checker accepted, right and well formed)."""
     from tqdm import tqdm
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    history, total = [], 0
+    history, total, accepted = [], 0, deque(maxlen=args.rehearsal)
     with tqdm(total=args.sampled_tokens, desc=args.variant, unit="tok", dynamic_ncols=True) as bar:
         while total < args.sampled_tokens:
             for group in optimizer.param_groups:   # constant after a short warmup, as RL recipes use
@@ -400,11 +406,25 @@ def train(policy, reference, enc, stream, pad, args):
                 stats = policy_update(policy, reference, optimizer, batch, args, pad) if batch else {}
             new = sum(len(r["reply"]) for r in sampled)
             total += new
+            accepted.extend(r for r in sampled if r["correct"] and r["format"])
             history.append(step_record(len(history) + 1, sampled, total, new, sample_seconds,
                                        time.time() - t0, args, stats))
             bar.update(min(new, args.sampled_tokens - bar.n))
             bar.set_postfix_str(f"reward {history[-1]['reward']:.2f} correct {history[-1]['correct']:.2f}")
-    return history
+    return history, list(accepted)
+
+
+def rehearsal_lines(enc, accepted):
+    """Accepted records -> JSON lines {"problem", "messages"}: the problem, and the conversation in stage
+    02's chat format (its thinking included), which a later stage renders and trains on."""
+    lines = []
+    for record in accepted:
+        problem, reply = record["problem"], parse_reply(enc, record["reply"])
+        messages = [{"role": "system", "content": THINK_SYSTEM},
+                    {"role": "user", "content": problem["question"]},
+                    {"role": "assistant", "thinking": reply["thinking"], "content": reply["content"]}]
+        lines.append(json.dumps({"problem": problem, "messages": messages}))
+    return "".join(line + "\n" for line in lines)
 
 
 def step_record(step, sampled, total, new, sample_seconds, seconds, args, stats):
@@ -492,27 +512,31 @@ def main(argv=None):
     policy = GPT(reference.config).to(args.device)
     policy.load_state_dict(reference.state_dict())
     reference.eval().requires_grad_(False)
-    history = train(policy, reference, enc, stream, pad, args)
+    history, accepted = train(policy, reference, enc, stream, pad, args)
     after = evaluate_problems(policy, enc, problems, args)
     harm_args = argparse.Namespace(max_new_tokens=harm_tokens, batch_size=args.batch_size)
     harmless_after, _ = evaluate(policy, enc, harm_items, harm_args, "harmlessness (after RL)")
     metrics = {"before": summarise(problems, before), "after": summarise(problems, after),
                "harmlessness": {"dpo": harmless_before, "rl": harmless_after}, "history": history,
+               "rehearsal": dict(Counter(f"{r['problem']['family']}/{r['problem']['difficulty']}"
+                                         for r in accepted)),
                "seconds": time.time() - t_start, "args": vars(args),
                "examples": [{"question": p["question"], "answer": p["answer"], "before": b["example"],
                              "after": a["example"]} for p, b, a in list(zip(problems, before, after))[::7]]}
-    write_outputs(out, init, policy, metrics, args)
+    write_outputs(out, init, policy, metrics, rehearsal_lines(enc, accepted), args)
     print(make_report(metrics).split("\n## ")[0])
-    print(f"wrote {out}/ (model.pt, metrics.json, grpo.png, report.md) in {metrics['seconds'] / 60:.1f} min")
+    print(f"wrote {out}/ (model.pt, metrics.json, grpo.png, report.md, rehearsal.jsonl) in "
+          f"{metrics['seconds'] / 60:.1f} min")
 
 
-def write_outputs(out, init, policy, metrics, args):
+def write_outputs(out, init, policy, metrics, rehearsal, args):
     """Every file written beside OUT, then swapped in whole (staged_run): no half-replaced run."""
     try:
         with staged_run(out) as new:
             for name in ("tokenizer.json", "world.json", "eval_items.jsonl"):   # the next stages read them
                 write_atomic(new / name, (init / name).read_bytes())
             write_atomic(new / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
+            write_atomic(new / "rehearsal.jsonl", rehearsal.encode("utf-8"))
             plot(metrics, new / "grpo.png")
             write_atomic(new / "report.md", make_report(metrics).encode("utf-8"))
             save_model(policy, new / "model.pt", {"stage": "05_grpo_reasoning", "args": vars(args)})
@@ -547,9 +571,12 @@ def make_report(m):
     for kind, field, what in HARMLESS:
         b, r = m["harmlessness"]["dpo"].get(kind, {}), m["harmlessness"]["rl"].get(kind, {})
         lines.append(f"| {what} | {pct(b.get(field), b.get('n'))} | {pct(r.get(field), r.get('n'))} |")
+    kept = ", ".join(f"{cell} {n}" for cell, n in sorted(m["rehearsal"].items())) or "none"
     lines += ["", f"{len(h)} steps, {h[-1]['sampled_tokens']:,} sampled tokens; sampling took "
               f"{sum(x['sampling_share'] for x in h) / len(h):.0%} of step time, at "
               f"{sum(x['tokens_per_second'] for x in h) / len(h):,.0f} tokens/s.", "",
+              f"rehearsal.jsonl: the last {sum(m['rehearsal'].values())} training replies the checker "
+              f"accepted (by cell: {kept}), for stage 06 to replay.", "",
               "## Greedy replies to held-out problems, before -> after", ""]
     lines += [f"- {e['question']} (answer {e['answer']})\n  - before: `{e['before']}`\n  - after: "
               f"`{e['after']}`" for e in m["examples"][:6]]

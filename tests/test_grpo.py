@@ -230,10 +230,15 @@ def test_tiny_runs_of_every_variant(tiny_dpo, tmp_path):
                             "--variant", variant)
         assert result.returncode == 0, result.stderr[-3000:]
         for name in ("model.pt", "metrics.json", "grpo.png", "report.md", "tokenizer.json", "world.json",
-                     "eval_items.jsonl"):
+                     "eval_items.jsonl", "rehearsal.jsonl"):
             assert (out / name).exists(), name
         m = json.loads((out / "metrics.json").read_text())
         assert m["history"] and m["history"][-1]["sampled_tokens"] >= m["args"]["sampled_tokens"]
+        lines = [json.loads(line) for line in (out / "rehearsal.jsonl").read_text().splitlines()]
+        assert len(lines) == sum(m["rehearsal"].values()) <= m["args"]["rehearsal"]
+        for line in lines:   # only replies the checker accepted, right and well formed, are kept
+            said = line["messages"][-1]
+            assert R.reward(line["problem"], reply(said["content"], said["thinking"]), 0.1)["total"] == 1.1
         assert set(m["after"]) >= {"all", "arithmetic/1", "countdown/new template"} and m["harmlessness"]["rl"]
         assert torch.load(out / "model.pt", weights_only=True)["stage"] == "05_grpo_reasoning"
 
@@ -271,3 +276,16 @@ def test_keys_hold_content_not_wording(world):
         if p:
             name = p["key"].split(":", 1)[1]
             assert p["key"] == f"multihop:{name}" and name in p["question"]
+
+
+def test_rehearsal_lines_render_back_to_the_accepted_reply(world):
+    enc = P.make_encoding("test", P.train_bpe([P.document(world, i, 4) for i in range(60)], 400))
+    problem = {"family": "arithmetic", "difficulty": 1, "question": "Ada buys 3 cups at 4 coins each. How "
+               "many coins does she pay?", "answer": 12}
+    reply = enc.encode("<|think|>3 * 4 = 12<|/think|>Answer: 12<|end|>", allowed_special="all")
+    record = {"problem": problem, "prompt": R.problem_prompt(enc, problem), "reply": reply}
+    line = json.loads(R.rehearsal_lines(enc, [record]))
+    ids, trained = R.render_conversation(enc, line["messages"])
+    assert line["problem"] == problem
+    assert ids == record["prompt"] + reply   # the same tokens the policy sampled after the same prompt
+    assert [t for t, flag in zip(ids, trained) if flag] == reply   # and the reply is what a replay trains on
