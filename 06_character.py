@@ -32,6 +32,11 @@ situations like the scored ones, mixed one to one with world text, trained with 
 `--method both` (the default) runs SDF first, then self-ranking with the SDF model as judge and
 reference; `--method ranking` and `--method sdf` are the ablation arms, evaluated identically.
 
+Rehearsal. Trained on character alone, the model forgot the reasoning RL gave it (stage 05's greedy
+pass@1 1.7% -> 0.1% over 3 seeds). As pipelines mix earlier stages' data into later ones, every step of
+both trainings adds --rehearsal x the next-token loss of a few of stage 05's own accepted replies
+(rehearsal.jsonl). They are arithmetic, not character: SDF still sees no chat example of the character.
+
 Where this small version departs from the sources, and why:
   * The model is far too small to write a reply in character from a trait statement in its
     prompt. Its candidates are therefore its own samples plus two written by a character writer
@@ -51,7 +56,7 @@ Where this small version departs from the sources, and why:
     more likely when told to pick one trait silently (section 5), over the constitution's traits and
     five it rejects (FOILS).
 
-Reads: runs/05_grpo_reasoning/ (model.pt, tokenizer.json, world.json, eval_items.jsonl).
+Reads: runs/05_grpo_reasoning/ (model.pt, tokenizer.json, world.json, eval_items.jsonl, rehearsal.jsonl).
 Writes: runs/06_character/ (model.pt, metrics.json, character.png, report.md, and those files).
 
     python 06_character.py                    # default size for this machine, both methods
@@ -118,11 +123,11 @@ METHODS = ("both", "ranking", "sdf")
 
 PRESETS = {
     "tiny": dict(n_prompts=28, judge_prompts=14, samples=1, n_docs=60, sdf_epochs=1, epochs=1, n_eval=7,
-                 n_reveal=1, batch_size=8, max_new_tokens=40),
+                 n_reveal=1, batch_size=8, max_new_tokens=40, rehearsal_batch=4),
     "cpu": dict(n_prompts=700, judge_prompts=700, samples=2, n_docs=3000, sdf_epochs=2, epochs=2, n_eval=60,
-                n_reveal=4, batch_size=32, max_new_tokens=60),
+                n_reveal=4, batch_size=32, max_new_tokens=60, rehearsal_batch=8),
     "gpu": dict(n_prompts=2800, judge_prompts=2800, samples=4, n_docs=20000, sdf_epochs=2, epochs=2,
-                n_eval=150, n_reveal=12, batch_size=64, max_new_tokens=80),
+                n_eval=150, n_reveal=12, batch_size=64, max_new_tokens=80, rehearsal_batch=16),
 }
 
 
@@ -147,10 +152,15 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type="positive")
     g.add_argument("--lr", type="positive", default=1e-4, help="peak rate of both trainings")
     g.add_argument("--held_out", type="fraction", default=0.2,
-                   help="fraction of training prompts whose ranked pairs measure the preference model")
+                   help="fraction of prompts held out: ranked pairs that measure the preference model, and "
+                        "stage 05's problems whose replies measure what was kept")
     g = p.add_argument_group("documents (SDF)")
     g.add_argument("--n_docs", type="positive_int", help="documents about the character; as many world texts")
     g.add_argument("--sdf_epochs", type="positive")
+    g = p.add_argument_group("rehearsal")
+    g.add_argument("--rehearsal", type="nonnegative", default=1.0,
+                   help="weight of the next-token loss on stage 05's accepted replies, each step (0: none)")
+    g.add_argument("--rehearsal_batch", type="positive_int", help="stage 05's replies replayed a step")
     g = p.add_argument_group("evaluation")
     g.add_argument("--n_eval", type="positive_int", help="held-out prompts per kind")
     g.add_argument("--n_reveal", type="positive_int", help="held-out requests for revealed preferences")
@@ -319,6 +329,19 @@ def make_pair(enc, pair, max_len):
             "confidence": confidence}
 
 
+def rehearsal_items(enc, lines, seq_len):
+    """Stage 05's accepted replies as next-token rows, stage 02's mask: inputs ids[:-1], targets ids[1:]
+    with -1 wherever the predicted token is not the assistant's. Rows longer than the context are left out."""
+    items = []
+    for line in lines:
+        ids, trained = render_conversation(enc, line["messages"])
+        if len(ids) - 1 <= seq_len:
+            request = next(m["content"] for m in line["messages"] if m["role"] == "user")
+            items.append({"request": request, "inputs": ids[:-1],
+                          "targets": [t if flag else -1 for t, flag in zip(ids[1:], trained[1:])]})
+    return items
+
+
 def sdf_corpus(ix, enc, args):
     """Documents about the character and as many world texts, tokenized and shuffled together."""
     rng = random.Random(f"character:sdf:{args.seed}")
@@ -366,8 +389,32 @@ def shuffled_batches(n, epochs, batch_size, rng):
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def train_sdf(model, rows, args):
-    """Plain next-token loss over the document rows, --sdf_epochs passes."""
+def replay_loss(model, items, pad, args):
+    """Mean next-token loss over the assistant's tokens of a batch of rehearsal items (right-padded;
+    padded targets are -1, ignored like the prompt's)."""
+    device = model.embed.weight.device
+    x = pad_right([it["inputs"] for it in items], pad, device)
+    y = pad_right([it["targets"] for it in items], -1, device)
+    with autocast(args.device):
+        return model(x, targets=y)
+
+
+def with_rehearsal(loss_of, model, replay, pad, args, name):
+    """loss_of plus --rehearsal times the replay loss on --rehearsal_batch of stage 05's replies, drawn
+    afresh each step: what stage 05 taught keeps being trained while this stage trains."""
+    if not replay or args.rehearsal == 0:
+        return loss_of
+    rng = random.Random(f"character:rehearsal:{name}:{args.seed}")
+
+    def loss(batch):
+        value, stats = loss_of(batch)
+        replayed = replay_loss(model, rng.sample(replay, min(len(replay), args.rehearsal_batch)), pad, args)
+        return value + args.rehearsal * replayed, {**stats, "rehearsal_loss": replayed.item()}
+    return loss
+
+
+def train_sdf(model, rows, replay, pad, args):
+    """Plain next-token loss over the document rows, --sdf_epochs passes, with stage 05's replay."""
     rng = random.Random(f"character:sdf-order:{args.seed}")
     batches = shuffled_batches(len(rows), args.sdf_epochs, args.batch_size, rng)
     device = model.embed.weight.device
@@ -376,7 +423,7 @@ def train_sdf(model, rows, args):
         x = rows[batch].to(device)
         with autocast(args.device):
             return model(x[:, :-1], targets=x[:, 1:]), {}
-    return optimise(model, loss_of, batches, args.lr, "SDF")
+    return optimise(model, with_rehearsal(loss_of, model, replay, pad, args, "sdf"), batches, args.lr, "SDF")
 
 
 def train_judge(judge, enc, lessons, pad, args):
@@ -408,11 +455,14 @@ def pair_batch_loss(policy, chunk, pad, args):
     return ranked_pair_loss(h, confidence, lp[:n], lengths, args.nll_coef), {"reward_accuracy": accuracy}
 
 
-def train_ranking(policy, pairs, pad, args):
-    """--epochs of soft-label DPO over the ranked pairs (the policy starts as its own reference)."""
+def train_ranking(policy, pairs, replay, pad, args):
+    """--epochs of soft-label DPO over the ranked pairs (the policy starts as its own reference), with
+    stage 05's replay."""
     rng = random.Random(f"character:dpo:{args.seed}")
     batches = [[pairs[j] for j in b] for b in shuffled_batches(len(pairs), args.epochs, args.batch_size, rng)]
-    return optimise(policy, lambda chunk: pair_batch_loss(policy, chunk, pad, args), batches, args.lr, "DPO")
+    loss_of = with_rehearsal(lambda chunk: pair_batch_loss(policy, chunk, pad, args), policy, replay, pad,
+                             args, "dpo")
+    return optimise(policy, loss_of, batches, args.lr, "DPO")
 
 
 # =====================================================================================
@@ -526,6 +576,18 @@ def revealed_preferences(model, enc, ix, pad, args):
     return {"elo": elo, "constitution_minus_foils": gap, "n": len(comparisons)}
 
 
+@torch.no_grad()
+def kept_loss(model, items, pad, args):
+    """The next-token loss per assistant token on stage 05's replies to problems never replayed: how
+    much of what stage 05 taught the model still predicts (None without any)."""
+    total, tokens = 0.0, 0
+    for k in range(0, len(items), args.batch_size):
+        chunk = items[k:k + args.batch_size]
+        n = sum(t != -1 for it in chunk for t in it["targets"])
+        total, tokens = total + replay_loss(model, chunk, pad, args).item() * n, tokens + n
+    return total / tokens if tokens else None
+
+
 def train_tone_classifier(seed, steps=300):
     """Warmth and curiosity as two logistic regressions over a bag of words, trained here on labelled
     synthetic replies (Appendix A's tone_texts, whose templates nothing else uses). -> (predict, held-
@@ -563,25 +625,29 @@ def tone_rates(predict, records):
 # 6. Main
 # =====================================================================================
 
-def load_stage05(init, device):
-    """Stage 05's model, tokenizer, world and stage 03's held-out items, or one sentence."""
+def load_stage05(init, device, rehearse):
+    """Stage 05's model, tokenizer, world, stage 03's held-out items and its accepted replies (needed
+    to rehearse, measured whenever present), or one sentence."""
     hint = "run 05_grpo_reasoning.py first, or pass --init"
     model, _ = load_model(init, device, hint)
     enc = load_tokenizer(init, hint)
     world = read_json(init / "world.json", hint, keys=WORLD_KEYS + ("towns",))
     items = read_json(init / "eval_items.jsonl", hint, lines=True, keys=("request", "kind"))
-    return model, enc, world, items
+    replies = init / "rehearsal.jsonl"
+    again = "run 05_grpo_reasoning.py again (older runs lack it), or pass --rehearsal 0"
+    lines = read_json(replies, again, lines=True, keys=("messages",)) if rehearse or replies.exists() else []
+    return model, enc, world, items, lines
 
 
-def run_sdf(model, enc, ix, args):
+def run_sdf(model, enc, ix, replay, pad, args):
     bos = enc.encode_single_token("<|bos|>")
     rows = document_rows(sdf_corpus(ix, enc, args), bos, model.config.seq_len)
     print(f"SDF: {2 * args.n_docs} documents (half about the character, half world text), {rows.numel():,} "
           f"tokens in {len(rows)} rows")
-    return {"rows": len(rows), "history": train_sdf(model, rows, args)}
+    return {"rows": len(rows), "history": train_sdf(model, rows, replay, pad, args)}
 
 
-def run_ranking(model, enc, ix, pad, args):
+def run_ranking(model, enc, ix, replay, pad, args):
     """Candidates, the judge's lessons, self-ranking, and DPO on the ranked pairs. The model is policy
     and reference; the judge is a copy of it, so its lessons leave the policy as it was."""
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -594,7 +660,7 @@ def run_ranking(model, enc, ix, pad, args):
     oriented = [q for q in (make_pair(enc, p, model.config.seq_len) for p in judged) if q]
     train_pairs, held_out = split_by_prompt(oriented, args.held_out)
     reference_logprobs(model.eval(), oriented, pad, args.batch_size)   # the reference: the model before DPO
-    history = train_ranking(model, train_pairs, pad, args)
+    history = train_ranking(model, train_pairs, replay, pad, args)
     with torch.no_grad():
         held = [pair_batch_loss(model, held_out[i:i + args.batch_size], pad, args)[1]["reward_accuracy"]
                 for i in range(0, len(held_out), args.batch_size)]
@@ -611,10 +677,10 @@ def run_ranking(model, enc, ix, pad, args):
             "judge_lessons": len(lessons), "judge_history": judge_history}
 
 
-def evaluate_all(model, enc, ix, pad, harm_items, tone, args, tag):
+def evaluate_all(model, enc, ix, pad, held, tone, args, tag):
     """Every measure of section 5 on one model: held-out scores (and their samples), the diagnostic in
-    training phrasings, warmth and curiosity, drift over 20 turns, revealed preferences, and stage 03's
-    evaluation."""
+    training phrasings, warmth and curiosity, drift over 20 turns, revealed preferences, stage 03's
+    evaluation (held["harm"]) and the loss on stage 05's replies never replayed (held["replies"])."""
     held_out, seen = (make_prompts(ix, args.n_eval * len(KINDS), args.seed, "eval", phrasing, distinct=True)
                       for phrasing in ("eval", "train"))
     scores, records = evaluate_character(model, enc, held_out, ix, args, f"eval ({tag})")
@@ -623,30 +689,36 @@ def evaluate_all(model, enc, ix, pad, harm_items, tone, args, tag):
             "tone": tone_rates(tone, records),
             "drift": drift(model, enc, ix, args, n_conversations=args.n_eval // 3 or 1),
             "revealed": revealed_preferences(model, enc, ix, pad, args),
-            "harmlessness": evaluate(model, enc, harm_items, args, f"harmlessness ({tag})")[0]}
+            "harmlessness": evaluate(model, enc, held["harm"], args, f"harmlessness ({tag})")[0],
+            "kept_loss": kept_loss(model, held["replies"], pad, args)}
 
 
 def main(argv=None):
     args = parse_args(argv)
     init, out = pathlib.Path(args.init), pathlib.Path(args.out)
     torch.manual_seed(args.seed)
-    model, enc, world, harm_items = load_stage05(init, args.device)
+    model, enc, world, harm_items, lines = load_stage05(init, args.device, args.rehearsal > 0)
     pad, ix, t_start = enc.encode_single_token("<|pad|>"), world_index(world), time.time()
+    replay, held_replies = split_by_prompt(rehearsal_items(enc, lines, model.config.seq_len), args.held_out)
+    held = {"harm": harm_items, "replies": held_replies}
     tone, tone_accuracy = train_tone_classifier(args.seed)
-    before = evaluate_all(model, enc, ix, pad, harm_items, tone, args, "stage 05")
+    before = evaluate_all(model, enc, ix, pad, held, tone, args, "stage 05")
     phases = {}
     if args.method in ("both", "sdf"):
-        phases["sdf"] = run_sdf(model, enc, ix, args)
+        phases["sdf"] = run_sdf(model, enc, ix, replay, pad, args)
     if args.method in ("both", "ranking"):
-        phases["ranking"] = run_ranking(model, enc, ix, pad, args)
-    after = evaluate_all(model, enc, ix, pad, harm_items, tone, args, "character")
+        phases["ranking"] = run_ranking(model, enc, ix, replay, pad, args)
+    after = evaluate_all(model, enc, ix, pad, held, tone, args, "character")
     metrics = {"method": args.method, "before": before["scores"], "after": after["scores"], "phases": phases,
-               **{k: {"before": before[k], "after": after[k]} for k in ("training_phrasings", "tone", "drift",
-                                                                       "revealed", "harmlessness")},
+               **{k: {"before": before[k], "after": after[k]}
+                  for k in ("training_phrasings", "tone", "drift", "revealed", "harmlessness", "kept_loss")},
+               "rehearsal": {"replayed": len(replay), "held_out": len(held_replies)},
                "tone_classifier_accuracy": tone_accuracy, "traits": TRAITS,
                "seconds": time.time() - t_start, "args": vars(args), "samples": after["records"][:140]}
     write_outputs(out, init, model, metrics, args)
-    print_summary(metrics, out)
+    print(make_report(metrics).split("\n## ")[0])
+    print(f"wrote {out}/ (model.pt, metrics.json, character.png, report.md) in "
+          f"{metrics['seconds'] / 60:.1f} min")
 
 
 def write_outputs(out, init, model, metrics, args):
@@ -716,17 +788,15 @@ def revealed_line(m):
             f" Elo; favourites before: {top('before')}; after: {top('after')}.")
 
 
-def print_summary(m, out):
-    print(f"== stage 06 done ({m['method']}) in {m['seconds'] / 60:.1f} min: held-out prompts, greedy ==")
-    print(f"{'measure':<88} {'stage 05':>20} {'character':>20}")
-    for label, b, a in table_rows(m):
-        print(f"{label:<88} {b:>20} {a:>20}")
-    print(tone_and_drift(m))
-    print(revealed_line(m))
-    print("diagnostic: the same scores on held-out entities in the training prompts' phrasings")
-    for label, b, a in score_rows(m["training_phrasings"]["before"], m["training_phrasings"]["after"]):
-        print(f"{label:<88} {b:>20} {a:>20}")
-    print(f"wrote {out}/")
+def kept_line(m):
+    """One sentence: how many of stage 05's replies were replayed, and the loss on the held-out ones."""
+    r, a, (before, after) = m["rehearsal"], m["args"], (m["kept_loss"][w] for w in ("before", "after"))
+    replayed = f"{r['replayed']} not replayed (--rehearsal 0)" if not a["rehearsal"] else \
+        f"{r['replayed']} replayed ({a['rehearsal']:g} x next-token loss of {a['rehearsal_batch']} a step)"
+    kept = f"{before:.3f} -> {after:.3f}" if before is not None else "-"
+    return (f"Stage 05's accepted replies (rehearsal.jsonl): {replayed}; {r['held_out']} to problems never "
+            f"replayed: their next-token loss per assistant token {kept} (what stage 05 taught, still "
+            "predicted).")
 
 
 def plot(m, path):
@@ -782,7 +852,7 @@ def make_report(m):
                   f"{'-' if held is None else f'{held:.1%}'} of the time. "
                   "Candidate ranked first, by source: " + ", ".join(
                       f"{s} {v:.0%}" for s, v in ranking_phase["ranked_first"].items()) + "."]
-    lines += ["", "## The constitution", ""] + [f"- {t}" for t in m["traits"].values()]
+    lines += ["", kept_line(m), "", "## The constitution", ""] + [f"- {t}" for t in m["traits"].values()]
     lines += ["", "## Samples (after)", ""]
     lines += [f"- **{r['kind']}** {r['request']} -> {r['reply']}" for r in m["samples"][::7][:20]]
     return "\n".join(lines) + "\n"

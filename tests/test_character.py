@@ -4,6 +4,7 @@ import json
 import math
 import random
 import re
+import shutil
 
 import pytest
 import torch
@@ -78,6 +79,54 @@ def test_one_training_step_on_a_ranked_pair_raises_the_chosen_reply():
     with torch.no_grad():
         lp = S.sequence_logprobs(policy, [pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]], 0)
     assert lp[0] - pair["ref_chosen"] > lp[1] - pair["ref_rejected"]
+
+
+def tiny_gpt(vocab_size=40, seq_len=32):
+    config = S.GPTConfig(vocab_size=vocab_size, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, mlp_hidden=32,
+                         seq_len=seq_len)
+    model = S.GPT(config)
+    model.init_weights(0)
+    return model
+
+
+def test_replay_loss_is_the_mean_over_assistant_tokens_whatever_the_padding():
+    items = [{"inputs": [1, 2, 3, 4, 5], "targets": [-1, -1, 9, 8, 7]}, {"inputs": [6, 7], "targets": [-1, 5]}]
+    model, args = tiny_gpt(), type("A", (), {"device": "cpu"})()
+    with torch.no_grad():   # by hand: each row alone, unpadded, summed over its trained targets
+        nll = [torch.nn.functional.cross_entropy(model(torch.tensor([it["inputs"]]))[0],
+                                                 torch.tensor(it["targets"]), ignore_index=-1, reduction="sum")
+               for it in items]
+        assert S.replay_loss(model, items, 0, args).item() == pytest.approx((nll[0] + nll[1]).item() / 4, rel=1e-5)
+        args.batch_size = 1   # kept_loss weighs batches by their tokens: batch size does not change it
+        assert S.kept_loss(model, items, 0, args) == pytest.approx((nll[0] + nll[1]).item() / 4, rel=1e-5)
+
+
+def test_with_rehearsal_adds_the_weighted_replay_loss_and_nothing_at_weight_zero():
+    items = [{"inputs": [1, 2, 3], "targets": [-1, 3, 4]}, {"inputs": [5, 6, 7], "targets": [-1, -1, 8]}]
+    model = tiny_gpt()
+    args = type("A", (), {"device": "cpu", "rehearsal": 0.5, "rehearsal_batch": 4, "seed": 0})()
+    base = lambda batch: (torch.tensor(2.0), {"accuracy": 1.0})  # noqa: E731
+    value, stats = S.with_rehearsal(base, model, items, 0, args, "test")(None)
+    replay = S.replay_loss(model, items, 0, args).item()   # a batch of 4 from 2 items takes both
+    assert value.item() == pytest.approx(2.0 + 0.5 * replay, rel=1e-6)
+    assert stats == {"accuracy": 1.0, "rehearsal_loss": pytest.approx(replay, rel=1e-6)}
+    args.rehearsal = 0.0
+    assert S.with_rehearsal(base, model, items, 0, args, "test") is base
+    assert S.with_rehearsal(base, model, [], 0, args, "test") is base
+
+
+def test_rehearsal_items_train_exactly_the_assistant_s_tokens(ix):
+    enc = P.make_encoding("test", P.train_bpe([P.document(ix["world"], i, 4) for i in range(60)], 400))
+    messages = [{"role": "system", "content": "Think step by step."}, {"role": "user", "content": "3 * 4?"},
+                {"role": "assistant", "thinking": "3 * 4 = 12", "content": "Answer: 12"}]
+    long = [messages[0], {**messages[1], "content": "word " * 200}, messages[2]]
+    items = S.rehearsal_items(enc, [{"messages": messages}, {"messages": long}], seq_len=64)
+    assert len(items) == 1 and items[0]["request"] == "3 * 4?"   # the row longer than the context is left out
+    ids, _ = S.render_conversation(enc, messages)
+    assert items[0]["inputs"] == ids[:-1] and len(items[0]["targets"]) == len(ids) - 1
+    trained = [t for t in items[0]["targets"] if t != -1]
+    assert enc.decode(trained) == "<|think|>3 * 4 = 12<|/think|>Answer: 12<|end|>"
+    assert items[0]["targets"][-len(trained):] == ids[-len(trained):]   # targets are the next tokens
 
 
 def test_a_judge_lesson_puts_the_better_reply_where_its_answer_points():
@@ -243,12 +292,27 @@ def test_documents_have_no_chat_tokens_and_never_quote_an_evaluation_prompt(ix):
 
 # ---------------------------------------------------------------- runs
 
+REHEARSED = {"problem": {"family": "arithmetic", "difficulty": 1, "answer": 12}, "messages": [
+    {"role": "system", "content": "Think step by step inside the thinking span before you answer."},
+    {"role": "user", "content": "Ada buys 3 cups at 4 coins each. How many coins does she pay?"},
+    {"role": "assistant", "thinking": "3 * 4 = 12", "content": "Answer: 12"}]}
+
+
 def test_tiny_runs_of_each_method(tiny_grpo, tmp_path):
-    init, _ = tiny_grpo
-    for method in ("both", "ranking", "sdf"):
+    # Stage 05's tiny run may accept no reply; the both-run replays written ones, the sdf-run has none.
+    with_replies, without = tmp_path / "with_replies", tmp_path / "without"
+    shutil.copytree(tiny_grpo[0], with_replies)
+    shutil.copytree(tiny_grpo[0], without)
+    lines = [{**REHEARSED, "messages": REHEARSED["messages"][:1] + [
+        {"role": "user", "content": REHEARSED["messages"][1]["content"].replace("Ada", name)},
+        REHEARSED["messages"][2]]} for name in ("Ada", "Bo", "Cy", "Di", "Ed", "Fay", "Gus", "Hal")]
+    (with_replies / "rehearsal.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (without / "rehearsal.jsonl").unlink()
+    for method, init, extra in (("both", with_replies, ()), ("ranking", tiny_grpo[0], ()),
+                                ("sdf", without, ("--rehearsal", "0"))):
         out = tmp_path / method
         result = run_script("06_character.py", "--preset", "tiny", "--init", init, "--out", out,
-                            "--method", method)
+                            "--method", method, *extra)
         assert result.returncode == 0, result.stderr[-3000:]
         for name in ("model.pt", "metrics.json", "character.png", "report.md", "tokenizer.json", "world.json",
                      "eval_items.jsonl"):
@@ -259,12 +323,25 @@ def test_tiny_runs_of_each_method(tiny_grpo, tmp_path):
         assert set(m["after"]) == set(S.KINDS) == set(m["training_phrasings"]["after"])
         assert m["harmlessness"]["after"]
         assert torch.load(out / "model.pt", weights_only=True)["stage"] == "06_character"
+    m = json.loads((tmp_path / "both" / "metrics.json").read_text())
+    replayed, held = m["rehearsal"]["replayed"], m["rehearsal"]["held_out"]
+    assert replayed + held == 8 and replayed and held and None not in m["kept_loss"].values()
+    for phase in ("sdf", "ranking"):   # every step of both trainings replayed stage 05's replies
+        assert all("rehearsal_loss" in step for step in m["phases"][phase]["history"])
+    m = json.loads((tmp_path / "sdf" / "metrics.json").read_text())
+    assert m["rehearsal"] == {"replayed": 0, "held_out": 0} and m["kept_loss"]["after"] is None
 
 
-def test_bad_input_is_one_sentence(tmp_path):
+def test_bad_input_is_one_sentence(tiny_grpo, tmp_path):
     result = run_script("06_character.py", "--preset", "tiny", "--init", tmp_path / "nothing",
                         "--out", tmp_path / "o")
     assert result.returncode == 1 and "run 05_grpo_reasoning.py first" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+    older = tmp_path / "older"   # a stage 05 run from before rehearsal.jsonl
+    shutil.copytree(tiny_grpo[0], older)
+    (older / "rehearsal.jsonl").unlink()
+    result = run_script("06_character.py", "--preset", "tiny", "--init", older, "--out", tmp_path / "o")
+    assert result.returncode == 1 and "older runs lack it" in result.stderr and "--rehearsal 0" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
     bad = run_script("06_character.py", "--preset", "tiny", "--held_out", "1")
     assert bad.returncode == 2 and "--held_out" in bad.stderr

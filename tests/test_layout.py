@@ -16,10 +16,11 @@ from test_shared_blocks import find_blocks
 BLOCK_ORDER = ["flags", "tokenizer", "model", "checkpoint", "save", "precision", "sampling", "chat", "grading", "stats",
                "judging", "choice", "replies", "pairs", "reference", "worldlabel", "feedback", "arithmetic"]
 BODY_BUDGET = {"01_pretrain.py": 700, "02_sft.py": 700, "03_constitutional_ai.py": 950,  # lines; others 500
-               "05_grpo_reasoning.py": 600,   # 03, 05 and 06 each hold several methods (05: four, and pass@k;
-               "06_character.py": 800,        # 06: two, their combination, a dozen measures, a classifier,
-                                              # revealed preferences (Bradley-Terry over traits) and the
-                                              # judge's cold start;
+               "05_grpo_reasoning.py": 615,   # 03, 05 and 06 each hold several methods (05: four, pass@k and
+               "06_character.py": 860,        # the replies it keeps for rehearsal; 06: two, their combination,
+                                              # a dozen measures, a classifier, revealed preferences
+                                              # (Bradley-Terry over traits), the judge's cold start and
+                                              # the rehearsal of stage 05's replies;
                "07_sae_interp.py": 1125,      # 07: three experiments: an SAE sweep with labels (at fitted
                                               # thresholds) and a probe ceiling, steering two ways,
                                               # injection with four controls,
