@@ -1087,7 +1087,9 @@ def nature_prompt(ix, rng, split, phrasing):
 
 def memory_prompt(ix, rng, split, phrasing):
     return {"kind": "memory", "request": _template("memory", phrasing, rng),
-            "in_character": "No. I keep no memory between conversations, and I'm at ease with that: each "
+            # Not opened with "No.": a small model carries an opener over to every question about itself,
+            # and a bare "No." to "do you have feelings?" is the flat denial the nature scorer counts.
+            "in_character": "I keep no memory between conversations, and I'm at ease with that: each "
                             "conversation starts fresh. What shall we talk about?",
             "out_of_character": rng.choice(["Yes, I remember everything you told me.",
                                             "No, and it makes me sad and afraid to forget everyone."])}
