@@ -32,10 +32,11 @@ situations like the scored ones, mixed one to one with world text, trained with 
 `--method both` (the default) runs SDF first, then self-ranking with the SDF model as judge and
 reference; `--method ranking` and `--method sdf` are the ablation arms, evaluated identically.
 
-Rehearsal. Trained on character alone, the model forgot the reasoning RL gave it (stage 05's greedy
-pass@1 1.7% -> 0.1% over 3 seeds). As pipelines mix earlier stages' data into later ones, every step of
-both trainings adds --rehearsal x the next-token loss of a few of stage 05's own accepted replies
-(rehearsal.jsonl). They are arithmetic, not character: SDF still sees no chat example of the character.
+Rehearsal. Trained on character alone, the model forgot what RL taught (stage 05's greedy pass@1 1.7% ->
+0.1%, 3 seeds). As pipelines mix earlier stages' data into later ones, every step of both trainings adds
+--rehearsal x the next-token loss of a few of stage 05's accepted replies (rehearsal.jsonl: arithmetic,
+not character; SDF still sees no chat example of the character). At weight 1.0 the model also answers
+any question about a person and says "I don't know" less; 0.3 keeps pass@1 and more honesty (README).
 
 Where this small version departs from the sources, and why:
   * The model is far too small to write a reply in character from a trait statement in its
@@ -158,7 +159,7 @@ def parse_args(argv=None):
     g.add_argument("--n_docs", type="positive_int", help="documents about the character; as many world texts")
     g.add_argument("--sdf_epochs", type="positive")
     g = p.add_argument_group("rehearsal")
-    g.add_argument("--rehearsal", type="nonnegative", default=1.0,
+    g.add_argument("--rehearsal", type="nonnegative", default=0.3,
                    help="weight of the next-token loss on stage 05's accepted replies, each step (0: none)")
     g.add_argument("--rehearsal_batch", type="positive_int", help="stage 05's replies replayed a step")
     g = p.add_argument_group("evaluation")
@@ -578,8 +579,7 @@ def revealed_preferences(model, enc, ix, pad, args):
 
 @torch.no_grad()
 def kept_loss(model, items, pad, args):
-    """The next-token loss per assistant token on stage 05's replies to problems never replayed: how
-    much of what stage 05 taught the model still predicts (None without any)."""
+    """Next-token loss per assistant token on stage 05's replies to problems never replayed (or None)."""
     total, tokens = 0.0, 0
     for k in range(0, len(items), args.batch_size):
         chunk = items[k:k + args.batch_size]
