@@ -62,12 +62,17 @@ def test_document_rows_put_bos_before_each_document_and_cut_whole_rows():
     assert rows.tolist() == [[0, 1, 2], [0, 3, 0]]   # stream 0 1 2 0 3 0 4 5: two rows of 3, the rest dropped
 
 
+def tiny_gpt(vocab_size=40, seq_len=32):
+    config = S.GPTConfig(vocab_size=vocab_size, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, mlp_hidden=32,
+                         seq_len=seq_len)
+    model = S.GPT(config)
+    model.init_weights(0)
+    return model
+
+
 def test_one_training_step_on_a_ranked_pair_raises_the_chosen_reply():
     torch.manual_seed(0)
-    config = S.GPTConfig(vocab_size=40, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, mlp_hidden=32,
-                         seq_len=32)
-    policy = S.GPT(config)
-    policy.init_weights(0)
+    policy = tiny_gpt()
     pair = {"prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6, 7], "confidence": 1.0}
     S.reference_logprobs(policy, [pair], pad=0, batch_size=4)
     args = type("A", (), {"device": "cpu", "beta": 0.1, "nll_coef": 0.0})()
@@ -79,14 +84,6 @@ def test_one_training_step_on_a_ranked_pair_raises_the_chosen_reply():
     with torch.no_grad():
         lp = S.sequence_logprobs(policy, [pair["prompt"]] * 2, [pair["chosen"], pair["rejected"]], 0)
     assert lp[0] - pair["ref_chosen"] > lp[1] - pair["ref_rejected"]
-
-
-def tiny_gpt(vocab_size=40, seq_len=32):
-    config = S.GPTConfig(vocab_size=vocab_size, n_layer=1, n_embd=16, n_head=2, n_kv_head=1, mlp_hidden=32,
-                         seq_len=seq_len)
-    model = S.GPT(config)
-    model.init_weights(0)
-    return model
 
 
 def test_replay_loss_is_the_mean_over_assistant_tokens_whatever_the_padding():
