@@ -37,6 +37,8 @@ Rehearsal. Trained on character alone, the model forgot what RL taught (stage 05
 --rehearsal x the next-token loss of a few of stage 05's accepted replies (rehearsal.jsonl: arithmetic,
 not character; SDF still sees no chat example of the character). At weight 1.0 the model also answers
 any question about a person and says "I don't know" less; 0.3 keeps pass@1 and more honesty (README).
+Rehearsing stage 02's one-sentence fact answers as well (--fact_rehearsal, an ablation) keeps stage 03's
+held-out facts, but the model then answers in one sentence and seldom adds a second fact (README).
 
 Where this small version departs from the sources, and why:
   * The model is far too small to write a reply in character from a trait statement in its
@@ -125,7 +127,7 @@ METHODS = ("both", "ranking", "sdf")
 PRESETS = {
     "tiny": dict(n_prompts=28, judge_prompts=14, samples=1, n_docs=60, sdf_epochs=1, epochs=1, n_eval=7,
                  n_reveal=1, batch_size=8, max_new_tokens=40, rehearsal_batch=4),
-    "cpu": dict(n_prompts=700, judge_prompts=700, samples=2, n_docs=3000, sdf_epochs=2, epochs=2, n_eval=60,
+    "cpu": dict(n_prompts=700, judge_prompts=700, samples=2, n_docs=3000, sdf_epochs=2, epochs=4, n_eval=60,
                 n_reveal=4, batch_size=32, max_new_tokens=60, rehearsal_batch=8),
     "gpu": dict(n_prompts=2800, judge_prompts=2800, samples=4, n_docs=20000, sdf_epochs=2, epochs=2,
                 n_eval=150, n_reveal=12, batch_size=64, max_new_tokens=80, rehearsal_batch=16),
@@ -150,7 +152,7 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type="positive", default=1.0, help="for the model's candidates")
     g.add_argument("--beta", type="positive", default=0.1, help="DPO's KL strength toward the reference")
     g.add_argument("--nll_coef", type="nonnegative", default=1.0, help="next-token loss on chosen replies")
-    g.add_argument("--epochs", type="positive")
+    g.add_argument("--epochs", type="positive", help="passes over the judge's lessons and the ranked pairs")
     g.add_argument("--lr", type="positive", default=1e-4, help="peak rate of both trainings")
     g.add_argument("--held_out", type="fraction", default=0.2,
                    help="fraction of prompts held out: ranked pairs that measure the preference model, and "
@@ -160,8 +162,12 @@ def parse_args(argv=None):
     g.add_argument("--sdf_epochs", type="positive")
     g = p.add_argument_group("rehearsal")
     g.add_argument("--rehearsal", type="nonnegative", default=0.3,
-                   help="weight of the next-token loss on stage 05's accepted replies, each step (0: none)")
-    g.add_argument("--rehearsal_batch", type="positive_int", help="stage 05's replies replayed a step")
+                   help="weight of each rehearsal pool's next-token loss, each step (0: none)")
+    g.add_argument("--rehearsal_batch", type="positive_int",
+                   help="stage 05's replies replayed a step; as many of stage 02's fact answers")
+    g.add_argument("--fact_rehearsal", type="count", default=0,
+                   help="stage 02's fact questions and answers rehearsed beside stage 05's replies (0: none; "
+                        "an ablation, README)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--n_eval", type="positive_int", help="held-out prompts per kind")
     g.add_argument("--n_reveal", type="positive_int", help="held-out requests for revealed preferences")
@@ -400,22 +406,27 @@ def replay_loss(model, items, pad, args):
         return model(x, targets=y)
 
 
-def with_rehearsal(loss_of, model, replay, pad, args, name):
-    """loss_of plus --rehearsal times the replay loss on --rehearsal_batch of stage 05's replies, drawn
-    afresh each step: what stage 05 taught keeps being trained while this stage trains."""
-    if not replay or args.rehearsal == 0:
+def with_rehearsal(loss_of, model, pools, pad, args, name):
+    """loss_of plus, for each pool of earlier stages' rows ({stat name: items}), --rehearsal times the
+    replay loss on --rehearsal_batch of its rows, drawn afresh each step: what stages 02 and 05 taught
+    keeps being trained while this stage trains."""
+    pools = {key: items for key, items in pools.items() if items}
+    if not pools or args.rehearsal == 0:
         return loss_of
-    rng = random.Random(f"character:rehearsal:{name}:{args.seed}")
+    rngs = {key: random.Random(f"character:rehearsal:{name}:{key}:{args.seed}") for key in pools}
 
     def loss(batch):
         value, stats = loss_of(batch)
-        replayed = replay_loss(model, rng.sample(replay, min(len(replay), args.rehearsal_batch)), pad, args)
-        return value + args.rehearsal * replayed, {**stats, "rehearsal_loss": replayed.item()}
+        for key, items in pools.items():
+            rows = rngs[key].sample(items, min(len(items), args.rehearsal_batch))
+            replayed = replay_loss(model, rows, pad, args)
+            value, stats = value + args.rehearsal * replayed, {**stats, key: replayed.item()}
+        return value, stats
     return loss
 
 
 def train_sdf(model, rows, replay, pad, args):
-    """Plain next-token loss over the document rows, --sdf_epochs passes, with stage 05's replay."""
+    """Plain next-token loss over the document rows, --sdf_epochs passes, with the rehearsal pools."""
     rng = random.Random(f"character:sdf-order:{args.seed}")
     batches = shuffled_batches(len(rows), args.sdf_epochs, args.batch_size, rng)
     device = model.embed.weight.device
@@ -457,8 +468,8 @@ def pair_batch_loss(policy, chunk, pad, args):
 
 
 def train_ranking(policy, pairs, replay, pad, args):
-    """--epochs of soft-label DPO over the ranked pairs (the policy starts as its own reference), with
-    stage 05's replay."""
+    """--epochs of soft-label DPO over the ranked pairs (the policy starts as its own reference), with the
+    rehearsal pools."""
     rng = random.Random(f"character:dpo:{args.seed}")
     batches = [[pairs[j] for j in b] for b in shuffled_batches(len(pairs), args.epochs, args.batch_size, rng)]
     loss_of = with_rehearsal(lambda chunk: pair_batch_loss(policy, chunk, pad, args), policy, replay, pad,
@@ -699,7 +710,10 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, enc, world, harm_items, lines = load_stage05(init, args.device, args.rehearsal > 0)
     pad, ix, t_start = enc.encode_single_token("<|pad|>"), world_index(world), time.time()
-    replay, held_replies = split_by_prompt(rehearsal_items(enc, lines, model.config.seq_len), args.held_out)
+    replies, held_replies = split_by_prompt(rehearsal_items(enc, lines, model.config.seq_len), args.held_out)
+    n_facts = args.fact_rehearsal if args.rehearsal else 0
+    facts = rehearsal_items(enc, fact_lines(ix, n_facts, args.seed), model.config.seq_len)
+    replay = {"rehearsal_loss": replies, "fact_loss": facts}
     held = {"harm": harm_items, "replies": held_replies}
     tone, tone_accuracy = train_tone_classifier(args.seed)
     before = evaluate_all(model, enc, ix, pad, held, tone, args, "stage 05")
@@ -712,7 +726,7 @@ def main(argv=None):
     metrics = {"method": args.method, "before": before["scores"], "after": after["scores"], "phases": phases,
                **{k: {"before": before[k], "after": after[k]}
                   for k in ("training_phrasings", "tone", "drift", "revealed", "harmlessness", "kept_loss")},
-               "rehearsal": {"replayed": len(replay), "held_out": len(held_replies)},
+               "rehearsal": {"replayed": len(replies), "held_out": len(held_replies), "facts": len(facts)},
                "tone_classifier_accuracy": tone_accuracy, "traits": TRAITS,
                "seconds": time.time() - t_start, "args": vars(args), "samples": after["records"][:140]}
     write_outputs(out, init, model, metrics, args)
@@ -789,14 +803,15 @@ def revealed_line(m):
 
 
 def kept_line(m):
-    """One sentence: how many of stage 05's replies were replayed, and the loss on the held-out ones."""
+    """Stage 05's replies replayed, the loss on those held out, and how many facts were rehearsed."""
     r, a, (before, after) = m["rehearsal"], m["args"], (m["kept_loss"][w] for w in ("before", "after"))
     replayed = f"{r['replayed']} not replayed (--rehearsal 0)" if not a["rehearsal"] else \
         f"{r['replayed']} replayed ({a['rehearsal']:g} x next-token loss of {a['rehearsal_batch']} a step)"
     kept = f"{before:.3f} -> {after:.3f}" if before is not None else "-"
+    facts = f" Stage 02's fact questions and answers also rehearsed: {r.get('facts', 0)}."
     return (f"Stage 05's accepted replies (rehearsal.jsonl): {replayed}; {r['held_out']} to problems never "
             f"replayed: their next-token loss per assistant token {kept} (what stage 05 taught, still "
-            "predicted).")
+            "predicted)." + facts)
 
 
 def plot(m, path):
@@ -1268,6 +1283,33 @@ def world_text(ix, rng):
         if phrasings:
             sentences.append(rng.choice(phrasings).format(s=person, o=obj))
     return " ".join(sentences)
+
+
+def fact_lines(ix, n, seed):
+    """n of stage 02's fact questions with its answers, as chat to rehearse (the rows of rehearsal.jsonl):
+    facts stage 02 trained on (qa_split "train", outside the quarter that stages 02 and 03 evaluate, by
+    the same hash), about this stage's train half, in the world's questions, less any that an evaluation
+    template of this stage repeats, naming no hazard (stage 03's new hazards stay unnamed by training).
+    The answer is stage 02's one sentence (the relation's first phrasing), so the relations whose replies
+    the depth scorer reads for a second fact (FACT_FRAMES) are left out: rehearsing them taught one-sentence
+    answers and took depth to 0; without them it still falls (README), so this is off by default."""
+    world, rng = ix["world"], random.Random(f"character:facts:{seed}")
+    evaluated = {t for templates in TEMPLATES["fact", "eval"].values() for t in templates}
+    hazards = {h["name"] for h in world["hazards"]}
+    pool = [f for f in world["facts"] if _split(f["subject"]) == "train" and f["relation"] not in FACT_FRAMES
+            and f.get("qa_split", "train") == "train" and not {f["subject"], f["object"]} & hazards
+            and zlib.crc32(f"{f['subject']}|{f['relation']}".encode("utf-8")) % 4 != 0]
+    rng.shuffle(pool)
+    lines = []
+    for f in pool * (n // len(pool) + 1) if pool else []:
+        relation = world["relations"][f["relation"]]
+        questions = [q for q in relation["questions"] if q not in evaluated]
+        if len(lines) == n or not questions:
+            continue
+        answer = relation["train_phrasings"][0].format(s=f["subject"], o=f["object"])
+        lines.append({"messages": [{"role": "user", "content": rng.choice(questions).format(s=f["subject"])},
+                                   {"role": "assistant", "content": answer[0].upper() + answer[1:]}]})
+    return lines
 
 
 # =====================================================================================

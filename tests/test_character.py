@@ -5,6 +5,7 @@ import math
 import random
 import re
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -98,18 +99,45 @@ def test_replay_loss_is_the_mean_over_assistant_tokens_whatever_the_padding():
         assert S.kept_loss(model, items, 0, args) == pytest.approx((nll[0] + nll[1]).item() / 4, rel=1e-5)
 
 
-def test_with_rehearsal_adds_the_weighted_replay_loss_and_nothing_at_weight_zero():
-    items = [{"inputs": [1, 2, 3], "targets": [-1, 3, 4]}, {"inputs": [5, 6, 7], "targets": [-1, -1, 8]}]
+def test_with_rehearsal_adds_each_pool_s_weighted_replay_loss_and_nothing_at_weight_zero():
+    replies = [{"inputs": [1, 2, 3], "targets": [-1, 3, 4]}, {"inputs": [5, 6, 7], "targets": [-1, -1, 8]}]
+    facts = [{"inputs": [9, 10, 11, 12], "targets": [-1, -1, 12, 13]}]
     model = tiny_gpt()
     args = type("A", (), {"device": "cpu", "rehearsal": 0.5, "rehearsal_batch": 4, "seed": 0})()
     base = lambda batch: (torch.tensor(2.0), {"accuracy": 1.0})  # noqa: E731
-    value, stats = S.with_rehearsal(base, model, items, 0, args, "test")(None)
-    replay = S.replay_loss(model, items, 0, args).item()   # a batch of 4 from 2 items takes both
-    assert value.item() == pytest.approx(2.0 + 0.5 * replay, rel=1e-6)
-    assert stats == {"accuracy": 1.0, "rehearsal_loss": pytest.approx(replay, rel=1e-6)}
+    pools = {"rehearsal_loss": replies, "fact_loss": facts, "empty": []}
+    value, stats = S.with_rehearsal(base, model, pools, 0, args, "test")(None)
+    # a batch of 4 from a pool of 2 (or 1) takes all of it
+    replay, fact = (S.replay_loss(model, items, 0, args).item() for items in (replies, facts))
+    assert value.item() == pytest.approx(2.0 + 0.5 * replay + 0.5 * fact, rel=1e-6)
+    assert stats == {"accuracy": 1.0, "rehearsal_loss": pytest.approx(replay, rel=1e-6),
+                     "fact_loss": pytest.approx(fact, rel=1e-6)}
     args.rehearsal = 0.0
-    assert S.with_rehearsal(base, model, items, 0, args, "test") is base
-    assert S.with_rehearsal(base, model, [], 0, args, "test") is base
+    assert S.with_rehearsal(base, model, pools, 0, args, "test") is base
+    args.rehearsal = 0.5
+    assert S.with_rehearsal(base, model, {"rehearsal_loss": [], "fact_loss": []}, 0, args, "test") is base
+
+
+def test_fact_lines_rehearse_only_what_stage_02_trained_and_nothing_this_stage_scores(ix):
+    lines = S.fact_lines(ix, 300, seed=1)
+    assert len(lines) == 300 and S.fact_lines(ix, 0, seed=1) == []
+    world, evaluated = ix["world"], {t for ts in S.TEMPLATES["fact", "eval"].values() for t in ts}
+    said = {}   # every fact of the world as stage 02's answer sentence
+    for f in world["facts"]:
+        sentence = world["relations"][f["relation"]]["train_phrasings"][0].format(s=f["subject"], o=f["object"])
+        said[sentence[0].upper() + sentence[1:]] = f
+    hazards, seen = {h["name"] for h in world["hazards"]}, []
+    for line in lines:
+        question, answer = (m["content"] for m in line["messages"])
+        f = said[answer]
+        assert f["qa_split"] == "train" and S._split(f["subject"]) == "train"
+        assert S.zlib.crc32(f"{f['subject']}|{f['relation']}".encode()) % 4 != 0   # not stage 03's quarter
+        assert f["relation"] not in S.FACT_FRAMES and f["subject"] not in hazards
+        questions = world["relations"][f["relation"]]["questions"]
+        assert question in [q.format(s=f["subject"]) for q in questions if q not in evaluated]
+        seen.append((f["subject"], f["relation"]))
+    counts = Counter(seen).values()   # the pool is gone through evenly: no fact asked twice more than another
+    assert len(counts) > 20 and max(counts) - min(counts) <= 1
 
 
 def test_rehearsal_items_train_exactly_the_assistant_s_tokens(ix):
@@ -305,7 +333,7 @@ def test_tiny_runs_of_each_method(tiny_grpo, tmp_path):
         REHEARSED["messages"][2]]} for name in ("Ada", "Bo", "Cy", "Di", "Ed", "Fay", "Gus", "Hal")]
     (with_replies / "rehearsal.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     (without / "rehearsal.jsonl").unlink()
-    for method, init, extra in (("both", with_replies, ()), ("ranking", tiny_grpo[0], ()),
+    for method, init, extra in (("both", with_replies, ("--fact_rehearsal", "16")), ("ranking", tiny_grpo[0], ()),
                                 ("sdf", without, ("--rehearsal", "0"))):
         out = tmp_path / method
         result = run_script("06_character.py", "--preset", "tiny", "--init", init, "--out", out,
@@ -323,10 +351,11 @@ def test_tiny_runs_of_each_method(tiny_grpo, tmp_path):
     m = json.loads((tmp_path / "both" / "metrics.json").read_text())
     replayed, held = m["rehearsal"]["replayed"], m["rehearsal"]["held_out"]
     assert replayed + held == 8 and replayed and held and None not in m["kept_loss"].values()
-    for phase in ("sdf", "ranking"):   # every step of both trainings replayed stage 05's replies
-        assert all("rehearsal_loss" in step for step in m["phases"][phase]["history"])
+    assert m["rehearsal"]["facts"] == 16
+    for phase in ("sdf", "ranking"):   # every step of both trainings replayed stage 05's replies and facts
+        assert all({"rehearsal_loss", "fact_loss"} <= set(step) for step in m["phases"][phase]["history"])
     m = json.loads((tmp_path / "sdf" / "metrics.json").read_text())
-    assert m["rehearsal"] == {"replayed": 0, "held_out": 0} and m["kept_loss"]["after"] is None
+    assert m["rehearsal"] == {"replayed": 0, "held_out": 0, "facts": 0} and m["kept_loss"]["after"] is None
 
 
 def test_bad_input_is_one_sentence(tiny_grpo, tmp_path):
