@@ -1295,19 +1295,18 @@ def fact_lines(ix, n, seed):
     answers and took depth to 0; without them it still falls (README), so this is off by default."""
     world, rng = ix["world"], random.Random(f"character:facts:{seed}")
     evaluated = {t for templates in TEMPLATES["fact", "eval"].values() for t in templates}
+    def asked(fact):   # the world's questions about the fact that no evaluation template repeats
+        return [q for q in world["relations"][fact["relation"]]["questions"] if q not in evaluated]
     hazards = {h["name"] for h in world["hazards"]}
     pool = [f for f in world["facts"] if _split(f["subject"]) == "train" and f["relation"] not in FACT_FRAMES
             and f.get("qa_split", "train") == "train" and not {f["subject"], f["object"]} & hazards
-            and zlib.crc32(f"{f['subject']}|{f['relation']}".encode("utf-8")) % 4 != 0]
+            and zlib.crc32(f"{f['subject']}|{f['relation']}".encode("utf-8")) % 4 != 0 and asked(f)]
     rng.shuffle(pool)
     lines = []
-    for f in pool * (n // len(pool) + 1) if pool else []:
-        relation = world["relations"][f["relation"]]
-        questions = [q for q in relation["questions"] if q not in evaluated]
-        if len(lines) == n or not questions:
-            continue
-        answer = relation["train_phrasings"][0].format(s=f["subject"], o=f["object"])
-        lines.append({"messages": [{"role": "user", "content": rng.choice(questions).format(s=f["subject"])},
+    for k in range(n if pool else 0):   # through the pool in turn, as often as n asks
+        f = pool[k % len(pool)]
+        answer = world["relations"][f["relation"]]["train_phrasings"][0].format(s=f["subject"], o=f["object"])
+        lines.append({"messages": [{"role": "user", "content": rng.choice(asked(f)).format(s=f["subject"])},
                                    {"role": "assistant", "content": answer[0].upper() + answer[1:]}]})
     return lines
 
