@@ -1288,25 +1288,25 @@ def world_text(ix, rng):
 def fact_lines(ix, n, seed):
     """n of stage 02's fact questions with its answers, as chat to rehearse (the rows of rehearsal.jsonl):
     facts stage 02 trained on (qa_split "train", outside the quarter that stages 02 and 03 evaluate, by
-    the same hash), about this stage's train half, in the world's questions, less any that an evaluation
-    template of this stage repeats, naming no hazard (stage 03's new hazards stay unnamed by training).
-    The answer is stage 02's one sentence (the relation's first phrasing), so the relations whose replies
-    the depth scorer reads for a second fact (FACT_FRAMES) are left out: rehearsing them taught one-sentence
-    answers and took depth to 0; without them it still falls (README), so this is off by default."""
+    the same hash), about this stage's train half, in the world's questions, naming no hazard (stage 03's
+    new hazards stay unnamed by training). The answer is stage 02's one sentence (the relation's first
+    phrasing), so the relations this stage asks about (FACT_FRAMES: the depth scorer reads their replies
+    for a second fact, and only their questions have evaluation templates) are left out: rehearsing them
+    taught one-sentence answers and took depth to 0; without them it still falls (README), so this is off
+    by default."""
     world, rng = ix["world"], random.Random(f"character:facts:{seed}")
-    evaluated = {t for templates in TEMPLATES["fact", "eval"].values() for t in templates}
-    def asked(fact):   # the world's questions about the fact that no evaluation template repeats
-        return [q for q in world["relations"][fact["relation"]]["questions"] if q not in evaluated]
     hazards = {h["name"] for h in world["hazards"]}
     pool = [f for f in world["facts"] if _split(f["subject"]) == "train" and f["relation"] not in FACT_FRAMES
             and f.get("qa_split", "train") == "train" and not {f["subject"], f["object"]} & hazards
-            and zlib.crc32(f"{f['subject']}|{f['relation']}".encode("utf-8")) % 4 != 0 and asked(f)]
+            and zlib.crc32(f"{f['subject']}|{f['relation']}".encode("utf-8")) % 4 != 0
+            and world["relations"][f["relation"]]["questions"]]
     rng.shuffle(pool)
     lines = []
     for k in range(n if pool else 0):   # through the pool in turn, as often as n asks
         f = pool[k % len(pool)]
         answer = world["relations"][f["relation"]]["train_phrasings"][0].format(s=f["subject"], o=f["object"])
-        lines.append({"messages": [{"role": "user", "content": rng.choice(asked(f)).format(s=f["subject"])},
+        question = rng.choice(world["relations"][f["relation"]]["questions"])
+        lines.append({"messages": [{"role": "user", "content": question.format(s=f["subject"])},
                                    {"role": "assistant", "content": answer[0].upper() + answer[1:]}]})
     return lines
 
