@@ -1304,8 +1304,9 @@ def fact_lines(ix, n, seed):
     lines = []
     for k in range(n if pool else 0):   # through the pool in turn, as often as n asks
         f = pool[k % len(pool)]
-        answer = world["relations"][f["relation"]]["train_phrasings"][0].format(s=f["subject"], o=f["object"])
-        question = rng.choice(world["relations"][f["relation"]]["questions"])
+        relation = world["relations"][f["relation"]]
+        answer = relation["train_phrasings"][0].format(s=f["subject"], o=f["object"])
+        question = rng.choice(relation["questions"])
         lines.append({"messages": [{"role": "user", "content": question.format(s=f["subject"])},
                                    {"role": "assistant", "content": answer[0].upper() + answer[1:]}]})
     return lines
