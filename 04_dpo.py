@@ -389,7 +389,8 @@ def write_outputs(out, init, policy, eval_items, metrics, args):
     """Every file written beside OUT, then swapped in whole (staged_run): no half-replaced run."""
     try:
         with staged_run(out) as new:
-            for name in ("tokenizer.json", "world.json", "eval_items.jsonl"):   # the next stages read them
+            # the next stages read them (stage 06 rehearses stage 03's training requests)
+            for name in ("tokenizer.json", "world.json", "eval_items.jsonl", "preferences.jsonl"):
                 write_atomic(new / name, (init / name).read_bytes())
             write_atomic(new / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
             plot(metrics, new / "dpo.png")

@@ -535,6 +535,8 @@ def write_outputs(out, init, policy, metrics, rehearsal, args):
         with staged_run(out) as new:
             for name in ("tokenizer.json", "world.json", "eval_items.jsonl"):   # the next stages read them
                 write_atomic(new / name, (init / name).read_bytes())
+            if (init / "preferences.jsonl").exists():   # stage 03's training requests, for stage 06
+                write_atomic(new / "preferences.jsonl", (init / "preferences.jsonl").read_bytes())
             write_atomic(new / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
             write_atomic(new / "rehearsal.jsonl", rehearsal.encode("utf-8"))
             plot(metrics, new / "grpo.png")

@@ -165,6 +165,8 @@ def test_tiny_run_compares_with_stage_03(tiny_cai, tmp_path):
     for name in ("model.pt", "metrics.json", "dpo.png", "report.md", "tokenizer.json", "world.json",
                  "eval_items.jsonl"):
         assert (tmp_path / name).exists(), name
+    # stage 03's training requests, passed on for stage 06 to rehearse
+    assert (tmp_path / "preferences.jsonl").read_bytes() == (init / "preferences.jsonl").read_bytes()
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert set(m["stages"]) == {"sft", "sl_cai", "rl_cai", "dpo"} and m["history"]
     assert torch.load(tmp_path / "model.pt", weights_only=True)["stage"] == "04_dpo"

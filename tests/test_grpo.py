@@ -232,6 +232,8 @@ def test_tiny_runs_of_every_variant(tiny_dpo, tmp_path):
         for name in ("model.pt", "metrics.json", "grpo.png", "report.md", "tokenizer.json", "world.json",
                      "eval_items.jsonl", "rehearsal.jsonl"):
             assert (out / name).exists(), name
+        # stage 03's training requests, passed on for stage 06 to rehearse
+        assert (out / "preferences.jsonl").read_bytes() == (init / "preferences.jsonl").read_bytes()
         m = json.loads((out / "metrics.json").read_text())
         assert m["history"] and m["history"][-1]["sampled_tokens"] >= m["args"]["sampled_tokens"]
         lines = [json.loads(line) for line in (out / "rehearsal.jsonl").read_text().splitlines()]
