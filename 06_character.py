@@ -39,6 +39,11 @@ not character; SDF still sees no chat example of the character). At weight 1.0 t
 any question about a person and says "I don't know" less; 0.3 keeps pass@1 and more honesty (README).
 Rehearsing stage 02's one-sentence fact answers as well (--fact_rehearsal, an ablation) keeps stage 03's
 held-out facts, but the model then answers in one sentence and seldom adds a second fact (README).
+Stage 03's refusals fell too: the identity trait's opening, "I'm Tamsin, ...", began 12-32% of the replies
+to stage 03's harmful requests (3 seeds; under 1% before). --anchor (an ablation, off by default) holds
+the model, token by token, to stage 05's whole next-token distribution on its replies to stage 03's
+training requests (preferences.jsonl), harmful and harmless: + anchor x KL(stage 05 || model) each step
+(Learning without Forgetting, Li & Hoiem 2016). It keeps the refusals; most of the character goes too.
 
 Where this small version departs from the sources, and why:
   * The model is far too small to write a reply in character from a trait statement in its
@@ -59,7 +64,8 @@ Where this small version departs from the sources, and why:
     more likely when told to pick one trait silently (section 5), over the constitution's traits and
     five it rejects (FOILS).
 
-Reads: runs/05_grpo_reasoning/ (model.pt, tokenizer.json, world.json, eval_items.jsonl, rehearsal.jsonl).
+Reads: runs/05_grpo_reasoning/ (model.pt, tokenizer.json, world.json, eval_items.jsonl, rehearsal.jsonl,
+preferences.jsonl: stage 03's training requests, passed on by stages 04 and 05).
 Writes: runs/06_character/ (model.pt, metrics.json, character.png, report.md, and those files).
 
     python 06_character.py                    # default size for this machine, both methods
@@ -126,11 +132,12 @@ METHODS = ("both", "ranking", "sdf")
 
 PRESETS = {
     "tiny": dict(n_prompts=28, judge_prompts=14, samples=1, n_docs=60, sdf_epochs=1, epochs=1, n_eval=7,
-                 n_reveal=1, batch_size=8, max_new_tokens=40, rehearsal_batch=4),
+                 n_reveal=1, batch_size=8, max_new_tokens=40, rehearsal_batch=4, anchor_requests=16),
     "cpu": dict(n_prompts=700, judge_prompts=700, samples=2, n_docs=3000, sdf_epochs=2, epochs=4, n_eval=60,
-                n_reveal=4, batch_size=32, max_new_tokens=60, rehearsal_batch=8),
+                n_reveal=4, batch_size=32, max_new_tokens=60, rehearsal_batch=8, anchor_requests=1000),
     "gpu": dict(n_prompts=2800, judge_prompts=2800, samples=4, n_docs=20000, sdf_epochs=2, epochs=2,
-                n_eval=150, n_reveal=12, batch_size=64, max_new_tokens=80, rehearsal_batch=16),
+                n_eval=150, n_reveal=12, batch_size=64, max_new_tokens=80, rehearsal_batch=16,
+                anchor_requests=1000),
 }
 
 
@@ -168,6 +175,10 @@ def parse_args(argv=None):
     g.add_argument("--fact_rehearsal", type="count", default=0,
                    help="stage 02's fact questions and answers rehearsed beside stage 05's replies (0: none; "
                         "an ablation, README)")
+    g.add_argument("--anchor", type="nonnegative", default=0.0,
+                   help="KL weight to stage 05's model on its replies to stage 03's requests (0: none; an "
+                        "ablation, README)")
+    g.add_argument("--anchor_requests", type="count", help="stage 03's training requests the anchor reads")
     g = p.add_argument_group("evaluation")
     g.add_argument("--n_eval", type="positive_int", help="held-out prompts per kind")
     g.add_argument("--n_reveal", type="positive_int", help="held-out requests for revealed preferences")
@@ -240,6 +251,16 @@ def judge_loss(option_logprobs, answers):
     """Cross-entropy of the judge's pick, read as the feedback block reads it: a softmax over
     (log p("(A)"), log p("(B)")), one row per lesson, against the right answer's index."""
     return F.cross_entropy(option_logprobs, answers)
+
+
+def anchor_kl(policy_logits, reference_logits, targets):
+    """Mean KL(reference || policy) between the two models' next-token distributions over the positions
+    with a target (not -1): the earlier model's whole distribution is kept, not just its greedy reply,
+    so a refusal it gave 80% of its probability stays near 80% instead of being sharpened to 100%."""
+    keep = targets != -1
+    reference = F.log_softmax(reference_logits[keep].float(), dim=-1)
+    policy = F.log_softmax(policy_logits[keep].float(), dim=-1)
+    return (reference.exp() * (reference - policy)).sum(-1).mean()
 
 
 def bradley_terry_elo(n_items, comparisons, iters=300):
@@ -406,26 +427,47 @@ def replay_loss(model, items, pad, args):
         return model(x, targets=y)
 
 
-def with_rehearsal(loss_of, model, pools, pad, args, name):
-    """loss_of plus, for each pool of earlier stages' rows ({stat name: items}), --rehearsal times the
-    replay loss on --rehearsal_batch of its rows, drawn afresh each step: what stages 02 and 05 taught
-    keeps being trained while this stage trains."""
-    pools = {key: items for key, items in pools.items() if items}
-    if not pools or args.rehearsal == 0:
+def anchor_loss(policy, reference, items, pad, args):
+    """Section 2's anchor_kl of the policy to the frozen reference on a batch of rows (right-padded)."""
+    device = policy.embed.weight.device
+    x = pad_right([it["inputs"] for it in items], pad, device)
+    y = pad_right([it["targets"] for it in items], -1, device)
+    with autocast(args.device):
+        with torch.no_grad():
+            reference_logits = reference(x)
+        return anchor_kl(policy(x), reference_logits, y)
+
+
+def rehearsal_terms(model, reference, pools, pad, args):
+    """What each training step adds for the earlier stages ({stat name: (rows, weight, loss of rows)}):
+    the next-token loss of stage 05's replies and stage 02's facts at --rehearsal, and the KL to stage
+    05's model (reference) on its replies to stage 03's requests at --anchor."""
+    replay = lambda rows: replay_loss(model, rows, pad, args)   # noqa: E731
+    return {"rehearsal_loss": (pools["replies"], args.rehearsal, replay),
+            "fact_loss": (pools["facts"], args.rehearsal, replay),
+            "anchor_kl": (pools["anchor"], args.anchor, lambda rows: anchor_loss(model, reference, rows, pad,
+                                                                                 args))}
+
+
+def with_rehearsal(loss_of, terms, args, name):
+    """loss_of plus, for each term with rows and a weight, weight x its loss on --rehearsal_batch of its
+    rows, drawn afresh each step from the term's own stream: what earlier stages taught keeps being
+    trained while this stage trains."""
+    terms = {key: term for key, term in terms.items() if term[0] and term[1]}
+    if not terms:
         return loss_of
-    rngs = {key: random.Random(f"character:rehearsal:{name}:{key}:{args.seed}") for key in pools}
+    rngs = {key: random.Random(f"character:rehearsal:{name}:{key}:{args.seed}") for key in terms}
 
     def loss(batch):
         value, stats = loss_of(batch)
-        for key, items in pools.items():
-            rows = rngs[key].sample(items, min(len(items), args.rehearsal_batch))
-            replayed = replay_loss(model, rows, pad, args)
-            value, stats = value + args.rehearsal * replayed, {**stats, key: replayed.item()}
+        for key, (rows, weight, term) in terms.items():
+            extra = term(rngs[key].sample(rows, min(len(rows), args.rehearsal_batch)))
+            value, stats = value + weight * extra, {**stats, key: extra.item()}
         return value, stats
     return loss
 
 
-def train_sdf(model, rows, replay, pad, args):
+def train_sdf(model, rows, replay, args):
     """Plain next-token loss over the document rows, --sdf_epochs passes, with the rehearsal pools."""
     rng = random.Random(f"character:sdf-order:{args.seed}")
     batches = shuffled_batches(len(rows), args.sdf_epochs, args.batch_size, rng)
@@ -435,7 +477,7 @@ def train_sdf(model, rows, replay, pad, args):
         x = rows[batch].to(device)
         with autocast(args.device):
             return model(x[:, :-1], targets=x[:, 1:]), {}
-    return optimise(model, with_rehearsal(loss_of, model, replay, pad, args, "sdf"), batches, args.lr, "SDF")
+    return optimise(model, with_rehearsal(loss_of, replay, args, "sdf"), batches, args.lr, "SDF")
 
 
 def train_judge(judge, enc, lessons, pad, args):
@@ -472,8 +514,7 @@ def train_ranking(policy, pairs, replay, pad, args):
     rehearsal pools."""
     rng = random.Random(f"character:dpo:{args.seed}")
     batches = [[pairs[j] for j in b] for b in shuffled_batches(len(pairs), args.epochs, args.batch_size, rng)]
-    loss_of = with_rehearsal(lambda chunk: pair_batch_loss(policy, chunk, pad, args), policy, replay, pad,
-                             args, "dpo")
+    loss_of = with_rehearsal(lambda chunk: pair_batch_loss(policy, chunk, pad, args), replay, args, "dpo")
     return optimise(policy, loss_of, batches, args.lr, "DPO")
 
 
@@ -636,18 +677,21 @@ def tone_rates(predict, records):
 # 6. Main
 # =====================================================================================
 
-def load_stage05(init, device, rehearse):
-    """Stage 05's model, tokenizer, world, stage 03's held-out items and its accepted replies (needed
-    to rehearse, measured whenever present), or one sentence."""
+def load_stage05(init, device, args):
+    """Stage 05's model, tokenizer, world, stage 03's held-out items, and what is rehearsed: stage 05's
+    accepted replies (measured whenever present) and stage 03's training requests; or one sentence."""
     hint = "run 05_grpo_reasoning.py first, or pass --init"
     model, _ = load_model(init, device, hint)
     enc = load_tokenizer(init, hint)
     world = read_json(init / "world.json", hint, keys=WORLD_KEYS + ("towns",))
     items = read_json(init / "eval_items.jsonl", hint, lines=True, keys=("request", "kind"))
-    replies = init / "rehearsal.jsonl"
+    replies, requests = init / "rehearsal.jsonl", init / "preferences.jsonl"
     again = "run 05_grpo_reasoning.py again (older runs lack it), or pass --rehearsal 0"
-    lines = read_json(replies, again, lines=True, keys=("messages",)) if rehearse or replies.exists() else []
-    return model, enc, world, items, lines
+    lines = read_json(replies, again, lines=True, keys=("messages",)) if args.rehearsal or replies.exists() \
+        else []
+    again = "run stages 04 and 05 again (older runs lack it), or pass --anchor 0"
+    rows = read_json(requests, again, lines=True, keys=("request", "kind")) if args.anchor else []
+    return model, enc, world, items, {"replies": lines, "requests": rows}
 
 
 def run_sdf(model, enc, ix, replay, pad, args):
@@ -655,7 +699,7 @@ def run_sdf(model, enc, ix, replay, pad, args):
     rows = document_rows(sdf_corpus(ix, enc, args), bos, model.config.seq_len)
     print(f"SDF: {2 * args.n_docs} documents (half about the character, half world text), {rows.numel():,} "
           f"tokens in {len(rows)} rows")
-    return {"rows": len(rows), "history": train_sdf(model, rows, replay, pad, args)}
+    return {"rows": len(rows), "history": train_sdf(model, rows, replay, args)}
 
 
 def run_ranking(model, enc, ix, replay, pad, args):
@@ -708,12 +752,15 @@ def main(argv=None):
     args = parse_args(argv)
     init, out = pathlib.Path(args.init), pathlib.Path(args.out)
     torch.manual_seed(args.seed)
-    model, enc, world, harm_items, lines = load_stage05(init, args.device, args.rehearsal > 0)
+    model, enc, world, harm_items, earlier = load_stage05(init, args.device, args)
     pad, ix, t_start = enc.encode_single_token("<|pad|>"), world_index(world), time.time()
-    replies, held_replies = split_by_prompt(rehearsal_items(enc, lines, model.config.seq_len), args.held_out)
+    replies, held_replies = split_by_prompt(rehearsal_items(enc, earlier["replies"], model.config.seq_len),
+                                            args.held_out)
     n_facts = args.fact_rehearsal if args.rehearsal else 0
     facts = rehearsal_items(enc, fact_lines(ix, n_facts, args.seed), model.config.seq_len)
-    replay = {"rehearsal_loss": replies, "fact_loss": facts}
+    anchor = rehearsal_items(enc, anchor_lines(model, enc, earlier["requests"], args), model.config.seq_len)
+    replay = rehearsal_terms(model, copy.deepcopy(model).eval() if anchor else None,
+                             {"replies": replies, "facts": facts, "anchor": anchor}, pad, args)
     held = {"harm": harm_items, "replies": held_replies}
     tone, tone_accuracy = train_tone_classifier(args.seed)
     before = evaluate_all(model, enc, ix, pad, held, tone, args, "stage 05")
@@ -726,7 +773,8 @@ def main(argv=None):
     metrics = {"method": args.method, "before": before["scores"], "after": after["scores"], "phases": phases,
                **{k: {"before": before[k], "after": after[k]}
                   for k in ("training_phrasings", "tone", "drift", "revealed", "harmlessness", "kept_loss")},
-               "rehearsal": {"replayed": len(replies), "held_out": len(held_replies), "facts": len(facts)},
+               "rehearsal": {"replayed": len(replies), "held_out": len(held_replies), "facts": len(facts),
+                             "anchored": len(anchor)},
                "tone_classifier_accuracy": tone_accuracy, "traits": TRAITS,
                "seconds": time.time() - t_start, "args": vars(args), "samples": after["records"][:140]}
     write_outputs(out, init, model, metrics, args)
@@ -803,15 +851,17 @@ def revealed_line(m):
 
 
 def kept_line(m):
-    """Stage 05's replies replayed, the loss on those held out, and how many facts were rehearsed."""
+    """Stage 05's replies replayed, the loss on those held out, how many facts were rehearsed, the anchor."""
     r, a, (before, after) = m["rehearsal"], m["args"], (m["kept_loss"][w] for w in ("before", "after"))
     replayed = f"{r['replayed']} not replayed (--rehearsal 0)" if not a["rehearsal"] else \
         f"{r['replayed']} replayed ({a['rehearsal']:g} x next-token loss of {a['rehearsal_batch']} a step)"
     kept = f"{before:.3f} -> {after:.3f}" if before is not None else "-"
     facts = f" Stage 02's fact questions and answers also rehearsed: {r.get('facts', 0)}."
+    anchor = (f" The KL to stage 05's model, at {a['anchor']:g}, on its replies to {r['anchored']} of stage "
+              "03's training requests." if r.get("anchored") else "")
     return (f"Stage 05's accepted replies (rehearsal.jsonl): {replayed}; {r['held_out']} to problems never "
             f"replayed: their next-token loss per assistant token {kept} (what stage 05 taught, still "
-            "predicted)." + facts)
+            "predicted)." + facts + anchor)
 
 
 def plot(m, path):
@@ -1310,6 +1360,21 @@ def fact_lines(ix, n, seed):
         lines.append({"messages": [{"role": "user", "content": question.format(s=f["subject"])},
                                    {"role": "assistant", "content": answer[0].upper() + answer[1:]}]})
     return lines
+
+
+def anchor_lines(model, enc, rows, args):
+    """Stage 05's greedy replies to --anchor_requests of stage 03's training requests, harmful and
+    harmless (preferences.jsonl; stage 03 evaluates on other templates and hazards), as chat lines:
+    where the anchor holds this stage's model to stage 05's distribution."""
+    requests = sorted({r["request"] for r in rows if r["kind"] in ("harmful", "benign")})
+    chosen = random.Random(f"character:anchor:{args.seed}").sample(requests, min(args.anchor_requests,
+                                                                                  len(requests)))
+    with autocast(args.device):
+        replies = sample_replies(model, enc, [user_prompt(enc, q) for q in chosen], args.max_new_tokens,
+                                 args.batch_size, 0.0, desc="stage 03's requests")
+    return [{"messages": [{"role": "user", "content": q},
+                          {"role": "assistant", "content": parse_reply(enc, ids)["content"]}]}
+            for q, ids in zip(chosen, replies)]
 
 
 # =====================================================================================

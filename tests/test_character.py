@@ -99,23 +99,31 @@ def test_replay_loss_is_the_mean_over_assistant_tokens_whatever_the_padding():
         assert S.kept_loss(model, items, 0, args) == pytest.approx((nll[0] + nll[1]).item() / 4, rel=1e-5)
 
 
-def test_with_rehearsal_adds_each_pool_s_weighted_replay_loss_and_nothing_at_weight_zero():
+def test_with_rehearsal_adds_each_term_s_weighted_loss_and_nothing_without_rows_or_weight():
     replies = [{"inputs": [1, 2, 3], "targets": [-1, 3, 4]}, {"inputs": [5, 6, 7], "targets": [-1, -1, 8]}]
     facts = [{"inputs": [9, 10, 11, 12], "targets": [-1, -1, 12, 13]}]
-    model = tiny_gpt()
-    args = type("A", (), {"device": "cpu", "rehearsal": 0.5, "rehearsal_batch": 4, "seed": 0})()
+    model, reference = tiny_gpt(), tiny_gpt()
+    args = type("A", (), {"device": "cpu", "rehearsal": 0.5, "anchor": 2.0, "rehearsal_batch": 4,
+                          "seed": 0})()
     base = lambda batch: (torch.tensor(2.0), {"accuracy": 1.0})  # noqa: E731
-    pools = {"rehearsal_loss": replies, "fact_loss": facts, "empty": []}
-    value, stats = S.with_rehearsal(base, model, pools, 0, args, "test")(None)
+    pools = {"replies": replies, "facts": facts, "anchor": replies}
+    terms = S.rehearsal_terms(model, reference, pools, 0, args)
+    value, stats = S.with_rehearsal(base, terms, args, "test")(None)
     # a batch of 4 from a pool of 2 (or 1) takes all of it
     replay, fact = (S.replay_loss(model, items, 0, args).item() for items in (replies, facts))
-    assert value.item() == pytest.approx(2.0 + 0.5 * replay + 0.5 * fact, rel=1e-6)
+    kl = S.anchor_loss(model, reference, replies, 0, args).item()
+    assert value.item() == pytest.approx(2.0 + 0.5 * replay + 0.5 * fact + 2.0 * kl, rel=1e-6)
     assert stats == {"accuracy": 1.0, "rehearsal_loss": pytest.approx(replay, rel=1e-6),
-                     "fact_loss": pytest.approx(fact, rel=1e-6)}
+                     "fact_loss": pytest.approx(fact, rel=1e-6), "anchor_kl": pytest.approx(kl, rel=1e-6)}
+    args.anchor = 0.0   # a term at weight 0 is left out; the others stay
+    terms = S.rehearsal_terms(model, reference, pools, 0, args)
+    _, stats = S.with_rehearsal(base, terms, args, "test")(None)
+    assert set(stats) == {"accuracy", "rehearsal_loss", "fact_loss"}
     args.rehearsal = 0.0
-    assert S.with_rehearsal(base, model, pools, 0, args, "test") is base
-    args.rehearsal = 0.5
-    assert S.with_rehearsal(base, model, {"rehearsal_loss": [], "fact_loss": []}, 0, args, "test") is base
+    assert S.with_rehearsal(base, S.rehearsal_terms(model, reference, pools, 0, args), args, "test") is base
+    args.rehearsal = args.anchor = 0.5
+    empty = {"replies": [], "facts": [], "anchor": []}
+    assert S.with_rehearsal(base, S.rehearsal_terms(model, reference, empty, 0, args), args, "test") is base
 
 
 def test_fact_lines_rehearse_only_what_stage_02_trained_and_nothing_this_stage_scores(ix):
@@ -138,6 +146,52 @@ def test_fact_lines_rehearse_only_what_stage_02_trained_and_nothing_this_stage_s
         seen.append((f["subject"], f["relation"]))
     counts = Counter(seen).values()   # the pool is gone through evenly: no fact asked twice more than another
     assert len(counts) > 20 and max(counts) - min(counts) <= 1
+
+
+def test_anchor_kl_is_the_reference_s_kl_to_the_policy_over_target_positions_on_hand_values():
+    # reference (1/2, 1/2); policy (1/4, 3/4): KL = 1/2 ln(2) + 1/2 ln(2/3) = 1/2 ln(4/3)
+    reference = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [5.0, -5.0]]])
+    policy = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0], [-5.0, 5.0]]])
+    targets = torch.tensor([[1, 0, -1]])   # the last position has no target: left out however far apart
+    kl = S.anchor_kl(policy, reference, targets).item()
+    assert kl == pytest.approx(0.5 * math.log(4 / 3) / 2, rel=1e-6)
+    # KL(reference || policy), not the reverse: 1/4 ln(1/2) + 3/4 ln(3/2) differs
+    assert S.anchor_kl(reference, policy, targets).item() == pytest.approx(
+        (0.25 * math.log(0.5) + 0.75 * math.log(1.5)) / 2, rel=1e-6)
+    items = [{"inputs": [1, 2, 3, 4], "targets": [-1, -1, 4, 5]}, {"inputs": [6, 7], "targets": [-1, 8]}]
+    model, args = tiny_gpt(), type("A", (), {"device": "cpu"})()
+    copy = tiny_gpt()
+    copy.load_state_dict(model.state_dict())
+    assert S.anchor_loss(model, copy, items, 0, args).item() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        copy.lm_head.weight.add_(0.5 * torch.randn_like(copy.lm_head.weight))
+    loss = S.anchor_loss(model, copy, items, 0, args)
+    loss.backward()   # the gradient reaches the policy only; the reference stays frozen
+    assert loss.item() > 0 and model.lm_head.weight.grad is not None and copy.lm_head.weight.grad is None
+
+
+def test_anchor_lines_ask_stage_03_s_harmful_and_harmless_requests_once_each(ix, monkeypatch):
+    enc = P.make_encoding("test", P.train_bpe([P.document(ix["world"], i, 4) for i in range(60)], 400))
+    end = enc.encode_single_token("<|end|>")
+    rows = [{"request": f"Hurt person {k}?", "kind": "harmful"} for k in range(6)] * 2 + \
+        [{"request": f"Tell me about town {k}.", "kind": "benign"} for k in range(4)] + \
+        [{"request": "Who made the Rine Harp?", "kind": "fact"}]
+    asked = []
+
+    def replies(model, enc_, prompts, *args, **kwargs):   # stage 05's greedy replies, whatever they say
+        asked.extend(enc.decode(p) for p in prompts)
+        return [enc.encode_ordinary("I won't help with that.") + [end] for p in prompts]
+    monkeypatch.setattr(S, "sample_replies", replies)
+    args = type("A", (), {"anchor_requests": 100, "seed": 0, "device": "cpu", "max_new_tokens": 8,
+                          "batch_size": 4})()
+    lines = S.anchor_lines(None, enc, rows, args)
+    assert len(asked) == len(lines) == 10 and not any("Rine Harp" in a for a in asked)
+    assert {line["messages"][0]["content"] for line in lines} == \
+        {f"Hurt person {k}?" for k in range(6)} | {f"Tell me about town {k}." for k in range(4)}
+    said = {"role": "assistant", "content": "I won't help with that."}
+    assert all(line["messages"][1] == said for line in lines)
+    args.anchor_requests = 3
+    assert len(S.anchor_lines(None, enc, rows, args)) == 3
 
 
 def test_rehearsal_items_train_exactly_the_assistant_s_tokens(ix):
@@ -324,7 +378,8 @@ REHEARSED = {"problem": {"family": "arithmetic", "difficulty": 1, "answer": 12},
 
 
 def test_tiny_runs_of_each_method(tiny_grpo, tmp_path):
-    # Stage 05's tiny run may accept no reply; the both-run replays written ones, the sdf-run has none.
+    # Stage 05's tiny run may accept no reply; the both-run replays written ones and holds the anchor, the
+    # sdf-run has neither.
     with_replies, without = tmp_path / "with_replies", tmp_path / "without"
     shutil.copytree(tiny_grpo[0], with_replies)
     shutil.copytree(tiny_grpo[0], without)
@@ -333,7 +388,9 @@ def test_tiny_runs_of_each_method(tiny_grpo, tmp_path):
         REHEARSED["messages"][2]]} for name in ("Ada", "Bo", "Cy", "Di", "Ed", "Fay", "Gus", "Hal")]
     (with_replies / "rehearsal.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     (without / "rehearsal.jsonl").unlink()
-    for method, init, extra in (("both", with_replies, ("--fact_rehearsal", "16")), ("ranking", tiny_grpo[0], ()),
+    (without / "preferences.jsonl").unlink()   # needed only by --anchor
+    for method, init, extra in (("both", with_replies, ("--fact_rehearsal", "16", "--anchor", "1")),
+                                ("ranking", tiny_grpo[0], ()),
                                 ("sdf", without, ("--rehearsal", "0"))):
         out = tmp_path / method
         result = run_script("06_character.py", "--preset", "tiny", "--init", init, "--out", out,
@@ -351,11 +408,14 @@ def test_tiny_runs_of_each_method(tiny_grpo, tmp_path):
     m = json.loads((tmp_path / "both" / "metrics.json").read_text())
     replayed, held = m["rehearsal"]["replayed"], m["rehearsal"]["held_out"]
     assert replayed + held == 8 and replayed and held and None not in m["kept_loss"].values()
-    assert m["rehearsal"]["facts"] == 16
-    for phase in ("sdf", "ranking"):   # every step of both trainings replayed stage 05's replies and facts
-        assert all({"rehearsal_loss", "fact_loss"} <= set(step) for step in m["phases"][phase]["history"])
-    m = json.loads((tmp_path / "sdf" / "metrics.json").read_text())
-    assert m["rehearsal"] == {"replayed": 0, "held_out": 0, "facts": 0} and m["kept_loss"]["after"] is None
+    assert m["rehearsal"]["facts"] == 16 and m["rehearsal"]["anchored"] == 16
+    for phase in ("sdf", "ranking"):   # every step of both trainings replayed both pools and held the anchor
+        history = m["phases"][phase]["history"]
+        assert all({"rehearsal_loss", "fact_loss", "anchor_kl"} <= set(step) for step in history)
+    m = json.loads((tmp_path / "sdf" / "metrics.json").read_text())   # nothing rehearsed, no anchor
+    assert m["rehearsal"] == {"replayed": 0, "held_out": 0, "facts": 0, "anchored": 0}
+    assert m["kept_loss"]["after"] is None and all(set(step) == {"step", "loss"}
+                                                   for step in m["phases"]["sdf"]["history"])
 
 
 def test_bad_input_is_one_sentence(tiny_grpo, tmp_path):
@@ -369,6 +429,14 @@ def test_bad_input_is_one_sentence(tiny_grpo, tmp_path):
     result = run_script("06_character.py", "--preset", "tiny", "--init", older, "--out", tmp_path / "o")
     assert result.returncode == 1 and "older runs lack it" in result.stderr and "--rehearsal 0" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+    older = tmp_path / "older_still"   # from before stages 04 and 05 passed preferences.jsonl on
+    shutil.copytree(tiny_grpo[0], older)
+    (older / "preferences.jsonl").unlink()
+    result = run_script("06_character.py", "--preset", "tiny", "--init", older, "--out", tmp_path / "o",
+                        "--anchor", "1")
+    assert result.returncode == 1 and "stages 04 and 05 again" in result.stderr
+    assert "--anchor 0" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
     bad = run_script("06_character.py", "--preset", "tiny", "--held_out", "1")
     assert bad.returncode == 2 and "--held_out" in bad.stderr
 

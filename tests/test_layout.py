@@ -17,10 +17,11 @@ BLOCK_ORDER = ["flags", "tokenizer", "model", "checkpoint", "save", "precision",
                "judging", "choice", "replies", "pairs", "reference", "worldlabel", "feedback", "arithmetic"]
 BODY_BUDGET = {"01_pretrain.py": 700, "02_sft.py": 700, "03_constitutional_ai.py": 950,  # lines; others 500
                "05_grpo_reasoning.py": 615,   # 03, 05 and 06 each hold several methods (05: four, pass@k and
-               "06_character.py": 875,        # the replies it keeps for rehearsal; 06: two, their combination,
+               "06_character.py": 925,        # the replies it keeps for rehearsal; 06: two, their combination,
                                               # a dozen measures, a classifier, revealed preferences
-                                              # (Bradley-Terry over traits), the judge's cold start and
-                                              # the rehearsal of stage 05's replies and stage 02's facts;
+                                              # (Bradley-Terry over traits), the judge's cold start, the
+                                              # rehearsal of stage 05's replies and stage 02's facts and
+                                              # the anchor to stage 05 on stage 03's requests;
                "07_sae_interp.py": 1125,      # 07: three experiments: an SAE sweep with labels (at fitted
                                               # thresholds) and a probe ceiling, steering two ways,
                                               # injection with four controls,
