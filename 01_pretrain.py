@@ -4,11 +4,11 @@ Every assistant starts as a next-token predictor trained on a large pile of text
 written by this script: a seeded fictional world (people, towns, creatures, guilds, objects, events)
 is generated, saved as `world.json` (the ground truth every later stage grades against), and told
 in many kinds of documents - encyclopedia entries, biographies, letters, stories, dialogues, news,
-question-answer pages, worked arithmetic. A byte-level BPE tokenizer is trained on that text, and a
-decoder-only Transformer of the kind frontier labs build (RoPE, RMSNorm, grouped-query attention,
-SwiGLU, optional Mixture-of-Experts, KV cache) learns to predict it. Over a row of tokens
-x_0 .. x_T it minimises the next-token cross-entropy (with experts, plus --moe_aux times the
-Switch load-balancing loss):
+question-answer pages, worked arithmetic (Appendix A). A byte-level BPE tokenizer is trained on
+that text (section 3), and a decoder-only Transformer of the kind frontier labs build (section 2:
+RoPE, RMSNorm, grouped-query attention, SwiGLU, optional Mixture-of-Experts, KV cache) learns to
+predict it. Over a row of tokens x_0 .. x_T it minimises the next-token cross-entropy (with
+experts, plus --moe_aux times the Switch load-balancing loss):
 
     L(theta) = -(1/T) sum_{t<T} log p_theta(x_{t+1} | x_0 .. x_t)        (nats per token)
 
@@ -191,14 +191,13 @@ def model_config_from_args(args, vocab_size):
 
 
 # =====================================================================================
-# 2. The idea: one loss, a schedule, and units that compare
+# 2. The idea: one loss, a schedule, units that compare, and the Transformer
 # =====================================================================================
 # Pretraining minimises one loss, next-token cross-entropy (see the docstring), over a stream of
-# text. The Transformer that computes it is Appendix B's `model` block (GPT.forward with targets),
-# shared word for word by every stage. This stage's own part is here: what is added to the loss,
-# how the learning rate moves, and the units a run is measured in. The byte-level BPE tokenizer
-# is trained once, before pretraining, on the start of the stream; its trainer (train_bpe) is in
-# Appendix A beside the text it reads (nanochat, too, trains its tokenizer in a script of its own).
+# text. First what this stage adds to it: the loss's extra term, how the learning rate moves, the
+# units a run is measured in. Then the Transformer that computes the loss (GPT.forward with
+# targets): the `model` block, written here and copied word for word into every later stage's
+# Appendix B (edit it here; `tests/test_shared_blocks.py --fix` rewrites the copies).
 
 def pretraining_loss(lm_loss, aux_loss, moe_aux):
     """What is minimised: the next-token cross-entropy, plus (with Mixture-of-Experts) the Switch
@@ -269,8 +268,193 @@ def mfu_percent(tokens_per_s, flops_tok, peak, world_size):
     return 100 * tokens_per_s * flops_tok / (peak * world_size)
 
 
+# The model: a decoder-only Transformer, pre-norm blocks of attention and an MLP (or experts).
+# --- shared: model (origin: 01_pretrain.py) ---
+@dataclasses.dataclass
+class GPTConfig:
+    vocab_size: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_kv_head: int       # grouped-query attention: n_head // n_kv_head query heads share one K/V head
+    mlp_hidden: int
+    seq_len: int
+    rope_theta: float = 10000.0
+    n_experts: int = 0   # 0: every MLP is dense; otherwise every moe_every-th block is a Mixture-of-Experts
+    top_k: int = 2
+    moe_every: int = 2
+
+
+def rope_tables(head_dim, length, theta, device):
+    """cos/sin of the rotary angles, (length, head_dim // 2) each (Su et al., arXiv 2104.09864)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (first half, second half) pair of x (B, H, T, D) by its position's angle."""
+    a, b = x.float().chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, for generation one token at a time."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype, start=None):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled (advanced by the model after its last layer)
+        # Prompts of different lengths share a batch by left padding: row b's real tokens start at
+        # start[b]. None when no row is padded.
+        self.start = start
+        self.rows = torch.arange(batch_size, device=device)  # the batch rows still being generated
+
+    def keep_rows(self, keep):
+        """Forget the rows where `keep` (a bool mask over the rows held) is False: finished replies."""
+        self.k, self.v, self.rows = self.k[:, keep], self.v[:, keep], self.rows[keep]
+        if self.start is not None:
+            self.start = self.start[keep]
+
+    def update(self, layer, k, v):
+        t0, t1 = self.length, self.length + k.size(2)
+        self.k[layer, :, :, t0:t1], self.v[layer, :, :, t0:t1] = k, v
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.wq = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
+        self.wkv = nn.Linear(config.n_embd, 2 * config.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)          # (B, H, T, D)
+        k, v = self.wkv(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        key_start = None
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # attend to everything cached so far, (B, Hkv, T_total, D)
+            key_start = cache.start           # and never to a row's left padding
+        y = kernels.attention(q, k, v, causal=True, key_start=key_start)                # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    """silu(x W_gate) * (x W_up) W_down (Shazeer, arXiv 2002.05202)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.up = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
+        self.down = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts. Balancing: the Switch auxiliary loss (kept in self.aux_loss for
+    the trainer to add) and DeepSeek-V3's router bias, nudged toward balance after every training
+    forward pass; the bias only chooses experts and never scales their outputs."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, C, Hd = config.n_experts, config.n_embd, config.mlp_hidden
+        self.n_experts, self.top_k = E, config.top_k
+        self.router = nn.Linear(C, E, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(E, C, Hd))
+        self.w_up = nn.Parameter(torch.empty(E, C, Hd))
+        self.w_down = nn.Parameter(torch.empty(E, Hd, C))
+        self.register_buffer("router_bias", torch.zeros(E))
+        self.bias_gamma = 0.0  # set by the trainer; 0 leaves the bias alone (eval, later stages)
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                                    # (N, C)
+        gates, experts, probs = kernels.route(self.router(x), self.top_k, self.router_bias)
+        if self.training:
+            self.aux_loss = kernels.load_balancing_loss(probs, experts, self.n_experts)
+            if self.bias_gamma > 0:
+                kernels.update_router_bias(self.router_bias, experts, self.n_experts, self.bias_gamma)
+        y = kernels.moe_swiglu(x, gates.to(x.dtype), experts, self.w_gate, self.w_up, self.w_down)
+        return y.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.n_embd)
+        self.attn = Attention(config)
+        self.mlp_norm = nn.RMSNorm(config.n_embd)
+        every = config.moe_every
+        use_moe = config.n_experts > 0 and every > 0 and layer % every == every - 1
+        self.mlp = MoE(config) if use_moe else SwiGLU(config)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)   # pre-norm residual blocks
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables for 4x the training context (generation may run past it); not saved.
+        cos, sin = rope_tables(config.n_embd // config.n_head, 4 * config.seq_len, config.rope_theta, "cpu")
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def init_weights(self, seed):
+        """GPT-2 style: N(0, 0.02), with the residual-stream outputs scaled by 1/sqrt(2 * n_layer)."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)   # RMSNorm gains
+                continue
+            residual_out = name.endswith(("wo.weight", "down.weight", "w_down"))
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual_out else 0.02
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) -> logits (B, T, vocab); with targets (B, T), the mean cross-entropy over the
+        positions whose target is not -1 (later stages mask prompts that way) instead."""
+        T = idx.size(1)
+        t0 = cache.length if cache is not None else 0
+        cos, sin = self.rope_cos[t0:t0 + T], self.rope_sin[t0:t0 + T]
+        if cache is not None and cache.start is not None:
+            # Left-padded rows: each row's first real token is its position 0, as if it were alone.
+            pos = (torch.arange(t0, t0 + T, device=idx.device)[None, :] - cache.start[:, None]).clamp(min=0)
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]          # (B, 1, T, D/2)
+        x = self.embed(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.norm(x)).float()
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    def aux_loss(self):
+        """Sum of the MoE layers' load-balancing losses from the last forward pass (0 when dense)."""
+        return sum((b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoE)), torch.zeros(()))
+# --- end shared: model ---
+
+
 # =====================================================================================
-# 3. Data: an endless stream of documents about one world, packed into rows
+# 3. Data: an endless stream of documents about one world, its tokenizer, rows
 # =====================================================================================
 # The text is generated (Appendix A). make_world(n_people, seed) invents a world whose every
 # attribute comes from a closed set, saved as world.json, the answer key of every stage; then
@@ -290,6 +474,95 @@ def validation_batch(world, user_docs, args, enc):
     stream = DocumentSource(world, args.seed + 1, user_docs, args.data_mix)
     val_rows = TokenRows(stream, enc, args.seq_len)
     return val_rows.batch(0, max(1, args.val_tokens // args.seq_len))
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer: byte-level BPE, trained here on the stream, served by tiktoken
+# ----------------------------------------------------------------------------------------------
+# GPT-4's pre-split pattern (letters, punctuation, whitespace kept apart before merging), with one
+# change: numbers split into single digits, so "46" and "146" share their digits' tokens and
+# column arithmetic stays learnable for a small model (as in DeepSeek's and Llama 1's tokenizers).
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+# Reserved now for every later stage: turns of a chat (02), tool use (02, 08), thinking (05).
+SPECIAL_TOKENS = ["<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+                  "<|tool_call|>", "<|tool_result|>", "<|think|>", "<|/think|>", "<|pad|>"]
+
+
+def bpe_training_texts(source, n_chars):
+    """The BPE's corpus: the stream's first documents, until they hold n_chars characters."""
+    texts, n, i = [], 0, 0
+    while n < n_chars:
+        texts.append(source(i))
+        n += len(texts[-1])
+        i += 1
+    return texts
+
+
+def train_bpe(texts, vocab_size, pattern=SPLIT_PATTERN):
+    """Learn vocab_size - len(SPECIAL_TOKENS) - 256 merges over the pre-split chunks of texts.
+
+    Words are counted once with their frequency (the corpus repeats words a lot), and each merge
+    touches only the words that contain the merged pair. Returns {token bytes: rank}, the form
+    tiktoken takes; ranks 0..255 are the single bytes, so every string round-trips exactly."""
+    import regex
+    n_merges = vocab_size - len(SPECIAL_TOKENS) - 256
+    if n_merges < 0:
+        raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} "
+                         f"special tokens.")
+    split = regex.compile(pattern)
+    word_freq = Counter(chunk for text in texts for chunk in split.findall(text))
+    words = [list(w.encode("utf-8")) for w in word_freq]
+    freqs = list(word_freq.values())
+    token_bytes = [bytes([b]) for b in range(256)]
+    ranks = {b: i for i, b in enumerate(token_bytes)}
+
+    pair_count, pair_words = Counter(), {}
+    for wi, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pair_count[pair] += freqs[wi]
+            pair_words.setdefault(pair, set()).add(wi)
+
+    for _ in range(n_merges):
+        if not pair_count:
+            break  # every word is a single token already: the corpus is too small for this vocab
+        # Most frequent pair; ties broken by the pair itself so training is deterministic.
+        best = max(pair_count.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        merged = token_bytes[best[0]] + token_bytes[best[1]]
+        if merged in ranks:      # a second route to an existing token: reuse it, add nothing
+            new_id = ranks[merged]
+        else:
+            new_id = len(token_bytes)
+            token_bytes.append(merged)
+            ranks[merged] = new_id
+        for wi in pair_words.pop(best, ()):
+            w, f = words[wi], freqs[wi]
+            for pair in zip(w, w[1:]):          # forget this word's old pairs ...
+                pair_count[pair] -= f
+                if pair_count[pair] <= 0:
+                    del pair_count[pair]
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            words[wi] = out
+            for pair in zip(out, out[1:]):      # ... and count its new ones
+                pair_count[pair] += f
+                pair_words.setdefault(pair, set()).add(wi)
+        pair_count.pop(best, None)
+    return ranks
+
+
+def make_encoding(name, mergeable_ranks, pattern=SPLIT_PATTERN):
+    """Wrap ranks as a tiktoken.Encoding, with the special tokens numbered after them."""
+    import tiktoken
+    n = len(mergeable_ranks)
+    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                             special_tokens={tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)})
 
 
 # =====================================================================================
@@ -698,7 +971,7 @@ never appear in question-answer text (stage 02 asks them questions). Majority-cl
 
 
 # =====================================================================================
-# Appendix A: the world and its documents, the tokenizer trainer, and data side tools
+# Appendix A: the world and its documents, and data side tools
 # =====================================================================================
 # The world: a small fictional realm that is the ground truth for every stage.
 #
@@ -724,8 +997,8 @@ never appear in question-answer text (stage 02 asks them questions). Majority-cl
 # whether knowledge read in prose can be *extracted* as answers, which is the honest test of whether
 # the world was learned as knowledge.
 #
-# After the world and its writers come the tokenizer trainer (a byte-level BPE, trained on the
-# stream before pretraining starts), the other sources of text (the user's files, TinyStories) and
+# After the world and its writers come the tokenizer's plumbing (a stock encoding, the JSON file;
+# the BPE trainer is in section 3), the other sources of text (the user's files, TinyStories) and
 # the stream that mixes them in, the packing of documents into training rows, and the plumbing the
 # body calls without needing to be read: the training state --resume reads, one-sentence errors,
 # the GPUs' peak FLOP/s, the loss plot, and --stream_stats.
@@ -1640,94 +1913,8 @@ WRITERS = {"encyclopedia": _encyclopedia, "biography": _biography, "story": _sto
 
 
 # ----------------------------------------------------------------------------------------------
-# The tokenizer: byte-level BPE, trained here on the stream, served by tiktoken
+# The tokenizer's other source and its file: a stock tiktoken encoding, tokenizer.json
 # ----------------------------------------------------------------------------------------------
-# GPT-4's pre-split pattern (letters, punctuation, whitespace kept apart before merging), with one
-# change: numbers split into single digits, so "46" and "146" share their digits' tokens and
-# column arithmetic stays learnable for a small model (as in DeepSeek's and Llama 1's tokenizers).
-SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
-# Reserved now for every later stage: turns of a chat (02), tool use (02, 08), thinking (05).
-SPECIAL_TOKENS = ["<|bos|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
-                  "<|tool_call|>", "<|tool_result|>", "<|think|>", "<|/think|>", "<|pad|>"]
-
-
-def bpe_training_texts(source, n_chars):
-    """The BPE's corpus: the stream's first documents, until they hold n_chars characters."""
-    texts, n, i = [], 0, 0
-    while n < n_chars:
-        texts.append(source(i))
-        n += len(texts[-1])
-        i += 1
-    return texts
-
-
-def train_bpe(texts, vocab_size, pattern=SPLIT_PATTERN):
-    """Learn vocab_size - len(SPECIAL_TOKENS) - 256 merges over the pre-split chunks of texts.
-
-    Words are counted once with their frequency (the corpus repeats words a lot), and each merge
-    touches only the words that contain the merged pair. Returns {token bytes: rank}, the form
-    tiktoken takes; ranks 0..255 are the single bytes, so every string round-trips exactly."""
-    import regex
-    n_merges = vocab_size - len(SPECIAL_TOKENS) - 256
-    if n_merges < 0:
-        raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} "
-                         f"special tokens.")
-    split = regex.compile(pattern)
-    word_freq = Counter(chunk for text in texts for chunk in split.findall(text))
-    words = [list(w.encode("utf-8")) for w in word_freq]
-    freqs = list(word_freq.values())
-    token_bytes = [bytes([b]) for b in range(256)]
-    ranks = {b: i for i, b in enumerate(token_bytes)}
-
-    pair_count, pair_words = Counter(), {}
-    for wi, w in enumerate(words):
-        for pair in zip(w, w[1:]):
-            pair_count[pair] += freqs[wi]
-            pair_words.setdefault(pair, set()).add(wi)
-
-    for _ in range(n_merges):
-        if not pair_count:
-            break  # every word is a single token already: the corpus is too small for this vocab
-        # Most frequent pair; ties broken by the pair itself so training is deterministic.
-        best = max(pair_count.items(), key=lambda kv: (kv[1], kv[0]))[0]
-        merged = token_bytes[best[0]] + token_bytes[best[1]]
-        if merged in ranks:      # a second route to an existing token: reuse it, add nothing
-            new_id = ranks[merged]
-        else:
-            new_id = len(token_bytes)
-            token_bytes.append(merged)
-            ranks[merged] = new_id
-        for wi in pair_words.pop(best, ()):
-            w, f = words[wi], freqs[wi]
-            for pair in zip(w, w[1:]):          # forget this word's old pairs ...
-                pair_count[pair] -= f
-                if pair_count[pair] <= 0:
-                    del pair_count[pair]
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
-                    out.append(new_id)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            words[wi] = out
-            for pair in zip(out, out[1:]):      # ... and count its new ones
-                pair_count[pair] += f
-                pair_words.setdefault(pair, set()).add(wi)
-        pair_count.pop(best, None)
-    return ranks
-
-
-def make_encoding(name, mergeable_ranks, pattern=SPLIT_PATTERN):
-    """Wrap ranks as a tiktoken.Encoding, with the special tokens numbered after them."""
-    import tiktoken
-    n = len(mergeable_ranks)
-    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=mergeable_ranks,
-                             special_tokens={tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)})
-
-
 def stock_encoding(name):
     """A stock tiktoken encoding plus our special tokens, only if tiktoken has it cached locally."""
     import tiktoken
@@ -2098,7 +2285,8 @@ def stream_stats(source, enc, n_docs, seq_len, workers, chunk=10_000):
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
 # checkpoint, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs, reference,
-# worldlabel, feedback, arithmetic), and carries only the ones it calls.
+# worldlabel, feedback, arithmetic), and carries only the ones it calls. Here the `model` block is
+# in section 2 instead: the Transformer is this stage's subject, and this is its origin.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -2106,7 +2294,6 @@ def stream_stats(source, enc, n_docs, seq_len, workers, chunk=10_000):
 # This stage calls:
 #   flags        Parser
 #   tokenizer    tokenizer_from_json
-#   model        GPT, GPTConfig, MoE
 #   checkpoint   check_out, staged_run, write_atomic
 #   save         save_model
 #   sampling     generate
@@ -2171,190 +2358,6 @@ def load_tokenizer(directory, hint="run 01_pretrain.py first, or pass --init"):
     except (ValueError, KeyError, TypeError, IndexError) as err:   # JSON, UTF-8 and base64 errors too
         sys.exit(f"error: {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:80]}): {hint}.")
 # --- end shared: tokenizer ---
-
-
-# --- shared: model (origin: 01_pretrain.py) ---
-@dataclasses.dataclass
-class GPTConfig:
-    vocab_size: int
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_kv_head: int       # grouped-query attention: n_head // n_kv_head query heads share one K/V head
-    mlp_hidden: int
-    seq_len: int
-    rope_theta: float = 10000.0
-    n_experts: int = 0   # 0: every MLP is dense; otherwise every moe_every-th block is a Mixture-of-Experts
-    top_k: int = 2
-    moe_every: int = 2
-
-
-def rope_tables(head_dim, length, theta, device):
-    """cos/sin of the rotary angles, (length, head_dim // 2) each (Su et al., arXiv 2104.09864)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x, cos, sin):
-    """Rotate each (first half, second half) pair of x (B, H, T, D) by its position's angle."""
-    a, b = x.float().chunk(2, dim=-1)
-    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).to(x.dtype)
-
-
-class KVCache:
-    """Keys and values of the tokens seen so far, per layer, for generation one token at a time."""
-
-    def __init__(self, config, batch_size, max_len, device, dtype, start=None):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled (advanced by the model after its last layer)
-        # Prompts of different lengths share a batch by left padding: row b's real tokens start at
-        # start[b]. None when no row is padded.
-        self.start = start
-        self.rows = torch.arange(batch_size, device=device)  # the batch rows still being generated
-
-    def keep_rows(self, keep):
-        """Forget the rows where `keep` (a bool mask over the rows held) is False: finished replies."""
-        self.k, self.v, self.rows = self.k[:, keep], self.v[:, keep], self.rows[keep]
-        if self.start is not None:
-            self.start = self.start[keep]
-
-    def update(self, layer, k, v):
-        t0, t1 = self.length, self.length + k.size(2)
-        self.k[layer, :, :, t0:t1], self.v[layer, :, :, t0:t1] = k, v
-        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
-
-
-class Attention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
-        self.head_dim = config.n_embd // config.n_head
-        self.wq = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
-        self.wkv = nn.Linear(config.n_embd, 2 * config.n_kv_head * self.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
-
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)          # (B, H, T, D)
-        k, v = self.wkv(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        key_start = None
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # attend to everything cached so far, (B, Hkv, T_total, D)
-            key_start = cache.start           # and never to a row's left padding
-        y = kernels.attention(q, k, v, causal=True, key_start=key_start)                # (B, H, T, D)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class SwiGLU(nn.Module):
-    """silu(x W_gate) * (x W_up) W_down (Shazeer, arXiv 2002.05202)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.gate = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
-        self.up = nn.Linear(config.n_embd, config.mlp_hidden, bias=False)
-        self.down = nn.Linear(config.mlp_hidden, config.n_embd, bias=False)
-
-    def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
-class MoE(nn.Module):
-    """Top-k routed SwiGLU experts. Balancing: the Switch auxiliary loss (kept in self.aux_loss for
-    the trainer to add) and DeepSeek-V3's router bias, nudged toward balance after every training
-    forward pass; the bias only chooses experts and never scales their outputs."""
-
-    def __init__(self, config):
-        super().__init__()
-        E, C, Hd = config.n_experts, config.n_embd, config.mlp_hidden
-        self.n_experts, self.top_k = E, config.top_k
-        self.router = nn.Linear(C, E, bias=False)
-        self.w_gate = nn.Parameter(torch.empty(E, C, Hd))
-        self.w_up = nn.Parameter(torch.empty(E, C, Hd))
-        self.w_down = nn.Parameter(torch.empty(E, Hd, C))
-        self.register_buffer("router_bias", torch.zeros(E))
-        self.bias_gamma = 0.0  # set by the trainer; 0 leaves the bias alone (eval, later stages)
-        self.aux_loss = torch.zeros(())
-
-    def forward(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])                                                    # (N, C)
-        gates, experts, probs = kernels.route(self.router(x), self.top_k, self.router_bias)
-        if self.training:
-            self.aux_loss = kernels.load_balancing_loss(probs, experts, self.n_experts)
-            if self.bias_gamma > 0:
-                kernels.update_router_bias(self.router_bias, experts, self.n_experts, self.bias_gamma)
-        y = kernels.moe_swiglu(x, gates.to(x.dtype), experts, self.w_gate, self.w_up, self.w_down)
-        return y.view(shape)
-
-
-class Block(nn.Module):
-    def __init__(self, config, layer):
-        super().__init__()
-        self.attn_norm = nn.RMSNorm(config.n_embd)
-        self.attn = Attention(config)
-        self.mlp_norm = nn.RMSNorm(config.n_embd)
-        every = config.moe_every
-        use_moe = config.n_experts > 0 and every > 0 and layer % every == every - 1
-        self.mlp = MoE(config) if use_moe else SwiGLU(config)
-
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)   # pre-norm residual blocks
-        return x + self.mlp(self.mlp_norm(x))
-
-
-class GPT(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = nn.RMSNorm(config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Rotary tables for 4x the training context (generation may run past it); not saved.
-        cos, sin = rope_tables(config.n_embd // config.n_head, 4 * config.seq_len, config.rope_theta, "cpu")
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-
-    def init_weights(self, seed):
-        """GPT-2 style: N(0, 0.02), with the residual-stream outputs scaled by 1/sqrt(2 * n_layer)."""
-        g = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p)   # RMSNorm gains
-                continue
-            residual_out = name.endswith(("wo.weight", "down.weight", "w_down"))
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual_out else 0.02
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-    def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) -> logits (B, T, vocab); with targets (B, T), the mean cross-entropy over the
-        positions whose target is not -1 (later stages mask prompts that way) instead."""
-        T = idx.size(1)
-        t0 = cache.length if cache is not None else 0
-        cos, sin = self.rope_cos[t0:t0 + T], self.rope_sin[t0:t0 + T]
-        if cache is not None and cache.start is not None:
-            # Left-padded rows: each row's first real token is its position 0, as if it were alone.
-            pos = (torch.arange(t0, t0 + T, device=idx.device)[None, :] - cache.start[:, None]).clamp(min=0)
-            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]          # (B, 1, T, D/2)
-        x = self.embed(idx)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, i)
-        if cache is not None:
-            cache.length += T
-        logits = self.lm_head(self.norm(x)).float()
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-
-    def aux_loss(self):
-        """Sum of the MoE layers' load-balancing losses from the last forward pass (0 when dense)."""
-        return sum((b.mlp.aux_loss for b in self.blocks if isinstance(b.mlp, MoE)), torch.zeros(()))
-# --- end shared: model ---
 
 
 # --- shared: checkpoint (origin: 01_pretrain.py) ---

@@ -1,8 +1,9 @@
 """Every stage reads as a chapter with the same skeleton (README, "How to read a stage").
 
-Checked here, for every NN_name.py: the numbered sections in order; the shared blocks all in
-Appendix B, in one fixed order, opened by an index of what the stage calls; no copied definition the
-stage never uses; main short; the body within its budget; no line over 110 characters.
+Checked here, for every NN_name.py: the numbered sections in order; the shared blocks in Appendix
+B, in one fixed order, opened by an index of what the stage calls (a block may instead sit in the
+body of the stage it originates in); no copied definition the stage never uses; main short; the
+body within its budget; no line over 110 characters.
 """
 import ast
 import pathlib
@@ -15,7 +16,11 @@ from test_shared_blocks import find_blocks
 
 BLOCK_ORDER = ["flags", "tokenizer", "model", "checkpoint", "save", "precision", "sampling", "chat", "grading", "stats",
                "judging", "choice", "replies", "pairs", "reference", "worldlabel", "feedback", "arithmetic"]
-BODY_BUDGET = {"01_pretrain.py": 700, "02_sft.py": 700, "03_constitutional_ai.py": 950,  # lines; others 500
+BODY_BUDGET = {"01_pretrain.py": 973, "02_sft.py": 700, "03_constitutional_ai.py": 950,  # lines; others 500
+               # 01: 700 until its subject moved from its appendices into its body (STYLE.md, "Two
+               # refinements"): the `model` block, 182 lines with its markers, into section 2, and the
+               # BPE trainer (SPLIT_PATTERN to make_encoding), 87 lines, into section 3, each after two
+               # blank lines: 700 + 182 + 87 + 2 * 2 = 973.
                "05_grpo_reasoning.py": 615,   # 03, 05 and 06 each hold several methods (05: four, pass@k and
                "06_character.py": 925,        # the replies it keeps for rehearsal; 06: two, their combination,
                                               # a dozen measures, a classifier, revealed preferences
@@ -51,6 +56,18 @@ def index_entries(lines, appendix_b):
         elif reading:
             break
     return entries
+
+
+def misplaced_blocks(path):
+    """Shared blocks outside Appendix B, except a block in the body of its origin stage. The origin
+    is where a block is written and edited, and where it may be the chapter's subject: stage 01
+    teaches the Transformer, so its `model` block is read in 01's section 2 (STYLE.md, "Two
+    refinements"). A copy, in any other stage, is reference and belongs in Appendix B, where a
+    reader knows not to edit it (`--fix` would revert the edit); in a body it would hide the stage's
+    own idea among code that is not. Appendix A holds generators, never a shared block."""
+    starts = section_starts(path.read_text(encoding="utf-8").splitlines())
+    return [name for name, (origin, start, _, _) in find_blocks(path).items()
+            if start < starts["Appendix B"] and not (start < starts["Appendix A"] and origin == path.name)]
 
 
 def unused_copied_definitions(path):
@@ -90,10 +107,9 @@ def test_sections_in_order(path):
 def test_shared_blocks_sit_in_appendix_b_in_one_order_with_an_index(path):
     lines = path.read_text(encoding="utf-8").splitlines()
     appendix_b = section_starts(lines)["Appendix B"]
+    assert not misplaced_blocks(path), f"{path.name}: blocks outside Appendix B: {misplaced_blocks(path)}"
     blocks = sorted(find_blocks(path).items(), key=lambda item: item[1][1])
-    names = [name for name, _ in blocks]
-    outside = [name for name, (_, start, _, _) in blocks if start < appendix_b]
-    assert not outside, f"{path.name}: blocks outside Appendix B: {outside}"
+    names = [name for name, (_, start, _, _) in blocks if start > appendix_b]   # the rest: its origin's body
     assert names == [b for b in BLOCK_ORDER if b in names], f"{path.name}: blocks in order {names}"
     assert index_entries(lines, appendix_b) == names, f"{path.name}: Appendix B's index must list {names}"
 
@@ -129,8 +145,32 @@ def test_the_checks_catch_a_misplaced_or_unused_block(tmp_path):
     assert index_entries(lines, 0) == ["model", "chat"]
 
 
+def test_a_shared_block_may_sit_only_in_its_origin_stages_body(tmp_path):
+    """A block in the body of the stage it originates in is allowed; the same block in another
+    stage's body, or in Appendix A, is not."""
+    block = ["# --- shared: grading (origin: 02_sft.py) ---", "def is_refusal(t):", "    return False",
+             "# --- end shared: grading ---"]
+
+    def misplaced_in(name, where):
+        lines = []
+        for title in ("2. The idea", "Appendix A: generators", "Appendix B: shared code"):
+            lines += [RULE, f"# {title}", RULE] + (block if title.startswith(where) else [])
+        path = tmp_path / name
+        path.write_text("\n".join(lines) + "\n")
+        return misplaced_blocks(path)
+    assert misplaced_in("02_sft.py", "2.") == [] and misplaced_in("03_cai.py", "Appendix B") == []
+    assert misplaced_in("03_cai.py", "2.") == ["grading"]        # a copy in another stage's body
+    assert misplaced_in("02_sft.py", "Appendix A") == ["grading"]
+    stage_01 = next(path for path in STAGES if path.name == "01_pretrain.py")
+    body_01 = body(stage_01)   # what stage 01 teaches is in its body: the Transformer and the BPE trainer
+    assert find_blocks(stage_01)["model"][1] < len(body_01)
+    assert any(line.startswith("def train_bpe(") for line in body_01)
+
+
 def test_body_strips_both_appendices():
     for path in STAGES:
         text = "\n".join(body(path))
         assert "# 7. Report" in text and "Appendix A" not in text.split("# 7. Report")[1]
-        assert "# --- shared:" not in text
+        copies = [line for line in body(path) if line.startswith("# --- shared:")
+                  and f"(origin: {path.name})" not in line]   # only an origin's own blocks (misplaced_blocks)
+        assert not copies, f"{path.name}: copies in the body: {copies}"
