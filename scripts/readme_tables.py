@@ -1,4 +1,4 @@
-"""Regenerate README's measured tables for stages 02-05: every run, every seed, every ablation.
+"""Regenerate the measured tables of RESULTS.md for stages 02-08: every run, every seed, every ablation.
 
 Stage 01 runs once (its world and pretrained model are where every seed starts); stages 02, 03 and
 04 run for each seed, each on the same seed's previous stage; stage 04 also runs its one-factor
