@@ -3,10 +3,11 @@
 The plain GPT is nanoGPT's shape: learned positions, LayerNorm, one fused QKV projection, a GELU MLP
 four times as wide. Ours (the `model` block, in 01_pretrain.py's section 2) has rotary positions,
 RMSNorm, a SwiGLU MLP 8/3 as wide, and here one key/value head per query head, so both do the same
-matrix products per token. Each step is forward + backward + AdamW on the same batch size; steps of the models are
-interleaved in one process, so the machine's state is the same for all. Prints the median tokens/s
-of each and their ratio; with --compile, also both under torch.compile; with --profile, where each
-model's time goes per step, by kind of operation (torch.profiler, self CPU time).
+matrix products per token. Each step is forward + backward + AdamW on the same batch size; steps of
+the models are interleaved in one process, so the machine's state is the same for all. Prints the
+median tokens/s of each and their ratio; with --compile, also both under torch.compile; with
+--profile, where each model's time goes per step, by kind of operation (torch.profiler, self CPU
+time).
 
     python scripts/bench_cpu.py --steps 10 --compile --profile   # the table in RESULTS.md
     python scripts/bench_cpu.py --steps 4 --sizes 2,64,512,64,8  # a quick look
