@@ -1,11 +1,12 @@
-"""Stage 04: the DPO and IPO losses on hand-computed values, the pairs it reads, one step moving the
-policy the right way, and a tiny run end to end."""
+"""Stage 04: the DPO and IPO losses on hand-computed values, SimPO added through section 2's table, the
+pairs it reads, one step moving the policy the right way, and tiny runs end to end."""
 import json
 import math
 import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import load_stage, run_script
 
@@ -107,6 +108,50 @@ def test_ipo_optimum_is_the_minimiser_over_both_orders():
     assert best == pytest.approx(1.2, abs=1e-3)   # (2c - 1) / (2 beta)
     at_best = D.ipo_loss(torch.tensor([beta * best]), torch.tensor([c]), beta)
     assert at_best.item() == pytest.approx(0.0, abs=1e-5)
+
+
+# SimPO (Meng, Xia and Chen, "SimPO: Simple Preference Optimization with a Reference-Free Reward"),
+# added to stage 04 as a fork would: one entry of section 2's table, its margin and its loss.
+SIMPO_GAMMA = 0.5   # the target reward margin
+
+
+def simpo_margin(lp, beta):
+    """The difference of SimPO's rewards, beta times each response's mean log-probability per token
+    under the policy: no reference."""
+    return beta * (lp.policy_chosen / lp.chosen_length - lp.policy_rejected / lp.rejected_length)
+
+
+def simpo_loss(h, confidence, beta):
+    """-log sigmoid(h - gamma), with the label's weight on each order as in dpo_loss."""
+    c = confidence
+    return -(c * F.logsigmoid(h - SIMPO_GAMMA) + (1 - c) * F.logsigmoid(-h - SIMPO_GAMMA)).mean()
+
+
+def test_simpo_margin_and_loss_through_the_table(monkeypatch):
+    """Policy -4 over 2 tokens and -9 over 3 (references -1 and -8, not read), beta 2:
+    h = 2 * (-4/2 - (-9/3)) = 2, and the loss of a certain pair is -log sigmoid(2 - 0.5)."""
+    monkeypatch.setitem(D.LOSSES, "simpo", D.Objective(simpo_margin, simpo_loss))
+    args = types.SimpleNamespace(beta=2.0, loss="simpo", nll_coef=0.0)
+    loss, stats = D.pair_objective(pair_logps((-4, -9), (-1, -8), (2, 3)), torch.tensor([1.0]), args)
+    assert stats["margin"] == pytest.approx(2.0) and stats["reward_accuracy"] == 1.0
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.5)), abs=1e-6)
+
+
+def test_simpo_added_in_a_test_runs_tiny(tiny_cai, tmp_path, monkeypatch):
+    """Stage 04 run in-process with --loss simpo registered here: it trains and reports SimPO's margin."""
+    margins = []
+
+    def recorded_simpo_margin(lp, beta):
+        h = simpo_margin(lp, beta)
+        margins.append(h.detach())
+        return h
+    monkeypatch.setitem(D.LOSSES, "simpo", D.Objective(recorded_simpo_margin, simpo_loss))
+    D.main(["--preset", "tiny", "--init", str(tiny_cai[0]), "--out", str(tmp_path / "simpo"),
+            "--loss", "simpo", "--beta", "2.0"])
+    m = json.loads((tmp_path / "simpo" / "metrics.json").read_text())
+    assert m["args"]["loss"] == "simpo" and (tmp_path / "simpo" / "model.pt").exists()
+    assert m["history"] and len(margins) > len(m["history"])   # every step, then the held-out pairs
+    assert m["history"][0]["margin"] == pytest.approx(margins[0].mean().item())
 
 
 @pytest.fixture(scope="module")
