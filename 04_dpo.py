@@ -63,7 +63,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections import defaultdict
+from collections import defaultdict, namedtuple
 
 import torch
 import torch.nn as nn
@@ -133,8 +133,8 @@ def parse_args(argv=None):
 # =====================================================================================
 # 2. The idea: a policy's implicit reward, and a loss on oriented pairs
 # =====================================================================================
-# Everything a reader changes to try another preference loss lives here. Pairs are oriented once,
-# when they are read (section 3): chosen first, with the label's confidence c in [0.5, 1].
+# Everything a reader changes to try another preference loss lives here: a method is one entry of LOSSES.
+# Pairs are oriented once, when read (section 3): chosen first, with the label's confidence c in [0.5, 1].
 
 def orient(response_a, response_b, p):
     """(chosen, rejected, confidence) from a pair labelled p = P(a is better). An undecided label
@@ -152,9 +152,14 @@ def implicit_reward(policy_logp, reference_logp, beta):
     return beta * (policy_logp - reference_logp)
 
 
-def preference_margin(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta):
-    """h = beta * (log-ratio of chosen - log-ratio of rejected): the difference of implicit rewards."""
-    return beta * ((policy_chosen - reference_chosen) - (policy_rejected - reference_rejected))
+PairLogps = namedtuple("PairLogps", "policy_chosen policy_rejected reference_chosen reference_rejected "
+                                    "chosen_length rejected_length")   # (B,) each: all a margin may read
+
+
+def reference_margin(lp, beta):
+    """h = beta * (log-ratio of chosen - log-ratio of rejected): the difference of implicit rewards.
+    Lengths are not read: as in the paper, each log-ratio sums over its response's tokens."""
+    return beta * ((lp.policy_chosen - lp.reference_chosen) - (lp.policy_rejected - lp.reference_rejected))
 
 
 def dpo_loss(h, confidence, beta):
@@ -168,7 +173,10 @@ def ipo_loss(h, confidence, beta):
     return ((h / beta - (2 * confidence - 1) / (2 * beta)) ** 2).mean()
 
 
-LOSSES = {"dpo": dpo_loss, "ipo": ipo_loss}   # --loss chooses from this table
+# --loss chooses a method from this table: its margin h (a difference of the method's rewards of the
+# two responses) and its loss on h. A method without a reference (SimPO) is one more entry.
+Objective = namedtuple("Objective", "margin loss")
+LOSSES = {"dpo": Objective(reference_margin, dpo_loss), "ipo": Objective(reference_margin, ipo_loss)}
 
 
 def next_token_loss(chosen_logp, chosen_lengths, decided):
@@ -183,6 +191,22 @@ def preference_statistics(h, chosen_reward, rejected_reward, decided):
     return {"reward_accuracy": ((h > 0) & decided).float().sum().item() / max(1, decided.sum().item()),
             "margin": h.mean().item(), "chosen_reward": chosen_reward.mean().item(),
             "rejected_reward": rejected_reward.mean().item()}
+
+
+def pair_objective(lp, confidence, args):
+    """The --loss method's loss on a batch of pairs plus the next-token term, and its statistics."""
+    objective = LOSSES[args.loss]
+    h = objective.margin(lp, args.beta)
+    decided = confidence != 0.5
+    nll = next_token_loss(lp.policy_chosen, lp.chosen_length, decided)
+    loss = objective.loss(h, confidence, args.beta) + args.nll_coef * nll
+    # Accuracy and margin are read off the method's own h (does its reward rank the pair as labelled?);
+    # the two rewards stay DPO's implicit ones, how far each response moved from the reference, which
+    # every method can report (the reference is scored anyway) and the plot shows.
+    stats = preference_statistics(h, implicit_reward(lp.policy_chosen, lp.reference_chosen, args.beta),
+                                  implicit_reward(lp.policy_rejected, lp.reference_rejected, args.beta),
+                                  decided)
+    return loss, {"loss": loss.item(), "nll": nll.item(), **stats}
 
 
 # =====================================================================================
@@ -235,17 +259,11 @@ def pair_batch_loss(policy, chunk, pad, args):
     responses = [p["chosen"] for p in chunk] + [p["rejected"] for p in chunk]
     with autocast(args.device):
         lp = sequence_logprobs(policy, [p["prompt"] for p in chunk] * 2, responses, pad)
-    policy_chosen, policy_rejected = lp[:n], lp[n:]
     ref = torch.tensor([[p["ref_chosen"], p["ref_rejected"]] for p in chunk], device=lp.device)
     confidence = torch.tensor([p["confidence"] for p in chunk], device=lp.device)
-    h = preference_margin(policy_chosen, policy_rejected, ref[:, 0], ref[:, 1], args.beta)
-    decided = confidence != 0.5
-    lengths = torch.tensor([len(p["chosen"]) for p in chunk], device=lp.device, dtype=torch.float)
-    nll = next_token_loss(policy_chosen, lengths, decided)
-    loss = LOSSES[args.loss](h, confidence, args.beta) + args.nll_coef * nll
-    stats = preference_statistics(h, implicit_reward(policy_chosen, ref[:, 0], args.beta),
-                                  implicit_reward(policy_rejected, ref[:, 1], args.beta), decided)
-    return loss, {"loss": loss.item(), "nll": nll.item(), **stats}
+    lengths = torch.tensor([len(r) for r in responses], device=lp.device, dtype=torch.float)
+    logps = PairLogps(lp[:n], lp[n:], ref[:, 0], ref[:, 1], lengths[:n], lengths[n:])
+    return pair_objective(logps, confidence, args)
 
 
 def train(policy, train_pairs, pad, args, epochs=None, tag=""):

@@ -1,11 +1,12 @@
-"""Stage 04: the DPO and IPO losses on hand-computed values, the pairs it reads, one step moving the
-policy the right way, and a tiny run end to end."""
+"""Stage 04: the DPO and IPO losses on hand-computed values, SimPO added through section 2's table, the
+pairs it reads, one step moving the policy the right way, and tiny runs end to end."""
 import json
 import math
 import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import load_stage, run_script
 
@@ -13,10 +14,19 @@ D = load_stage("04_dpo")
 P = load_stage("01_pretrain")
 
 
+def pair_logps(policy, reference, lengths=(1, 1)):
+    """PairLogps of one pair from (chosen, rejected) tuples: the policy's and the reference's summed
+    log-probabilities, and the two responses' token counts."""
+    t = lambda x: torch.tensor([float(x)])  # noqa: E731
+    return D.PairLogps(policy_chosen=t(policy[0]), policy_rejected=t(policy[1]),
+                       reference_chosen=t(reference[0]), reference_rejected=t(reference[1]),
+                       chosen_length=t(lengths[0]), rejected_length=t(lengths[1]))
+
+
 def test_dpo_loss_matches_its_formula():
     """log pi(chosen) = -1, log pi(rejected) = -3, reference -2 and -2, beta 0.5: h = 0.5 * (1 - (-1))."""
     t = lambda x: torch.tensor([x])  # noqa: E731
-    h = D.preference_margin(t(-1.0), t(-3.0), t(-2.0), t(-2.0), 0.5)
+    h = D.reference_margin(pair_logps((-1, -3), (-2, -2)), 0.5)
     assert h.item() == pytest.approx(1.0)
     assert D.implicit_reward(t(-1.0), t(-2.0), 0.5).item() == pytest.approx(0.5)
     assert D.dpo_loss(h, t(1.0), 0.5).item() == pytest.approx(math.log1p(math.exp(-1.0)), abs=1e-6)
@@ -24,7 +34,29 @@ def test_dpo_loss_matches_its_formula():
     soft = 0.7 * math.log1p(math.exp(-1.0)) + 0.3 * math.log1p(math.exp(1.0))
     assert D.dpo_loss(h, t(0.7), 0.5).item() == pytest.approx(soft, abs=1e-6)
     # Swapping the two responses negates the margin.
-    assert D.preference_margin(t(-3.0), t(-1.0), t(-2.0), t(-2.0), 0.5).item() == pytest.approx(-1.0)
+    assert D.reference_margin(pair_logps((-3, -1), (-2, -2)), 0.5).item() == pytest.approx(-1.0)
+
+
+def test_reference_margin_reads_no_lengths_and_tells_the_sides_apart():
+    """Policy -1 and -3, reference -2 and -2.5, beta 0.5: h = 0.5 * ((-1 + 2) - (-3 + 2.5)) = 0.75,
+    whatever the two responses' lengths (DPO and IPO sum log-ratios over tokens)."""
+    for lengths in ((1, 1), (2, 5), (7, 3)):
+        h = D.reference_margin(pair_logps((-1, -3), (-2, -2.5), lengths), 0.5)
+        assert h.item() == pytest.approx(0.75)
+
+
+def test_pair_objective_on_hand_values():
+    """Policy -4 over 2 tokens and -9 over 3, reference -5 and -6, beta 0.5: h = 0.5 * (1 - (-3)) = 2;
+    the next-token term is the chosen response's 4 / 2; the implicit rewards 0.5 and -1.5."""
+    lp, certain = pair_logps((-4, -9), (-5, -6), (2, 3)), torch.tensor([1.0])
+    args = types.SimpleNamespace(beta=0.5, loss="dpo", nll_coef=1.0)
+    loss, stats = D.pair_objective(lp, certain, args)
+    assert stats["margin"] == pytest.approx(2.0) and stats["nll"] == pytest.approx(2.0)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-2.0)) + 2.0, abs=1e-6)
+    assert stats["chosen_reward"] == pytest.approx(0.5) and stats["rejected_reward"] == pytest.approx(-1.5)
+    assert stats["reward_accuracy"] == 1.0
+    args.loss = "ipo"   # the table's other loss on the same h: (h / beta - 1 / (2 beta))^2 = (4 - 1)^2
+    assert D.pair_objective(lp, certain, args)[0].item() == pytest.approx(9.0 + 2.0, rel=1e-6)
 
 
 def test_orienting_a_pair_puts_the_preferred_response_first():
@@ -48,7 +80,8 @@ def test_next_token_term_and_statistics_on_hand_values():
 
 
 def test_a_loss_added_to_the_table_becomes_a_flag(monkeypatch):
-    monkeypatch.setitem(D.LOSSES, "hinge", lambda h, c, beta: torch.relu(1 - h).mean())
+    hinge = lambda h, c, beta: torch.relu(1 - h).mean()  # noqa: E731
+    monkeypatch.setitem(D.LOSSES, "hinge", D.Objective(D.reference_margin, hinge))
     assert D.parse_args(["--loss", "hinge", "--device", "cpu"]).loss == "hinge"
 
 
@@ -57,7 +90,7 @@ def test_ipo_loss_matches_azar_et_al_on_hand_values():
     log-ratio gap without beta. log pi(chosen) = -1, log pi(rejected) = -3, references -2 and -2:
     g = 2. With tau = beta = 0.1 the target is 5, so the loss is (2 - 5)^2 = 9; our h is beta * g = 0.2."""
     t = lambda x: torch.tensor([x])  # noqa: E731
-    h = D.preference_margin(t(-1.0), t(-3.0), t(-2.0), t(-2.0), 0.1)
+    h = D.reference_margin(pair_logps((-1, -3), (-2, -2)), 0.1)
     assert D.ipo_loss(h, t(1.0), 0.1).item() == pytest.approx(9.0, rel=1e-5)
     # A soft label c = 0.75 moves the target to (2c - 1) / (2 tau) = 2.5: (2 - 2.5)^2.
     assert D.ipo_loss(h, t(0.75), 0.1).item() == pytest.approx(0.25, rel=1e-4)
@@ -75,6 +108,50 @@ def test_ipo_optimum_is_the_minimiser_over_both_orders():
     assert best == pytest.approx(1.2, abs=1e-3)   # (2c - 1) / (2 beta)
     at_best = D.ipo_loss(torch.tensor([beta * best]), torch.tensor([c]), beta)
     assert at_best.item() == pytest.approx(0.0, abs=1e-5)
+
+
+# SimPO (Meng, Xia and Chen, "SimPO: Simple Preference Optimization with a Reference-Free Reward"),
+# added to stage 04 as a fork would: one entry of section 2's table, its margin and its loss.
+SIMPO_GAMMA = 0.5   # the target reward margin
+
+
+def simpo_margin(lp, beta):
+    """The difference of SimPO's rewards, beta times each response's mean log-probability per token
+    under the policy: no reference."""
+    return beta * (lp.policy_chosen / lp.chosen_length - lp.policy_rejected / lp.rejected_length)
+
+
+def simpo_loss(h, confidence, beta):
+    """-log sigmoid(h - gamma), with the label's weight on each order as in dpo_loss."""
+    c = confidence
+    return -(c * F.logsigmoid(h - SIMPO_GAMMA) + (1 - c) * F.logsigmoid(-h - SIMPO_GAMMA)).mean()
+
+
+def test_simpo_margin_and_loss_through_the_table(monkeypatch):
+    """Policy -4 over 2 tokens and -9 over 3 (references -1 and -8, not read), beta 2:
+    h = 2 * (-4/2 - (-9/3)) = 2, and the loss of a certain pair is -log sigmoid(2 - 0.5)."""
+    monkeypatch.setitem(D.LOSSES, "simpo", D.Objective(simpo_margin, simpo_loss))
+    args = types.SimpleNamespace(beta=2.0, loss="simpo", nll_coef=0.0)
+    loss, stats = D.pair_objective(pair_logps((-4, -9), (-1, -8), (2, 3)), torch.tensor([1.0]), args)
+    assert stats["margin"] == pytest.approx(2.0) and stats["reward_accuracy"] == 1.0
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.5)), abs=1e-6)
+
+
+def test_simpo_added_in_a_test_runs_tiny(tiny_cai, tmp_path, monkeypatch):
+    """Stage 04 run in-process with --loss simpo registered here: it trains and reports SimPO's margin."""
+    margins = []
+
+    def recorded_simpo_margin(lp, beta):
+        h = simpo_margin(lp, beta)
+        margins.append(h.detach())
+        return h
+    monkeypatch.setitem(D.LOSSES, "simpo", D.Objective(recorded_simpo_margin, simpo_loss))
+    D.main(["--preset", "tiny", "--init", str(tiny_cai[0]), "--out", str(tmp_path / "simpo"),
+            "--loss", "simpo", "--beta", "2.0"])
+    m = json.loads((tmp_path / "simpo" / "metrics.json").read_text())
+    assert m["args"]["loss"] == "simpo" and (tmp_path / "simpo" / "model.pt").exists()
+    assert m["history"] and len(margins) > len(m["history"])   # every step, then the held-out pairs
+    assert m["history"][0]["margin"] == pytest.approx(margins[0].mean().item())
 
 
 @pytest.fixture(scope="module")
