@@ -189,15 +189,17 @@ def clipped_objective(logp, old_logp, advantages, eps_low, eps_high):
     return torch.minimum(unclipped, clipped), (clipped < unclipped).float()
 
 
-def aggregate(per_token, mask, how, max_new_tokens):
-    """Average per-token terms (B, L) over the reply tokens (mask): "sequence" = mean within each
-    reply, then over replies (GRPO); "token" = one mean over all tokens (DAPO); "constant" = sum
-    over tokens / (replies x max_new_tokens), no length in the denominator (Dr. GRPO)."""
+def aggregate(per_token, mask, how, max_new_tokens, whole=None):
+    """Average per-token terms (B, L) over the reply tokens (mask): "sequence" = mean within each reply,
+    then over replies (GRPO); "token" = one mean over all tokens (DAPO); "constant" = sum over tokens /
+    (replies x max_new_tokens), no length in the denominator (Dr. GRPO). For a chunk of a batch, whole =
+    the batch's (replies, reply tokens): the denominators are the batch's, whatever the chunking."""
+    replies, tokens = whole or (mask.size(0), mask.sum().clamp(min=1))
     if how == "sequence":
-        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / replies
     if how == "token":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
-    return (per_token * mask).sum() / (mask.size(0) * max_new_tokens)
+        return (per_token * mask).sum() / tokens
+    return (per_token * mask).sum() / (replies * max_new_tokens)
 
 
 def overlong_penalty(length, max_new_tokens, buffer):
@@ -214,13 +216,13 @@ VARIANTS = {   # what --variant switches
 }
 
 
-def rl_loss(logp, old_logp, ref_logp, mask, advantages, args):
-    """-J for a batch of replies: the clipped surrogate with each reply's advantage on every one of
-    its tokens, minus beta * k3, averaged as the variant says. -> (loss, clip fraction, mean k3)."""
+def rl_loss(logp, old_logp, ref_logp, mask, advantages, args, whole=None):
+    """-J for a batch of replies (or a chunk: whole): the clipped surrogate with each reply's advantage
+    on all its tokens, minus beta * k3, averaged as the variant says. -> (loss, clip fraction, mean k3)."""
     surrogate, clipped = clipped_objective(logp, old_logp, advantages[:, None], args.clip_low, args.clip_high)
     kl = k3(logp, ref_logp) if args.beta > 0 else torch.zeros_like(logp)
     how = VARIANTS[args.variant]["aggregate"]
-    loss = aggregate(-(surrogate - args.beta * kl), mask, how, args.max_new_tokens)
+    loss = aggregate(-(surrogate - args.beta * kl), mask, how, args.max_new_tokens, whole)
     tokens = mask.sum().clamp(min=1)
     return loss, ((clipped * mask).sum() / tokens).item(), ((kl * mask).sum() / tokens).item()
 
@@ -233,9 +235,10 @@ def shaped_reward(record, args):
     return record["total"] + penalty
 
 
-def informative(group):
-    """DAPO's dynamic sampling keeps a group only if its rewards differ: otherwise every advantage is 0."""
-    return len({r["shaped"] for r in group}) > 1
+def informative(group, key="correct"):
+    """Whether a group's key differs. DAPO filters on accuracy (0 < right < G): divided by its small std, a
+    split by the form bonus or the overlong penalty alone would weigh as much as a right/wrong one."""
+    return len({r[key] for r in group}) > 1
 
 
 def pass_at_k(n, c, k):
@@ -347,6 +350,7 @@ def policy_update(policy, reference, optimizer, batch, args, pad):
     first starts at rho = 1; later ones are off-policy, and the clip keeps them near pi_old."""
     rewards = torch.tensor([r["shaped"] for r in batch]).view(-1, args.group_size)
     advantages = group_advantages(rewards, VARIANTS[args.variant]["scale_by_std"]).view(-1)
+    whole = (len(batch), sum(len(r["reply"]) for r in batch))   # every chunk's loss over the batch's sizes
     size = max(1, args.batch_size // 2)
     chunks = [list(range(i, min(i + size, len(batch)))) for i in range(0, len(batch), size)]
     columns = [([batch[i]["prompt"] for i in c], [batch[i]["reply"] for i in c]) for c in chunks]
@@ -358,8 +362,8 @@ def policy_update(policy, reference, optimizer, batch, args, pad):
         for c, col, old_c, ref_c in zip(chunks, columns, old, ref):
             with autocast(args.device):
                 logp, mask, entropy = token_logprobs(policy, *col, pad)
-            loss, clip_fraction, kl = rl_loss(logp, old_c, ref_c, mask, advantages[c], args)
-            (loss * len(c) / len(batch)).backward()
+            loss, clip_fraction, kl = rl_loss(logp, old_c, ref_c, mask, advantages[c], args, whole)
+            loss.backward()
             share = len(c) / len(batch) / args.inner_steps
             stats["clip_fraction"] += clip_fraction * share
             stats["kl"] += kl * share
@@ -435,7 +439,7 @@ def step_record(step, sampled, total, new, sample_seconds, seconds, args, stats)
     return {"step": step, "sampled_tokens": total, "reward": mean("total"), "correct": mean("correct"),
             "format": mean("format"), "reply_tokens": new / len(sampled),
             "thinking_tokens": mean("thinking_tokens"), "truncated": mean("truncated"),
-            "no_signal_groups": 1 - sum(map(informative, groups)) / len(groups),
+            "no_signal_groups": 1 - sum(informative(g, "shaped") for g in groups) / len(groups),
             "tokens_per_second": new / max(sample_seconds, 1e-9), "sampling_share": sample_seconds / seconds,
             "seconds": seconds, **stats}
 

@@ -114,6 +114,30 @@ def test_aggregations_on_hand_values():
     assert R.aggregate(per_token, mask, "constant", 4).item() == pytest.approx(4 / 8)
 
 
+def test_a_chunk_is_divided_by_the_whole_batch():
+    """The issue's example: replies of 1, 1, 8 and 8 tokens with advantages [1, -1, 1, -1]. The first
+    token's gradient is -A / 18 under the token mean (18 tokens in the batch), -A / (4 x its reply's
+    length) under the sequence mean and -A / (4 x 8) under the constant, in one chunk or two."""
+    lengths, adv = torch.tensor([1, 1, 8, 8]), torch.tensor([1.0, -1.0, 1.0, -1.0])
+    mask = (torch.arange(8)[None, :] < lengths[:, None]).float()
+    want = {"token": -adv / 18, "sequence": -adv / (4 * lengths), "constant": -adv / 32}
+    for how, first in want.items():
+        for chunks in ([[0, 1, 2, 3]], [[0, 1], [2, 3]]):
+            logp = torch.zeros(4, 8, requires_grad=True)
+            for c in chunks:
+                R.aggregate(-adv[c, None] * logp[c], mask[c], how, 8, whole=(4, 18)).backward()
+            torch.testing.assert_close(logp.grad[:, 0], first, msg=f"{how}, {len(chunks)} chunks")
+
+
+def test_dynamic_sampling_keeps_a_group_only_if_its_accuracy_differs():
+    """DAPO filters on accuracy: a group all right, split only by the form bonus, is dropped (its
+    shaped rewards still differ); a group with one right reply is kept."""
+    all_right = [{"correct": 1.0, "shaped": 1.1}, {"correct": 1.0, "shaped": 1.0}]
+    mixed = [{"correct": 1.0, "shaped": 1.1}, {"correct": 0.0, "shaped": 0.1}]
+    assert not R.informative(all_right) and R.informative(all_right, "shaped")
+    assert R.informative(mixed)
+
+
 def test_overlong_penalty_and_pass_at_k_on_hand_values():
     assert [R.overlong_penalty(n, 64, 16) for n in (40, 48, 56, 64, 70)] == [0.0, 0.0, -0.5, -1.0, -1.0]
     assert R.pass_at_k(4, 1, 1) == pytest.approx(0.25)
@@ -189,6 +213,22 @@ def test_update_moves_the_policy_toward_rewarded_replies_and_leaves_the_referenc
     assert after[0] > before[0] and after[1] < before[1]
     assert all(torch.equal(v, frozen[k]) for k, v in reference.state_dict().items())
     assert stats["kl"] >= 0
+
+
+@pytest.mark.parametrize("variant", ["grpo", "dapo", "drgrpo"])   # sequence, token, constant
+def test_the_gradient_does_not_depend_on_the_chunking(variant, monkeypatch):
+    """Replies of 1, 1, 8 and 8 tokens, rewards [1, -1, 1, -1] in groups of 2: one chunk of 4 rows
+    (batch_size 8) and two chunks of 2 (batch_size 4) give one gradient for every aggregation."""
+    grads = []
+    monkeypatch.setattr(R, "optimizer_step", lambda policy, optimizer: grads.append(
+        torch.cat([p.grad.flatten() for p in policy.parameters()])))
+    batch = [{"prompt": [1, 2, 3], "reply": list(range(40 + 10 * i, 40 + 10 * i + n)), "shaped": s}
+             for i, (n, s) in enumerate(zip((1, 1, 8, 8), (1.0, -1.0, 1.0, -1.0)))]   # four different replies
+    for batch_size in (8, 4):
+        args = types.SimpleNamespace(variant=variant, group_size=2, batch_size=batch_size, inner_steps=1,
+                                     clip_low=0.2, clip_high=0.2, beta=0.04, max_new_tokens=8, device="cpu")
+        R.policy_update(tiny_model(3), tiny_model(3).requires_grad_(False), None, batch, args, pad=0)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=0)
 
 
 @pytest.fixture(scope="module")
