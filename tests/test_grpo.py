@@ -1,5 +1,6 @@
 """Stage 05: the checkers on hand cases, GRPO's advantages, ratio clip, k3 and aggregations on
-hand-computed values, pass@k, batched sampling, a frozen reference, the problem split, and tiny runs."""
+hand-computed values, pass@k, batched sampling, a frozen reference, the problem split, and tiny runs,
+one of a variant (RLOO) added to the table by the test."""
 import json
 import random
 import types
@@ -136,6 +137,9 @@ def test_dynamic_sampling_keeps_a_group_only_if_its_accuracy_differs():
     mixed = [{"correct": 1.0, "shaped": 1.1}, {"correct": 0.0, "shaped": 0.1}]
     assert not R.informative(all_right) and R.informative(all_right, "shaped")
     assert R.informative(mixed)
+    dapo, grpo = types.SimpleNamespace(variant="dapo"), types.SimpleNamespace(variant="grpo")
+    assert not R.keeps_group(all_right, dapo) and R.keeps_group(mixed, dapo)
+    assert R.keeps_group(all_right, grpo)   # the other variants train on every group
 
 
 def test_overlong_penalty_and_pass_at_k_on_hand_values():
@@ -283,6 +287,36 @@ def test_tiny_runs_of_every_variant(tiny_dpo, tmp_path):
             assert R.reward(line["problem"], reply(said["content"], said["thinking"]), 0.1)["total"] == 1.1
         assert set(m["after"]) >= {"all", "arithmetic/1", "countdown/new template"} and m["harmlessness"]["rl"]
         assert torch.load(out / "model.pt", weights_only=True)["stage"] == "05_grpo_reasoning"
+
+
+def test_a_variant_added_to_the_table_trains_with_its_advantages(tiny_dpo, tmp_path, monkeypatch):
+    """RLOO (Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style Optimization for Learning
+    from Human Feedback in LLMs"): each reply's baseline is the mean of the other G - 1 rewards of its
+    group. One entry in section 2's table makes it a --variant whose advantages the updates use."""
+    def rloo(rewards):
+        others = (rewards.sum(1, keepdim=True) - rewards) / (rewards.size(1) - 1)
+        return rewards - others
+
+    used = []
+
+    def spy(rewards):   # what the updates were given
+        used.append(rloo(rewards))
+        return used[-1]
+
+    monkeypatch.setitem(R.VARIANTS, "rloo", dict(advantages=spy, aggregate="sequence"))
+    args = types.SimpleNamespace(variant="rloo", clip_low=0.2)
+    # rewards 1, 0, 0, 1: a right reply's baseline is 1/3 (one right of the other three), a wrong one's 2/3
+    torch.testing.assert_close(R.advantages_for(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), args),
+                               torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3]]))
+    group = [{"correct": 1.0}, {"correct": 1.0}]
+    assert R.clip_high_for(args) == 0.2 and R.keeps_group(group, args) and not R.fine_tunes_on_accepted(args)
+    used.clear()
+    out = tmp_path / "rloo"
+    R.main(["--preset", "tiny", "--init", str(tiny_dpo[0]), "--out", str(out), "--variant", "rloo",
+            "--device", "cpu"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["args"]["variant"] == "rloo" and len(used) == len(m["history"]) > 0   # one batch a step
+    assert all(a.shape == (4, 4) for a in used)   # tiny: 4 problems x 4 replies
 
 
 def test_bad_input_is_one_sentence(tiny_cai, tmp_path):
