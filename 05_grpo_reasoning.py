@@ -139,8 +139,7 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
     args.families = [f for f in args.families.split(",") if f]
-    if args.clip_high is None:
-        args.clip_high = clip_high_for(args)
+    args.clip_high = clip_high_for(args) if args.clip_high is None else args.clip_high
     if args.group_size < 2:
         p.error("--group_size must be at least 2: the group is the baseline")
     if not args.families or set(args.families) - set(FAMILIES):

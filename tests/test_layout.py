@@ -16,7 +16,8 @@ from test_shared_blocks import find_blocks
 BLOCK_ORDER = ["flags", "tokenizer", "model", "checkpoint", "save", "precision", "sampling", "chat", "grading", "stats",
                "judging", "choice", "replies", "pairs", "reference", "worldlabel", "feedback", "arithmetic"]
 BODY_BUDGET = {"01_pretrain.py": 700, "02_sft.py": 700, "03_constitutional_ai.py": 950,  # lines; others 500
-               "05_grpo_reasoning.py": 615,   # 03, 05 and 06 each hold several methods (05: four, pass@k and
+               "05_grpo_reasoning.py": 633,   # 03, 05 and 06 each hold several methods (05: four, the
+                                              # accessors that make section 2 their one seam, pass@k and
                "06_character.py": 925,        # the replies it keeps for rehearsal; 06: two, their combination,
                                               # a dozen measures, a classifier, revealed preferences
                                               # (Bradley-Terry over traits), the judge's cold start, the
