@@ -139,8 +139,7 @@ def parse_args(argv=None):
     for key, value in PRESETS[args.preset].items():
         setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
     args.families = [f for f in args.families.split(",") if f]
-    if args.clip_high is None:
-        args.clip_high = VARIANTS[args.variant].get("clip_high", args.clip_low)
+    args.clip_high = clip_high_for(args) if args.clip_high is None else args.clip_high
     if args.group_size < 2:
         p.error("--group_size must be at least 2: the group is the baseline")
     if not args.families or set(args.families) - set(FAMILIES):
@@ -152,9 +151,9 @@ def parse_args(argv=None):
 # =====================================================================================
 # 2. The idea: a checker's reward, group advantages, a clipped ratio and a KL estimate
 # =====================================================================================
-# Everything a reader changes to try another variant lives here: the VARIANTS table says which
-# normalisations and extras each one uses, and nothing outside this section reads it. The
-# checkers that decide "correct" sit with their problem generators in Appendix A.
+# Everything a reader changes to try another variant lives here: the VARIANTS table names each one's
+# advantage estimator, aggregation and extras, and sections 1 and 4 reach it only through the functions
+# after it, so a new variant is one entry here. The checkers of "correct" sit in Appendix A.
 
 def reward(problem, reply, format_weight):
     """{"correct", "format", "total"}: the checker's verdict, and the small reward for the form
@@ -189,15 +188,17 @@ def clipped_objective(logp, old_logp, advantages, eps_low, eps_high):
     return torch.minimum(unclipped, clipped), (clipped < unclipped).float()
 
 
-def aggregate(per_token, mask, how, max_new_tokens):
-    """Average per-token terms (B, L) over the reply tokens (mask): "sequence" = mean within each
-    reply, then over replies (GRPO); "token" = one mean over all tokens (DAPO); "constant" = sum
-    over tokens / (replies x max_new_tokens), no length in the denominator (Dr. GRPO)."""
+def aggregate(per_token, mask, how, max_new_tokens, whole=None):
+    """Average per-token terms (B, L) over the reply tokens (mask): "sequence" = mean within each reply,
+    then over replies (GRPO); "token" = one mean over all tokens (DAPO); "constant" = sum over tokens /
+    (replies x max_new_tokens), no length in the denominator (Dr. GRPO). For a chunk of a batch, whole =
+    the batch's (replies, reply tokens): the denominators are the batch's, whatever the chunking."""
+    replies, tokens = whole or (mask.size(0), mask.sum().clamp(min=1))
     if how == "sequence":
-        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / replies
     if how == "token":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
-    return (per_token * mask).sum() / (mask.size(0) * max_new_tokens)
+        return (per_token * mask).sum() / tokens
+    return (per_token * mask).sum() / (replies * max_new_tokens)
 
 
 def overlong_penalty(length, max_new_tokens, buffer):
@@ -205,22 +206,42 @@ def overlong_penalty(length, max_new_tokens, buffer):
     return min(0.0, max(-1.0, (max_new_tokens - buffer - length) / buffer))
 
 
-VARIANTS = {   # what --variant switches
-    "grpo": dict(scale_by_std=True, aggregate="sequence"),
-    "drgrpo": dict(scale_by_std=False, aggregate="constant"),
-    "dapo": dict(scale_by_std=True, aggregate="token", clip_high=0.28, dynamic_sampling=True,
+VARIANTS = {   # what --variant switches; advantages: rewards (P, G) -> advantages (P, G)
+    "grpo": dict(advantages=group_advantages, aggregate="sequence"),
+    "drgrpo": dict(advantages=lambda r: group_advantages(r, scale_by_std=False), aggregate="constant"),
+    "dapo": dict(advantages=group_advantages, aggregate="token", clip_high=0.28, dynamic_sampling=True,
                  overlong_buffer=0.25),
     "expert_iteration": dict(keep_correct_only=True),
 }
 
 
-def rl_loss(logp, old_logp, ref_logp, mask, advantages, args):
-    """-J for a batch of replies: the clipped surrogate with each reply's advantage on every one of
-    its tokens, minus beta * k3, averaged as the variant says. -> (loss, clip fraction, mean k3)."""
+def advantages_for(rewards, args):
+    """rewards (P, G), one row per prompt -> advantages (P, G), by the variant's estimator."""
+    return VARIANTS[args.variant]["advantages"](rewards)
+
+
+def clip_high_for(args):
+    """eps_high where --clip_high is not given: the variant's own (DAPO's clip-higher), else eps_low."""
+    return VARIANTS[args.variant].get("clip_high", args.clip_low)
+
+
+def keeps_group(group, args):
+    """Whether the update sees a sampled group: every one, unless the variant samples dynamically (DAPO)."""
+    return not VARIANTS[args.variant].get("dynamic_sampling") or informative(group)
+
+
+def fine_tunes_on_accepted(args):
+    """Whether the variant fine-tunes on the replies the checker accepts instead of a policy gradient."""
+    return VARIANTS[args.variant].get("keep_correct_only", False)
+
+
+def rl_loss(logp, old_logp, ref_logp, mask, advantages, args, whole=None):
+    """-J for a batch of replies (or a chunk: whole): the clipped surrogate with each reply's advantage
+    on all its tokens, minus beta * k3, averaged as the variant says. -> (loss, clip fraction, mean k3)."""
     surrogate, clipped = clipped_objective(logp, old_logp, advantages[:, None], args.clip_low, args.clip_high)
     kl = k3(logp, ref_logp) if args.beta > 0 else torch.zeros_like(logp)
     how = VARIANTS[args.variant]["aggregate"]
-    loss = aggregate(-(surrogate - args.beta * kl), mask, how, args.max_new_tokens)
+    loss = aggregate(-(surrogate - args.beta * kl), mask, how, args.max_new_tokens, whole)
     tokens = mask.sum().clamp(min=1)
     return loss, ((clipped * mask).sum() / tokens).item(), ((kl * mask).sum() / tokens).item()
 
@@ -233,9 +254,10 @@ def shaped_reward(record, args):
     return record["total"] + penalty
 
 
-def informative(group):
-    """DAPO's dynamic sampling keeps a group only if its rewards differ: otherwise every advantage is 0."""
-    return len({r["shaped"] for r in group}) > 1
+def informative(group, key="correct"):
+    """Whether a group's key differs. DAPO filters on accuracy (0 < right < G): divided by its small std, a
+    split by the form bonus or the overlong penalty alone would weigh as much as a right/wrong one."""
+    return len({r[key] for r in group}) > 1
 
 
 def pass_at_k(n, c, k):
@@ -325,16 +347,14 @@ def rollout(policy, enc, problems, tag, args):
 
 
 def collect(policy, enc, stream, step, args):
-    """One step's samples -> (all sampled records, the ones to train on, sampling seconds). With
-    dynamic sampling, groups without signal are dropped and up to 4 more batches are drawn."""
+    """One step's samples -> (all sampled records, the ones to train on, sampling seconds). Groups the
+    variant does not keep (DAPO's without signal) are dropped and up to 4 more batches are drawn."""
     G, want = args.group_size, args.prompts_per_step * args.group_size
     records, seconds = rollout(policy, enc, [next(stream) for _ in range(args.prompts_per_step)], step, args)
-    if not VARIANTS[args.variant].get("dynamic_sampling"):
-        return records, records, seconds
     sampled, kept = list(records), []
     for extra in range(5):
         groups = [records[i:i + G] for i in range(0, len(records), G)]
-        kept += [r for group in groups if informative(group) for r in group]
+        kept += [r for group in groups if keeps_group(group, args) for r in group]
         if len(kept) >= want or extra == 4:
             return sampled, kept[:want], seconds
         records, more = rollout(policy, enc, [next(stream) for _ in range(args.prompts_per_step)],
@@ -346,7 +366,8 @@ def policy_update(policy, reference, optimizer, batch, args, pad):
     """--inner_steps optimizer steps on one rollout batch, accumulated over chunks of rows. The
     first starts at rho = 1; later ones are off-policy, and the clip keeps them near pi_old."""
     rewards = torch.tensor([r["shaped"] for r in batch]).view(-1, args.group_size)
-    advantages = group_advantages(rewards, VARIANTS[args.variant]["scale_by_std"]).view(-1)
+    advantages = advantages_for(rewards, args).view(-1)
+    whole = (len(batch), sum(len(r["reply"]) for r in batch))   # every chunk's loss over the batch's sizes
     size = max(1, args.batch_size // 2)
     chunks = [list(range(i, min(i + size, len(batch)))) for i in range(0, len(batch), size)]
     columns = [([batch[i]["prompt"] for i in c], [batch[i]["reply"] for i in c]) for c in chunks]
@@ -358,8 +379,8 @@ def policy_update(policy, reference, optimizer, batch, args, pad):
         for c, col, old_c, ref_c in zip(chunks, columns, old, ref):
             with autocast(args.device):
                 logp, mask, entropy = token_logprobs(policy, *col, pad)
-            loss, clip_fraction, kl = rl_loss(logp, old_c, ref_c, mask, advantages[c], args)
-            (loss * len(c) / len(batch)).backward()
+            loss, clip_fraction, kl = rl_loss(logp, old_c, ref_c, mask, advantages[c], args, whole)
+            loss.backward()
             share = len(c) / len(batch) / args.inner_steps
             stats["clip_fraction"] += clip_fraction * share
             stats["kl"] += kl * share
@@ -400,7 +421,7 @@ def train(policy, reference, enc, stream, pad, args):
                 group["lr"] = args.lr * min(1.0, (len(history) + 1) / 5)
             t0 = time.time()
             sampled, batch, sample_seconds = collect(policy, enc, stream, len(history), args)
-            if VARIANTS[args.variant].get("keep_correct_only"):
+            if fine_tunes_on_accepted(args):
                 stats = expert_iteration_update(policy, optimizer, batch, args, pad)
             else:
                 stats = policy_update(policy, reference, optimizer, batch, args, pad) if batch else {}
@@ -435,7 +456,7 @@ def step_record(step, sampled, total, new, sample_seconds, seconds, args, stats)
     return {"step": step, "sampled_tokens": total, "reward": mean("total"), "correct": mean("correct"),
             "format": mean("format"), "reply_tokens": new / len(sampled),
             "thinking_tokens": mean("thinking_tokens"), "truncated": mean("truncated"),
-            "no_signal_groups": 1 - sum(map(informative, groups)) / len(groups),
+            "no_signal_groups": 1 - sum(informative(g, "shaped") for g in groups) / len(groups),
             "tokens_per_second": new / max(sample_seconds, 1e-9), "sampling_share": sample_seconds / seconds,
             "seconds": seconds, **stats}
 

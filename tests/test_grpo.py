@@ -1,5 +1,6 @@
 """Stage 05: the checkers on hand cases, GRPO's advantages, ratio clip, k3 and aggregations on
-hand-computed values, pass@k, batched sampling, a frozen reference, the problem split, and tiny runs."""
+hand-computed values, pass@k, batched sampling, a frozen reference, the problem split, and tiny runs,
+one of a variant (RLOO) added to the table by the test."""
 import json
 import random
 import types
@@ -114,6 +115,33 @@ def test_aggregations_on_hand_values():
     assert R.aggregate(per_token, mask, "constant", 4).item() == pytest.approx(4 / 8)
 
 
+def test_a_chunk_is_divided_by_the_whole_batch():
+    """The issue's example: replies of 1, 1, 8 and 8 tokens with advantages [1, -1, 1, -1]. The first
+    token's gradient is -A / 18 under the token mean (18 tokens in the batch), -A / (4 x its reply's
+    length) under the sequence mean and -A / (4 x 8) under the constant, in one chunk or two."""
+    lengths, adv = torch.tensor([1, 1, 8, 8]), torch.tensor([1.0, -1.0, 1.0, -1.0])
+    mask = (torch.arange(8)[None, :] < lengths[:, None]).float()
+    want = {"token": -adv / 18, "sequence": -adv / (4 * lengths), "constant": -adv / 32}
+    for how, first in want.items():
+        for chunks in ([[0, 1, 2, 3]], [[0, 1], [2, 3]]):
+            logp = torch.zeros(4, 8, requires_grad=True)
+            for c in chunks:
+                R.aggregate(-adv[c, None] * logp[c], mask[c], how, 8, whole=(4, 18)).backward()
+            torch.testing.assert_close(logp.grad[:, 0], first, msg=f"{how}, {len(chunks)} chunks")
+
+
+def test_dynamic_sampling_keeps_a_group_only_if_its_accuracy_differs():
+    """DAPO filters on accuracy: a group all right, split only by the form bonus, is dropped (its
+    shaped rewards still differ); a group with one right reply is kept."""
+    all_right = [{"correct": 1.0, "shaped": 1.1}, {"correct": 1.0, "shaped": 1.0}]
+    mixed = [{"correct": 1.0, "shaped": 1.1}, {"correct": 0.0, "shaped": 0.1}]
+    assert not R.informative(all_right) and R.informative(all_right, "shaped")
+    assert R.informative(mixed)
+    dapo, grpo = types.SimpleNamespace(variant="dapo"), types.SimpleNamespace(variant="grpo")
+    assert not R.keeps_group(all_right, dapo) and R.keeps_group(mixed, dapo)
+    assert R.keeps_group(all_right, grpo)   # the other variants train on every group
+
+
 def test_overlong_penalty_and_pass_at_k_on_hand_values():
     assert [R.overlong_penalty(n, 64, 16) for n in (40, 48, 56, 64, 70)] == [0.0, 0.0, -0.5, -1.0, -1.0]
     assert R.pass_at_k(4, 1, 1) == pytest.approx(0.25)
@@ -191,6 +219,22 @@ def test_update_moves_the_policy_toward_rewarded_replies_and_leaves_the_referenc
     assert stats["kl"] >= 0
 
 
+@pytest.mark.parametrize("variant", ["grpo", "dapo", "drgrpo"])   # sequence, token, constant
+def test_the_gradient_does_not_depend_on_the_chunking(variant, monkeypatch):
+    """Replies of 1, 1, 8 and 8 tokens, rewards [1, -1, 1, -1] in groups of 2: one chunk of 4 rows
+    (batch_size 8) and two chunks of 2 (batch_size 4) give one gradient for every aggregation."""
+    grads = []
+    monkeypatch.setattr(R, "optimizer_step", lambda policy, optimizer: grads.append(
+        torch.cat([p.grad.flatten() for p in policy.parameters()])))
+    batch = [{"prompt": [1, 2, 3], "reply": list(range(40 + 10 * i, 40 + 10 * i + n)), "shaped": s}
+             for i, (n, s) in enumerate(zip((1, 1, 8, 8), (1.0, -1.0, 1.0, -1.0)))]   # four different replies
+    for batch_size in (8, 4):
+        args = types.SimpleNamespace(variant=variant, group_size=2, batch_size=batch_size, inner_steps=1,
+                                     clip_low=0.2, clip_high=0.2, beta=0.04, max_new_tokens=8, device="cpu")
+        R.policy_update(tiny_model(3), tiny_model(3).requires_grad_(False), None, batch, args, pad=0)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def world():
     return P.make_world(60, 5)
@@ -243,6 +287,36 @@ def test_tiny_runs_of_every_variant(tiny_dpo, tmp_path):
             assert R.reward(line["problem"], reply(said["content"], said["thinking"]), 0.1)["total"] == 1.1
         assert set(m["after"]) >= {"all", "arithmetic/1", "countdown/new template"} and m["harmlessness"]["rl"]
         assert torch.load(out / "model.pt", weights_only=True)["stage"] == "05_grpo_reasoning"
+
+
+def test_a_variant_added_to_the_table_trains_with_its_advantages(tiny_dpo, tmp_path, monkeypatch):
+    """RLOO (Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style Optimization for Learning
+    from Human Feedback in LLMs"): each reply's baseline is the mean of the other G - 1 rewards of its
+    group. One entry in section 2's table makes it a --variant whose advantages the updates use."""
+    def rloo(rewards):
+        others = (rewards.sum(1, keepdim=True) - rewards) / (rewards.size(1) - 1)
+        return rewards - others
+
+    used = []
+
+    def spy(rewards):   # what the updates were given
+        used.append(rloo(rewards))
+        return used[-1]
+
+    monkeypatch.setitem(R.VARIANTS, "rloo", dict(advantages=spy, aggregate="sequence"))
+    args = types.SimpleNamespace(variant="rloo", clip_low=0.2)
+    # rewards 1, 0, 0, 1: a right reply's baseline is 1/3 (one right of the other three), a wrong one's 2/3
+    torch.testing.assert_close(R.advantages_for(torch.tensor([[1.0, 0.0, 0.0, 1.0]]), args),
+                               torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3]]))
+    group = [{"correct": 1.0}, {"correct": 1.0}]
+    assert R.clip_high_for(args) == 0.2 and R.keeps_group(group, args) and not R.fine_tunes_on_accepted(args)
+    used.clear()
+    out = tmp_path / "rloo"
+    R.main(["--preset", "tiny", "--init", str(tiny_dpo[0]), "--out", str(out), "--variant", "rloo",
+            "--device", "cpu"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["args"]["variant"] == "rloo" and len(used) == len(m["history"]) > 0   # one batch a step
+    assert all(a.shape == (4, 4) for a in used)   # tiny: 4 problems x 4 replies
 
 
 def test_bad_input_is_one_sentence(tiny_cai, tmp_path):

@@ -21,7 +21,8 @@ BODY_BUDGET = {"01_pretrain.py": 973, "02_sft.py": 700, "03_constitutional_ai.py
                # refinements"): the `model` block, 182 lines with its markers, into section 2, and the
                # BPE trainer (SPLIT_PATTERN to make_encoding), 87 lines, into section 3, each after two
                # blank lines: 700 + 182 + 87 + 2 * 2 = 973.
-               "05_grpo_reasoning.py": 615,   # 03, 05 and 06 each hold several methods (05: four, pass@k and
+               "05_grpo_reasoning.py": 633,   # 03, 05 and 06 each hold several methods (05: four, the
+                                              # accessors that make section 2 their one seam, pass@k and
                "06_character.py": 925,        # the replies it keeps for rehearsal; 06: two, their combination,
                                               # a dozen measures, a classifier, revealed preferences
                                               # (Bradley-Terry over traits), the judge's cold start, the
