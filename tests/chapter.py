@@ -67,7 +67,10 @@ def stats(path):
 
 
 def print_table(paths):
+    from test_layout import BODY_BUDGET   # here, not at the top: test_layout imports this module
     rows = [stats(p) for p in paths]
+    for r in rows:
+        r["body"] = f"{r['body']} of {BODY_BUDGET.get(r['file'], 500)}"
     keys = list(rows[0])
     widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
     print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))

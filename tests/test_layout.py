@@ -35,7 +35,12 @@ BODY_BUDGET = {"01_pretrain.py": 973, "02_sft.py": 700, "03_constitutional_ai.py
                "08_welfare_eval.py": 950}     # 08: six measures with their controls on every checkpoint, a
                                               # trained affect scorer and probe, and the system card's text)
 MAIN_BUDGET = 60
+# The budgets above are the maintainers' (CONTRIBUTING.md). The suite allows this many lines more, so that a
+# student's fork, a new method added to section 2 as the course's exercises ask (RLOO, SimPO: 10-30 lines),
+# never fails it; `python tests/chapter.py` prints each body beside its budget for a review to read.
+FORK_ALLOWANCE = 30
 STAGES = stage_files()
+ROOT_DIR = STAGES[0].parent
 
 
 def framed_headings(lines):
@@ -120,16 +125,38 @@ def test_a_stage_carries_only_shared_code_it_uses(path):
     assert unused_copied_definitions(path) == []
 
 
+def budget_problems(path, name=None):
+    """What breaks the skeleton's budgets in the file at path (judged as the stage `name`): long lines, a long
+    main, a body over its budget plus the fork allowance."""
+    name = name or path.name
+    lines = path.read_text(encoding="utf-8").splitlines()
+    problems = [f"line {i + 1} over 110 characters" for i, line in enumerate(lines) if len(line) > 110][:10]
+    main = next(n for n, fn, _ in functions(path) if fn == "main")
+    if main > MAIN_BUDGET:
+        problems.append(f"main has {main} lines (at most {MAIN_BUDGET}: call phases)")
+    n_body, budget = len(body(path)), BODY_BUDGET.get(name, 500)
+    if n_body > budget + FORK_ALLOWANCE:
+        problems.append(f"body (docstring to section 7) has {n_body} lines, budget {budget} "
+                        f"(+{FORK_ALLOWANCE} for forks)")
+    return problems
+
+
 @pytest.mark.parametrize("path", STAGES, ids=lambda p: p.name)
 def test_budgets(path):
-    lines = path.read_text(encoding="utf-8").splitlines()
-    long = [i + 1 for i, line in enumerate(lines) if len(line) > 110]
-    assert not long, f"{path.name}: lines over 110 characters: {long[:10]}"
-    main = next(n for n, name, _ in functions(path) if name == "main")
-    assert main <= MAIN_BUDGET, f"{path.name}: main has {main} lines (at most {MAIN_BUDGET}: call phases)"
-    n_body = len(body(path))
-    budget = BODY_BUDGET.get(path.name, 500)
-    assert n_body <= budget, f"{path.name}: body (docstring to section 7) has {n_body} lines, budget {budget}"
+    assert budget_problems(path) == [], path.name
+
+
+def test_a_fork_of_thirty_lines_in_section_2_passes_the_budget(tmp_path):
+    """The course's exercises add a method to section 2 (RLOO to 05, SimPO to 04): up to 30 lines must not
+    fail the suite, even in the stage with the least room; one more over the allowance does."""
+    name = min(STAGES, key=lambda p: BODY_BUDGET.get(p.name, 500) - len(body(p))).name
+    lines = (ROOT_DIR / name).read_text(encoding="utf-8").splitlines()
+    at = section_starts(lines)["2. The idea"] + 2
+    room = BODY_BUDGET.get(name, 500) - len(body(ROOT_DIR / name))
+    for added, ok in ((30, True), (room + FORK_ALLOWANCE + 1, False)):
+        fork = tmp_path / name
+        fork.write_text("\n".join(lines[:at] + ["# a student's line"] * added + lines[at:]) + "\n")
+        assert (budget_problems(fork, name) == []) is ok, (added, budget_problems(fork, name))
 
 
 def test_the_checks_catch_a_misplaced_or_unused_block(tmp_path):
