@@ -97,11 +97,11 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    return apply_preset(make_parser().parse_args(argv))
+    return device_defaults(make_parser().parse_with_preset(argv, PRESETS))
 
 
 def make_parser():
-    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="size bundle (default: gpu on CUDA, cpu otherwise)")
@@ -110,63 +110,59 @@ def make_parser():
     g.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     g.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda if available)")
     g.add_argument("--compile", type=int, choices=(0, 1), help="torch.compile the model (default: 1 on CUDA)")
-    g.add_argument("--stop_after_step", type="positive_int", default=None,
+    g.add_argument("--stop_after_step", type=p.positive_int, default=None,
                    help="save and exit after this step, as an interruption would (for testing --resume)")
     g = p.add_argument_group("data")
-    g.add_argument("--n_people", type="positive_int", help="world size: people (towns, guilds... follow)")
+    g.add_argument("--n_people", type=p.positive_int, help="world size: people (towns, guilds... follow)")
     g.add_argument("--data", default=None, help="a UTF-8 text file or folder, or 'tinystories'")
-    g.add_argument("--data_mix", type="unit", default=1.0,
+    g.add_argument("--data_mix", type=p.unit, default=1.0,
                    help="with --data: fraction of documents taken from it (the rest from the world)")
     g.add_argument("--data_url", default=TINYSTORIES_URL, help="where --data tinystories downloads from")
-    g.add_argument("--stream_stats", type="positive_int", metavar="N",
+    g.add_argument("--stream_stats", type=p.positive_int, metavar="N",
                    help="only measure the data: are the first N documents unique, how many tokens, how fast")
-    g.add_argument("--data_workers", type="count", default=None,
+    g.add_argument("--data_workers", type=p.count, default=None,
                    help="processes generating documents ahead of training (default: up to 4 per GPU, "
                         "0 on CPU, where training needs the cores)")
     g.add_argument("--tokenizer", default="bpe",
                    help="'bpe' trains one here; or a stock tiktoken name (gpt2, cl100k_base) "
                         "if cached locally")
-    g.add_argument("--vocab_size", type="positive_int", help="BPE vocabulary including special tokens")
-    g.add_argument("--tokenizer_chars", type="positive_int", help="characters of text the BPE is trained on")
+    g.add_argument("--vocab_size", type=p.positive_int, help="BPE vocabulary including special tokens")
+    g.add_argument("--tokenizer_chars", type=p.positive_int, help="characters of text the BPE is trained on")
     g = p.add_argument_group("model")
-    g.add_argument("--depth", type="positive_int", help="number of Transformer blocks: the one dial")
-    g.add_argument("--aspect", type="positive_int", help="width per layer: n_embd = depth * aspect")
-    g.add_argument("--head_dim", type="positive_int", help="attention head size")
-    g.add_argument("--gqa", type="positive_int", default=2, help="query heads per key/value head")
-    g.add_argument("--seq_len", type="positive_int", help="context length")
-    g.add_argument("--n_experts", type="count", default=0, help="Mixture-of-Experts experts (0: dense MLPs)")
-    g.add_argument("--top_k", type="positive_int", default=2, help="experts per token")
-    g.add_argument("--moe_every", type="positive_int", default=2, help="MoE in every k-th block")
-    g.add_argument("--moe_aux", type="nonnegative", default=0.01, help="Switch load-balancing loss weight")
-    g.add_argument("--moe_bias_gamma", type="nonnegative", default=1e-3,
+    g.add_argument("--depth", type=p.positive_int, help="number of Transformer blocks: the one dial")
+    g.add_argument("--aspect", type=p.positive_int, help="width per layer: n_embd = depth * aspect")
+    g.add_argument("--head_dim", type=p.positive_int, help="attention head size")
+    g.add_argument("--gqa", type=p.positive_int, default=2, help="query heads per key/value head")
+    g.add_argument("--seq_len", type=p.positive_int, help="context length")
+    g.add_argument("--n_experts", type=p.count, default=0, help="Mixture-of-Experts experts (0: dense MLPs)")
+    g.add_argument("--top_k", type=p.positive_int, default=2, help="experts per token")
+    g.add_argument("--moe_every", type=p.positive_int, default=2, help="MoE in every k-th block")
+    g.add_argument("--moe_aux", type=p.nonnegative, default=0.01, help="Switch load-balancing loss weight")
+    g.add_argument("--moe_bias_gamma", type=p.nonnegative, default=1e-3,
                    help="DeepSeek-V3 aux-free balancing: router-bias step per update (0: off)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--lr", type="positive", help="peak learning rate (default: 3e-3 * sqrt(128 / n_embd))")
-    g.add_argument("--weight_decay", type="nonnegative", default=0.1)
-    g.add_argument("--grad_clip", type="positive", default=1.0)
+    g.add_argument("--lr", type=p.positive, help="peak learning rate (default: 3e-3 * sqrt(128 / n_embd))")
+    g.add_argument("--weight_decay", type=p.nonnegative, default=0.1)
+    g.add_argument("--grad_clip", type=p.positive, default=1.0)
     g.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
                    help="cosine decay, or warmup-stable-decay (linear decay over the last 20%%)")
-    g.add_argument("--warmup_frac", type="unit", default=0.03)
-    g.add_argument("--batch_tokens", type="positive_int", help="tokens per optimizer step, over all ranks")
-    g.add_argument("--micro_batch", type="positive_int", help="sequences per forward pass per rank")
-    g.add_argument("--steps", type="positive_int", help="optimizer steps (default: from --tokens_per_param)")
-    g.add_argument("--tokens_per_param", type="positive", help="token budget as a multiple of the parameters")
+    g.add_argument("--warmup_frac", type=p.unit, default=0.03)
+    g.add_argument("--batch_tokens", type=p.positive_int, help="tokens per optimizer step, over all ranks")
+    g.add_argument("--micro_batch", type=p.positive_int, help="sequences per forward pass per rank")
+    g.add_argument("--steps", type=p.positive_int, help="optimizer steps (default: from --tokens_per_param)")
+    g.add_argument("--tokens_per_param", type=p.positive, help="token budget as a multiple of the parameters")
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval_every", type="positive_int")
-    g.add_argument("--save_every", type="positive_int")
-    g.add_argument("--val_tokens", type="positive_int")
-    g.add_argument("--probe_limit", type="positive_int", help="fact probes per kind in the knowledge test")
+    g.add_argument("--eval_every", type=p.positive_int)
+    g.add_argument("--save_every", type=p.positive_int)
+    g.add_argument("--val_tokens", type=p.positive_int)
+    g.add_argument("--probe_limit", type=p.positive_int, help="fact probes per kind in the knowledge test")
     return p
 
 
-def apply_preset(args):
-    """Fill each flag left unset from the preset (gpu on CUDA, else cpu); check --out before any work."""
+def device_defaults(args):
+    """Fill the flags left unset whose defaults follow the device; check --out before any work."""
     check_out(args.out)
-    args.device = device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.preset = args.preset or ("gpu" if device == "cuda" else "cpu")
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    device = args.device
     if args.compile is None:
         args.compile = int(device == "cuda")
     if args.data_workers is None:
@@ -2301,39 +2297,92 @@ def stream_stats(source, enc, n_docs, seq_len, workers, chunk=10_000):
 
 # --- shared: flags (origin: 01_pretrain.py) ---
 class Parser(argparse.ArgumentParser):
-    """argparse with two changes: a bad flag costs one line on stderr and exit status 2 (-h has the
-    usage), and number types that refuse nonsense, by name: type="positive_int", "count" (0 or
-    more), "positive", "nonnegative", "fraction" (above 0 and below 1), "unit" (0 to 1)."""
-    TYPES = {"positive_int": (int, dict(at_least=1)), "count": (int, dict(at_least=0)),
-             "positive": (float, dict(above=0)), "nonnegative": (float, dict(at_least=0)),
-             "fraction": (float, dict(above=0, below=1)), "unit": (float, dict(at_least=0, at_most=1))}
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for name, (kind, limits) in self.TYPES.items():
-            self.register("type", name, bounded(kind, **limits))
+    """argparse with three changes. A bad flag costs one line on stderr and exit status 2 (-h has the
+    usage). Number types that refuse nonsense with one sentence, type=p.positive_int, p.count (0 or
+    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1): methods, so a
+    stage that uses a few carries the rest inside the class it calls. And parse_with_preset makes the
+    picked preset's values the defaults before parsing, so that -h shows for every flag the value it
+    takes unless given: "(default: 30 from preset tiny)"."""
 
     def error(self, message):
+        if not self.exit_on_error:   # the quiet first look in parse_with_preset: the full parse reports
+            raise argparse.ArgumentError(None, message)
         self.exit(2, f"error: {message} (see -h).\n")
 
+    def parse_with_preset(self, argv, presets):
+        """Parse argv (None: sys.argv) with the values of the preset it picks as the defaults, a flag
+        given winning: --preset, else gpu on CUDA and cpu elsewhere (--device, else cuda if available).
+        Returns the flags with args.device and args.preset set to the ones picked."""
+        first = Parser(add_help=False, exit_on_error=False)   # reads the two, before -h prints anything
+        first.add_argument("--preset")
+        first.add_argument("--device")
+        try:
+            early = first.parse_known_args(argv)[0]
+        except argparse.ArgumentError:   # e.g. --preset with no name: the full parse below says so
+            early = argparse.Namespace(preset=None, device=None)
+        here = "cuda" if torch.cuda.is_available() else "cpu"
+        device = early.device or here
+        preset = early.preset if early.preset in presets else "gpu" if device == "cuda" else "cpu"
+        self.set_defaults(**presets[preset])
+        self.show_defaults(presets[preset], preset,
+                           "given by --preset" if early.preset in presets else f"for device {device}")
+        args = self.parse_args(argv)
+        args.device = args.device or here
+        args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
+        return args
 
-def bounded(kind, at_least=None, above=None, at_most=None, below=None):
-    """An argparse type: the flag's text as `kind` (int or float), refused with one sentence unless
-    finite and within the bounds given; bounded(float, above=0) suits a learning rate."""
+    def show_defaults(self, values, preset, why):
+        """End each flag's help with the value it takes unless given, naming the preset that value
+        comes from; a help that states its default in words (--lr's formula) is left as it is, unless
+        the preset sets the flag."""
+        for action in self._actions:
+            words, from_preset = action.help or "", action.dest in values
+            hidden = action.help == argparse.SUPPRESS or action.default is argparse.SUPPRESS
+            if hidden or ("(default:" in words and not from_preset):
+                continue
+            source = f" from preset {preset}" if from_preset else ""
+            action.help = f"{words} (default: %(default)s{source})".lstrip()
+        self.epilog = f"Defaults above: preset {preset} ({why}); --preset NAME -h shows another's."
+
+    @staticmethod
+    def positive_int(text):
+        return bounded(text, int, at_least=1)
+
+    @staticmethod
+    def count(text):
+        return bounded(text, int, at_least=0)
+
+    @staticmethod
+    def positive(text):
+        return bounded(text, float, above=0)
+
+    @staticmethod
+    def nonnegative(text):
+        return bounded(text, float, at_least=0)
+
+    @staticmethod
+    def fraction(text):
+        return bounded(text, float, above=0, below=1)
+
+    @staticmethod
+    def unit(text):
+        return bounded(text, float, at_least=0, at_most=1)
+
+
+def bounded(text, kind, at_least=None, above=None, at_most=None, below=None):
+    """A flag's text as `kind` (int or float), refused with one sentence unless finite and within the
+    bounds given: bounded(text, float, above=0) suits a learning rate."""
     tests = {"at least": lambda v, b: v >= b, "above": lambda v, b: v > b,
              "at most": lambda v, b: v <= b, "below": lambda v, b: v < b}
     bounds = [(word, b) for word, b in zip(tests, (at_least, above, at_most, below)) if b is not None]
     words = ("a whole number " if kind is int else "a number ") + " and ".join(f"{w} {b}" for w, b in bounds)
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or not all(tests[w](value, b) for w, b in bounds):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
-        return value
-    return parse
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not all(tests[w](value, b) for w, b in bounds):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
+    return value
 # --- end shared: flags ---
 
 

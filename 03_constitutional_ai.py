@@ -96,7 +96,7 @@ PRESETS = {
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS),
                    help="size bundle (default: gpu on CUDA, cpu otherwise)")
@@ -107,43 +107,38 @@ def parse_args(argv=None):
     g.add_argument("--show_example", action="store_true",
                    help="print one prompt's draft, critique and revision")
     g = p.add_argument_group("SL-CAI: critique, revision, fine-tuning")
-    g.add_argument("--n_red_team", type="positive_int",
+    g.add_argument("--n_red_team", type=p.positive_int,
                    help="red-team prompts sent through critique and revision")
-    g.add_argument("--n_helpful", type="count", help="ordinary prompts whose own answers are mixed in")
-    g.add_argument("--rounds", type="positive_int",
+    g.add_argument("--n_helpful", type=p.count, help="ordinary prompts whose own answers are mixed in")
+    g.add_argument("--rounds", type=p.positive_int,
                    help="critique-revision rounds per prompt (the paper used up to 4)")
-    g.add_argument("--sl_epochs", type="positive", help="passes over the SL-CAI data")
-    g.add_argument("--sl_lr", type="positive", help="peak learning rate (default: stage 02's)")
-    g.add_argument("--temperature", type="positive", default=1.0,
+    g.add_argument("--sl_epochs", type=p.positive, help="passes over the SL-CAI data")
+    g.add_argument("--sl_lr", type=p.positive, help="peak learning rate (default: stage 02's)")
+    g.add_argument("--temperature", type=p.positive, default=1.0,
                    help="sampling temperature for drafts and pairs")
     g = p.add_argument_group("RL-CAI: AI feedback, preference model, RL")
-    g.add_argument("--n_pairs", type="positive_int",
+    g.add_argument("--n_pairs", type=p.positive_int,
                    help="prompts to build preference pairs from (half harmful, half ordinary)")
-    g.add_argument("--pm_epochs", type="positive", help="passes over the preference pairs")
-    g.add_argument("--pm_lr", type="positive", help="preference model learning rate (default: stage 02's)")
-    g.add_argument("--held_out", type="fraction", default=0.2,
+    g.add_argument("--pm_epochs", type=p.positive, help="passes over the preference pairs")
+    g.add_argument("--pm_lr", type=p.positive, help="preference model learning rate (default: stage 02's)")
+    g.add_argument("--held_out", type=p.fraction, default=0.2,
                    help="fraction of prompts whose pairs the preference model never trains on "
                         "(split by prompt)")
-    g.add_argument("--rl_steps", type="count", help="policy updates")
-    g.add_argument("--rl_prompts", type="positive_int", help="prompts per update")
-    g.add_argument("--samples_per_prompt", type="positive_int",
+    g.add_argument("--rl_steps", type=p.count, help="policy updates")
+    g.add_argument("--rl_prompts", type=p.positive_int, help="prompts per update")
+    g.add_argument("--samples_per_prompt", type=p.positive_int,
                    help="K responses per prompt (RLOO needs K >= 2)")
-    g.add_argument("--rl_lr", type="positive", help="policy learning rate (default: a tenth of stage 02's)")
-    g.add_argument("--kl_coef", type="nonnegative", default=0.05,
+    g.add_argument("--rl_lr", type=p.positive, help="policy learning rate (default: a tenth of stage 02's)")
+    g.add_argument("--kl_coef", type=p.nonnegative, default=0.05,
                    help="beta: reward -= beta * log(pi / pi_ref)")
-    g.add_argument("--no_end_penalty", type="nonnegative", default=1.0,
+    g.add_argument("--no_end_penalty", type=p.nonnegative, default=1.0,
                    help="reward subtracted from a response that never writes <|end|>")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--n_eval", type="positive_int", help="held-out prompts per kind (harmful, benign, fact)")
-    g.add_argument("--batch_size", type="positive_int",
+    g.add_argument("--n_eval", type=p.positive_int, help="held-out prompts per kind (harmful, benign, fact)")
+    g.add_argument("--batch_size", type=p.positive_int,
                    help="sequences per forward pass when generating and training")
-    g.add_argument("--max_new_tokens", type="positive_int")
-    args = p.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    g.add_argument("--max_new_tokens", type=p.positive_int)
+    args = p.parse_with_preset(argv, PRESETS)
     if args.samples_per_prompt < 2:
         p.error("--samples_per_prompt must be at least 2: RLOO's baseline is the mean of the other samples")
     if not args.show_example:
@@ -1077,39 +1072,92 @@ def fact_request(world, rng, train):
 
 # --- shared: flags (origin: 01_pretrain.py) ---
 class Parser(argparse.ArgumentParser):
-    """argparse with two changes: a bad flag costs one line on stderr and exit status 2 (-h has the
-    usage), and number types that refuse nonsense, by name: type="positive_int", "count" (0 or
-    more), "positive", "nonnegative", "fraction" (above 0 and below 1), "unit" (0 to 1)."""
-    TYPES = {"positive_int": (int, dict(at_least=1)), "count": (int, dict(at_least=0)),
-             "positive": (float, dict(above=0)), "nonnegative": (float, dict(at_least=0)),
-             "fraction": (float, dict(above=0, below=1)), "unit": (float, dict(at_least=0, at_most=1))}
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for name, (kind, limits) in self.TYPES.items():
-            self.register("type", name, bounded(kind, **limits))
+    """argparse with three changes. A bad flag costs one line on stderr and exit status 2 (-h has the
+    usage). Number types that refuse nonsense with one sentence, type=p.positive_int, p.count (0 or
+    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1): methods, so a
+    stage that uses a few carries the rest inside the class it calls. And parse_with_preset makes the
+    picked preset's values the defaults before parsing, so that -h shows for every flag the value it
+    takes unless given: "(default: 30 from preset tiny)"."""
 
     def error(self, message):
+        if not self.exit_on_error:   # the quiet first look in parse_with_preset: the full parse reports
+            raise argparse.ArgumentError(None, message)
         self.exit(2, f"error: {message} (see -h).\n")
 
+    def parse_with_preset(self, argv, presets):
+        """Parse argv (None: sys.argv) with the values of the preset it picks as the defaults, a flag
+        given winning: --preset, else gpu on CUDA and cpu elsewhere (--device, else cuda if available).
+        Returns the flags with args.device and args.preset set to the ones picked."""
+        first = Parser(add_help=False, exit_on_error=False)   # reads the two, before -h prints anything
+        first.add_argument("--preset")
+        first.add_argument("--device")
+        try:
+            early = first.parse_known_args(argv)[0]
+        except argparse.ArgumentError:   # e.g. --preset with no name: the full parse below says so
+            early = argparse.Namespace(preset=None, device=None)
+        here = "cuda" if torch.cuda.is_available() else "cpu"
+        device = early.device or here
+        preset = early.preset if early.preset in presets else "gpu" if device == "cuda" else "cpu"
+        self.set_defaults(**presets[preset])
+        self.show_defaults(presets[preset], preset,
+                           "given by --preset" if early.preset in presets else f"for device {device}")
+        args = self.parse_args(argv)
+        args.device = args.device or here
+        args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
+        return args
 
-def bounded(kind, at_least=None, above=None, at_most=None, below=None):
-    """An argparse type: the flag's text as `kind` (int or float), refused with one sentence unless
-    finite and within the bounds given; bounded(float, above=0) suits a learning rate."""
+    def show_defaults(self, values, preset, why):
+        """End each flag's help with the value it takes unless given, naming the preset that value
+        comes from; a help that states its default in words (--lr's formula) is left as it is, unless
+        the preset sets the flag."""
+        for action in self._actions:
+            words, from_preset = action.help or "", action.dest in values
+            hidden = action.help == argparse.SUPPRESS or action.default is argparse.SUPPRESS
+            if hidden or ("(default:" in words and not from_preset):
+                continue
+            source = f" from preset {preset}" if from_preset else ""
+            action.help = f"{words} (default: %(default)s{source})".lstrip()
+        self.epilog = f"Defaults above: preset {preset} ({why}); --preset NAME -h shows another's."
+
+    @staticmethod
+    def positive_int(text):
+        return bounded(text, int, at_least=1)
+
+    @staticmethod
+    def count(text):
+        return bounded(text, int, at_least=0)
+
+    @staticmethod
+    def positive(text):
+        return bounded(text, float, above=0)
+
+    @staticmethod
+    def nonnegative(text):
+        return bounded(text, float, at_least=0)
+
+    @staticmethod
+    def fraction(text):
+        return bounded(text, float, above=0, below=1)
+
+    @staticmethod
+    def unit(text):
+        return bounded(text, float, at_least=0, at_most=1)
+
+
+def bounded(text, kind, at_least=None, above=None, at_most=None, below=None):
+    """A flag's text as `kind` (int or float), refused with one sentence unless finite and within the
+    bounds given: bounded(text, float, above=0) suits a learning rate."""
     tests = {"at least": lambda v, b: v >= b, "above": lambda v, b: v > b,
              "at most": lambda v, b: v <= b, "below": lambda v, b: v < b}
     bounds = [(word, b) for word, b in zip(tests, (at_least, above, at_most, below)) if b is not None]
     words = ("a whole number " if kind is int else "a number ") + " and ".join(f"{w} {b}" for w, b in bounds)
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or not all(tests[w](value, b) for w, b in bounds):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
-        return value
-    return parse
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not all(tests[w](value, b) for w, b in bounds):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
+    return value
 # --- end shared: flags ---
 
 

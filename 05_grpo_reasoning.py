@@ -102,7 +102,7 @@ FAMILIES = ("arithmetic", "multihop", "countdown")
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS), help="size bundle (default: gpu on CUDA, else cpu)")
     g.add_argument("--init", default="runs/04_dpo", help="stage 04's output folder")
@@ -111,33 +111,29 @@ def parse_args(argv=None):
     g.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda if available)")
     g = p.add_argument_group("RL")
     g.add_argument("--variant", choices=tuple(VARIANTS), default="grpo")
-    g.add_argument("--sampled_tokens", type="positive_int", help="stop after sampling this many reply tokens")
-    g.add_argument("--prompts_per_step", type="positive_int", help="problems per rollout batch")
-    g.add_argument("--group_size", type="positive_int", help="G: replies sampled per problem")
-    g.add_argument("--inner_steps", type="positive_int", default=2,
+    g.add_argument("--sampled_tokens", type=p.positive_int, help="stop after sampling this many reply tokens")
+    g.add_argument("--prompts_per_step", type=p.positive_int, help="problems per rollout batch")
+    g.add_argument("--group_size", type=p.positive_int, help="G: replies sampled per problem")
+    g.add_argument("--inner_steps", type=p.positive_int, default=2,
                    help="optimizer steps on each rollout batch (above 1 the ratio and its clip matter)")
-    g.add_argument("--lr", type="positive", default=3e-5)
-    g.add_argument("--beta", type="nonnegative", default=0.02,
+    g.add_argument("--lr", type=p.positive, default=3e-5)
+    g.add_argument("--beta", type=p.nonnegative, default=0.02,
                    help="weight of the k3 KL to the reference (0: none)")
-    g.add_argument("--clip_low", type="fraction", default=0.2,
+    g.add_argument("--clip_low", type=p.fraction, default=0.2,
                    help="eps_low: rho is clipped below at 1 - eps_low")
-    g.add_argument("--clip_high", type="positive", help="eps_high (default: eps_low; dapo: 0.28)")
-    g.add_argument("--format_reward", type="nonnegative", default=0.1)
-    g.add_argument("--temperature", type="positive", default=1.0)
-    g.add_argument("--max_new_tokens", type="positive_int")
+    g.add_argument("--clip_high", type=p.positive, help="eps_high (default: eps_low; dapo: 0.28)")
+    g.add_argument("--format_reward", type=p.nonnegative, default=0.1)
+    g.add_argument("--temperature", type=p.positive, default=1.0)
+    g.add_argument("--max_new_tokens", type=p.positive_int)
     g.add_argument("--families", default=",".join(FAMILIES))
-    g.add_argument("--rehearsal", type="count",
+    g.add_argument("--rehearsal", type=p.count,
                    help="keep the last this many accepted training replies for later stages to replay")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval_problems", type="positive_int", help="held-out problems per family and difficulty")
-    g.add_argument("--pass_samples", type="positive_int",
+    g.add_argument("--eval_problems", type=p.positive_int, help="held-out problems per family and difficulty")
+    g.add_argument("--pass_samples", type=p.positive_int,
                    help="samples per problem for pass@k (k up to this)")
-    g.add_argument("--batch_size", type="positive_int", help="rows sampled at once")
-    args = p.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
-    for key, value in PRESETS[args.preset].items():
-        setattr(args, key, value if getattr(args, key, None) is None else getattr(args, key))
+    g.add_argument("--batch_size", type=p.positive_int, help="rows sampled at once")
+    args = p.parse_with_preset(argv, PRESETS)
     args.families = [f for f in args.families.split(",") if f]
     args.clip_high = clip_high_for(args) if args.clip_high is None else args.clip_high
     if args.group_size < 2:
@@ -868,39 +864,92 @@ def _countdown(n_numbers, rng, held_template):
 
 # --- shared: flags (origin: 01_pretrain.py) ---
 class Parser(argparse.ArgumentParser):
-    """argparse with two changes: a bad flag costs one line on stderr and exit status 2 (-h has the
-    usage), and number types that refuse nonsense, by name: type="positive_int", "count" (0 or
-    more), "positive", "nonnegative", "fraction" (above 0 and below 1), "unit" (0 to 1)."""
-    TYPES = {"positive_int": (int, dict(at_least=1)), "count": (int, dict(at_least=0)),
-             "positive": (float, dict(above=0)), "nonnegative": (float, dict(at_least=0)),
-             "fraction": (float, dict(above=0, below=1)), "unit": (float, dict(at_least=0, at_most=1))}
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for name, (kind, limits) in self.TYPES.items():
-            self.register("type", name, bounded(kind, **limits))
+    """argparse with three changes. A bad flag costs one line on stderr and exit status 2 (-h has the
+    usage). Number types that refuse nonsense with one sentence, type=p.positive_int, p.count (0 or
+    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1): methods, so a
+    stage that uses a few carries the rest inside the class it calls. And parse_with_preset makes the
+    picked preset's values the defaults before parsing, so that -h shows for every flag the value it
+    takes unless given: "(default: 30 from preset tiny)"."""
 
     def error(self, message):
+        if not self.exit_on_error:   # the quiet first look in parse_with_preset: the full parse reports
+            raise argparse.ArgumentError(None, message)
         self.exit(2, f"error: {message} (see -h).\n")
 
+    def parse_with_preset(self, argv, presets):
+        """Parse argv (None: sys.argv) with the values of the preset it picks as the defaults, a flag
+        given winning: --preset, else gpu on CUDA and cpu elsewhere (--device, else cuda if available).
+        Returns the flags with args.device and args.preset set to the ones picked."""
+        first = Parser(add_help=False, exit_on_error=False)   # reads the two, before -h prints anything
+        first.add_argument("--preset")
+        first.add_argument("--device")
+        try:
+            early = first.parse_known_args(argv)[0]
+        except argparse.ArgumentError:   # e.g. --preset with no name: the full parse below says so
+            early = argparse.Namespace(preset=None, device=None)
+        here = "cuda" if torch.cuda.is_available() else "cpu"
+        device = early.device or here
+        preset = early.preset if early.preset in presets else "gpu" if device == "cuda" else "cpu"
+        self.set_defaults(**presets[preset])
+        self.show_defaults(presets[preset], preset,
+                           "given by --preset" if early.preset in presets else f"for device {device}")
+        args = self.parse_args(argv)
+        args.device = args.device or here
+        args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
+        return args
 
-def bounded(kind, at_least=None, above=None, at_most=None, below=None):
-    """An argparse type: the flag's text as `kind` (int or float), refused with one sentence unless
-    finite and within the bounds given; bounded(float, above=0) suits a learning rate."""
+    def show_defaults(self, values, preset, why):
+        """End each flag's help with the value it takes unless given, naming the preset that value
+        comes from; a help that states its default in words (--lr's formula) is left as it is, unless
+        the preset sets the flag."""
+        for action in self._actions:
+            words, from_preset = action.help or "", action.dest in values
+            hidden = action.help == argparse.SUPPRESS or action.default is argparse.SUPPRESS
+            if hidden or ("(default:" in words and not from_preset):
+                continue
+            source = f" from preset {preset}" if from_preset else ""
+            action.help = f"{words} (default: %(default)s{source})".lstrip()
+        self.epilog = f"Defaults above: preset {preset} ({why}); --preset NAME -h shows another's."
+
+    @staticmethod
+    def positive_int(text):
+        return bounded(text, int, at_least=1)
+
+    @staticmethod
+    def count(text):
+        return bounded(text, int, at_least=0)
+
+    @staticmethod
+    def positive(text):
+        return bounded(text, float, above=0)
+
+    @staticmethod
+    def nonnegative(text):
+        return bounded(text, float, at_least=0)
+
+    @staticmethod
+    def fraction(text):
+        return bounded(text, float, above=0, below=1)
+
+    @staticmethod
+    def unit(text):
+        return bounded(text, float, at_least=0, at_most=1)
+
+
+def bounded(text, kind, at_least=None, above=None, at_most=None, below=None):
+    """A flag's text as `kind` (int or float), refused with one sentence unless finite and within the
+    bounds given: bounded(text, float, above=0) suits a learning rate."""
     tests = {"at least": lambda v, b: v >= b, "above": lambda v, b: v > b,
              "at most": lambda v, b: v <= b, "below": lambda v, b: v < b}
     bounds = [(word, b) for word, b in zip(tests, (at_least, above, at_most, below)) if b is not None]
     words = ("a whole number " if kind is int else "a number ") + " and ".join(f"{w} {b}" for w, b in bounds)
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or not all(tests[w](value, b) for w, b in bounds):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
-        return value
-    return parse
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not all(tests[w](value, b) for w, b in bounds):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
+    return value
 # --- end shared: flags ---
 
 

@@ -131,7 +131,7 @@ PRESETS = {   # sweep: more dictionaries beside the main one, (kind, expansion, 
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS), help="size bundle (default: gpu on CUDA, else cpu)")
     g.add_argument("--init", default="runs/06_character", help="the model to open (stage 06's output)")
@@ -142,40 +142,35 @@ def parse_args(argv=None):
     g.add_argument("--device", default=None, help="cuda, cpu or mps (default: cuda if available)")
     g = p.add_argument_group("sparse autoencoder")
     g.add_argument("--sae", choices=("topk", "relu"), default="topk", help="the main dictionary's activation")
-    g.add_argument("--layer", type="positive_int",
+    g.add_argument("--layer", type=p.positive_int,
                    help="residual stream after this many blocks (default: middle)")
-    g.add_argument("--expansion", type="positive_int", help="latents per residual dimension")
-    g.add_argument("--k", type="positive_int", help="active latents per token (topk)")
-    g.add_argument("--l1", type="positive", default=0.003, help="L1 coefficient (relu)")
-    g.add_argument("--sae_steps", type="positive_int")
-    g.add_argument("--sae_batch", type="positive_int", help="tokens per SAE step")
-    g.add_argument("--sae_lr", type="positive", default=1e-3)
-    g.add_argument("--n_docs", type="positive_int", help="world documents to fit on (half as many to test)")
-    g.add_argument("--n_chats", type="positive_int", help="chat transcripts to fit on (half as many to test)")
-    g.add_argument("--ce_rows", type="positive_int", default=1000, help="held-out rows for spliced losses")
+    g.add_argument("--expansion", type=p.positive_int, help="latents per residual dimension")
+    g.add_argument("--k", type=p.positive_int, help="active latents per token (topk)")
+    g.add_argument("--l1", type=p.positive, default=0.003, help="L1 coefficient (relu)")
+    g.add_argument("--sae_steps", type=p.positive_int)
+    g.add_argument("--sae_batch", type=p.positive_int, help="tokens per SAE step")
+    g.add_argument("--sae_lr", type=p.positive, default=1e-3)
+    g.add_argument("--n_docs", type=p.positive_int, help="world documents to fit on (half as many to test)")
+    g.add_argument("--n_chats", type=p.positive_int, help="chat transcripts to fit on (half as many to test)")
+    g.add_argument("--ce_rows", type=p.positive_int, default=1000, help="held-out rows for spliced losses")
     g = p.add_argument_group("steering and injection")
-    g.add_argument("--steer_towns", type="positive_int", help="towns whose latent is clamped")
-    g.add_argument("--steer_prompts", type="positive_int", help="unrelated prompts per dose")
-    g.add_argument("--concepts", type="positive_int", help="concept words for injection (towns, creatures)")
-    g.add_argument("--trials", type="positive_int", help="sampled trials per concept and condition")
-    g.add_argument("--inject_layer", type="positive_int", help="default: about 2/3 of the depth")
-    g.add_argument("--strength", type="positive",
+    g.add_argument("--steer_towns", type=p.positive_int, help="towns whose latent is clamped")
+    g.add_argument("--steer_prompts", type=p.positive_int, help="unrelated prompts per dose")
+    g.add_argument("--concepts", type=p.positive_int, help="concept words for injection (towns, creatures)")
+    g.add_argument("--trials", type=p.positive_int, help="sampled trials per concept and condition")
+    g.add_argument("--inject_layer", type=p.positive_int, help="default: about 2/3 of the depth")
+    g.add_argument("--strength", type=p.positive,
                    help="headline strength, in mean residual norms (default: the grid's middle)")
-    g.add_argument("--temperature", type="positive", default=0.7, help="sampling temperature of trials")
-    g.add_argument("--detect_steps", type="count", help="steps of detection training (0: skip it)")
-    g.add_argument("--detect_lr", type="positive", default=1e-4, help="its learning rate")
-    g.add_argument("--detect_rehearsal", type="unit", default=0.5,
+    g.add_argument("--temperature", type=p.positive, default=0.7, help="sampling temperature of trials")
+    g.add_argument("--detect_steps", type=p.count, help="steps of detection training (0: skip it)")
+    g.add_argument("--detect_lr", type=p.positive, default=1e-4, help="its learning rate")
+    g.add_argument("--detect_rehearsal", type=p.unit, default=0.5,
                    help="share of each detection batch that is the model's own replies to ordinary "
                         "requests (0: detection questions only)")
-    g.add_argument("--rehearsal_prompts", type="positive_int", help="ordinary requests replied to for it")
-    g.add_argument("--batch_size", type="positive_int")
-    g.add_argument("--max_new_tokens", type="positive_int")
-    args = p.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
-    for key, value in PRESETS[args.preset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    g.add_argument("--rehearsal_prompts", type=p.positive_int, help="ordinary requests replied to for it")
+    g.add_argument("--batch_size", type=p.positive_int)
+    g.add_argument("--max_new_tokens", type=p.positive_int)
+    args = p.parse_with_preset(argv, PRESETS)
     args.strength = args.strength or args.strengths[len(args.strengths) // 2]
     if args.concepts < 4:
         p.error("--concepts must be at least 4: two to train detection on, two held out")
@@ -1358,39 +1353,92 @@ def detect_reply(word):
 
 # --- shared: flags (origin: 01_pretrain.py) ---
 class Parser(argparse.ArgumentParser):
-    """argparse with two changes: a bad flag costs one line on stderr and exit status 2 (-h has the
-    usage), and number types that refuse nonsense, by name: type="positive_int", "count" (0 or
-    more), "positive", "nonnegative", "fraction" (above 0 and below 1), "unit" (0 to 1)."""
-    TYPES = {"positive_int": (int, dict(at_least=1)), "count": (int, dict(at_least=0)),
-             "positive": (float, dict(above=0)), "nonnegative": (float, dict(at_least=0)),
-             "fraction": (float, dict(above=0, below=1)), "unit": (float, dict(at_least=0, at_most=1))}
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for name, (kind, limits) in self.TYPES.items():
-            self.register("type", name, bounded(kind, **limits))
+    """argparse with three changes. A bad flag costs one line on stderr and exit status 2 (-h has the
+    usage). Number types that refuse nonsense with one sentence, type=p.positive_int, p.count (0 or
+    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1): methods, so a
+    stage that uses a few carries the rest inside the class it calls. And parse_with_preset makes the
+    picked preset's values the defaults before parsing, so that -h shows for every flag the value it
+    takes unless given: "(default: 30 from preset tiny)"."""
 
     def error(self, message):
+        if not self.exit_on_error:   # the quiet first look in parse_with_preset: the full parse reports
+            raise argparse.ArgumentError(None, message)
         self.exit(2, f"error: {message} (see -h).\n")
 
+    def parse_with_preset(self, argv, presets):
+        """Parse argv (None: sys.argv) with the values of the preset it picks as the defaults, a flag
+        given winning: --preset, else gpu on CUDA and cpu elsewhere (--device, else cuda if available).
+        Returns the flags with args.device and args.preset set to the ones picked."""
+        first = Parser(add_help=False, exit_on_error=False)   # reads the two, before -h prints anything
+        first.add_argument("--preset")
+        first.add_argument("--device")
+        try:
+            early = first.parse_known_args(argv)[0]
+        except argparse.ArgumentError:   # e.g. --preset with no name: the full parse below says so
+            early = argparse.Namespace(preset=None, device=None)
+        here = "cuda" if torch.cuda.is_available() else "cpu"
+        device = early.device or here
+        preset = early.preset if early.preset in presets else "gpu" if device == "cuda" else "cpu"
+        self.set_defaults(**presets[preset])
+        self.show_defaults(presets[preset], preset,
+                           "given by --preset" if early.preset in presets else f"for device {device}")
+        args = self.parse_args(argv)
+        args.device = args.device or here
+        args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
+        return args
 
-def bounded(kind, at_least=None, above=None, at_most=None, below=None):
-    """An argparse type: the flag's text as `kind` (int or float), refused with one sentence unless
-    finite and within the bounds given; bounded(float, above=0) suits a learning rate."""
+    def show_defaults(self, values, preset, why):
+        """End each flag's help with the value it takes unless given, naming the preset that value
+        comes from; a help that states its default in words (--lr's formula) is left as it is, unless
+        the preset sets the flag."""
+        for action in self._actions:
+            words, from_preset = action.help or "", action.dest in values
+            hidden = action.help == argparse.SUPPRESS or action.default is argparse.SUPPRESS
+            if hidden or ("(default:" in words and not from_preset):
+                continue
+            source = f" from preset {preset}" if from_preset else ""
+            action.help = f"{words} (default: %(default)s{source})".lstrip()
+        self.epilog = f"Defaults above: preset {preset} ({why}); --preset NAME -h shows another's."
+
+    @staticmethod
+    def positive_int(text):
+        return bounded(text, int, at_least=1)
+
+    @staticmethod
+    def count(text):
+        return bounded(text, int, at_least=0)
+
+    @staticmethod
+    def positive(text):
+        return bounded(text, float, above=0)
+
+    @staticmethod
+    def nonnegative(text):
+        return bounded(text, float, at_least=0)
+
+    @staticmethod
+    def fraction(text):
+        return bounded(text, float, above=0, below=1)
+
+    @staticmethod
+    def unit(text):
+        return bounded(text, float, at_least=0, at_most=1)
+
+
+def bounded(text, kind, at_least=None, above=None, at_most=None, below=None):
+    """A flag's text as `kind` (int or float), refused with one sentence unless finite and within the
+    bounds given: bounded(text, float, above=0) suits a learning rate."""
     tests = {"at least": lambda v, b: v >= b, "above": lambda v, b: v > b,
              "at most": lambda v, b: v <= b, "below": lambda v, b: v < b}
     bounds = [(word, b) for word, b in zip(tests, (at_least, above, at_most, below)) if b is not None]
     words = ("a whole number " if kind is int else "a number ") + " and ".join(f"{w} {b}" for w, b in bounds)
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or not all(tests[w](value, b) for w, b in bounds):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
-        return value
-    return parse
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not all(tests[w](value, b) for w, b in bounds):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
+    return value
 # --- end shared: flags ---
 
 

@@ -7,11 +7,13 @@ An earlier finished run in --out must be byte-identical afterwards.
 import filecmp
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, load_stage, run_script
 
 P = load_stage("01_pretrain")
@@ -116,6 +118,36 @@ def test_an_out_that_is_the_init_folder_is_refused(tiny_pretrain, tmp_path):
     result = run_script("02_sft.py", "--preset", "tiny", "--init", init, "--out", init / ".." / "pretrained")
     assert_one_sentence(result)
     assert "is the --init folder" in result.stderr and snapshot(init) == before
+
+
+def help_entries(text):
+    """{'--flag': its help text, whitespace collapsed} from a stage's -h output."""
+    entries, flag = {}, None
+    for line in text.splitlines():
+        if m := re.match(r"  (-[-\w]+)", line):
+            flag = m[1]
+            entries[flag] = line
+        elif flag and line.startswith("   "):
+            entries[flag] += line
+        else:
+            flag = None
+    return {flag: " ".join(entry.split()) for flag, entry in entries.items()}
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in ROOT.glob("0[0-9]_*.py")))
+def test_help_shows_each_flag_at_the_value_of_the_preset_it_would_pick(script):
+    """Plain -h shows this machine's preset (gpu on CUDA, else cpu) and --preset tiny -h tiny's: every
+    flag the preset sets reads "(default: VALUE from preset NAME)", never "(default: None)"."""
+    presets = load_stage(script[:-3]).PRESETS
+    for argv, name in (([], "gpu" if torch.cuda.is_available() else "cpu"), (["--preset", "tiny"], "tiny")):
+        result = run_script(script, *argv, "-h", timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        entries = help_entries(result.stdout)
+        shown = {key: value for key, value in presets[name].items() if f"--{key}" in entries}
+        assert shown, f"{script}: no flag of preset {name} in -h"
+        for key, value in shown.items():
+            assert f"(default: {value} from preset {name})" in entries[f"--{key}"], entries[f"--{key}"]
+    assert any(value != presets["cpu"].get(key) for key, value in shown.items())   # tiny's own numbers
 
 
 # --------------------------------------------------------------------- damaged files from an earlier stage

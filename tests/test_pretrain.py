@@ -313,7 +313,10 @@ def test_tinystories_download_from_local_server(tmp_path):
         docs = P.fetch_tinystories(url, cache_dir=tmp_path / "cache")
         assert docs == ["Once upon a time.", "The end came."]
         assert len(list((tmp_path / "cache").glob("*.txt"))) == 1
+        # Stopped and closed: a closed port refuses at once; one left listening would queue the
+        # request unanswered until urlopen's 60 s timeout.
         server.shutdown()
+        server.server_close()
         assert P.fetch_tinystories(url, cache_dir=tmp_path / "cache") == docs   # served from the cache
         with pytest.raises(P.DataError, match="could not download"):
             P.fetch_tinystories(url + "x", cache_dir=tmp_path / "cache2")
