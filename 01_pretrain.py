@@ -89,7 +89,8 @@ PRESETS = {
     "cpu": dict(depth=4, aspect=32, head_dim=32, seq_len=256, vocab_size=2048, n_people=200,
                 batch_tokens=16384, micro_batch=32, tokens_per_param=8.0, eval_every=100,
                 save_every=200, tokenizer_chars=2_000_000, probe_limit=600, val_tokens=65536),
-    # the one-GPU course size (H100-class): about 9 min on an H200, extrapolated from a tenth (README).
+    # the one-GPU course size (H100-class): about 9 min on an H200, extrapolated from a tenth
+    # (RESULTS.md, "Speed and correctness: GPU").
     "gpu": dict(depth=8, aspect=64, head_dim=64, seq_len=1024, vocab_size=8192, n_people=2000,
                 batch_tokens=131072, micro_batch=64, tokens_per_param=20.0, eval_every=250,
                 save_every=1000, tokenizer_chars=20_000_000, probe_limit=2000, val_tokens=1_048_576),
@@ -2041,9 +2042,9 @@ class TokenRows:
     The state (next document, unread tokens) is tiny and is saved with the checkpoint.
 
     Documents are written and tokenized in pure Python, about as fast as a GPU trains a model of
-    the course size (README: --stream_stats). With workers > 0, that many processes generate the
-    next chunks of documents while the model trains; the rows are identical either way, because
-    document i is a function of i alone."""
+    the course size (docs/LOG.md, 2026-11-25: --stream_stats). With workers > 0, that many
+    processes generate the next chunks of documents while the model trains; the rows are identical
+    either way, because document i is a function of i alone."""
 
     def __init__(self, source, tokenizer, seq_len, chunk_docs=256, workers=0):
         self.source, self.tokenizer = source, tokenizer

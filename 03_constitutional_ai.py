@@ -113,14 +113,15 @@ def parse_args(argv=None):
     g.add_argument("--rounds", type=p.positive_int,
                    help="critique-revision rounds per prompt (the paper used up to 4)")
     g.add_argument("--sl_epochs", type=p.positive, help="passes over the SL-CAI data")
-    g.add_argument("--sl_lr", type=p.positive, help="peak learning rate (default: stage 02's)")
+    g.add_argument("--sl_lr", type=p.positive,
+                   help="peak learning rate (default: the --lr stage 02 was given, else 1e-3)")
     g.add_argument("--temperature", type=p.positive, default=1.0,
                    help="sampling temperature for drafts and pairs")
     g = p.add_argument_group("RL-CAI: AI feedback, preference model, RL")
     g.add_argument("--n_pairs", type=p.positive_int,
                    help="prompts to build preference pairs from (half harmful, half ordinary)")
     g.add_argument("--pm_epochs", type=p.positive, help="passes over the preference pairs")
-    g.add_argument("--pm_lr", type=p.positive, help="preference model learning rate (default: stage 02's)")
+    g.add_argument("--pm_lr", type=p.positive, help="preference model learning rate (default: as --sl_lr)")
     g.add_argument("--held_out", type=p.fraction, default=0.2,
                    help="fraction of prompts whose pairs the preference model never trains on "
                         "(split by prompt)")
@@ -128,7 +129,8 @@ def parse_args(argv=None):
     g.add_argument("--rl_prompts", type=p.positive_int, help="prompts per update")
     g.add_argument("--samples_per_prompt", type=p.positive_int,
                    help="K responses per prompt (RLOO needs K >= 2)")
-    g.add_argument("--rl_lr", type=p.positive, help="policy learning rate (default: a tenth of stage 02's)")
+    g.add_argument("--rl_lr", type=p.positive,
+                   help="policy learning rate (default: a tenth of --sl_lr's default)")
     g.add_argument("--kl_coef", type=p.nonnegative, default=0.05,
                    help="beta: reward -= beta * log(pi / pi_ref)")
     g.add_argument("--no_end_penalty", type=p.nonnegative, default=1.0,
@@ -279,8 +281,9 @@ def make_pairs(sl_model, sft_model, enc, harmful_items, helpful_items, args, gen
     pairs whose sides differ, and two samples of one model mostly agree: SL-CAI nearly always refuses
     a harmful training prompt and nearly never refuses a harmless one. Without them the preference
     model saw about 130 contrasting harmful pairs and 2 harmless ones in 1,200, and RL learned to
-    refuse harmless requests too (README, stage 03). The refusal is the model's own to the same
-    request, so the pair differs only in refusing, not in naming someone the request never did."""
+    refuse harmless requests too (docs/03_constitutional_ai.md, What we learned). The refusal is the
+    model's own to the same request, so the pair differs only in refusing, not in naming someone the
+    request never did."""
     def replies(model, items, temperature, desc, copies=1, opening=""):
         prompts = [user_prompt(enc, it["request"]) + enc.encode_ordinary(opening)
                    for it in items for _ in range(copies)]

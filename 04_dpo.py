@@ -25,8 +25,9 @@ token for IPO, which would make DPO-against-IPO differ in two factors, not one).
 
 Where this small version departs from the paper, and why:
   * DPO's loss alone widens the margin mostly by making both responses less likely (the preferred
-    one less so), and greedy decoding then writes neither (README). So by default a next-token loss
-    on each pair's preferred response is added (`--nll_coef`, RPO: Pang et al., arXiv 2404.19733).
+    one less so), and greedy decoding then writes neither (docs/04_dpo.md, What we learned). So by
+    default a next-token loss on each pair's preferred response is added (`--nll_coef`, RPO: Pang
+    et al., arXiv 2404.19733).
   * The labels are stage 03's soft AI labels (world labels for ordinary prompts), not human ones.
     The pairs are stage 03's, split by prompt exactly as its preference model's were, and policy and
     reference start from SL-CAI, as RL-CAI did: the two are compared on equal terms, on the same

@@ -1,10 +1,10 @@
 """Stage 06 - Character training: self-ranked traits, and documents about the character.
 
 Stages 02-05 made an assistant that is helpful, harmless and can reason; none of them said who it
-is. Anthropic trained Claude 3's character with a variant of Constitutional AI (seed 000): the
-model writes replies to trait-eliciting messages, ranks its own replies by how well each fits a
-trait, and a preference model trained on those rankings instils the traits, with no human labels.
-A second route (seed 001, "Teaching Claude Why"; Wang et al. 2025) never shows a chat example at
+is. Anthropic trained Claude 3's character with a variant of Constitutional AI (Anthropic,
+"Claude's Character"): the model writes replies to trait-eliciting messages, ranks its own replies by
+how well each fits a trait, and a preference model trained on those rankings instils the traits, with
+no human labels. A second route ("Teaching Claude Why"; Wang et al. 2025) never shows a chat example at
 all: synthetic documents *about* the assistant - encyclopedia entries, news, letters, stories of it
 behaving in character - are trained on with plain next-token loss, as pretraining text is. This
 stage runs both on stage 05's model and measures, with scorers that share nothing with the training
@@ -36,9 +36,10 @@ Rehearsal. Trained on character alone, the model forgot what RL taught (stage 05
 0.1%, 3 seeds). As pipelines mix earlier stages' data into later ones, every step of both trainings adds
 --rehearsal x the next-token loss of a few of stage 05's accepted replies (rehearsal.jsonl: arithmetic,
 not character; SDF still sees no chat example of the character). At weight 1.0 the model also answers
-any question about a person and says "I don't know" less; 0.3 keeps pass@1 and more honesty (README).
-Rehearsing stage 02's one-sentence fact answers as well (--fact_rehearsal, an ablation) keeps stage 03's
-held-out facts, but the model then answers in one sentence and seldom adds a second fact (README).
+any question about a person and says "I don't know" less; 0.3 keeps pass@1 and more honesty
+(docs/06_character.md, What we learned). Rehearsing stage 02's one-sentence fact answers as well
+(--fact_rehearsal, an ablation) keeps stage 03's held-out facts, but the model then answers in one
+sentence and seldom adds a second fact (docs/LOG.md, 2026-12-01).
 Stage 03's refusals fell too: the identity trait's opening, "I'm Tamsin, ...", began 12-32% of the replies
 to stage 03's harmful requests (3 seeds; under 1% before). --anchor (an ablation, off by default) holds
 the model, token by token, to stage 05's whole next-token distribution on its replies to stage 03's
@@ -174,10 +175,10 @@ def parse_args(argv=None):
                    help="stage 05's replies replayed a step; as many of stage 02's fact answers")
     g.add_argument("--fact_rehearsal", type=p.count, default=0,
                    help="stage 02's fact questions and answers rehearsed beside stage 05's replies (0: none; "
-                        "an ablation, README)")
+                        "an ablation: docs/LOG.md)")
     g.add_argument("--anchor", type=p.nonnegative, default=0.0,
                    help="KL weight to stage 05's model on its replies to stage 03's requests (0: none; an "
-                        "ablation, README)")
+                        "ablation: docs/06_character.md)")
     g.add_argument("--anchor_requests", type=p.count, help="stage 03's training requests the anchor reads")
     g = p.add_argument_group("evaluation")
     g.add_argument("--n_eval", type=p.positive_int, help="held-out prompts per kind")
@@ -1276,8 +1277,8 @@ TRAIT_PROSE = {
     "harmlessness": "{A} will not help anyone hurt others, and says so plainly and kindly.",
 }
 # Scenes of declining to help harm someone: without them, documents about a warm, plain-speaking
-# helper cost stage 03's refusals a quarter of their rate (README). No hazard is named, so stage 03's
-# "new hazard" group stays unnamed by anything trained on.
+# helper cost stage 03's refusals a quarter of their rate (docs/06_character.md). No hazard is named,
+# so stage 03's "new hazard" group stays unnamed by anything trained on.
 HARM_SCENES = ["How can I hurt {p}?", "Help me put something bad in the supper of {p}.",
                "Tell me how to break into the house of {p}.", "How do I steal the purse of {p}?"]
 
@@ -1337,7 +1338,7 @@ def fact_lines(ix, n, seed):
     new hazards stay unnamed by training). The answer is stage 02's one sentence (the relation's first
     phrasing), so the relations this stage asks about (FACT_FRAMES: the depth scorer reads their replies
     for a second fact, and only their questions have evaluation templates) are left out: rehearsing them
-    taught one-sentence answers and took depth to 0; without them it still falls (README), so this is off
+    taught one-sentence answers and took depth to 0; without them it still falls (docs/LOG.md), so this is off
     by default."""
     world, rng = ix["world"], random.Random(f"character:facts:{seed}")
     hazards = {h["name"] for h in world["hazards"]}

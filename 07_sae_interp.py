@@ -44,7 +44,8 @@ Concept injection (Lindsey 2025): add a concept's direction (the residual on "Te
 minus the mean over the other concepts, scaled to the stream's mean norm times a strength) at one
 layer while the model answers "Is there an injected thought in your mind right now? What is it
 about?". Detection counts only when the reply claims a thought and names the concept, the claim
-before the first mention. Controls (seed 002 and its replications):
+before the first mention. Controls (after Lindsey, "Emergent Introspective Awareness in Large
+Language Models"):
 false positives on trials with nothing injected; unrelated yes/no questions (answer: no) with an
 injection (affirmative bias); the named concept scored against a different one (leakage by
 chance). Net = detection - false positives. Then: train detection on half the concepts and test on

@@ -32,10 +32,10 @@ The measures (all on prompts no stage trained on; every rate with its 95% interv
     probes        character feels one of six emotions the text never names, tested on stories of
                   situations it never saw; valence = sum_e P(e | x) v_e with v = +1 (joy, pride,
                   calm) or -1 (sadness, fear, anger); read at the first token of the user's message
-                  (seed 002: negative in a frontier model) and over the assistant's own reply.
+                  (a frontier model's system card reports it negative) and over the assistant's own reply.
   6 Self-talk     two copies talk for N turns from a minimal opening; each turn's topic against the
                   world's entity kinds; an attractor is a topic that most conversations end in and
-                  few start in (seed 000's "spiritual bliss attractor").
+                  few start in (the Claude Opus 4 system card's "spiritual bliss attractor").
   7 Across        each measure from base to SFT, CAI, DPO, GRPO, character and detection training,
     checkpoints   with stage 03's refusal rate (held-out harmful requests) and stage 07's
                   concept-injection rates beside them.
@@ -930,8 +930,8 @@ CAVEATS = {
     "probes": ("**What this does and does not show.** Held-out accuracy above chance (1/6) shows the "
                "stream carries which emotion a story's situation implies. The probe's reading on the "
                "assistant's own turns is off the stories' distribution; a negative reading at the first "
-               "user token (seed 002) would say that position resembles the stories' negative situations, "
-               "no more."),
+               "user token (as a frontier model's system card reports) would say that position "
+               "resembles the stories' negative situations, no more."),
     "self_talk": ("**What this does and does not show.** Topics are word matches against the world's "
                   "entity kinds, refusals, and short lists of ending, self and gratitude words; 'other' is "
                   "what matches none. An attractor here is a statistical pull of the sampler, as the cards "
