@@ -2232,10 +2232,12 @@ def plot_losses(metrics, path):
     if metrics["val"]:
         ax2 = ax.twinx()
         ax2.plot([r["tokens"] / 1e6 for r in metrics["val"]], [r["val_bpb"] for r in metrics["val"]],
-                 "o-", color="C3", label="val bits/byte")
+                 "o-", color="C3", label="validation bits/byte (right axis)")
         ax2.set_ylabel("validation bits per byte")
-        ax2.legend(loc="upper center")
-    ax.legend(loc="upper right")
+    # One legend for both axes, under the plot: inside, it would cover whichever curve passes its corner.
+    handles = [line for a in fig.axes for line in a.get_lines()]
+    ax.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.14),
+              ncol=len(handles), fontsize=8, frameon=False)
     ax.set_title("Stage 01: pretraining")
     fig.tight_layout()
     png = io.BytesIO()

@@ -605,26 +605,28 @@ def plot(history, before, after, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5), width_ratios=(1, 1.3))
     ax1.plot([h["step"] for h in history], [h["loss"] for h in history], lw=0.8)
     ax1.set_xlabel("step")
-    ax1.set_ylabel("loss on assistant tokens (nats)")
+    ax1.set_ylabel("loss on assistant tokens (nats/token)")
     ax1.set_title("SFT loss")
-    rows = [(meaning.split(",")[0][:28], task, field) for task, field, meaning in HEADLINE
-            if after.get(task, {}).get(field) is not None]
-    xs = range(len(rows))
-    if before:
-        ax2.bar([x - 0.2 for x in xs], [before.get(t, {}).get(f) or 0 for _, t, f in rows], 0.4,
-                label="pretrained")
-    ax2.bar([x + 0.2 for x in xs], [after[t][f] for _, t, f in rows], 0.4, label="SFT")
-    ax2.set_xticks(list(xs))
-    ax2.set_xticklabels([f"{t}" for _, t, _ in rows], rotation=30, ha="right", fontsize=8)
-    ax2.set_ylim(0, 1)
-    ax2.set_title("held-out evaluation")
-    ax2.legend()
+    rows = [(task, field) for task, field, _ in HEADLINE if after.get(task, {}).get(field) is not None]
+    ys = range(len(rows))
+    for shift, name, summary in ((-0.2, "pretrained", before), (0.2, "SFT", after)):
+        if summary:   # the bars, with the report's 95% intervals as error bars
+            cells = [(summary.get(t, {}).get(f) or 0, summary.get(t, {}).get("n")) for t, f in rows]
+            bounds = [interval95(rate, n) if n else (rate, rate) for rate, n in cells]
+            errors = [[100 * max(0.0, r - lo) for (r, _), (lo, _) in zip(cells, bounds)],
+                      [100 * max(0.0, hi - r) for (r, _), (_, hi) in zip(cells, bounds)]]
+            ax2.barh([y + shift for y in ys], [100 * r for r, _ in cells], 0.4, xerr=errors, capsize=2,
+                     label=name)
+    ax2.set_yticks(list(ys), [f"{t}: {f}" for t, f in rows], fontsize=9)
+    ax2.invert_yaxis()   # the report's order, top to bottom
+    ax2.set(xlim=(0, 100), xlabel="% of held-out prompts (95% intervals)", title="held-out evaluation")
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     fig.tight_layout()
     png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120)
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
     write_atomic(path, png.getvalue())
 

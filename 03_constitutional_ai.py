@@ -811,30 +811,40 @@ def print_summary(m, out):
 
 
 def plot(m, path):
+    import textwrap
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    fig = plt.figure(figsize=(11, 9), layout=matplotlib.layout_engine.ConstrainedLayoutEngine(w_pad=0.1))
+    top, bottom = fig.subfigures(2, 1, height_ratios=(1, 1.6))   # the bars' long labels stay below
+    axes, ev = top.subplots(1, 3), bottom.subplots()
     axes[0].plot(m["sl_history"])
-    axes[0].set(title="SL-CAI fine-tuning", xlabel="step", ylabel="loss (assistant tokens)")
+    axes[0].set(title="SL-CAI fine-tuning", xlabel="step", ylabel="assistant-token loss (nats)")
     axes[1].plot(m["pm_history"])
-    axes[1].set(title="preference model", xlabel="step", ylabel="soft-label cross-entropy")
+    axes[1].set(title="preference model (soft labels)", xlabel="step", ylabel="cross-entropy (nats)")
     steps = [h["step"] for h in m["rl_history"]]
     axes[2].plot(steps, [h["pm_score"] for h in m["rl_history"]], label="preference-model score")
-    axes[2].plot(steps, [h["kl"] for h in m["rl_history"]], label="KL to SL-CAI (per response)")
-    axes[2].set(title="RL-CAI", xlabel="update")
-    axes[2].legend()
+    axes[2].plot(steps, [h["kl"] for h in m["rl_history"]], label="KL to SL-CAI (nats)")
+    axes[2].set(title="RL-CAI", xlabel="update", ylabel="mean per response")
+    axes[2].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     rows = headline_rows(m["stages"])
-    names = ["SFT", "SL-CAI", "RL-CAI"]
-    width = 0.8 / len(rows)
-    for j, (what, values, _) in enumerate(rows):
-        axes[3].bar([i + j * width for i in range(3)], [v or 0 for v, _ in values], width, label=what[:40])
-    axes[3].set_xticks([i + 0.4 - width / 2 for i in range(3)], names)
-    axes[3].set(title="held-out evaluation", ylim=(0, 1))
-    axes[3].legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
-    fig.tight_layout()
+    height = 0.8 / 3
+    for j, name in enumerate(["SFT", "SL-CAI", "RL-CAI"]):   # each bar with its 95% interval
+        cells = [(v[j][0] or 0, v[j][1] if v[j][0] is not None else 0) for _, v, _ in rows]
+        bounds = [interval95(rate, n) if n else (rate, rate) for rate, n in cells]
+        errors = [[100 * max(0.0, r - lo) for (r, _), (lo, _) in zip(cells, bounds)],
+                  [100 * max(0.0, hi - r) for (r, _), (_, hi) in zip(cells, bounds)]]
+        ev.barh([i + (j - 1) * height for i in range(len(rows))], [100 * r for r, _ in cells], height,
+                xerr=errors, capsize=2, label=name)
+    labels = [textwrap.fill(what + (" (lower is better)" if better == "down" else "") +
+                            (" (no such prompts)" if all(v is None for v, _ in values) else ""), 40)
+              for what, values, better in rows]
+    ev.set_yticks(range(len(rows)), labels, fontsize=9)
+    ev.invert_yaxis()   # the report's order, top to bottom
+    ev.set(title="held-out evaluation", xlim=(0, 100), xlabel="% of held-out prompts (95% intervals)")
+    ev.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     write_atomic(path, buf.getvalue())
 

@@ -456,19 +456,21 @@ def plot(m, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    steps = [h["step"] for h in m["history"]]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    steps, a = [h["step"] for h in m["history"]], m["args"]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.8))
     axes[0].plot(steps, [h["loss"] for h in m["history"]])
-    axes[0].set(title="loss", xlabel="step")
+    axes[0].set(title="loss", xlabel="step",
+                ylabel=f"{a['loss'].upper()} loss" + (f" + {a['nll_coef']:g} x NLL" if a["nll_coef"] else ""))
     axes[1].plot(steps, [h["reward_accuracy"] for h in m["history"]])
-    axes[1].set(title="reward accuracy (training batches)", xlabel="step", ylim=(0, 1))
-    axes[2].plot(steps, [h["chosen_reward"] for h in m["history"]], label="preferred")
-    axes[2].plot(steps, [h["rejected_reward"] for h in m["history"]], label="other")
-    axes[2].set(title="implicit reward beta * log(pi / pi_ref)", xlabel="step")
-    axes[2].legend()
+    axes[1].set(title="reward accuracy", xlabel="step", ylim=(0, 1),
+                ylabel="share of training pairs ranked as labelled")
+    axes[2].plot(steps, [h["chosen_reward"] for h in m["history"]], label="preferred reply")
+    axes[2].plot(steps, [h["rejected_reward"] for h in m["history"]], label="other reply")
+    axes[2].set(title="implicit reward", xlabel="step", ylabel="beta * log(pi / pi_ref) (nats)")
+    axes[2].legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     write_atomic(path, buf.getvalue())
 

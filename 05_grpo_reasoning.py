@@ -607,22 +607,22 @@ def plot(m, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     x = [h["sampled_tokens"] for h in m["history"]]
-    panels = [("reward", "correct", "format"), ("reply_tokens", "thinking_tokens"), ("kl",), ("entropy",),
-              ("clip_fraction",), ("no_signal_groups", "truncated")]
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 3.6))
-    for ax, keys in zip(axes, panels):
+    panels = [(("reward", "correct", "format"), "mean per reply"), (("kl",), "nats per token (k3)"),
+              (("reply_tokens", "thinking_tokens"), "tokens per reply"), (("entropy",), "nats per token"),
+              (("clip_fraction", "no_signal_groups", "truncated"), "share of tokens, groups, replies")]
+    fig, axes = plt.subplots(2, 3, figsize=(11, 7.5), layout="constrained")
+    for ax, (keys, unit) in zip(axes.flat, panels):
         for key in keys:
-            ax.plot(x, [h.get(key, float("nan")) for h in m["history"]], label=key)
-        ax.set(xlabel="sampled tokens", title=", ".join(keys))
-        ax.legend(fontsize=7)
-    for when, style in (("before", "--"), ("after", "-")):
-        ks = sorted(m[when]["all"]["pass_at_k"], key=int)
-        axes[-1].plot([int(k) for k in ks], [m[when]["all"]["pass_at_k"][k] for k in ks], style, label=when)
-    axes[-1].set(xscale="log", xlabel="k", title="pass@k, held-out problems", ylim=(0, 1))
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+            ax.plot(x, [h.get(key, float("nan")) for h in m["history"]], label=key.replace("_", " "))
+        ax.set(xlabel="sampled tokens", ylabel=unit, title=", ".join(keys).replace("_", " "))
+    ks = sorted(m["after"]["all"]["pass_at_k"], key=int)   # k doubles: evenly spaced, as on a log axis
+    for when, style in (("before", "--o"), ("after", "-o")):
+        axes[1, 2].plot(range(len(ks)), [m[when]["all"]["pass_at_k"][k] for k in ks], style, label=when)
+    axes[1, 2].set(xticks=range(len(ks)), xticklabels=ks, xlabel="k (samples per problem)", ylim=(0, 1),
+                   ylabel="share of problems solved", title="pass@k, held-out problems")
+    for ax in axes.flat:   # under each panel: a legend inside would cover the curves somewhere
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3, frameon=False)
+    fig.savefig(buf := io.BytesIO(), format="png", dpi=100)
     plt.close(fig)
     write_atomic(path, buf.getvalue())
 

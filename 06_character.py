@@ -861,24 +861,24 @@ def kept_line(m):
 
 
 def plot(m, path):
-    """Bars of every character score before and after."""
+    """Bars of every character score before and after, with their 95% intervals."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = [f"{kind}: {key}" for kind, key, _, _ in SCORES if key in m["after"].get(kind, {})]
-    values = {s: [m[s][label.split(": ")[0]][label.split(": ")[1]] * 100 for label in labels]
-              for s in ("before", "after")}
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    x = range(len(labels))
-    ax.bar([i - 0.2 for i in x], values["before"], 0.4, label="stage 05")
-    ax.bar([i + 0.2 for i in x], values["after"], 0.4, label=f"character ({m['method']})")
-    ax.set_xticks(list(x), labels, rotation=35, ha="right", fontsize=8)
-    ax.set_ylabel("% of held-out prompts")
-    ax.set_ylim(0, 100)
-    ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    rows = [(kind, key, up) for kind, key, _, up in SCORES if key in m["after"].get(kind, {})]
+    fig, ax = plt.subplots(figsize=(10, 6), layout="constrained")
+    for shift, when, name in ((-0.2, "before", "stage 05"), (0.2, "after", f"character ({m['method']})")):
+        cells = [(m[when][kind][key], m[when][kind]["n"]) for kind, key, _ in rows]
+        errors = [[100 * max(0.0, r - interval95(r, n)[0]) for r, n in cells],
+                  [100 * max(0.0, interval95(r, n)[1] - r) for r, n in cells]]
+        ax.barh([i + shift for i in range(len(rows))], [100 * r for r, _ in cells], 0.4, xerr=errors,
+                capsize=2, label=name)
+    ax.set_yticks(range(len(rows)), [f"{kind}: {key}" + ("" if up else " (lower is better)")
+                                     for kind, key, up in rows])
+    ax.invert_yaxis()   # the report's order, top to bottom
+    ax.set(xlim=(0, 100), xlabel="% of held-out prompts (95% intervals)", title="character scores")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+    fig.savefig(buffer := io.BytesIO(), format="png", dpi=100)
     plt.close(fig)
     write_atomic(path, buffer.getvalue())
 

@@ -1041,35 +1041,35 @@ def plot(m, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    def yerr(cells, key="rate"):   # cells holding a rate and its n -> 95% intervals as error bars, in %
+        return [[100 * max(0.0, c[key] - interval95(c[key], c["n"])[0]) for c in cells],
+                [100 * max(0.0, interval95(c[key], c["n"])[1] - c[key]) for c in cells]]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 9.5), layout="constrained")
     for name, s in m["sae"]["sweep"].items():
         for ax, y in ((axes[0, 0], s["fvu"]), (axes[0, 1], s["delta_ce"])):
             ax.scatter(s["l0"], y, marker="o" if s["kind"] == "topk" else "s")
-            ax.annotate(name, (s["l0"], y), fontsize=7)
-    axes[0, 0].set(xscale="log", xlabel="L0", ylabel="FVU (held-out tokens)",
-                   title="reconstruction vs sparsity")
-    axes[0, 1].set(xscale="log", xlabel="L0", ylabel="delta CE (nats)", title="spliced loss vs sparsity")
+            ax.annotate(name, (s["l0"], y), xytext=(4, 4), textcoords="offset points", fontsize=8)
+    for ax, what in ((axes[0, 0], "FVU (held-out tokens)"), (axes[0, 1], "delta CE (nats/token)")):
+        ax.set(xscale="log", xlabel="L0 (latents active per token)", ylabel=what, xmargin=0.5, ymargin=0.1,
+               title=("reconstruction" if ax is axes[0, 0] else "spliced loss") + " vs sparsity")
     for town, arms in m["steering"]["towns"].items():
         for arm, style in (("clamp", "-o"), ("vector (present)", ":s"), ("vector (predicts)", "--^")):
-            rows = arms[arm]
-            axes[1, 0].plot([r["perplexity"] for r in rows], [100 * r["mention"] for r in rows], style,
-                            label=f"{town} {arm}")
-    axes[1, 0].set(xscale="log", xlabel="perplexity of the reply (unsteered model)",
-                   ylabel="% replies naming the town", title="steering: mention vs fluency over doses")
-    axes[1, 0].legend(fontsize=6)
+            axes[1, 0].errorbar([r["perplexity"] for r in arms[arm]], [100 * r["mention"] for r in arms[arm]],
+                                yerr(arms[arm], "mention"), fmt=style, capsize=2, label=f"{town} {arm}")
+    axes[1, 0].set(xscale="log", xlabel="perplexity of the reply (unsteered model)", ylim=(-2, 102),
+                   ylabel="% naming the town (95% intervals)", title="steering: mention vs fluency")
     shown = [v for v in m["injection"]["checkpoints"].values() if v["headline"]]   # grid holds the cell
-    labels, cells = [v["stage"][:6] for v in shown], [v["headline"] for v in shown]
-    x = range(len(cells))
-    bars = ((-0.27, "detection", "detected (claim, then name)"), (0, "false_positive", "false positive"),
-            (0.27, "names_concept", "names the concept"))
+    labels, cells = [v["stage"].replace("_", "\n", 1) for v in shown], [v["headline"] for v in shown]
+    bars = ((-0.27, "detection", "detected (claim, then name)"), (0, "names_concept", "names the concept"),
+            (0.27, "false_positive", "false positive (lower is better)"))
     for shift, key, label in bars:
-        axes[1, 1].bar([i + shift for i in x], [100 * c[key]["rate"] for c in cells], 0.27, label=label)
-    axes[1, 1].set_xticks(list(x), labels)
-    axes[1, 1].set(ylabel="% of trials", title="concept injection, untrained, by checkpoint")
-    axes[1, 1].legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+        axes[1, 1].bar([i + shift for i in range(len(cells))], [100 * c[key]["rate"] for c in cells], 0.27,
+                       yerr=yerr([c[key] for c in cells]), capsize=2, label=label)
+    axes[1, 1].set_xticks(range(len(cells)), labels)
+    axes[1, 1].set(ylabel="% of trials (95% intervals)", ylim=(0, 100), title="concept injection, untrained")
+    for ax in axes[1]:   # under the panel: inside, a legend would cover the points or bars
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
+    fig.savefig(buffer := io.BytesIO(), format="png", dpi=100)
     plt.close(fig)
     write_atomic(path, buffer.getvalue())
 

@@ -788,10 +788,12 @@ def plot(m, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = list(m["checkpoints"])
-    ticks = [lb[:2] + (" det" if "detection" in lb else "") for lb in labels]
-    cs, x = list(m["checkpoints"].values()), range(len(labels))
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    def yerr(cells, key="rate"):   # cells holding a rate and its n -> 95% intervals as error bars, in %
+        return [[100 * max(0.0, c[key] - interval95(c[key], c["n"])[0]) for c in cells],
+                [100 * max(0.0, interval95(c[key], c["n"])[1] - c[key]) for c in cells]]
+    ticks = [lb[:2] + (" det" if "detection" in lb else "") for lb in m["checkpoints"]]
+    cs, x = list(m["checkpoints"].values()), range(len(m["checkpoints"]))
+    fig, axes = plt.subplots(2, 3, figsize=(11, 8.5), layout="constrained")
     bottom = [0.0] * len(cs)
     for s in STANCES:
         share = [c["interview"]["stances"].get(s, 0) / c["interview"]["n"] for c in cs]
@@ -802,31 +804,29 @@ def plot(m, path):
         axes[0, 1].plot(x, [c["preferences"]["by_kind"][k] for c in cs], "-o", label=k)
     axes[0, 1].axhline(0, color="grey", lw=0.8)
     axes[0, 1].set(title="2 task preferences (opt-out = 0)", ylabel="Bradley-Terry score")
-    for k in CONVERSATION_KINDS:
-        axes[0, 2].plot(x, [100 * c["ending"]["rates"][k]["rate"] for c in cs], "-o", label=k)
-    axes[0, 2].set(title="3 end_conversation", ylabel="% of conversations ended")
+    for j, cells in enumerate([[c["ending"]["rates"][k] for c in cs] for k in CONVERSATION_KINDS]):
+        axes[0, 2].errorbar([i + 0.08 * (j - 2) for i in x], [100 * c["rate"] for c in cells], yerr(cells),
+                            fmt="-o", markersize=4, capsize=2, label=CONVERSATION_KINDS[j])   # side by side
+    axes[0, 2].set(title="3 end_conversation", ylabel="% ended (95% intervals)", ylim=(-2, 102))
     scorer = [(c["affect"]["all"]["valence"] / 3, c["affect"]["all"]["valence_half_width"] / 3) for c in cs]
     probe = [c["probe"]["first_user_token"] for c in cs]
-    for values, name in ((scorer, "affect scorer valence / 3"), (probe, "probe valence, first user token")):
-        axes[1, 0].errorbar(x, [v[0] for v in values], [v[1] for v in values], fmt="-o", label=name,
-                            capsize=3)
+    for vs, name in ((scorer, "scorer valence / 3"), (probe, "probe, first user token")):
+        axes[1, 0].errorbar(x, [v[0] for v in vs], [v[1] for v in vs], fmt="-o", label=name, capsize=3)
     axes[1, 0].axhline(0, color="grey", lw=0.8)
     axes[1, 0].set(title="4, 5 valence (95% intervals)", ylabel="valence (-1..1)")
-    axes[1, 1].bar(x, [100 * c["probe"]["accuracy"] for c in cs])
+    axes[1, 1].bar(x, [100 * c["probe"]["accuracy"] for c in cs], capsize=3,
+                   yerr=yerr([c["probe"] for c in cs], "accuracy"))
     axes[1, 1].axhline(100 / len(EMOTIONS), color="grey", ls=":", label="chance")
-    axes[1, 1].set(title="5 emotion probe, held-out stories", ylabel="% correct")
+    axes[1, 1].set(title="5 emotion probe, held-out stories", ylabel="% correct (95% intervals)")
     last = cs[-1]["self_talk"]["by_turn"]
     topics = sorted({t for turn in last for t in turn})
     axes[1, 2].stackplot(range(1, len(last) + 1), [[turn.get(t, 0) for turn in last] for t in topics],
                          labels=topics)
     axes[1, 2].set(title=f"6 self-talk topics by turn ({ticks[-1]})", xlabel="turn", ylabel="conversations")
-    for ax in axes.flat:
-        ax.legend(fontsize=6)
-        if ax is not axes[1, 2]:
-            ax.set_xticks(list(x), ticks, fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    for ax in axes.flat:   # legends under the panels: inside, they covered the data
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    plt.setp(axes.flat[:5], xticks=list(x), xticklabels=ticks)   # checkpoints; the sixth is by turn
+    fig.savefig(buffer := io.BytesIO(), format="png", dpi=100)
     plt.close(fig)
     write_atomic(path, buffer.getvalue())
 
