@@ -831,3 +831,37 @@ def test_detection_batches_inject_exactly_the_concept_the_answer_names(monkeypat
             assert torch.equal(injected[r, start:], v.expand_as(injected[r, start:]))
             assert any(torch.equal(v, s * directions[said.group(1)]) for s in args.strengths), (reply, v)
     assert answers["yes"] > 3 and answers["no"] > 3
+
+
+def test_the_main_dictionary_is_the_sae_flag_s_kind_and_the_sweep_adds_only_new_ones(monkeypatch):
+    X = torch.randn(10, 2)
+    sets = {"fit": {"X": X}, "held_out": {"X": X}, "test": {"X": X, "where": None, "rows": []}, "bos_ratio": 1.0}
+    trained = []
+    monkeypatch.setattr(S, "text_sets", lambda *a: (sets, ["c"]))
+    monkeypatch.setattr(S, "probe_ceiling", lambda *a, **k: {})
+    monkeypatch.setattr(S, "train_sae", lambda X, n, kind, k, l1, args, seed: trained.append((kind, n, k, l1))
+                        or (f"sae {len(trained)}", []))
+    monkeypatch.setattr(S, "measure_sae", lambda *a: {"fvu": 0.1, "fvu_new_templates": 0.2, "l0": 1.0, "dead": 0.0,
+                                                      "ce_loss_score": 0.9, "delta_ce": 0.1, "monosemantic": [],
+                                                      "monosemantic_any": [], "labels": {}})
+    args = args_of(sae="relu", expansion=4, k=8, l1=0.01, sweep=(("topk", 2, 4), ("relu", 4, 0.01)))
+    out, sae, labels, _ = S.run_dictionary(None, None, None, 0, args)
+    assert trained == [("relu", 8, None, 0.01), ("topk", 4, 4, None)]   # the main one first; no duplicate
+    assert out["main"] == "relu 4x l1=0.01" and sae == "sae 1" and list(out["sweep"]) == ["relu 4x l1=0.01",
+                                                                                          "topk 2x k=4"]
+    trained.clear()
+    args.sae = "topk"
+    out, sae, _, _ = S.run_dictionary(None, None, None, 0, args)
+    assert trained[0] == ("topk", 8, 8, None) and out["main"] == "topk 4x k=8" and sae == "sae 1"
+
+
+def test_only_a_relu_dictionary_resamples_its_dead_latents(monkeypatch):
+    """Resampling runs every 500 steps in the first 80% of training: once in 625 steps, for relu only."""
+    calls = []
+    monkeypatch.setattr(S, "resample", lambda sae, optimizer, X, dead, g: calls.append(sae.kind))
+    X = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    args = args_of(sae_steps=625, sae_batch=8, sae_lr=1e-3)
+    for kind, k, l1 in (("relu", None, 0.01), ("topk", 2, None)):
+        sae, history = S.train_sae(X, 8, kind, k, l1, args, seed=0)
+        assert sae.kind == kind and history[-1]["step"] == 624
+    assert calls == ["relu"]
