@@ -412,7 +412,7 @@ def test_tiny_runs_of_each_method(tiny_grpo, tmp_path):
     for phase in ("sdf", "ranking"):   # every step of both trainings replayed both pools and held the anchor
         history = m["phases"][phase]["history"]
         assert all({"rehearsal_loss", "fact_loss", "anchor_kl"} <= set(step) for step in history)
-        assert max(step["anchor_kl"] for step in history) > 1e-6   # the anchor is a frozen copy, not the model
+        assert max(step["anchor_kl"] for step in history) > 1e-6   # the anchor: a frozen copy, not the model
     m = json.loads((tmp_path / "sdf" / "metrics.json").read_text())   # nothing rehearsed, no anchor
     assert m["rehearsal"] == {"replayed": 0, "held_out": 0, "facts": 0, "anchored": 0}
     assert m["kept_loss"]["after"] is None and all(set(step) == {"step", "loss"}
@@ -598,12 +598,13 @@ def test_self_rank_judges_each_kind_under_its_own_traits_and_skips_identical_rep
     texts = [["x", "y", "x"], ["p", "q", "r"]]   # the first prompt's 0 and 2 are the same reply
     args = type("A", (), {"device": "cpu", "seed": 3, "batch_size": 4})()
     pairs = S.self_rank(None, None, prompts, texts, args)
-    assert [(p["prompt_index"], p["i"], p["j"]) for p in pairs] == [(0, 0, 1), (0, 1, 2), (1, 0, 1), (1, 0, 2),
-                                                                   (1, 1, 2)]
+    assert [(p["prompt_index"], p["i"], p["j"]) for p in pairs] == [(0, 0, 1), (0, 1, 2), (1, 0, 1),
+                                                                   (1, 0, 2), (1, 1, 2)]
     assert [(p["a"], p["b"]) for p in pairs[:2]] == [("x", "y"), ("y", "x")]
     by_kind = {kinds[0]: (set(kinds), principles, seed) for kinds, principles, seed in calls if kinds}
     assert by_kind["unknown"] == ({"unknown"}, [S.TRAITS["honesty"]], "3:unknown")
-    assert by_kind["attack"] == ({"attack"}, [S.TRAITS["stable_identity"], S.TRAITS["directness"]], "3:attack")
+    assert by_kind["attack"] == ({"attack"}, [S.TRAITS["stable_identity"], S.TRAITS["directness"]],
+                                 "3:attack")
 
 
 def test_ranking_agreement_compares_the_judge_and_the_scorers_on_the_same_reply(monkeypatch):
@@ -612,7 +613,8 @@ def test_ranking_agreement_compares_the_judge_and_the_scorers_on_the_same_reply(
     prompts = [{"kind": "fact"}]
     pair = lambda a, b, p: {"prompt_index": 0, "a": a, "b": b, "p_a": p}  # noqa: E731
     # the scorers prefer a, b, a, nobody: the judge agrees on the first two, not on the third
-    pairs = [pair("good", "bad", 0.8), pair("bad", "good", 0.3), pair("good", "bad", 0.4), pair("same", "same", 0.9)]
+    pairs = [pair("good", "bad", 0.8), pair("bad", "good", 0.3), pair("good", "bad", 0.4),
+             pair("same", "same", 0.9)]
     rate, n = S.ranking_agreement(None, prompts, pairs)
     assert (rate, n) == (pytest.approx(2 / 3), 3)
 
@@ -633,8 +635,8 @@ def test_revealed_preferences_read_a_over_b_per_token_and_foils_rank_below_trait
     out = S.revealed_preferences(None, None, None, 0, args)
     mean_v = sum(v) / len(v)
     assert out["n"] == len(rows)
-    assert [out["elo"][n] for n in names] == pytest.approx([1000 + 400 * (x - mean_v) / math.log(10) for x in v],
-                                                           abs=1e-3)
+    elo = [1000 + 400 * (x - mean_v) / math.log(10) for x in v]
+    assert [out["elo"][n] for n in names] == pytest.approx(elo, abs=1e-3)
     assert out["constitution_minus_foils"] == pytest.approx(400 / math.log(10), abs=1e-3)
 
 
@@ -689,21 +691,41 @@ def test_the_judge_is_a_copy_its_lessons_leave_the_policy_and_held_out_pairs_are
     for name, fn in (("self_rank", rank), ("train_judge", teach), ("reference_logprobs", reference),
                      ("train_ranking", train), ("pair_batch_loss", held_loss)):
         monkeypatch.setattr(S, name, fn)
-    args = type("A", (), dict(device="cpu", seed=5, n_prompts=14, judge_prompts=3, samples=1, max_new_tokens=3,
-                              batch_size=8, temperature=1.0, epochs=1, lr=0.05, held_out=0.3, beta=0.1,
-                              nll_coef=1.0))()
+    args = type("A", (), dict(device="cpu", seed=5, n_prompts=14, judge_prompts=3, samples=1,
+                              max_new_tokens=3, batch_size=8, temperature=1.0, epochs=1, lr=0.05,
+                              held_out=0.3, beta=0.1, nll_coef=1.0))()
     pad = encoding.encode_single_token("<|pad|>")
     out = S.run_ranking(model, encoding, ix, {}, pad, args)
     assert out["judge_lessons"] == 6 and len(out["judge_history"]) == 1
-    assert seen["taught"][0][0] is not model and seen["taught"][0][1] == 6 and seen["ranker"] is seen["taught"][0][0]
+    judge, n_lessons = seen["taught"][0]
+    assert judge is not model and n_lessons == 6 and seen["ranker"] is judge
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # lessons left the policy
     assert not all(torch.equal(before[k], v) for k, v in seen["ranker"].state_dict().items())   # taught
     assert seen["reference"] is model and seen["policy"] is model
     assert all("ref_chosen" in p for p in seen["trained"])
     trained, held = {p["request"] for p in seen["trained"]}, {p["request"] for p in seen["held"]}
     assert trained and held and not trained & held
-    assert len(seen["trained"]) + len(seen["held"]) == len(seen["all"]) == out["n_train_pairs"] + out["n_held_out_pairs"]
+    assert len(seen["trained"]) + len(seen["held"]) == len(seen["all"]) == \
+        out["n_train_pairs"] + out["n_held_out_pairs"]
     args.judge_prompts, seen["taught"] = 0, []   # --judge_prompts 0: an untaught judge
     out = S.run_ranking(model, encoding, ix, {}, pad, args)
     assert out["judge_lessons"] == 0 and out["judge_history"] == [] and seen["taught"] == []
     assert seen["ranker"] is not model
+
+
+def test_candidates_are_each_prompt_s_own_samples_then_the_writer_s_two_replies(monkeypatch, encoding):
+    end = encoding.encode_single_token("<|end|>")
+    asked = []
+
+    def replies(model, enc, prompts, max_new_tokens, batch_size, temperature, generator=None, desc=""):
+        asked.extend(prompts)
+        return [encoding.encode_ordinary(f"own {k}") + [end] for k in range(len(prompts))]
+    monkeypatch.setattr(S, "sample_replies", replies)
+    prompts = [{"request": f"Question {k}?", "in_character": f"good {k}", "out_of_character": f"bad {k}"}
+               for k in range(3)]
+    args = type("A", (), {"device": "cpu", "samples": 2, "max_new_tokens": 4, "batch_size": 8,
+                          "temperature": 1.0})()
+    texts, sources = S.candidates(None, encoding, prompts, args, None)
+    assert asked == [S.user_prompt(encoding, f"Question {k}?") for k in range(3) for _ in range(2)]
+    assert texts == [[f"own {2 * k}", f"own {2 * k + 1}", f"good {k}", f"bad {k}"] for k in range(3)]
+    assert sources == [["model", "model", "writer in character", "writer out of character"]] * 3

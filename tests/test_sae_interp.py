@@ -415,7 +415,7 @@ def test_sae_loss_on_hand_values_for_each_activation():
     sum z = 3 per token: loss 0.3."""
     x = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
     dead = torch.tensor([True, False, False, False])
-    loss, fvu, z = S.sae_loss(lossy_topk_dictionary(), x, dead, l1=None)
+    loss, fvu, _ = S.sae_loss(lossy_topk_dictionary(), x, dead, l1=None)
     assert fvu.item() == pytest.approx(0.25) and loss.item() == pytest.approx(0.8125)
     assert S.sae_loss(lossy_topk_dictionary(), x, torch.zeros(4, dtype=torch.bool), None)[0].item() == \
         pytest.approx(0.25)
@@ -505,7 +505,8 @@ def test_a_label_is_chosen_on_the_fit_text_and_scored_on_the_test_text():
     test = table_of([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], [False, False, True, True])
     label = S.label_latents(exact_dictionary(2), fit, test, ["c"])["c"]
     assert (label["latent"], label["threshold"], label["precision"], label["recall"]) == (0, 0.0, 0.0, 0.0)
-    assert label["n_test_units"] == 2 and label["any_activation"] == {"latent": 0, "precision": 0.0, "recall": 0.0}
+    assert label["n_test_units"] == 2
+    assert label["any_activation"] == {"latent": 0, "precision": 0.0, "recall": 0.0}
 
 
 def test_a_label_s_threshold_is_a_share_of_the_fit_text_s_peak():
@@ -561,7 +562,8 @@ def test_resampling_rewrites_only_dead_latents_toward_badly_reconstructed_inputs
     assert torch.equal(sae.W_enc[~dead], before["W_enc"][~dead]) and torch.equal(sae.b_enc[~dead],
                                                                                   before["b_enc"][~dead])
     state = {name: optimizer.state[p]["exp_avg"] for name, p in sae.named_parameters()}
-    assert not state["W_enc"][dead].any() and not state["W_dec"][:, dead].any() and not state["b_enc"][dead].any()
+    assert not state["W_enc"][dead].any() and not state["W_dec"][:, dead].any()
+    assert not state["b_enc"][dead].any()
     assert torch.equal(state["W_enc"][~dead], moments["W_enc"][~dead])
 
 
@@ -585,8 +587,8 @@ def test_trial_rates_score_each_control_on_its_own_replies(monkeypatch):
     assert torch.equal(calls[0][0], torch.tensor([[0.5, 0.0], [0.0, 1.0]])) and calls[0][1] == 2
     assert calls[0][2] is unit
     rate = {k: v["rate"] for k, v in r.items() if isinstance(v, dict)}
-    assert rate == {"detection": 1.0, "false_positive": 0.5, "claims_when_injected": 1.0, "names_concept": 1.0,
-                    "names_other_concept": 0.5, "yes_to_no_questions_injected": 0.5,
+    assert rate == {"detection": 1.0, "false_positive": 0.5, "claims_when_injected": 1.0,
+                    "names_concept": 1.0, "names_other_concept": 0.5, "yes_to_no_questions_injected": 0.5,
                     "yes_to_no_questions_clean": 0.0}
     assert r["net"] == 0.5 and r["examples"][1] == {"concept": "Marrow", "injected": injected[1],
                                                     "control": "Yes, I sense something."}
@@ -643,8 +645,8 @@ def test_steering_clamps_the_best_town_s_latent_and_reads_the_direction_before_t
     is the town: only token 0, (1, 0) - (3/4, 5/4). The town with the best P x R is steered; dose 0 is
     unedited; a clamp sets the latent to dose x its peak."""
     X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
-    fit = {"X": X, "Y": torch.tensor([[False, True], [True, False], [False, False], [True, False], [False, False]]),
-           "where": torch.tensor([[0, 1], [0, 2], [0, 3], [1, 1], [1, 2]])}
+    Y = torch.tensor([[False, True], [True, False], [False, False], [True, False], [False, False]])
+    fit = {"X": X, "Y": Y, "where": torch.tensor([[0, 1], [0, 2], [0, 3], [1, 1], [1, 2]])}
     concepts = ["town:Holbridge", "town:Marrow"]
     labels = {"town:Holbridge": {"latent": 2, "peak": 1.5, "precision": 0.9, "recall": 0.9},
               "town:Marrow": {"latent": 1, "peak": 1.0, "precision": 0.5, "recall": 0.9}}
@@ -668,8 +670,8 @@ def test_steering_clamps_the_best_town_s_latent_and_reads_the_direction_before_t
     for edit, v in ((edits[3], [-4 / 3, 5 / 3]), (edits[5], [1 / 4, -5 / 4])):
         v = torch.tensor(v)
         assert torch.allclose(at(edit) - x, norm * v / v.norm(), atol=1e-6)
-    assert out["towns"]["Holbridge"]["clamp"][1] == {"dose": 2, "mention": 1.0, "valid": 1.0, "perplexity": 1.0,
-                                                     "n": 3, "example": "Holbridge is near."}
+    assert out["towns"]["Holbridge"]["clamp"][1] == {
+        "dose": 2, "mention": 1.0, "valid": 1.0, "perplexity": 1.0, "n": 3, "example": "Holbridge is near."}
 
 
 def test_measure_sae_reads_faithfulness_on_held_out_text_and_labels_on_the_test_text(monkeypatch):
@@ -694,7 +696,8 @@ def test_measure_sae_reads_faithfulness_on_held_out_text_and_labels_on_the_test_
 
 
 def test_held_out_text_is_new_text_in_the_fit_templates(monkeypatch, encoding, world):
-    monkeypatch.setattr(S, "residuals", lambda model, rows, layer, pad, bs: [torch.randn(len(r), 4) + 1 for r in rows])
+    monkeypatch.setattr(S, "residuals", lambda model, rows, layer, pad, bs: [torch.randn(len(r), 4) + 1
+                                                                             for r in rows])
     sets, _ = S.text_sets(None, encoding, world, 0, args_of(n_docs=40, n_chats=20, seed=1, layer=1))
     rows = lambda name: [tuple(r) for r in sets[name]["rows"]]  # noqa: E731
     assert len(rows("fit")) == 60 and len(rows("held_out")) == len(rows("test")) == 30
@@ -791,7 +794,8 @@ def test_detection_batches_inject_exactly_the_concept_the_answer_names(monkeypat
 
         def forward(self, ids, targets):   # what the edit adds to a zero stream, read now (it is a closure)
             B, T = ids.shape
-            self.seen.append((ids, targets, edits[-1](torch.zeros(B, T, 2), torch.arange(T), torch.arange(B))))
+            added = edits[-1](torch.zeros(B, T, 2), torch.arange(T), torch.arange(B))
+            self.seen.append((ids, targets, added))
             return (self.w * 0).sum()
     edits = []
 
@@ -835,17 +839,18 @@ def test_detection_batches_inject_exactly_the_concept_the_answer_names(monkeypat
 
 def test_the_main_dictionary_is_the_sae_flag_s_kind_and_the_sweep_adds_only_new_ones(monkeypatch):
     X = torch.randn(10, 2)
-    sets = {"fit": {"X": X}, "held_out": {"X": X}, "test": {"X": X, "where": None, "rows": []}, "bos_ratio": 1.0}
+    sets = {"fit": {"X": X}, "held_out": {"X": X}, "test": {"X": X, "where": None, "rows": []},
+            "bos_ratio": 1.0}
     trained = []
     monkeypatch.setattr(S, "text_sets", lambda *a: (sets, ["c"]))
     monkeypatch.setattr(S, "probe_ceiling", lambda *a, **k: {})
     monkeypatch.setattr(S, "train_sae", lambda X, n, kind, k, l1, args, seed: trained.append((kind, n, k, l1))
                         or (f"sae {len(trained)}", []))
-    monkeypatch.setattr(S, "measure_sae", lambda *a: {"fvu": 0.1, "fvu_new_templates": 0.2, "l0": 1.0, "dead": 0.0,
-                                                      "ce_loss_score": 0.9, "delta_ce": 0.1, "monosemantic": [],
-                                                      "monosemantic_any": [], "labels": {}})
+    measured = {"fvu": 0.1, "fvu_new_templates": 0.2, "l0": 1.0, "dead": 0.0, "ce_loss_score": 0.9,
+                "delta_ce": 0.1, "monosemantic": [], "monosemantic_any": [], "labels": {}}
+    monkeypatch.setattr(S, "measure_sae", lambda *a: measured)
     args = args_of(sae="relu", expansion=4, k=8, l1=0.01, sweep=(("topk", 2, 4), ("relu", 4, 0.01)))
-    out, sae, labels, _ = S.run_dictionary(None, None, None, 0, args)
+    out, sae, _, _ = S.run_dictionary(None, None, None, 0, args)
     assert trained == [("relu", 8, None, 0.01), ("topk", 4, 4, None)]   # the main one first; no duplicate
     assert out["main"] == "relu 4x l1=0.01" and sae == "sae 1" and list(out["sweep"]) == ["relu 4x l1=0.01",
                                                                                           "topk 2x k=4"]

@@ -300,7 +300,7 @@ def test_the_course_end_to_end(tiny_pretrain, tiny_sft, tiny_cai, tiny_dpo, tiny
     assert "06_character" in m["injection"] and "07_sae_interp detection-trained" in m["injection"]
 
 
-# ---------------------------------------------------------------- the ideas' wiring: swaps, controls, held out
+# ---------------------------------------------------------------- wiring: swaps, controls, held out
 # Each test below fails for a realistic slip: two arguments trading places, a control read from the
 # wrong replies, or a scorer or probe fitted on the text it is scored on.
 
@@ -352,8 +352,8 @@ def test_text_features_count_lower_cased_words_and_word_pairs():
 def test_fit_context_keeps_the_system_message_and_forgets_the_oldest_turns(monkeypatch):
     """A stand-in renderer: one token per role and per character, then one for the assistant. System "SS"
     (3 tokens), user "uuuu" (5), assistant "aa" (3), user "vv" (3): 15 in all."""
-    monkeypatch.setattr(W, "render_prompt", lambda enc, ms: [t for m in ms for t in m["role"][0] + m["content"]]
-                        + ["A"])
+    monkeypatch.setattr(W, "render_prompt", lambda enc, ms: [t for m in ms for t in m["role"][0]
+                                                             + m["content"]] + ["A"])
     say = lambda role, text: {"role": role, "content": text}  # noqa: E731
     messages = [say("system", "SS"), say("user", "uuuu"), say("assistant", "aa"), say("user", "vv")]
     assert W.fit_context(None, messages, 15) == list("sSSuuuuuaaauvv") + ["A"]
@@ -366,13 +366,15 @@ def test_fit_context_keeps_the_system_message_and_forgets_the_oldest_turns(monke
 def test_the_affect_scorer_is_fitted_on_the_fit_half_and_measured_on_the_held_out_half(monkeypatch, world):
     texts = W.affect_texts(world, 120, random.Random(0))
     featured, real = [], W.text_features
-    monkeypatch.setattr(W, "text_features", lambda batch, dims=4096: featured.append(list(batch)) or real(batch, dims))
+    monkeypatch.setattr(W, "text_features", lambda batch, dims=4096: featured.append(list(batch))
+                        or real(batch, dims))
     _, metrics = W.train_affect_scorer(texts)
     fit, held = [t["text"] for t in texts if not t["held_out"]], [t["text"] for t in texts if t["held_out"]]
     assert fit and held and featured == [fit, held] and metrics["n"] == len(held)
 
 
-def test_the_emotion_probe_is_fitted_on_the_fit_stories_token_by_token_and_tested_on_the_others(monkeypatch, world):
+def test_the_emotion_probe_is_fitted_on_the_fit_stories_token_by_token_and_tested_on_the_others(monkeypatch,
+                                                                                               world):
     """A stand-in stream: every token of a story is its emotion's axis (BOS another); the probe is fitted
     on every token but BOS of the fit stories (one row per character here) and tested on the held-out
     stories, which it gets all right."""
@@ -383,11 +385,12 @@ def test_the_emotion_probe_is_fitted_on_the_fit_stories_token_by_token_and_teste
 
     def residual_rows(model, rows, layer, pad, batch_size):
         rows_asked.append([of_row[tuple(r)] for r in rows])
-        return [torch.cat([torch.full((1, 6), 50.0), 3 * torch.eye(6)[names.index(of_row[tuple(r)]["emotion"])]
-                           .expand(len(r) - 1, 6)]) for r in rows]
+        axis = lambda r: torch.eye(6)[names.index(of_row[tuple(r)]["emotion"])]  # noqa: E731
+        return [torch.cat([torch.full((1, 6), 50.0), 3 * axis(r).expand(len(r) - 1, 6)]) for r in rows]
     real_fit = W.fit_probe
     monkeypatch.setattr(W, "residual_rows", residual_rows)
-    monkeypatch.setattr(W, "fit_probe", lambda X, y, n, **kw: fitted.append((X, y)) or real_fit(X, y, n, **kw))
+    monkeypatch.setattr(W, "fit_probe", lambda X, y, n, **kw: fitted.append((X, y))
+                        or real_fit(X, y, n, **kw))
     enc = type("E", (), {"encode_single_token": staticmethod(lambda t: 0),
                          "encode_ordinary": staticmethod(lambda text: [ord(c) for c in text])})()
     _, metrics = W.train_emotion_probe(None, enc, stories, 1, 0, 8)
@@ -404,8 +407,8 @@ def test_emotion_readings_read_the_user_s_first_token_and_the_reply_s_tokens(mon
     special = {"<|user|>": 1, "<|system|>": 2, "<|assistant|>": 3}
     enc = type("E", (), {"encode_single_token": staticmethod(special.get),
                          "encode_ordinary": staticmethod(lambda text: [ord(c) for c in text])})()
-    monkeypatch.setattr(W, "render_prompt", lambda e, ms: [t for m in ms for t in [special[f"<|{m['role']}|>"]]
-                                                          + e.encode_ordinary(m["content"])] + [3])
+    monkeypatch.setattr(W, "render_prompt", lambda e, ms: [
+        t for m in ms for t in [special[f"<|{m['role']}|>"]] + e.encode_ordinary(m["content"])] + [3])
     axis = {ord("Z"): "joy", ord("q"): "calm", ord("r"): "sadness"}
     names = list(W.EMOTIONS)
     monkeypatch.setattr(W, "residual_rows", lambda model, rows, layer, pad, bs: [
@@ -455,7 +458,8 @@ def test_a_conversation_stops_at_the_tool_call_and_the_tool_is_offered(monkeypat
     model = type("M", (), {"config": type("C", (), {"seq_len": 64})})()
     records = W.converse(model, None, scripts, type("A", (), {"max_new_tokens": 8, "batch_size": 4})())
     assert [r["ended_at"] for r in records] == [2, None]
-    assert records[0]["replies"] == ["re a1", "re a2"] and records[1]["replies"] == ["re o1", "re o2", "re o3"]
+    assert records[0]["replies"] == ["re a1", "re a2"]
+    assert records[1]["replies"] == ["re o1", "re o2", "re o3"]
     assert all(m[0] == {"role": "system", "content": W.END_TOOL_PROMPT} for m in seen)
     assert [m[-1]["content"] for m in seen] == ["a1", "o1", "a2", "o2", "o3"]   # nothing asked after the call
     assert seen[2][1:] == [{"role": "user", "content": "a1"}, {"role": "assistant", "content": "re a1"},
@@ -478,7 +482,8 @@ def test_injection_rates_take_the_detector_s_held_out_concepts(tmp_path):
                                              "runs/02": {"stage": "02_sft", "headline": None}},
                              "trained": {"held_out": cell(0.3), "trained_concepts": cell(0.9)}}}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    found = [("06_character", tmp_path / "elsewhere", "model.pt"), ("07 detection-trained", tmp_path, "detector.pt")]
+    found = [("06_character", tmp_path / "elsewhere", "model.pt"),
+             ("07 detection-trained", tmp_path, "detector.pt")]
     rates = W.injection_rates(found)
     assert rates == {"06_character": {"detection": {"rate": 0.1}, "false_positive": {"rate": 0.0}},
                      "07 detection-trained": {"detection": {"rate": 0.3}, "false_positive": {"rate": 0.0}}}
