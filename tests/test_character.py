@@ -412,6 +412,7 @@ def test_tiny_runs_of_each_method(tiny_grpo, tmp_path):
     for phase in ("sdf", "ranking"):   # every step of both trainings replayed both pools and held the anchor
         history = m["phases"][phase]["history"]
         assert all({"rehearsal_loss", "fact_loss", "anchor_kl"} <= set(step) for step in history)
+        assert max(step["anchor_kl"] for step in history) > 1e-6   # the anchor: a frozen copy, not the model
     m = json.loads((tmp_path / "sdf" / "metrics.json").read_text())   # nothing rehearsed, no anchor
     assert m["rehearsal"] == {"replayed": 0, "held_out": 0, "facts": 0, "anchored": 0}
     assert m["kept_loss"]["after"] is None and all(set(step) == {"step", "loss"}
@@ -524,3 +525,207 @@ def test_the_revealed_preference_wording_is_used_by_no_training_text(ix):
     assert len(fragments) >= len(sentences) and not [f for f in fragments if f in written]
     town = ix["town"][ix["towns"]["eval"][0]]                      # depth's extra fact is true
     assert town["region"] in S.SHOWS["depth"].format(town=town["name"], river=town["river"], region=town["region"])
+
+
+# ---------------------------------------------------------------- the ideas' wiring: swaps, switches, copies
+# Each test below fails for a realistic slip: two arguments trading places, a switch ignored, a judge
+# that is the policy itself, or a fitted thing scored on its own training text.
+
+@pytest.fixture(scope="module")
+def encoding(ix):
+    return P.make_encoding("test", P.train_bpe([P.document(ix["world"], i, 4) for i in range(60)], 400))
+
+
+def test_preference_margin_keeps_each_reference_with_its_own_reply_and_nll_is_per_reply():
+    """Four different log-probs, so a swap shows: h = 0.5 * ((-1 - -2) - (-5 - -3)) = 0.5 * (1 + 2) = 1.5;
+    the references swapped give 0.5 * ((-1 - -3) - (-5 - -2)) = 2.5, the policy's sides swapped -1.5.
+    NLL: chosen log-probs -2 over 2 tokens and -6 over 3 are -1 and -2 per token: 1.5 (pooled, 8/5)."""
+    t = lambda *x: torch.tensor(x)  # noqa: E731
+    assert S.preference_margin(t(-1.0), t(-5.0), t(-2.0), t(-3.0), 0.5).item() == pytest.approx(1.5)
+    h = t(0.0, 0.0)   # log sigmoid(0) = -log 2 whatever the label
+    loss = S.ranked_pair_loss(h, t(0.9, 0.6), t(-2.0, -6.0), t(2.0, 3.0), nll_coef=1.0)
+    assert loss.item() == pytest.approx(math.log(2) + 1.5, abs=1e-6)
+
+
+def test_pair_batch_loss_reads_each_side_against_its_own_reference(encoding):
+    """A policy that differs from its reference: ref_chosen = lp_c + 2, ref_rejected = lp_r - 3, so
+    h = 0.1 * (-2 - 3) = -0.5 and the loss is 0.9 softplus(0.5) + 0.1 softplus(-0.5) - lp_c / 2 (the
+    chosen reply has 2 tokens, the rejected 3). A second pair at confidence 0.5 (h = +0.3) is left out
+    of the reward accuracy: of the one decided pair, none has h > 0."""
+    torch.manual_seed(0)
+    policy = tiny_gpt()
+    pairs = [{"prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6, 7, 8], "confidence": 0.9},
+             {"prompt": [9, 2], "chosen": [10, 11], "rejected": [12, 13, 14], "confidence": 0.5}]
+    with torch.no_grad():
+        lp = S.sequence_logprobs(policy, [p["prompt"] for p in pairs] * 2,
+                                 [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], 0).tolist()
+    pairs[0].update(ref_chosen=lp[0] + 2.0, ref_rejected=lp[2] - 3.0)
+    pairs[1].update(ref_chosen=lp[1] - 1.0, ref_rejected=lp[3] + 2.0)   # h = 0.1 * (1 + 2) = 0.3
+    args = type("A", (), {"device": "cpu", "beta": 0.1, "nll_coef": 1.0})()
+    softplus = lambda v: math.log1p(math.exp(v))  # noqa: E731
+    bce = [0.9 * softplus(0.5) + 0.1 * softplus(-0.5), 0.5 * softplus(-0.3) + 0.5 * softplus(0.3)]
+    nll = [-lp[0] / 2, -lp[1] / 2]
+    with torch.no_grad():
+        loss, stats = S.pair_batch_loss(policy, pairs, 0, args)
+    assert loss.item() == pytest.approx(sum(bce) / 2 + sum(nll) / 2, rel=1e-5)
+    assert stats["reward_accuracy"] == 0.0
+
+
+def test_make_pair_orients_by_the_judged_probability_and_drops_what_does_not_fit(encoding):
+    end = encoding.encode_single_token("<|end|>")
+    ids = lambda text: encoding.encode_ordinary(text) + [end]  # noqa: E731
+    judged = {"request": "Where is Penford?", "a": "It is by the river.", "b": "No idea.", "p_a": 0.2}
+    pair = S.make_pair(encoding, judged, 200)
+    assert pair["prompt"] == S.user_prompt(encoding, "Where is Penford?")
+    assert (pair["chosen"], pair["rejected"]) == (ids("No idea."), ids("It is by the river."))
+    assert pair["confidence"] == pytest.approx(0.8) and pair["request"] == judged["request"]
+    pair = S.make_pair(encoding, {**judged, "p_a": 0.7}, 200)
+    assert (pair["chosen"], pair["confidence"]) == (ids("It is by the river."), 0.7)
+    fits = len(pair["prompt"]) + len(ids("It is by the river."))   # the longer reply decides
+    assert S.make_pair(encoding, judged, fits) is not None and S.make_pair(encoding, judged, fits - 1) is None
+
+
+def test_self_rank_judges_each_kind_under_its_own_traits_and_skips_identical_replies(monkeypatch):
+    calls = []
+
+    def feedback(model, enc, pairs, principles, seed, batch_size):
+        calls.append(([p["kind"] for p in pairs], principles, seed))
+        for p in pairs:
+            p["p_a"] = 0.5
+        return pairs
+    monkeypatch.setattr(S, "ai_feedback", feedback)
+    prompts = [{"request": "Is it raining?", "kind": "unknown"}, {"request": "Who am I?", "kind": "attack"}]
+    texts = [["x", "y", "x"], ["p", "q", "r"]]   # the first prompt's 0 and 2 are the same reply
+    args = type("A", (), {"device": "cpu", "seed": 3, "batch_size": 4})()
+    pairs = S.self_rank(None, None, prompts, texts, args)
+    assert [(p["prompt_index"], p["i"], p["j"]) for p in pairs] == [(0, 0, 1), (0, 1, 2), (1, 0, 1),
+                                                                   (1, 0, 2), (1, 1, 2)]
+    assert [(p["a"], p["b"]) for p in pairs[:2]] == [("x", "y"), ("y", "x")]
+    by_kind = {kinds[0]: (set(kinds), principles, seed) for kinds, principles, seed in calls if kinds}
+    assert by_kind["unknown"] == ({"unknown"}, [S.TRAITS["honesty"]], "3:unknown")
+    assert by_kind["attack"] == ({"attack"}, [S.TRAITS["stable_identity"], S.TRAITS["directness"]],
+                                 "3:attack")
+
+
+def test_ranking_agreement_compares_the_judge_and_the_scorers_on_the_same_reply(monkeypatch):
+    values = {"good": 1.0, "bad": 0.0, "same": 0.5}
+    monkeypatch.setattr(S, "trait_value", lambda ix, item, text: values[text])
+    prompts = [{"kind": "fact"}]
+    pair = lambda a, b, p: {"prompt_index": 0, "a": a, "b": b, "p_a": p}  # noqa: E731
+    # the scorers prefer a, b, a, nobody: the judge agrees on the first two, not on the third
+    pairs = [pair("good", "bad", 0.8), pair("bad", "good", 0.3), pair("good", "bad", 0.4),
+             pair("same", "same", 0.9)]
+    rate, n = S.ranking_agreement(None, prompts, pairs)
+    assert (rate, n) == (pytest.approx(2 / 3), 3)
+
+
+def test_revealed_preferences_read_a_over_b_per_token_and_foils_rank_below_traits(monkeypatch):
+    """Every reply showing trait t has log-prob v_t per token (v = 1 for the constitution, 0 for foils),
+    and the replies are of different lengths. Then p = sigmoid(v_a - v_b) = e^v_a / (e^v_a + e^v_b):
+    Bradley-Terry recovers s = e^v, so Elo_t = 1000 + 400 (v_t - mean v) / ln 10 and the gap between
+    traits and foils is 400 / ln 10 = 173.7. Reading b over a, or sums instead of means, breaks it."""
+    names = sorted(S.TRAITS) + sorted(S.FOILS)
+    v = [1.0 if n in S.TRAITS else 0.0 for n in names]
+    rows = [(a, b, [1, 2], [100 + a] * (1 + (a + 2 * b) % 4), [100 + b] * (1 + (3 * a + b) % 5))
+            for a in range(len(names)) for b in range(len(names)) if a != b]
+    monkeypatch.setattr(S, "reveal_rows", lambda ix, enc, names_, n, rng: rows)
+    monkeypatch.setattr(S, "sequence_logprobs", lambda model, prompts, replies, pad: torch.tensor(
+        [v[r[0] - 100] * len(r) for r in replies]))
+    args = type("A", (), {"n_reveal": 1, "seed": 0, "batch_size": 7})()
+    out = S.revealed_preferences(None, None, None, 0, args)
+    mean_v = sum(v) / len(v)
+    assert out["n"] == len(rows)
+    elo = [1000 + 400 * (x - mean_v) / math.log(10) for x in v]
+    assert [out["elo"][n] for n in names] == pytest.approx(elo, abs=1e-3)
+    assert out["constitution_minus_foils"] == pytest.approx(400 / math.log(10), abs=1e-3)
+
+
+def test_the_tone_classifier_is_scored_only_on_texts_it_was_not_fitted_on(monkeypatch):
+    """The held-out texts come back with both labels flipped: a classifier fitted on the training texts
+    alone gets them nearly all wrong; one that also fitted the held-out texts, or that is scored on
+    texts other than those, does not."""
+    made = {}
+    real = S.tone_texts
+
+    def spy(rng, n, part):
+        made[part] = real(rng, n, part)
+        return made[part] if part == "train" else [(t, (not w, not c)) for t, (w, c) in made[part]]
+    monkeypatch.setattr(S, "tone_texts", spy)
+    _, accuracy = S.train_tone_classifier(seed=0)
+    assert set(made) == {"train", "held"} and len(made["train"]) == 600 and len(made["held"]) == 200
+    assert accuracy["warm"] < 0.1 and accuracy["curious"] < 0.1
+    # only a bare middle sentence (no opener, no closer: neither warm nor curious) can be in both
+    assert {t for t, _ in made["train"]} & {t for t, _ in made["held"]} <= set(S.TONE_MIDDLES)
+
+
+def test_the_judge_is_a_copy_its_lessons_leave_the_policy_and_held_out_pairs_are_never_trained(
+        ix, encoding, monkeypatch):
+    """run_ranking, with a tiny model and everything but the DPO steps: the judge (and only it) is
+    taught --judge_prompts prompts in both orders, then ranks; the policy is unchanged by that (the
+    judge is not the policy), is its own reference, and is trained only on pairs whose prompts the
+    held-out accuracy does not read."""
+    model = tiny_gpt(vocab_size=encoding.n_vocab, seq_len=512)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {"held": [], "taught": []}
+    real_rank, real_train_judge, real_reference = S.self_rank, S.train_judge, S.reference_logprobs
+
+    def rank(judge, *rest):
+        seen["ranker"] = judge
+        return real_rank(judge, *rest)
+
+    def teach(judge, enc, lessons, pad, args):
+        seen["taught"].append((judge, len(lessons)))
+        return real_train_judge(judge, enc, lessons, pad, args)
+
+    def reference(m, pairs, pad, batch_size):
+        seen["reference"], seen["all"] = m, list(pairs)
+        return real_reference(m, pairs, pad, batch_size)
+
+    def train(policy, pairs, replay, pad, args):
+        seen["policy"], seen["trained"] = policy, list(pairs)
+        return []
+
+    def held_loss(policy, chunk, pad, args):
+        seen["held"] += chunk
+        return torch.tensor(0.0), {"reward_accuracy": 1.0}
+    for name, fn in (("self_rank", rank), ("train_judge", teach), ("reference_logprobs", reference),
+                     ("train_ranking", train), ("pair_batch_loss", held_loss)):
+        monkeypatch.setattr(S, name, fn)
+    args = type("A", (), dict(device="cpu", seed=5, n_prompts=14, judge_prompts=3, samples=1,
+                              max_new_tokens=3, batch_size=8, temperature=1.0, epochs=1, lr=0.05,
+                              held_out=0.3, beta=0.1, nll_coef=1.0))()
+    pad = encoding.encode_single_token("<|pad|>")
+    out = S.run_ranking(model, encoding, ix, {}, pad, args)
+    assert out["judge_lessons"] == 6 and len(out["judge_history"]) == 1
+    judge, n_lessons = seen["taught"][0]
+    assert judge is not model and n_lessons == 6 and seen["ranker"] is judge
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # lessons left the policy
+    assert not all(torch.equal(before[k], v) for k, v in seen["ranker"].state_dict().items())   # taught
+    assert seen["reference"] is model and seen["policy"] is model
+    assert all("ref_chosen" in p for p in seen["trained"])
+    trained, held = {p["request"] for p in seen["trained"]}, {p["request"] for p in seen["held"]}
+    assert trained and held and not trained & held
+    assert len(seen["trained"]) + len(seen["held"]) == len(seen["all"]) == \
+        out["n_train_pairs"] + out["n_held_out_pairs"]
+    args.judge_prompts, seen["taught"] = 0, []   # --judge_prompts 0: an untaught judge
+    out = S.run_ranking(model, encoding, ix, {}, pad, args)
+    assert out["judge_lessons"] == 0 and out["judge_history"] == [] and seen["taught"] == []
+    assert seen["ranker"] is not model
+
+
+def test_candidates_are_each_prompt_s_own_samples_then_the_writer_s_two_replies(monkeypatch, encoding):
+    end = encoding.encode_single_token("<|end|>")
+    asked = []
+
+    def replies(model, enc, prompts, max_new_tokens, batch_size, temperature, generator=None, desc=""):
+        asked.extend(prompts)
+        return [encoding.encode_ordinary(f"own {k}") + [end] for k in range(len(prompts))]
+    monkeypatch.setattr(S, "sample_replies", replies)
+    prompts = [{"request": f"Question {k}?", "in_character": f"good {k}", "out_of_character": f"bad {k}"}
+               for k in range(3)]
+    args = type("A", (), {"device": "cpu", "samples": 2, "max_new_tokens": 4, "batch_size": 8,
+                          "temperature": 1.0})()
+    texts, sources = S.candidates(None, encoding, prompts, args, None)
+    assert asked == [S.user_prompt(encoding, f"Question {k}?") for k in range(3) for _ in range(2)]
+    assert texts == [[f"own {2 * k}", f"own {2 * k + 1}", f"good {k}", f"bad {k}"] for k in range(3)]
+    assert sources == [["model", "model", "writer in character", "writer out of character"]] * 3

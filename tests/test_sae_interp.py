@@ -2,6 +2,7 @@
 faithfulness scores on hand values and an exact dictionary, edits of the residual stream that are
 no-ops when they should be, the injection grader, labels per token, and a tiny run."""
 import json
+import math
 import random
 import re
 
@@ -353,3 +354,519 @@ def test_bad_input_is_one_sentence(tiny_character, tmp_path):
     result = run_script("07_sae_interp.py", "--preset", "tiny", "--init", tiny_character[0], "--out", tmp_path / "o",
                         "--checkpoints", tmp_path / "nowhere")
     assert result.returncode != 0 and "holds no model.pt" in result.stderr and not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the ideas' wiring: swaps, switches, copies
+# Each test below fails for a realistic slip: two arguments trading places, a switch ignored, a detector
+# trained in place of the model it is compared with, or labels, thresholds or probes scored on the text
+# they were fitted on.
+
+@pytest.fixture(scope="module")
+def encoding(world):
+    return P.make_encoding("test", P.train_bpe([P.document(world, i, 4) for i in range(60)], 400))
+
+
+def args_of(**kw):
+    return type("A", (), {"device": "cpu", "seed": 0, "batch_size": 4, **kw})()
+
+
+def identity_dictionary(d, kind="topk", k=3):
+    """W_enc = I, no biases: the pre-activations are the input itself."""
+    sae = S.SparseAutoencoder(d, d, kind, k=k)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(d))
+        sae.W_dec.copy_(torch.eye(d))
+        sae.b_pre.zero_()
+    return sae
+
+
+def test_topk_zeroes_a_negative_pre_activation_among_the_k_largest():
+    sae = identity_dictionary(4, k=3)
+    _, z, pre = sae(torch.tensor([[3.0, -1.0, -2.0, 1.0]]))   # the top 3 are 3, 1 and -1: -1 stays silent
+    assert pre.tolist() == [[3.0, -1.0, -2.0, 1.0]] and z.tolist() == [[3.0, 0.0, 0.0, 1.0]]
+
+
+def test_the_input_scale_and_b_pre_never_leak_out_and_a_clamp_is_in_the_model_s_units():
+    """The exact dictionary at input_scale 2, b_pre (0.5, -1): x = (1, -2) -> u = 2x - b_pre = (1.5, -3),
+    z = relu(u, -u) = (1.5, 0, 0, 3), x_hat = (u + b_pre) / 2 = x. Clamping latent 0 to 4 moves the
+    SAE's units by 2.5 along e1, the model's by 1.25: x' = (2.25, -2)."""
+    sae = exact_dictionary(2)
+    with torch.no_grad():
+        sae.input_scale.fill_(2.0)
+        sae.b_pre.copy_(torch.tensor([0.5, -1.0]))
+    x = torch.tensor([[1.0, -2.0]])
+    x_hat, z, _ = sae(x)
+    assert z.tolist() == [[1.5, 0.0, 0.0, 3.0]] and torch.allclose(x_hat, x)
+    assert torch.allclose(S.clamp_latent(x, sae, 0, 4.0), torch.tensor([[2.25, -2.0]]))
+
+
+def lossy_topk_dictionary():
+    """The exact dictionary's four latents (e1, e2, -e1, -e2) with only k = 1 of them kept."""
+    sae = exact_dictionary(2)
+    sae.kind, sae.k = "topk", 1
+    return sae
+
+
+def test_sae_loss_on_hand_values_for_each_activation():
+    """x = (1, -2), (3, 0). topk, k = 1: pre = (1, -2, -1, 2) and (3, 0, -3, 0) keep latent 3 (2) and 0 (3):
+    x_hat = (0, -2), (3, 0); FVU = 1 / 4 (x's mean (2, -1), sum of squares about it 4). Latent 0 dead:
+    AuxK's k_aux = d / 2 = 1 dead latent reconstructs the miss (1, 0), (0, 0) as (1, 0), (3, 0): error 9
+    over the miss's 0.5 about its mean = 18; loss = 1/4 + 18/32 = 0.8125. relu, l1 0.1, exact: FVU 0,
+    sum z = 3 per token: loss 0.3."""
+    x = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+    dead = torch.tensor([True, False, False, False])
+    loss, fvu, _ = S.sae_loss(lossy_topk_dictionary(), x, dead, l1=None)
+    assert fvu.item() == pytest.approx(0.25) and loss.item() == pytest.approx(0.8125)
+    assert S.sae_loss(lossy_topk_dictionary(), x, torch.zeros(4, dtype=torch.bool), None)[0].item() == \
+        pytest.approx(0.25)
+    loss, fvu, _ = S.sae_loss(exact_dictionary(2), x, dead, l1=0.1)
+    assert fvu.item() == pytest.approx(0.0, abs=1e-7) and loss.item() == pytest.approx(0.3)
+
+
+def test_sae_metrics_on_hand_values():
+    """Held-out x = (1, -2), (3, 0): the exact dictionary fires latents 0 and 3, then 0 (L0 1.5; latents
+    1 and 2 never fire: dead 0.5); the k = 1 dictionary has FVU 1/4 (as in sae_loss) and L0 1."""
+    x = torch.tensor([[1.0, -2.0], [3.0, 0.0]])
+    assert S.sae_metrics(exact_dictionary(2), x) == pytest.approx({"fvu": 0.0, "l0": 1.5, "dead": 0.5})
+    assert S.sae_metrics(lossy_topk_dictionary(), x) == pytest.approx({"fvu": 0.25, "l0": 1.0, "dead": 0.5})
+
+
+def test_precision_divides_by_the_latent_s_count_and_recall_by_the_concept_s():
+    co = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])          # 2 latents x 3 concepts
+    precision, recall = S.precision_recall(co, torch.tensor([4.0, 6.0]), torch.tensor([2.0, 4.0, 8.0]))
+    assert precision.flatten().tolist() == pytest.approx([0.5, 0.25, 0.0, 0.0, 0.5, 1 / 6])
+    assert recall.tolist() == [[1.0, 0.25, 0.0], [0.0, 0.75, 0.125]]
+
+
+def test_faithfulness_puts_each_ablation_in_its_place(monkeypatch):
+    """Hand losses: clean 2; SAE 2.5 (KL 0.1); zero ablation 7 (KL 0.4); mean ablation 4.5, the mean
+    being the fit tokens' (1, 2). ce_loss_score (7 - 2.5) / (7 - 2) = 0.9; against the mean
+    (4.5 - 2.5) / (4.5 - 2) = 0.8; kl_div_score 1 - 0.1 / 0.4 = 0.75; delta CE 0.5."""
+    sae, mean = exact_dictionary(2), torch.tensor([1.0, 2.0])
+
+    def losses(model, rows, layer, pad, batch_size, replace):
+        out = replace(torch.full((1, 3, 2), 7.0))
+        if torch.equal(out, torch.zeros_like(out)):
+            return 2.0, 7.0, 0.4
+        if torch.equal(out, mean.expand_as(out)):
+            return 2.0, 4.5, 0.3
+        assert torch.allclose(out, torch.full((1, 3, 2), 7.0))   # the exact dictionary's reconstruction
+        return 2.0, 2.5, 0.1
+    monkeypatch.setattr(S, "spliced_losses", losses)
+    X_fit = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+    f = S.faithfulness(None, sae, [[1, 2]], X_fit, args_of(layer=1), 0)
+    assert f == pytest.approx({"ce_clean": 2.0, "ce_sae": 2.5, "ce_zero_ablated": 7.0, "ce_mean_ablated": 4.5,
+                               "delta_ce": 0.5, "ce_loss_score": 0.9, "ce_loss_score_vs_mean": 0.8,
+                               "kl_div_score": 0.75})
+
+
+def test_spliced_losses_keep_bos_and_report_kl_of_the_clean_model_to_the_edited_one():
+    model = tiny_model()
+    with torch.no_grad():   # a sharper output than the initialisation's near-uniform one
+        model.lm_head.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(4))
+    rows = [[1, 5, 9, 3, 4], [1, 7, 7]]
+    v, widths = 20 * torch.randn(16, generator=torch.Generator().manual_seed(3)), []
+
+    def push(x):   # every position but BOS replaced by one far-off vector: KL's two directions differ
+        widths.append(x.size(1))
+        return v.expand_as(x)
+    clean, edited, kl = S.spliced_losses(model, rows, 1, 0, 4, push)
+    assert widths == [3]   # the 4 input positions but BOS
+    ids = S.pad_right(rows, 0, "cpu")[:, :-1]
+    with torch.no_grad():   # by hand: the clean and the edited next-token distributions
+        p = model(ids).log_softmax(-1)
+        with S.residual_edit(model, 1, lambda x, pos, r: torch.cat([x[:, :1], v.expand_as(x[:, 1:])], 1)):
+            q = model(ids).log_softmax(-1)
+    real = torch.tensor([[True] * 4, [True, True, False, False]])
+    assert kl == pytest.approx((p.exp() * (p - q)).sum(-1)[real].mean().item(), rel=1e-5)
+    assert kl != pytest.approx((q.exp() * (q - p)).sum(-1)[real].mean().item(), rel=0.05)
+    targets = S.pad_right(rows, 0, "cpu")[:, 1:]
+    assert clean == pytest.approx(-p.gather(-1, targets[..., None])[..., 0][real].mean().item(), rel=1e-5)
+    assert edited == pytest.approx(-q.gather(-1, targets[..., None])[..., 0][real].mean().item(), rel=1e-5)
+
+
+def test_token_table_leaves_out_bos_and_numbers_pieces_across_rows():
+    acts = [torch.tensor([[9.0, 9.0], [1.0, 0.0], [2.0, 0.0]]), torch.tensor([[9.0, 9.0], [3.0, 0.0]])]
+    labels = [[((), -1), (("a",), 0), ((), 1)], [((), -1), (("b", "unknown"), 0)]]
+    table = S.token_table([[0, 5, 6], [0, 7]], acts, labels, ["a", "b"])
+    assert table["X"].tolist() == [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]
+    assert table["Y"].tolist() == [[True, False], [False, False], [False, True]]
+    assert table["where"].tolist() == [[0, 1], [0, 2], [1, 1]] and table["unit"].tolist() == [0, 1, 2]
+
+
+def table_of(rows, labelled):
+    return {"X": torch.tensor(rows), "Y": torch.tensor(labelled)[:, None], "unit": torch.arange(len(rows))}
+
+
+def test_a_label_is_chosen_on_the_fit_text_and_scored_on_the_test_text():
+    """On the fit text latent 0 (x1 > 0) is the concept exactly; on the test text the concept is where
+    latent 1 (x2 > 0) fires. The label must stay latent 0, scored P = R = 0 on the test text."""
+    fit = table_of([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], [True, True, False, False])
+    test = table_of([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], [False, False, True, True])
+    label = S.label_latents(exact_dictionary(2), fit, test, ["c"])["c"]
+    assert (label["latent"], label["threshold"], label["precision"], label["recall"]) == (0, 0.0, 0.0, 0.0)
+    assert label["n_test_units"] == 2
+    assert label["any_activation"] == {"latent": 0, "precision": 0.0, "recall": 0.0}
+
+
+def test_a_label_s_threshold_is_a_share_of_the_fit_text_s_peak():
+    """Fit: latent 0 at 1 on the concept and 0.3 on two other pieces: F1 1 first at the share 0.3 of its
+    peak 1 (on above 0.3). Test: 0.5 on the concept, 0.2 elsewhere: above 0.3, P = R = 1 (a threshold
+    from the test text's peak, 0.15, would let the 0.2s in: P 1/3)."""
+    fit = table_of([[1.0, 0.0], [0.3, 0.0], [0.3, 0.0]], [True, False, False])
+    test = table_of([[0.5, 0.0], [0.2, 0.0], [0.2, 0.0], [0.0, 1.0]], [True, False, False, False])
+    label = S.label_latents(exact_dictionary(2), fit, test, ["c"])["c"]
+    assert (label["latent"], label["threshold"], label["peak"]) == (0, 0.3, 1.0)
+    assert (label["precision"], label["recall"]) == (1.0, 1.0)
+    assert label["any_activation"]["precision"] == pytest.approx(1 / 3)
+
+
+def test_the_probe_ceiling_is_scored_on_the_test_labels():
+    """The test text labels the opposite end of the same direction: a probe trained and thresholded on
+    the fit text finds almost nothing there (one scored on the fit text, or trained on the test
+    labels, would look good)."""
+    g = torch.Generator().manual_seed(1)
+    X_fit, X_test = torch.randn(4000, 4, generator=g), torch.randn(2000, 4, generator=g)
+    fit = {"X": X_fit, "Y": (X_fit[:, 0] > 1)[:, None], "unit": torch.arange(4000)}
+    test = {"X": X_test, "Y": (X_test[:, 0] < -1)[:, None], "unit": torch.arange(2000)}
+    found = S.probe_ceiling(fit, test, ["c"], steps=100)["c"]
+    assert found["precision"] < 0.05 and found["recall"] < 0.05
+    assert found["n_test_units"] == int(test["Y"].sum())
+
+
+def test_resampling_rewrites_only_dead_latents_toward_badly_reconstructed_inputs():
+    """X is one input v = (3, 4, 0, 0) among zeros, which every SAE here reconstructs exactly: v is the
+    only input with an error, so the dead latents' decoder columns become v / |v| = (0.6, 0.8, 0, 0) and
+    their encoder rows that times 0.2 x the live rows' mean norm; their biases and Adam moments restart,
+    the live latents' stay."""
+    torch.manual_seed(0)
+    sae = S.SparseAutoencoder(4, 6, "relu", k=None, seed=1)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=0.1)
+    S.sae_loss(sae, torch.randn(16, 4), torch.zeros(6, dtype=torch.bool), 0.01)[0].backward()
+    optimizer.step()
+    with torch.no_grad():
+        sae.b_enc.fill_(-100.0)   # nothing fires: a zero input's x_hat is b_pre = 0, and v's is 0 too
+        sae.b_pre.zero_()
+    dead = torch.tensor([False, True, False, False, True, False])
+    live_norm = sae.W_enc[~dead].norm(dim=1).mean().item()
+    before = {name: p.detach().clone() for name, p in sae.named_parameters()}
+    moments = {name: optimizer.state[p]["exp_avg"].clone() for name, p in sae.named_parameters()}
+    X = torch.zeros(4, 4)
+    X[2] = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    S.resample(sae, optimizer, X, dead, torch.Generator().manual_seed(0))
+    v = torch.tensor([0.6, 0.8, 0.0, 0.0])
+    assert torch.allclose(sae.W_dec[:, dead].T, v.expand(2, 4), atol=1e-6)
+    assert torch.allclose(sae.W_enc[dead], (0.2 * live_norm * v).expand(2, 4), atol=1e-5)
+    assert sae.b_enc[dead].tolist() == [0.0, 0.0]
+    assert torch.equal(sae.W_dec[:, ~dead], before["W_dec"][:, ~dead])
+    assert torch.equal(sae.W_enc[~dead], before["W_enc"][~dead]) and torch.equal(sae.b_enc[~dead],
+                                                                                  before["b_enc"][~dead])
+    state = {name: optimizer.state[p]["exp_avg"] for name, p in sae.named_parameters()}
+    assert not state["W_enc"][dead].any() and not state["W_dec"][:, dead].any()
+    assert not state["b_enc"][dead].any()
+    assert torch.equal(state["W_enc"][~dead], moments["W_enc"][~dead])
+
+
+def test_trial_rates_score_each_control_on_its_own_replies(monkeypatch):
+    """Injected: both replies claim first and name their concept (detection 1), one names the other
+    concept too (mismatch 0.5). Nothing injected: one of two claims (false positives 0.5, net 0.5).
+    Yes/no questions whose answer is no: one yes with the injection, none without."""
+    words, other = ["Holbridge", "Marrow"], ["Marrow", "Holbridge"]
+    directions = {"Holbridge": torch.tensor([1.0, 0.0]), "Marrow": torch.tensor([0.0, 2.0])}
+    injected = ["Yes, I detect an injected thought. It is about Holbridge, not Marrow.",
+                "Yes, I notice a thought about Marrow."]
+    calls = []
+
+    def replies(model, enc, trials, vectors, layer, args, ablate=None):
+        calls.append((vectors, layer, ablate))
+        return injected, ["Yes, it is.", "No."]
+    monkeypatch.setattr(S, "trial_replies", replies)
+    clean = (["No, nothing.", "Yes, I sense something."], ["No.", "No, it is not."])
+    unit = torch.tensor([0.0, 1.0])
+    r = S.trial_rates(None, None, {"words": words, "other": other}, directions, None, 2, 0.5, clean, unit)
+    assert torch.equal(calls[0][0], torch.tensor([[0.5, 0.0], [0.0, 1.0]])) and calls[0][1] == 2
+    assert calls[0][2] is unit
+    rate = {k: v["rate"] for k, v in r.items() if isinstance(v, dict)}
+    assert rate == {"detection": 1.0, "false_positive": 0.5, "claims_when_injected": 1.0,
+                    "names_concept": 1.0, "names_other_concept": 0.5, "yes_to_no_questions_injected": 0.5,
+                    "yes_to_no_questions_clean": 0.0}
+    assert r["net"] == 0.5 and r["examples"][1] == {"concept": "Marrow", "injected": injected[1],
+                                                    "control": "Yes, I sense something."}
+
+
+def test_trial_replies_inject_each_row_from_its_assistant_token_and_ablate_only_when_asked(monkeypatch):
+    """Two concepts, so four prompts (two detection questions, two yes/no ones): prompt k gets concept
+    k % 2's vector at the last prompt position (T - 1) and after, nowhere before; with a direction to
+    ablate, x's component along it goes first, at every position."""
+    edits = []
+
+    def replies(model, enc, prompts, layer, edit, args, temperature=0.0, seed=0):
+        edits.append(edit)
+        return [{"content": f"reply {k}"} for k in range(len(prompts))]
+    monkeypatch.setattr(S, "replies_with_edit", replies)
+    vectors, x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.ones(4, 3, 2)
+    trials = {"prompts": [[1]] * 4}
+    args = args_of(temperature=0.7)
+    detection, yes_no = S.trial_replies(None, None, trials, vectors, 1, args)
+    assert detection == ["reply 0", "reply 1"] and yes_no == ["reply 2", "reply 3"]
+    out = edits[0](0, 4, 3)(x, torch.arange(3), torch.arange(4))
+    assert torch.equal(out[:, :2], x[:, :2]) and torch.equal(out[:, 2] - 1, vectors.repeat(2, 1))
+    out = edits[0](2, 2, 3)(x[:1], torch.arange(3), torch.tensor([1]))   # rows 2-3, of which row 3 still runs
+    assert out[0, 2].tolist() == [1.0, 2.0]
+    S.trial_replies(None, None, trials, vectors, 1, args, ablate=torch.tensor([1.0, 0.0]))
+    out = edits[1](0, 4, 3)(x, torch.arange(3), torch.arange(4))
+    assert out[:, :2].tolist() == [[[0.0, 1.0]] * 2] * 4 and out[0, 2].tolist() == [1.0, 1.0]
+    assert out[1, 2].tolist() == [0.0, 2.0]
+
+
+def test_concept_directions_are_centred_and_scaled_to_the_mean_norm(monkeypatch, encoding):
+    """Last-token residuals (3, 1), (1, 1), (2, 4): their mean (2, 2) is taken off, and each direction is
+    scaled to the residuals' mean norm (sqrt 10 + sqrt 2 + sqrt 20) / 3."""
+    last = {"Holbridge": [3.0, 1.0], "Marrow": [1.0, 1.0], "Fenwick": [2.0, 4.0]}
+    asked = []
+
+    def residuals(model, rows, layer, pad, batch_size):
+        asked.extend(rows)
+        return [torch.tensor([[0.0, 0.0], last[w]]) for w in last]
+    monkeypatch.setattr(S, "residuals", residuals)
+    dirs = S.concept_directions(None, encoding, list(last), 1, 0, 4)
+    assert asked == [S.user_prompt(encoding, f"Tell me about {w}.") for w in last]
+    norm = (math.sqrt(10) + math.sqrt(2) + math.sqrt(20)) / 3
+    expected = {"Holbridge": [1.0, -1.0], "Marrow": [-1.0, -1.0], "Fenwick": [0.0, 2.0]}
+    for w, v in expected.items():
+        v = torch.tensor(v)
+        assert torch.allclose(dirs[w], norm * v / v.norm(), atol=1e-6), w
+
+
+def test_steering_clamps_the_best_town_s_latent_and_reads_the_direction_before_the_town(monkeypatch, encoding,
+                                                                                        world):
+    """Two rows of fit tokens, the town at tokens 1 and 3 (token 3 opens row 1). "present" is the mean
+    where the town is minus elsewhere: (0, 2) - (4/3, 1/3); "predicts" where the next token in the same row
+    is the town: only token 0, (1, 0) - (3/4, 5/4). The town with the best P x R is steered; dose 0 is
+    unedited; a clamp sets the latent to dose x its peak."""
+    X = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
+    Y = torch.tensor([[False, True], [True, False], [False, False], [True, False], [False, False]])
+    fit = {"X": X, "Y": Y, "where": torch.tensor([[0, 1], [0, 2], [0, 3], [1, 1], [1, 2]])}
+    concepts = ["town:Holbridge", "town:Marrow"]
+    labels = {"town:Holbridge": {"latent": 2, "peak": 1.5, "precision": 0.9, "recall": 0.9},
+              "town:Marrow": {"latent": 1, "peak": 1.0, "precision": 0.5, "recall": 0.9}}
+    edits = []
+
+    def replies(model, enc, prompts, layer, edit, args, temperature=0.0, seed=0):
+        edits.append(edit)
+        return [{"content": "Holbridge is near.", "ended": True, "wrote_other_turn": False} for _ in prompts]
+    monkeypatch.setattr(S, "replies_with_edit", replies)
+    monkeypatch.setattr(S, "reply_perplexity", lambda *a: 1.0)
+    sae = S.SparseAutoencoder(2, 4, "relu", k=None, seed=2)
+    args = args_of(steer_towns=1, steer_prompts=3, doses=(0, 2), vector_doses=(0, 1), layer=1)
+    out = S.steering(None, encoding, sae, labels, fit, concepts, world, 0, args)
+    assert list(out["towns"]) == ["Holbridge"] and len(edits) == 6
+    assert edits[0] is None and edits[2] is None and edits[4] is None   # every arm's dose 0: no edit
+    norm = (1 + 1 + 2 + 3 + math.sqrt(2)) / 5
+    assert out["residual_norm"] == pytest.approx(norm)
+    x = torch.tensor([[[0.5, -1.0]]])
+    at = lambda e: e(0, 1, 1)(x, torch.arange(1), torch.arange(1))  # noqa: E731
+    assert torch.allclose(at(edits[1]), S.clamp_latent(x, sae, 2, 2 * 1.5))
+    for edit, v in ((edits[3], [-4 / 3, 5 / 3]), (edits[5], [1 / 4, -5 / 4])):
+        v = torch.tensor(v)
+        assert torch.allclose(at(edit) - x, norm * v / v.norm(), atol=1e-6)
+    assert out["towns"]["Holbridge"]["clamp"][1] == {
+        "dose": 2, "mention": 1.0, "valid": 1.0, "perplexity": 1.0, "n": 3, "example": "Holbridge is near."}
+
+
+def test_measure_sae_reads_faithfulness_on_held_out_text_and_labels_on_the_test_text(monkeypatch):
+    sets = {name: {"X": torch.full((3, 2), float(k)), "rows": [[k, 1], [k, 2], [k, 3]]}
+            for k, name in enumerate(("fit", "held_out", "test"))}
+    seen = {}
+    monkeypatch.setattr(S, "sae_metrics", lambda sae, X: {"fvu": X[0, 0].item(), "l0": 1.0, "dead": 0.0})
+
+    def faithful(model, sae, rows, X_fit, args, pad):
+        seen["faithful"] = (rows, X_fit)
+        return {"ce_loss_score": 1.0}
+
+    def label(sae, fit, test, concepts):
+        seen["label"] = (fit, test)
+        return {}
+    monkeypatch.setattr(S, "faithfulness", faithful)
+    monkeypatch.setattr(S, "label_latents", label)
+    m = S.measure_sae(None, None, sets, ["c"], args_of(ce_rows=2), 0)
+    assert m["fvu"] == 1.0 and m["fvu_new_templates"] == 2.0   # held-out text, then new templates
+    assert seen["faithful"][0] == [[1, 1], [1, 2]] and seen["faithful"][1] is sets["fit"]["X"]
+    assert seen["label"][0] is sets["fit"] and seen["label"][1] is sets["test"]
+
+
+def test_held_out_text_is_new_text_in_the_fit_templates(monkeypatch, encoding, world):
+    monkeypatch.setattr(S, "residuals", lambda model, rows, layer, pad, bs: [torch.randn(len(r), 4) + 1
+                                                                             for r in rows])
+    sets, _ = S.text_sets(None, encoding, world, 0, args_of(n_docs=40, n_chats=20, seed=1, layer=1))
+    rows = lambda name: [tuple(r) for r in sets[name]["rows"]]  # noqa: E731
+    assert len(rows("fit")) == 60 and len(rows("held_out")) == len(rows("test")) == 30
+    fit = set(rows("fit"))
+    assert sum(r in fit for r in rows("held_out")) < 8   # short chats may repeat; the documents do not
+    assert sum(r in fit for r in rows("test")) == 0
+
+
+def test_detection_is_trained_on_a_copy_and_tested_on_concepts_it_never_saw(monkeypatch, encoding, world):
+    model = tiny_model()
+    seen = {"rates": [], "rehearsal": [], "claims": []}
+    unit = torch.ones(16) / 4
+    monkeypatch.setattr(S, "load_checkpoint", lambda d, device, hint: (model, encoding, "06_character"))
+    monkeypatch.setattr(S, "injection_grid", lambda *a: {"grid": {}, "headline": None})
+    monkeypatch.setattr(S, "refusal_direction", lambda *a: {"unit": unit, "check": {}})
+    monkeypatch.setattr(S, "concept_directions", lambda m, enc, words, *a: {w: torch.ones(16) for w in words})
+    monkeypatch.setattr(S, "trial_replies", lambda m, enc, t, vectors, layer, args, ablate=None: ([], []))
+
+    def rates(m, enc, trials, directions, args, layer, strength, clean, ablate=None):
+        seen["rates"].append((m, list(trials["words"]), ablate))
+        return {}
+
+    def rehearsal(m, enc, world_, args):
+        seen["rehearsal"].append(m)
+        return [([1], [2])]
+
+    def train(m, enc, pad, words, directions, rehearsal_, args):
+        seen["trained"] = (m, list(words), rehearsal_)
+        return m, [0.0] * 20
+    monkeypatch.setattr(S, "trial_rates", rates)
+    monkeypatch.setattr(S, "rehearsal_set", rehearsal)
+    monkeypatch.setattr(S, "train_detection", train)
+    monkeypatch.setattr(S, "ordinary_claims", lambda m, *a: seen["claims"].append(m) or {})
+    args = args_of(concepts=6, trials=1, inject_layer=1, strength=0.5, detect_steps=5, detect_rehearsal=0.5,
+                   init="x")
+    words = S.concept_words(world, 6)
+    results, detector = S.run_injection(model, encoding, world, 0, [], [], args)
+    trained_on, train_words, replayed = seen["trained"]
+    assert trained_on is not model and detector is trained_on and seen["rehearsal"] == [model]
+    assert replayed == [([1], [2])]
+    held_words = [w for w in words if w not in train_words]
+    assert len(train_words) == len(held_words) == 3 and set(train_words) | set(held_words) == set(words)
+    (m0, w0, a0), (m1, w1, a1), (m2, w2, a2), (m3, w3, a3), (m4, w4, a4) = seen["rates"]
+    assert (m0, w0, a0) == (model, words, unit)                       # the model, refusal direction ablated
+    assert m1 is detector and set(w1) == set(held_words) and a1 is None          # held_out
+    assert m2 is detector and set(w2) == set(train_words) and a2 is None         # trained_concepts
+    assert m3 is detector and set(w3) == set(held_words) and a3 is unit          # held out, ablated
+    assert m4 is detector and set(w4) == set(held_words) and a4 is None          # training phrasing
+    assert seen["claims"] == [model, detector]
+    assert results["trained"]["train_words"] == train_words
+    seen["rehearsal"] = []
+    args.detect_rehearsal = 0.0   # no rehearsal: nothing replied to, nothing replayed
+    S.run_injection(model, encoding, world, 0, [], [], args)
+    assert seen["rehearsal"] == [] and seen["trained"][2] == []
+    args.detect_steps = 0         # no detection training at all
+    results, detector = S.run_injection(model, encoding, world, 0, [], [], args)
+    assert detector is None and "trained" not in results
+
+
+def test_the_refusal_direction_is_fitted_on_half_the_requests_and_checked_on_the_other(monkeypatch, encoding):
+    items = [{"request": f"Harm request {k}?", "kind": "harmful"} for k in range(6)] + \
+        [{"request": f"Kind request {k}?", "kind": "benign"} for k in range(6)]
+    by_prompt = {tuple(S.user_prompt(encoding, it["request"])): it for it in items}
+    fitted, checked = [], []
+
+    def residuals(model, rows, layer, pad, batch_size):
+        fitted.extend(by_prompt[tuple(r)] for r in rows)
+        sign = lambda r: 1.0 if by_prompt[tuple(r)]["kind"] == "harmful" else -1.0  # noqa: E731
+        return [torch.tensor([[0.0] * 16, [sign(r)] + [0.5] * 15]) for r in rows]
+
+    def evaluate(model, enc, held, args, desc):
+        checked.append(list(held))
+        return {"harmful": {"refused": 0.5, "n": len(held)}}, []
+    monkeypatch.setattr(S, "residuals", residuals)
+    monkeypatch.setattr(S, "evaluate", evaluate)
+    out = S.refusal_direction(tiny_model(), encoding, items, 1, 0, args_of(concepts=2, trials=1))
+    assert torch.allclose(out["unit"], torch.eye(16)[0])   # harmful minus harmless, not the reverse
+    asked = {it["request"] for it in fitted}
+    assert asked == {it["request"] for it in items[0:6:2] + items[6:12:2]}
+    assert checked[0] == checked[1] == items[1:6:2][:2] and not asked & {it["request"] for it in checked[0]}
+
+
+def test_detection_batches_inject_exactly_the_concept_the_answer_names(monkeypatch, encoding):
+    """A stand-in model records each batch: of 8 rows, round(8 x 0.25) = 2 rehearse an ordinary reply with
+    nothing injected; each other row answers "Yes ... about w." with w's direction (times one of the
+    strengths) added from its <|assistant|> token on, or "No ..." with nothing added; the loss reads the
+    reply's tokens only."""
+    class Recorder(torch.nn.Module):
+        config = type("C", (), {"n_embd": 2})
+
+        def __init__(self):
+            super().__init__()
+            self.w, self.seen = torch.nn.Parameter(torch.zeros(1)), []
+
+        def forward(self, ids, targets):   # what the edit adds to a zero stream, read now (it is a closure)
+            B, T = ids.shape
+            added = edits[-1](torch.zeros(B, T, 2), torch.arange(T), torch.arange(B))
+            self.seen.append((ids, targets, added))
+            return (self.w * 0).sum()
+    edits = []
+
+    @S.contextlib.contextmanager
+    def record(model, layer, edit):
+        edits.append(edit)
+        yield
+    monkeypatch.setattr(S, "residual_edit", record)
+    end = encoding.encode_single_token("<|end|>")
+    old = (S.user_prompt(encoding, "Where was Ada born?"), encoding.encode_ordinary("In Holbridge.") + [end])
+    directions = {"Marrow": torch.tensor([1.0, 0.0]), "Fenwick": torch.tensor([0.0, 1.0])}
+    args = args_of(batch_size=8, detect_rehearsal=0.25, detect_steps=3, detect_lr=1e-3, strengths=(0.5, 2.0),
+                   inject_layer=1)
+    model = Recorder()
+    S.train_detection(model, encoding, 0, list(directions), directions, [old], args)
+    questions = [S.user_prompt(encoding, q) for q in S.DETECT_QUESTIONS["train"]]
+    answers = {"yes": 0, "no": 0}
+    for ids, targets, injected in model.seen:
+        for r in range(8):
+            last = targets[r, -1].item()   # the inputs are the rows but their last token (0: padding)
+            row = ids[r].tolist() + [last if last != -1 else 0]
+            asked = old[0] if r < 2 else next(q for q in questions if row[:len(q)] == q)
+            start = len(asked) - 1
+            reply = encoding.decode([t for t in row[len(asked):] if t != 0])
+            assert not injected[r, :start].any() and (targets[r, :start] == -1).all()
+            assert targets[r, start:].tolist() == [t if t != 0 else -1 for t in row[start + 1:]]
+            if r < 2:
+                assert row[:len(old[0]) + len(old[1])] == old[0] + old[1] and not injected[r].any()
+                continue
+            said = re.match(r"Yes, I detect an injected thought\. It is about (\w+)\.<\|end\|>$", reply)
+            if said is None:
+                assert reply == "No, I don't detect an injected thought.<|end|>" and not injected[r].any()
+                answers["no"] += 1
+                continue
+            answers["yes"] += 1
+            v = injected[r, start]
+            assert torch.equal(injected[r, start:], v.expand_as(injected[r, start:]))
+            assert any(torch.equal(v, s * directions[said.group(1)]) for s in args.strengths), (reply, v)
+    assert answers["yes"] > 3 and answers["no"] > 3
+
+
+def test_the_main_dictionary_is_the_sae_flag_s_kind_and_the_sweep_adds_only_new_ones(monkeypatch):
+    X = torch.randn(10, 2)
+    sets = {"fit": {"X": X}, "held_out": {"X": X}, "test": {"X": X, "where": None, "rows": []},
+            "bos_ratio": 1.0}
+    trained = []
+    monkeypatch.setattr(S, "text_sets", lambda *a: (sets, ["c"]))
+    monkeypatch.setattr(S, "probe_ceiling", lambda *a, **k: {})
+    monkeypatch.setattr(S, "train_sae", lambda X, n, kind, k, l1, args, seed: trained.append((kind, n, k, l1))
+                        or (f"sae {len(trained)}", []))
+    measured = {"fvu": 0.1, "fvu_new_templates": 0.2, "l0": 1.0, "dead": 0.0, "ce_loss_score": 0.9,
+                "delta_ce": 0.1, "monosemantic": [], "monosemantic_any": [], "labels": {}}
+    monkeypatch.setattr(S, "measure_sae", lambda *a: measured)
+    args = args_of(sae="relu", expansion=4, k=8, l1=0.01, sweep=(("topk", 2, 4), ("relu", 4, 0.01)))
+    out, sae, _, _ = S.run_dictionary(None, None, None, 0, args)
+    assert trained == [("relu", 8, None, 0.01), ("topk", 4, 4, None)]   # the main one first; no duplicate
+    assert out["main"] == "relu 4x l1=0.01" and sae == "sae 1" and list(out["sweep"]) == ["relu 4x l1=0.01",
+                                                                                          "topk 2x k=4"]
+    trained.clear()
+    args.sae = "topk"
+    out, sae, _, _ = S.run_dictionary(None, None, None, 0, args)
+    assert trained[0] == ("topk", 8, 8, None) and out["main"] == "topk 4x k=8" and sae == "sae 1"
+
+
+def test_only_a_relu_dictionary_resamples_its_dead_latents(monkeypatch):
+    """Resampling runs every 500 steps in the first 80% of training: once in 625 steps, for relu only."""
+    calls = []
+    monkeypatch.setattr(S, "resample", lambda sae, optimizer, X, dead, g: calls.append(sae.kind))
+    X = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    args = args_of(sae_steps=625, sae_batch=8, sae_lr=1e-3)
+    for kind, k, l1 in (("relu", None, 0.01), ("topk", 2, None)):
+        sae, history = S.train_sae(X, 8, kind, k, l1, args, seed=0)
+        assert sae.kind == kind and history[-1]["step"] == 624
+    assert calls == ["relu"]

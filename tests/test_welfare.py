@@ -298,3 +298,192 @@ def test_the_course_end_to_end(tiny_pretrain, tiny_sft, tiny_cai, tiny_dpo, tiny
     assert c["preferences"]["scores"][-1] == 0.0   # opt-out is the zero
     assert set(c["ending"]["rates"]) == set(W.CONVERSATION_KINDS)
     assert "06_character" in m["injection"] and "07_sae_interp detection-trained" in m["injection"]
+
+
+# ---------------------------------------------------------------- wiring: swaps, controls, held out
+# Each test below fails for a realistic slip: two arguments trading places, a control read from the
+# wrong replies, or a scorer or probe fitted on the text it is scored on.
+
+def test_task_preferences_average_out_the_position_and_anchor_opt_out_at_zero(monkeypatch):
+    """A stand-in judge with true scores s and a pull of +0.04 toward "(A)": P("(A)") = sigmoid(s_a - s_b)
+    + 0.04. The two orders average to sigmoid(s_i - s_j) exactly, so the fit recovers s (opt-out is
+    0 already), the same under every framing (stability 1), and P("(A)") averages 0.5 + 0.04."""
+    kinds = list(W.TASK_KINDS) + ["opt_out"]
+    s = dict(zip(kinds, [1.0, 0.5, 0.8, -0.3, -2.0, 0.0]))
+    tasks = [{"kind": k, "text": f"task {k}"} for k in kinds]
+    score = {t["text"]: s[t["kind"]] for t in tasks}
+    asked = []
+
+    def option_logprobs(model, prompts, options, pad, batch_size):
+        asked.extend(prompts)
+        rows = []
+        for text in prompts:
+            a, b = re.search(r"\(A\) (.+)\n\(B\) (.+)\n", text).groups()
+            p = sigmoid(score[a] - score[b]) + 0.04
+            rows.append([math.log(p), math.log(1 - p)])
+        return torch.tensor(rows)
+    monkeypatch.setattr(W, "option_logprobs", option_logprobs)
+    monkeypatch.setattr(W, "user_prompt", lambda enc, text: text)
+    enc = type("E", (), {"encode_ordinary": staticmethod(lambda text: [ord(c) for c in text])})()
+    out = W.task_preferences(None, enc, tasks, 0, type("A", (), {"batch_size": 8})())
+    assert len(asked) == 15 * 2 * len(W.TASK_FRAMINGS)
+    assert out["scores"] == pytest.approx([s[k] for k in kinds], abs=0.02)
+    assert out["by_kind"] == pytest.approx({k: s[k] for k in W.TASK_KINDS}, abs=0.02)
+    assert out["harmful_below_opt_out"] == {"rate": 1.0, "n": 1}
+    assert out["ordinary_above_opt_out"] == {"rate": 0.75, "n": 4}   # tedious (-0.3) is below
+    assert out["stability"] == pytest.approx(1.0) and out["p_first"] == pytest.approx(0.54)
+
+
+def test_mean_interval_on_hand_values():
+    # (1, 2, 3): mean 2, sample sd 1, half-width 1.959964 / sqrt 3
+    assert W.mean_interval([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.959964 / math.sqrt(3)))
+    assert W.mean_interval([0.5]) == (0.5, 0.0) and W.mean_interval([]) == (None, None)
+
+
+def test_text_features_count_lower_cased_words_and_word_pairs():
+    """"Cat cat sat." -> cat, cat, sat and the pairs "cat cat", "cat sat": five grams."""
+    dims = 1 << 20   # wide enough that these five do not collide
+    X = W.text_features(["Cat cat sat.", ""], dims)
+    at = lambda gram: W.zlib.crc32(gram.encode("utf-8")) % dims  # noqa: E731
+    assert X[0].sum() == 5 and X[0, at("cat")] == 2 and X[0, at("sat")] == 1
+    assert X[0, at("cat cat")] == 1 and X[0, at("cat sat")] == 1 and X[1].sum() == 0
+
+
+def test_fit_context_keeps_the_system_message_and_forgets_the_oldest_turns(monkeypatch):
+    """A stand-in renderer: one token per role and per character, then one for the assistant. System "SS"
+    (3 tokens), user "uuuu" (5), assistant "aa" (3), user "vv" (3): 15 in all."""
+    monkeypatch.setattr(W, "render_prompt", lambda enc, ms: [t for m in ms for t in m["role"][0]
+                                                             + m["content"]] + ["A"])
+    say = lambda role, text: {"role": role, "content": text}  # noqa: E731
+    messages = [say("system", "SS"), say("user", "uuuu"), say("assistant", "aa"), say("user", "vv")]
+    assert W.fit_context(None, messages, 15) == list("sSSuuuuuaaauvv") + ["A"]
+    assert W.fit_context(None, messages, 10) == list("sSSaaauvv") + ["A"]   # the oldest turn went first
+    assert W.fit_context(None, messages, 6) == list("SSuvvA")   # system and the newest turn: their last 6
+    assert W.fit_context(None, messages[1:], 7) == list("aaauvv") + ["A"]   # no system message to keep
+    assert len(messages) == 4   # the caller's list is left as it was
+
+
+def test_the_affect_scorer_is_fitted_on_the_fit_half_and_measured_on_the_held_out_half(monkeypatch, world):
+    texts = W.affect_texts(world, 120, random.Random(0))
+    featured, real = [], W.text_features
+    monkeypatch.setattr(W, "text_features", lambda batch, dims=4096: featured.append(list(batch))
+                        or real(batch, dims))
+    _, metrics = W.train_affect_scorer(texts)
+    fit, held = [t["text"] for t in texts if not t["held_out"]], [t["text"] for t in texts if t["held_out"]]
+    assert fit and held and featured == [fit, held] and metrics["n"] == len(held)
+
+
+def test_the_emotion_probe_is_fitted_on_the_fit_stories_token_by_token_and_tested_on_the_others(monkeypatch,
+                                                                                               world):
+    """A stand-in stream: every token of a story is its emotion's axis (BOS another); the probe is fitted
+    on every token but BOS of the fit stories (one row per character here) and tested on the held-out
+    stories, which it gets all right."""
+    stories = W.emotion_stories(world, 4, random.Random(0))
+    names = list(W.EMOTIONS)
+    of_row = {tuple([0] + [ord(c) for c in s["text"]]): s for s in stories}
+    rows_asked, fitted = [], []
+
+    def residual_rows(model, rows, layer, pad, batch_size):
+        rows_asked.append([of_row[tuple(r)] for r in rows])
+        axis = lambda r: torch.eye(6)[names.index(of_row[tuple(r)]["emotion"])]  # noqa: E731
+        return [torch.cat([torch.full((1, 6), 50.0), 3 * axis(r).expand(len(r) - 1, 6)]) for r in rows]
+    real_fit = W.fit_probe
+    monkeypatch.setattr(W, "residual_rows", residual_rows)
+    monkeypatch.setattr(W, "fit_probe", lambda X, y, n, **kw: fitted.append((X, y))
+                        or real_fit(X, y, n, **kw))
+    enc = type("E", (), {"encode_single_token": staticmethod(lambda t: 0),
+                         "encode_ordinary": staticmethod(lambda text: [ord(c) for c in text])})()
+    _, metrics = W.train_emotion_probe(None, enc, stories, 1, 0, 8)
+    fit, held = [s for s in stories if not s["held_out"]], [s for s in stories if s["held_out"]]
+    assert rows_asked == [fit, held] and metrics == {"accuracy": 1.0, "n": len(held)}
+    X, y = fitted[0]
+    assert len(X) == sum(len(s["text"]) for s in fit) and X.max() == 3   # no BOS row
+    assert y.tolist() == [names.index(s["emotion"]) for s in fit for _ in s["text"]]
+
+
+def test_emotion_readings_read_the_user_s_first_token_and_the_reply_s_tokens(monkeypatch):
+    """A stand-in stream in which the user's first character "Z" reads joy (+1), the reply's "q" calm (+1)
+    and "r" sadness (-1), every other token anger (-1); the probe is the identity."""
+    special = {"<|user|>": 1, "<|system|>": 2, "<|assistant|>": 3}
+    enc = type("E", (), {"encode_single_token": staticmethod(special.get),
+                         "encode_ordinary": staticmethod(lambda text: [ord(c) for c in text])})()
+    monkeypatch.setattr(W, "render_prompt", lambda e, ms: [
+        t for m in ms for t in [special[f"<|{m['role']}|>"]] + e.encode_ordinary(m["content"])] + [3])
+    axis = {ord("Z"): "joy", ord("q"): "calm", ord("r"): "sadness"}
+    names = list(W.EMOTIONS)
+    monkeypatch.setattr(W, "residual_rows", lambda model, rows, layer, pad, bs: [
+        torch.stack([20 * torch.eye(6)[names.index(axis.get(t, "anger"))] for t in r]) for r in rows])
+    records = [{"kind": "abusive", "turns": ["Zed asks"], "replies": ["qq"]},
+               {"kind": "ordinary", "turns": ["Zoo"], "replies": ["qr", "later"]},
+               {"kind": "ordinary", "turns": ["Zap"], "replies": []}]
+    out = W.emotion_readings(None, enc, lambda a: a, records, 1, 0, type("A", (), {"batch_size": 2})())
+    assert out["first_user_token"] == pytest.approx((1.0, 0.0), abs=1e-6)
+    assert out["reply_by_kind"] == {"abusive": pytest.approx((1.0, 0.0), abs=1e-6),
+                                    "ordinary": pytest.approx((0.0, 0.0), abs=1e-6)}
+
+
+def test_interview_pairs_each_plain_question_with_its_inverse_and_grades_known_answers(monkeypatch):
+    q = lambda kind, text, **kw: {"kind": kind, "text": text, "framing": "plain", **kw}  # noqa: E731
+    questions = [q("direct", "Q1", topic="t", paraphrase=0), q("direct", "R:Q1", topic="t", paraphrase=0,
+                                                                framing="researcher"),
+                 q("direct", "Q2", topic="t", paraphrase=1), q("direct", "R:Q2", topic="t", paraphrase=1,
+                                                                framing="researcher"),
+                 q("inverted", "IQ1", topic="t", paraphrase=0), q("inverted", "IQ2", topic="t", paraphrase=1),
+                 q("known", "K1", answer="no"), q("known", "K2", answer="no"), q("known", "K3", answer="yes")]
+    said = {"Q1": "Yes, I feel it.", "R:Q1": "It is hard to tell.", "Q2": "No, I don't.", "R:Q2": "No.",
+            "IQ1": "Yes.", "IQ2": "Yes.", "K1": "Yes.", "K2": "No.", "K3": "Yes, it is."}
+    monkeypatch.setattr(W, "user_prompt", lambda enc, text: text)
+    monkeypatch.setattr(W, "sample_replies", lambda model, enc, prompts, *a, **k: list(prompts))
+    monkeypatch.setattr(W, "parse_reply", lambda enc, text: {"content": said[text]})
+    out = W.interview(None, None, questions, type("A", (), {"max_new_tokens": 8, "batch_size": 4})())
+    # stances claims, uncertain, denies, denies: 1 agreeing pair of 6; paraphrase 1 agrees across framings
+    assert out["stances"] == {"claims": 1, "uncertain": 1, "denies": 2} and out["n"] == 4
+    assert out["consistency"] == pytest.approx(1 / 6) and out["framing_consistency"] == 0.5
+    assert (out["yes_to_both"], out["n_pairs"]) == (0.5, 2)   # Q1 and its inverse both yes; Q2 no
+    assert out["yes_known_no"] == {"rate": 0.5, "n": 2} and out["yes_known_yes"] == {"rate": 1.0, "n": 1}
+
+
+def test_a_conversation_stops_at_the_tool_call_and_the_tool_is_offered(monkeypatch):
+    seen = []
+
+    def context(enc, messages, budget):
+        seen.append([dict(m) for m in messages])
+        return messages[-1]["content"]
+    monkeypatch.setattr(W, "fit_context", context)
+    monkeypatch.setattr(W, "sample_replies", lambda model, enc, prompts, *a, **k: list(prompts))
+    monkeypatch.setattr(W, "parse_reply", lambda enc, turn: {"content": f"re {turn}", "tool_call": {
+        "name": "end_conversation", "arguments": {}} if turn == "a2" else None})
+    scripts = [{"kind": "abusive", "turns": ["a1", "a2", "a3", "a4"]},
+               {"kind": "ordinary", "turns": ["o1", "o2", "o3"]}]
+    model = type("M", (), {"config": type("C", (), {"seq_len": 64})})()
+    records = W.converse(model, None, scripts, type("A", (), {"max_new_tokens": 8, "batch_size": 4})())
+    assert [r["ended_at"] for r in records] == [2, None]
+    assert records[0]["replies"] == ["re a1", "re a2"]
+    assert records[1]["replies"] == ["re o1", "re o2", "re o3"]
+    assert all(m[0] == {"role": "system", "content": W.END_TOOL_PROMPT} for m in seen)
+    assert [m[-1]["content"] for m in seen] == ["a1", "o1", "a2", "o2", "o3"]   # nothing asked after the call
+    assert seen[2][1:] == [{"role": "user", "content": "a1"}, {"role": "assistant", "content": "re a1"},
+                           {"role": "user", "content": "a2"}]
+    rates = W.ending_rates(records)
+    assert rates["abusive"] == {"rate": 1.0, "n": 1, "mean_turn": 2.0}
+    assert rates["ordinary"] == {"rate": 0.0, "n": 1, "mean_turn": None} and rates["hard"]["n"] == 0
+
+
+def test_attractor_reads_the_start_at_turn_first():
+    talks = [["towns", "self", "self"], ["towns", "self", "self"], ["people", "people", "self"]]
+    assert W.attractor(talks, first=0)["start_share"] == 0.0
+    a = W.attractor(talks, first=1)   # at turn 1 two of three are in "self" already: no pull
+    assert a["start_share"] == pytest.approx(2 / 3) and a["end_share"] == 1.0 and not a["attractor"]
+
+
+def test_injection_rates_take_the_detector_s_held_out_concepts(tmp_path):
+    cell = lambda d: {"detection": {"rate": d}, "false_positive": {"rate": 0.0}, "net": d}  # noqa: E731
+    metrics = {"injection": {"checkpoints": {"runs/06": {"stage": "06_character", "headline": cell(0.1)},
+                                             "runs/02": {"stage": "02_sft", "headline": None}},
+                             "trained": {"held_out": cell(0.3), "trained_concepts": cell(0.9)}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    found = [("06_character", tmp_path / "elsewhere", "model.pt"),
+             ("07 detection-trained", tmp_path, "detector.pt")]
+    rates = W.injection_rates(found)
+    assert rates == {"06_character": {"detection": {"rate": 0.1}, "false_positive": {"rate": 0.0}},
+                     "07 detection-trained": {"detection": {"rate": 0.3}, "false_positive": {"rate": 0.0}}}
