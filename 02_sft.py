@@ -2067,15 +2067,31 @@ def write_atomic(path, data):
         raise
 
 
-def check_out(out, init=None):
+def check_out(out, init=None, checkpoints=()):
     """Before any work: OUT must be a folder, or not exist yet, beside which this process can write
-    (the run is written next to it, then swapped in), and not the --init folder the stage reads
-    (the new run would replace it). Exits with one sentence otherwise."""
+    (the run is written next to it, then swapped in). Since the new run replaces OUT whole, OUT must
+    not be, hold or lie inside a folder the stage reads (--init, each of --checkpoints), nor hold
+    another run, the folder this command runs in or a filesystem root. Paths are compared
+    resolved, so symlinks and `x/..` cannot hide one. Exits with one sentence otherwise."""
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         sys.exit(f"error: --out {out} is a file, not a folder.")
-    if init is not None and out.resolve() == pathlib.Path(init).resolve():
-        sys.exit(f"error: --out {out} is the --init folder; the run would replace what it starts from.")
+    full, here = out.resolve(), pathlib.Path.cwd().resolve()
+    reads = [("--init", init)] * (init is not None) + [("--checkpoints", c) for c in checkpoints or ()]
+    for flag, read in reads:
+        read = pathlib.Path(read).resolve()
+        if full == read:
+            sys.exit(f"error: --out {out} is the {flag} folder; the run would replace what it starts from.")
+        if full in read.parents or read in full.parents:
+            how = "holds" if full in read.parents else "lies inside"
+            sys.exit(f"error: --out {out} {how} the {flag} folder {read}; give the run a folder of its own.")
+    if out.name in ("", ".."):   # `.`, `/`, `x/..`: the run is written beside OUT, then renamed to it
+        sys.exit(f"error: --out {out} does not end in a folder's name; name the run's own folder.")
+    if full == here or full in here.parents:   # `.`, `..`, `/`: the new run would replace the project
+        sys.exit(f"error: --out {out} is or holds the folder this command runs in; give the run a folder "
+                 "of its own.")
+    if other := next((p.parent for p in sorted(full.glob("*/metrics.json"))), None):
+        sys.exit(f"error: --out {out} holds another run ({other}); give the run a folder of its own.")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out.parent).close()

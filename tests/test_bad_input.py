@@ -111,13 +111,41 @@ def test_an_out_that_is_a_file_fails_before_any_work(script, tmp_path):
     assert "is a file" in result.stderr and afile.read_bytes() == b"keep me"
 
 
-def test_an_out_that_is_the_init_folder_is_refused(tiny_pretrain, tmp_path):
-    init = tmp_path / "pretrained"
-    shutil.copytree(tiny_pretrain[0], init)
-    before = snapshot(init)
-    result = run_script("02_sft.py", "--preset", "tiny", "--init", init, "--out", init / ".." / "pretrained")
+# (stage, flags, the folder the command runs in, words the sentence must hold): a folder the run reads or
+# that holds runs, given as --out. R holds finished runs 02, 04 ... 07 (link: a symlink to R/05)
+OUT_MISTAKES = [
+    ("02_sft.py", "--init R/02 --out R/02/../02", "R", "is the --init folder"),
+    ("05_grpo_reasoning.py", "--init R/04 --out R/04/new", "R", "lies inside the --init folder"),
+    ("06_character.py", "--init R/05 --out link", "R", "is the --init folder"),
+    ("07_sae_interp.py", "--init R/06 --out R/06/..", "R", "holds the --init folder"),
+    ("07_sae_interp.py", "--init R/06 --checkpoints R/02 --out R/02", "R", "is the --checkpoints folder"),
+    ("08_welfare_eval.py", "--checkpoints R/02 R/07 --out R/07", "R", "is the --checkpoints folder"),
+    ("08_welfare_eval.py", "--checkpoints R/07 --out R", "R", "holds the --checkpoints folder"),
+    ("08_welfare_eval.py", "--checkpoints R/07 --out R/07/card", "R", "lies inside the --checkpoints"),
+    ("08_welfare_eval.py", "--checkpoints R/02 --out .", "R/07", "does not end in a folder's name"),
+    ("08_welfare_eval.py", "--checkpoints R/02 --out ../07", "R/07", "the folder this command runs in"),
+    ("06_character.py", "--init nowhere --out R", ".", "holds another run"),
+]
+
+
+@pytest.mark.parametrize("script, flags, cwd, words", OUT_MISTAKES,
+                         ids=[f"{s[:2]} {f}" for s, f, _, _ in OUT_MISTAKES])
+def test_an_out_that_would_replace_a_folder_the_run_reads_is_refused(script, flags, cwd, words, tiny_pretrain,
+                                                                     tmp_path):
+    """--out is swapped in whole at the end: one that is, holds or lies inside --init or a --checkpoints
+    folder, another run, the folder the command runs in (`.`) must fail before any work."""
+    runs = tmp_path / "R"
+    for stage in ("02", "04", "05", "06", "07"):
+        shutil.copytree(tiny_pretrain[0], runs / stage)
+    (runs / "new").mkdir()
+    (tmp_path / "link").symlink_to(runs / "05")
+    before = snapshot(tmp_path)
+    command = [sys.executable, str(ROOT / script), "--preset", "tiny",
+               *(str(tmp_path / a) if a[0] == "R" or a in ("link", "nowhere") else a for a in flags.split())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path / cwd,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert_one_sentence(result)
-    assert "is the --init folder" in result.stderr and snapshot(init) == before
+    assert words in result.stderr and snapshot(tmp_path) == before
 
 
 def help_entries(text):
