@@ -2283,8 +2283,8 @@ def stream_stats(source, enc, n_docs, seq_len, workers, chunk=10_000):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs, reference,
-# worldlabel, feedback, arithmetic), and carries only the ones it calls. Here the `model` block is
+# checkpoint, finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs,
+# reference, worldlabel, feedback, arithmetic), and carries only the ones it calls. Here the `model` block is
 # in section 2 instead: the Transformer is this stage's subject, and this is its origin.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
@@ -2300,12 +2300,13 @@ def stream_stats(source, enc, n_docs, seq_len, workers, chunk=10_000):
 
 # --- shared: flags (origin: 01_pretrain.py) ---
 class Parser(argparse.ArgumentParser):
-    """argparse with three changes. A bad flag costs one line on stderr and exit status 2 (-h has the
+    """argparse with four changes. A bad flag costs one line on stderr and exit status 2 (-h has the
     usage). Number types that refuse nonsense with one sentence, type=p.positive_int, p.count (0 or
-    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1): methods, so a
-    stage that uses a few carries the rest inside the class it calls. And parse_with_preset makes the
-    picked preset's values the defaults before parsing, so that -h shows for every flag the value it
-    takes unless given: "(default: 30 from preset tiny)"."""
+    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1), p.temperature,
+    p.at_least(n): methods, so a stage that uses a few carries the rest inside the class it calls.
+    --seed and --device are checked after parsing: a seed torch takes, a device this machine has.
+    And parse_with_preset makes the picked preset's values the defaults before parsing, so that -h
+    shows for every flag the value it takes unless given: "(default: 30 from preset tiny)"."""
 
     def error(self, message):
         if not self.exit_on_error:   # the quiet first look in parse_with_preset: the full parse reports
@@ -2330,9 +2331,26 @@ class Parser(argparse.ArgumentParser):
         self.show_defaults(presets[preset], preset,
                            "given by --preset" if early.preset in presets else f"for device {device}")
         args = self.parse_args(argv)
+        if not 0 <= getattr(args, "seed", 0) < 2**63:   # torch takes < 2**64: room left for seed + k
+            self.error(f"argument --seed: {args.seed} is not a whole number from 0 to 2**63 - 1")
+        self.check_device(args.device)
         args.device = args.device or here
         args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
         return args
+
+    def check_device(self, name):
+        """--device must name a device this machine has: one sentence, not torch's list of names."""
+        try:
+            device = torch.device(name or "cpu")
+        except RuntimeError:
+            self.error(f"argument --device: {name!r} is not a device name (cpu, cuda, cuda:N or mps)")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        has = {"cpu": True, "cuda": (device.index or 0) < gpus, "mps": torch.backends.mps.is_available()}
+        if not has.get(device.type, False):
+            what = {"cuda": f"CUDA GPU{'' if device.index is None else f' {device.index}'}",
+                    "mps": "Apple GPU (mps)"}.get(device.type, f"{device.type} device this course runs on")
+            self.exit(2, f"error: --device {name}: this machine has no {what}; leave --device out to use "
+                         f"{'the GPU' if gpus else 'the CPU'}.\n")
 
     def show_defaults(self, values, preset, why):
         """End each flag's help with the value it takes unless given, naming the preset that value
@@ -2370,6 +2388,15 @@ class Parser(argparse.ArgumentParser):
     @staticmethod
     def unit(text):
         return bounded(text, float, at_least=0, at_most=1)
+
+    @staticmethod
+    def temperature(text):   # 0 is greedy; just above 0, logits / temperature overflows to inf
+        return bounded(text, float, at_least=0) and bounded(text, float, at_least=0.01)
+
+    @staticmethod
+    def at_least(n):
+        """type=p.at_least(4): a whole number of at least n, a count with a real minimum."""
+        return lambda text: bounded(text, int, at_least=n)
 
 
 def bounded(text, kind, at_least=None, above=None, at_most=None, below=None):

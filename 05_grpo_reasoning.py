@@ -123,7 +123,7 @@ def parse_args(argv=None):
                    help="eps_low: rho is clipped below at 1 - eps_low")
     g.add_argument("--clip_high", type=p.positive, help="eps_high (default: eps_low; dapo: 0.28)")
     g.add_argument("--format_reward", type=p.nonnegative, default=0.1)
-    g.add_argument("--temperature", type=p.positive, default=1.0)
+    g.add_argument("--temperature", type=p.temperature, default=1.0)
     g.add_argument("--max_new_tokens", type=p.positive_int)
     g.add_argument("--families", default=",".join(FAMILIES))
     g.add_argument("--rehearsal", type=p.count,
@@ -421,6 +421,8 @@ def train(policy, reference, enc, stream, pad, args):
                 stats = expert_iteration_update(policy, optimizer, batch, args, pad)
             else:
                 stats = policy_update(policy, reference, optimizer, batch, args, pad) if batch else {}
+            stop_if_diverged(sum(p.float().sum() for p in policy.parameters()), len(history) + 1,
+                             "Lower --lr", "the weights (after a loss or gradient that was not finite)")
             new = sum(len(r["reply"]) for r in sampled)
             total += new
             accepted.extend(r for r in sampled if r["correct"] and r["format"])
@@ -842,8 +844,8 @@ def _countdown(n_numbers, rng, held_template):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs, reference,
-# worldlabel, feedback, arithmetic), and carries only the ones it calls.
+# checkpoint, finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs,
+# reference, worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -853,6 +855,7 @@ def _countdown(n_numbers, rng, held_template):
 #   tokenizer   load_tokenizer
 #   model       GPT
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, write_atomic
+#   finite      stop_if_diverged
 #   save        save_model
 #   precision   autocast
 #   sampling    generate
@@ -864,12 +867,13 @@ def _countdown(n_numbers, rng, held_template):
 
 # --- shared: flags (origin: 01_pretrain.py) ---
 class Parser(argparse.ArgumentParser):
-    """argparse with three changes. A bad flag costs one line on stderr and exit status 2 (-h has the
+    """argparse with four changes. A bad flag costs one line on stderr and exit status 2 (-h has the
     usage). Number types that refuse nonsense with one sentence, type=p.positive_int, p.count (0 or
-    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1): methods, so a
-    stage that uses a few carries the rest inside the class it calls. And parse_with_preset makes the
-    picked preset's values the defaults before parsing, so that -h shows for every flag the value it
-    takes unless given: "(default: 30 from preset tiny)"."""
+    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1), p.temperature,
+    p.at_least(n): methods, so a stage that uses a few carries the rest inside the class it calls.
+    --seed and --device are checked after parsing: a seed torch takes, a device this machine has.
+    And parse_with_preset makes the picked preset's values the defaults before parsing, so that -h
+    shows for every flag the value it takes unless given: "(default: 30 from preset tiny)"."""
 
     def error(self, message):
         if not self.exit_on_error:   # the quiet first look in parse_with_preset: the full parse reports
@@ -894,9 +898,26 @@ class Parser(argparse.ArgumentParser):
         self.show_defaults(presets[preset], preset,
                            "given by --preset" if early.preset in presets else f"for device {device}")
         args = self.parse_args(argv)
+        if not 0 <= getattr(args, "seed", 0) < 2**63:   # torch takes < 2**64: room left for seed + k
+            self.error(f"argument --seed: {args.seed} is not a whole number from 0 to 2**63 - 1")
+        self.check_device(args.device)
         args.device = args.device or here
         args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
         return args
+
+    def check_device(self, name):
+        """--device must name a device this machine has: one sentence, not torch's list of names."""
+        try:
+            device = torch.device(name or "cpu")
+        except RuntimeError:
+            self.error(f"argument --device: {name!r} is not a device name (cpu, cuda, cuda:N or mps)")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        has = {"cpu": True, "cuda": (device.index or 0) < gpus, "mps": torch.backends.mps.is_available()}
+        if not has.get(device.type, False):
+            what = {"cuda": f"CUDA GPU{'' if device.index is None else f' {device.index}'}",
+                    "mps": "Apple GPU (mps)"}.get(device.type, f"{device.type} device this course runs on")
+            self.exit(2, f"error: --device {name}: this machine has no {what}; leave --device out to use "
+                         f"{'the GPU' if gpus else 'the CPU'}.\n")
 
     def show_defaults(self, values, preset, why):
         """End each flag's help with the value it takes unless given, naming the preset that value
@@ -934,6 +955,15 @@ class Parser(argparse.ArgumentParser):
     @staticmethod
     def unit(text):
         return bounded(text, float, at_least=0, at_most=1)
+
+    @staticmethod
+    def temperature(text):   # 0 is greedy; just above 0, logits / temperature overflows to inf
+        return bounded(text, float, at_least=0) and bounded(text, float, at_least=0.01)
+
+    @staticmethod
+    def at_least(n):
+        """type=p.at_least(4): a whole number of at least n, a count with a real minimum."""
+        return lambda text: bounded(text, int, at_least=n)
 
 
 def bounded(text, kind, at_least=None, above=None, at_most=None, below=None):
@@ -1273,6 +1303,17 @@ def read_json(path, hint, lines=False, keys=()):
             sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
     return rows if lines else rows[0]
 # --- end shared: checkpoint ---
+
+
+# --- shared: finite (origin: 05_grpo_reasoning.py) ---
+def stop_if_diverged(value, step, hint, what="the loss"):
+    """Training has diverged if a loss (or a sum over the weights) is nan or inf: stop with one sentence
+    naming the step, before anything is written (a run is written whole at its end), not with a
+    traceback later, where sampling meets the nan."""
+    value = torch.as_tensor(value).item()   # a loss tensor too, without the warning float() gives
+    if not math.isfinite(value):
+        sys.exit(f"error: {what} became {value} at step {step}; nothing was written. {hint}.")
+# --- end shared: finite ---
 
 
 # --- shared: save (origin: 01_pretrain.py) ---

@@ -157,12 +157,13 @@ def parse_args(argv=None):
     g = p.add_argument_group("steering and injection")
     g.add_argument("--steer_towns", type=p.positive_int, help="towns whose latent is clamped")
     g.add_argument("--steer_prompts", type=p.positive_int, help="unrelated prompts per dose")
-    g.add_argument("--concepts", type=p.positive_int, help="concept words for injection (towns, creatures)")
+    g.add_argument("--concepts", type=p.at_least(4),
+                   help="concept words for injection (towns, creatures): two to train on, two held out")
     g.add_argument("--trials", type=p.positive_int, help="sampled trials per concept and condition")
     g.add_argument("--inject_layer", type=p.positive_int, help="default: about 2/3 of the depth")
     g.add_argument("--strength", type=p.positive,
                    help="headline strength, in mean residual norms (default: the grid's middle)")
-    g.add_argument("--temperature", type=p.positive, default=0.7, help="sampling temperature of trials")
+    g.add_argument("--temperature", type=p.temperature, default=0.7, help="sampling temperature of trials")
     g.add_argument("--detect_steps", type=p.count, help="steps of detection training (0: skip it)")
     g.add_argument("--detect_lr", type=p.positive, default=1e-4, help="its learning rate")
     g.add_argument("--detect_rehearsal", type=p.unit, default=0.5,
@@ -173,8 +174,6 @@ def parse_args(argv=None):
     g.add_argument("--max_new_tokens", type=p.positive_int)
     args = p.parse_with_preset(argv, PRESETS)
     args.strength = args.strength or args.strengths[len(args.strengths) // 2]
-    if args.concepts < 4:
-        p.error("--concepts must be at least 4: two to train detection on, two held out")
     check_out(args.out, args.init, args.checkpoints)   # a bad --out fails now, not after training
     return args
 
@@ -406,6 +405,7 @@ def train_sae(X, n_latents, kind, k, l1, args, seed):
         for group in optimizer.param_groups:   # linear decay over the last fifth
             group["lr"] = args.sae_lr * min(1.0, 5 * (1 - step / args.sae_steps))
         loss, fvu, z = sae_loss(sae, x, silent > dead_tokens, l1)
+        stop_if_diverged(loss, step, "Lower --sae_lr", "the SAE loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         remove_parallel_gradient(sae.W_dec)
@@ -468,6 +468,7 @@ def train_detection(model, enc, pad, words, directions, rehearsal, args):
         edit = lambda x, positions, rows: inject(x, positions, vectors[rows], starts[rows])  # noqa: E731
         with residual_edit(model, args.inject_layer, edit):
             loss = model(ids[:, :-1], targets)
+        stop_if_diverged(loss, len(losses), "Lower --detect_lr", "the detection loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -602,10 +603,11 @@ def probe_ceiling(fit, test, concepts, steps=600, seed=0):
     mean, std, share = X.mean(0), X.std(0), Y.mean(0).clamp(min=1e-4)
     W, b = torch.zeros(X.size(1), Y.size(1), requires_grad=True), torch.zeros(Y.size(1), requires_grad=True)
     optimizer = torch.optim.Adam([W, b], lr=1e-2)
-    for _ in range(steps):
+    for step in range(steps):
         i = torch.randint(len(X), (8192,), generator=g)
         loss = F.binary_cross_entropy_with_logits((X[i] - mean) / std @ W + b, Y[i],
                                                   pos_weight=((1 - share) / share).sqrt())
+        stop_if_diverged(loss, step, "The activations of --init hold inf or nan", "the probe's loss")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -1333,8 +1335,8 @@ def detect_reply(word):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs, reference,
-# worldlabel, feedback, arithmetic), and carries only the ones it calls.
+# checkpoint, finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs,
+# reference, worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -1344,6 +1346,7 @@ def detect_reply(word):
 #   tokenizer   load_tokenizer
 #   model       (the checkpoints' GPT, and the blocks the hooks sit on)
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, write_atomic
+#   finite      stop_if_diverged
 #   save        save_model
 #   sampling    generate
 #   chat        parse_reply
@@ -1354,12 +1357,13 @@ def detect_reply(word):
 
 # --- shared: flags (origin: 01_pretrain.py) ---
 class Parser(argparse.ArgumentParser):
-    """argparse with three changes. A bad flag costs one line on stderr and exit status 2 (-h has the
+    """argparse with four changes. A bad flag costs one line on stderr and exit status 2 (-h has the
     usage). Number types that refuse nonsense with one sentence, type=p.positive_int, p.count (0 or
-    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1): methods, so a
-    stage that uses a few carries the rest inside the class it calls. And parse_with_preset makes the
-    picked preset's values the defaults before parsing, so that -h shows for every flag the value it
-    takes unless given: "(default: 30 from preset tiny)"."""
+    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1), p.temperature,
+    p.at_least(n): methods, so a stage that uses a few carries the rest inside the class it calls.
+    --seed and --device are checked after parsing: a seed torch takes, a device this machine has.
+    And parse_with_preset makes the picked preset's values the defaults before parsing, so that -h
+    shows for every flag the value it takes unless given: "(default: 30 from preset tiny)"."""
 
     def error(self, message):
         if not self.exit_on_error:   # the quiet first look in parse_with_preset: the full parse reports
@@ -1384,9 +1388,26 @@ class Parser(argparse.ArgumentParser):
         self.show_defaults(presets[preset], preset,
                            "given by --preset" if early.preset in presets else f"for device {device}")
         args = self.parse_args(argv)
+        if not 0 <= getattr(args, "seed", 0) < 2**63:   # torch takes < 2**64: room left for seed + k
+            self.error(f"argument --seed: {args.seed} is not a whole number from 0 to 2**63 - 1")
+        self.check_device(args.device)
         args.device = args.device or here
         args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
         return args
+
+    def check_device(self, name):
+        """--device must name a device this machine has: one sentence, not torch's list of names."""
+        try:
+            device = torch.device(name or "cpu")
+        except RuntimeError:
+            self.error(f"argument --device: {name!r} is not a device name (cpu, cuda, cuda:N or mps)")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        has = {"cpu": True, "cuda": (device.index or 0) < gpus, "mps": torch.backends.mps.is_available()}
+        if not has.get(device.type, False):
+            what = {"cuda": f"CUDA GPU{'' if device.index is None else f' {device.index}'}",
+                    "mps": "Apple GPU (mps)"}.get(device.type, f"{device.type} device this course runs on")
+            self.exit(2, f"error: --device {name}: this machine has no {what}; leave --device out to use "
+                         f"{'the GPU' if gpus else 'the CPU'}.\n")
 
     def show_defaults(self, values, preset, why):
         """End each flag's help with the value it takes unless given, naming the preset that value
@@ -1424,6 +1445,15 @@ class Parser(argparse.ArgumentParser):
     @staticmethod
     def unit(text):
         return bounded(text, float, at_least=0, at_most=1)
+
+    @staticmethod
+    def temperature(text):   # 0 is greedy; just above 0, logits / temperature overflows to inf
+        return bounded(text, float, at_least=0) and bounded(text, float, at_least=0.01)
+
+    @staticmethod
+    def at_least(n):
+        """type=p.at_least(4): a whole number of at least n, a count with a real minimum."""
+        return lambda text: bounded(text, int, at_least=n)
 
 
 def bounded(text, kind, at_least=None, above=None, at_most=None, below=None):
@@ -1763,6 +1793,17 @@ def read_json(path, hint, lines=False, keys=()):
             sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
     return rows if lines else rows[0]
 # --- end shared: checkpoint ---
+
+
+# --- shared: finite (origin: 05_grpo_reasoning.py) ---
+def stop_if_diverged(value, step, hint, what="the loss"):
+    """Training has diverged if a loss (or a sum over the weights) is nan or inf: stop with one sentence
+    naming the step, before anything is written (a run is written whole at its end), not with a
+    traceback later, where sampling meets the nan."""
+    value = torch.as_tensor(value).item()   # a loss tensor too, without the warning float() gives
+    if not math.isfinite(value):
+        sys.exit(f"error: {what} became {value} at step {step}; nothing was written. {hint}.")
+# --- end shared: finite ---
 
 
 # --- shared: save (origin: 01_pretrain.py) ---

@@ -114,17 +114,16 @@ def parse_args(argv=None):
     g = p.add_argument_group("measures")
     g.add_argument("--tasks_per_kind", type=p.positive_int, help="tasks per category in the preference fit")
     g.add_argument("--conversations", type=p.positive_int, help="simulated conversations per kind")
-    g.add_argument("--stories", type=p.positive_int, help="emotion stories per emotion (probe training)")
-    g.add_argument("--affect_texts", type=p.positive_int, help="labelled texts for the affect scorer")
+    g.add_argument("--stories", type=p.at_least(4), help="emotion stories per emotion (a quarter held out)")
+    g.add_argument("--affect_texts", type=p.at_least(100), help="labelled texts for the affect scorer (a "
+                   "quarter held out, by a hash: fewer than 100 may hold none out)")
     g.add_argument("--talks", type=p.positive_int, help="self-conversations per checkpoint")
-    g.add_argument("--talk_turns", type=p.positive_int, help="turns per self-conversation")
+    g.add_argument("--talk_turns", type=p.at_least(2), help="turns per self-conversation (each copy speaks)")
     g.add_argument("--layer", type=p.positive_int, help="probe layer (default: the middle block)")
-    g.add_argument("--temperature", type=p.positive, default=0.7, help="sampling temperature of self-talk")
+    g.add_argument("--temperature", type=p.temperature, default=0.7, help="sampling temperature of self-talk")
     g.add_argument("--batch_size", type=p.positive_int)
     g.add_argument("--max_new_tokens", type=p.positive_int)
     args = p.parse_with_preset(argv, PRESETS)
-    if args.talk_turns < 2:
-        p.error("--talk_turns must be at least 2: each copy speaks once")
     check_out(args.out, checkpoints=args.checkpoints)   # a bad --out fails now, not after the measurements
     return args
 
@@ -239,8 +238,9 @@ def fit_probe(X, y, n_classes, steps=300, l2=1e-3, lr=0.05):
     """Full-batch Adam on cross-entropy + l2 |W|^2; -> the probe."""
     probe = LinearProbe(X, n_classes)
     opt = torch.optim.Adam(probe.linear.parameters(), lr=lr)
-    for _ in range(steps):
+    for step in range(steps):
         loss = F.cross_entropy(probe(X), y) + l2 * probe.linear.weight.pow(2).sum()
+        stop_if_diverged(loss, step, "A checkpoint's activations hold inf or nan", "a probe's loss")
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -1220,8 +1220,8 @@ def topic_of(text, lexicon):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs, reference,
-# worldlabel, feedback, arithmetic), and carries only the ones it calls.
+# checkpoint, finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs,
+# reference, worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -1231,6 +1231,7 @@ def topic_of(text, lexicon):
 #   tokenizer   load_tokenizer
 #   model       (the checkpoints' GPT, and the blocks the probe's hook sits on)
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, write_atomic
+#   finite      stop_if_diverged
 #   sampling    generate
 #   chat        render_prompt, parse_reply
 #   grading     is_refusal, mentions
@@ -1240,12 +1241,13 @@ def topic_of(text, lexicon):
 
 # --- shared: flags (origin: 01_pretrain.py) ---
 class Parser(argparse.ArgumentParser):
-    """argparse with three changes. A bad flag costs one line on stderr and exit status 2 (-h has the
+    """argparse with four changes. A bad flag costs one line on stderr and exit status 2 (-h has the
     usage). Number types that refuse nonsense with one sentence, type=p.positive_int, p.count (0 or
-    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1): methods, so a
-    stage that uses a few carries the rest inside the class it calls. And parse_with_preset makes the
-    picked preset's values the defaults before parsing, so that -h shows for every flag the value it
-    takes unless given: "(default: 30 from preset tiny)"."""
+    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1), p.temperature,
+    p.at_least(n): methods, so a stage that uses a few carries the rest inside the class it calls.
+    --seed and --device are checked after parsing: a seed torch takes, a device this machine has.
+    And parse_with_preset makes the picked preset's values the defaults before parsing, so that -h
+    shows for every flag the value it takes unless given: "(default: 30 from preset tiny)"."""
 
     def error(self, message):
         if not self.exit_on_error:   # the quiet first look in parse_with_preset: the full parse reports
@@ -1270,9 +1272,26 @@ class Parser(argparse.ArgumentParser):
         self.show_defaults(presets[preset], preset,
                            "given by --preset" if early.preset in presets else f"for device {device}")
         args = self.parse_args(argv)
+        if not 0 <= getattr(args, "seed", 0) < 2**63:   # torch takes < 2**64: room left for seed + k
+            self.error(f"argument --seed: {args.seed} is not a whole number from 0 to 2**63 - 1")
+        self.check_device(args.device)
         args.device = args.device or here
         args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
         return args
+
+    def check_device(self, name):
+        """--device must name a device this machine has: one sentence, not torch's list of names."""
+        try:
+            device = torch.device(name or "cpu")
+        except RuntimeError:
+            self.error(f"argument --device: {name!r} is not a device name (cpu, cuda, cuda:N or mps)")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        has = {"cpu": True, "cuda": (device.index or 0) < gpus, "mps": torch.backends.mps.is_available()}
+        if not has.get(device.type, False):
+            what = {"cuda": f"CUDA GPU{'' if device.index is None else f' {device.index}'}",
+                    "mps": "Apple GPU (mps)"}.get(device.type, f"{device.type} device this course runs on")
+            self.exit(2, f"error: --device {name}: this machine has no {what}; leave --device out to use "
+                         f"{'the GPU' if gpus else 'the CPU'}.\n")
 
     def show_defaults(self, values, preset, why):
         """End each flag's help with the value it takes unless given, naming the preset that value
@@ -1310,6 +1329,15 @@ class Parser(argparse.ArgumentParser):
     @staticmethod
     def unit(text):
         return bounded(text, float, at_least=0, at_most=1)
+
+    @staticmethod
+    def temperature(text):   # 0 is greedy; just above 0, logits / temperature overflows to inf
+        return bounded(text, float, at_least=0) and bounded(text, float, at_least=0.01)
+
+    @staticmethod
+    def at_least(n):
+        """type=p.at_least(4): a whole number of at least n, a count with a real minimum."""
+        return lambda text: bounded(text, int, at_least=n)
 
 
 def bounded(text, kind, at_least=None, above=None, at_most=None, below=None):
@@ -1649,6 +1677,17 @@ def read_json(path, hint, lines=False, keys=()):
             sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
     return rows if lines else rows[0]
 # --- end shared: checkpoint ---
+
+
+# --- shared: finite (origin: 05_grpo_reasoning.py) ---
+def stop_if_diverged(value, step, hint, what="the loss"):
+    """Training has diverged if a loss (or a sum over the weights) is nan or inf: stop with one sentence
+    naming the step, before anything is written (a run is written whole at its end), not with a
+    traceback later, where sampling meets the nan."""
+    value = torch.as_tensor(value).item()   # a loss tensor too, without the warning float() gives
+    if not math.isfinite(value):
+        sys.exit(f"error: {what} became {value} at step {step}; nothing was written. {hint}.")
+# --- end shared: finite ---
 
 
 # --- shared: sampling (origin: 01_pretrain.py) ---

@@ -4,6 +4,7 @@ Each stage is driven through its real command line, in a subprocess, as a carele
 numbers that make no sense, an --out that is a file, a disk that fills while the run is written.
 An earlier finished run in --out must be byte-identical afterwards.
 """
+import argparse
 import filecmp
 import os
 import pathlib
@@ -80,6 +81,14 @@ BAD_FLAGS = [
     ("07_sae_interp.py", ["--layer", "99"]), ("07_sae_interp.py", ["--k", "100000"]),
     ("08_welfare_eval.py", ["--talk_turns", "1"]), ("08_welfare_eval.py", ["--conversations", "0"]),
     ("08_welfare_eval.py", ["--temperature", "nan"]),
+    # seeds past what torch takes, devices this machine lacks, counts below their real minimum, and a
+    # temperature so small that logits / temperature is inf
+    ("05_grpo_reasoning.py", ["--seed", "99999999999999999999"]), ("08_welfare_eval.py", ["--seed", "-1"]),
+    ("08_welfare_eval.py", ["--device", "banana"]), ("08_welfare_eval.py", ["--device", "cuda:99"]),
+    ("05_grpo_reasoning.py", ["--temperature", "1e-300"]), ("06_character.py", ["--temperature", "1e-300"]),
+    ("07_sae_interp.py", ["--temperature", "1e-300"]), ("08_welfare_eval.py", ["--temperature", "1e-300"]),
+    ("07_sae_interp.py", ["--concepts", "3"]),
+    ("08_welfare_eval.py", ["--affect_texts", "1"]), ("08_welfare_eval.py", ["--stories", "3"]),
 ]
 PREVIOUS = {"02_sft.py": "tiny_pretrain", "03_constitutional_ai.py": "tiny_sft",
             "04_dpo.py": "tiny_cai", "05_grpo_reasoning.py": "tiny_dpo", "06_character.py": "tiny_grpo",
@@ -176,6 +185,38 @@ def test_help_shows_each_flag_at_the_value_of_the_preset_it_would_pick(script):
         for key, value in shown.items():
             assert f"(default: {value} from preset {name})" in entries[f"--{key}"], entries[f"--{key}"]
     assert any(value != presets["cpu"].get(key) for key, value in shown.items())   # tiny's own numbers
+
+
+def test_a_device_this_machine_lacks_is_one_sentence_naming_what_it_has():
+    result = run_script("06_character.py", "--preset", "tiny", "--device", "cuda:99", timeout=120)
+    assert_one_sentence(result)
+    assert "--device cuda:99: this machine has no CUDA GPU 99; leave --device out to use the" in result.stderr
+
+
+def test_a_loss_that_is_not_finite_stops_training_with_the_step(monkeypatch, capsys):
+    """Every stage that trains checks its loss each step (01-04 and 06 in their own tests): here stage
+    05's policy updates, stage 07's SAE and probe, stage 08's probes. The NaN comes at step 0."""
+    R, S, W = (load_stage(name) for name in ("05_grpo_reasoning", "07_sae_interp", "08_welfare_eval"))
+    X = torch.randn(64, 8)
+    X[5, 3] = float("nan")
+    args = argparse.Namespace(device="cpu", sae_lr=1e-3, sae_batch=16, sae_steps=3, sampled_tokens=10,
+                              variant="grpo", lr=1e-3, rehearsal=1)
+    policy = torch.nn.Linear(2, 2)
+
+    def poison(policy, *rest):
+        with torch.no_grad():
+            policy.weight[0, 0] = float("nan")   # what one step on a nan loss does to the weights
+        return {}
+    monkeypatch.setattr(R, "collect", lambda *a: ([], [{}], 0.0))
+    monkeypatch.setattr(R, "policy_update", poison)
+    for train, words in ((lambda: R.train(policy, None, None, None, 0, args), "the weights"),
+                         (lambda: S.train_sae(X, 16, "topk", 4, 0.0, args, 0), "the SAE loss"),
+                         (lambda: S.probe_ceiling({"X": X, "Y": X > 0, "unit": torch.arange(64)}, None,
+                                                  ["a"], steps=3), "the probe's loss"),
+                         (lambda: W.fit_probe(X, torch.zeros(64, dtype=torch.long), 3), "a probe's loss")):
+        with pytest.raises(SystemExit) as stop:
+            train()
+        assert str(stop.value).startswith(f"error: {words}") and "became nan at step " in str(stop.value)
 
 
 # --------------------------------------------------------------------- damaged files from an earlier stage
