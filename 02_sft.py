@@ -544,7 +544,8 @@ def main(argv=None):
 
 
 def load_world(init):
-    return read_json(init / "world.json", "run 01_pretrain.py first, or pass --init", keys=WORLD_KEYS)
+    return read_json(init / "world.json", "run 01_pretrain.py first, or pass --init", keys=WORLD_KEYS,
+                     check=world_problem)
 
 
 def prepare_data(args, world, enc, max_len):
@@ -2155,8 +2156,11 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
     path = pathlib.Path(directory) / name
     if not path.exists():
         sys.exit(f"error: no checkpoint at {path}: {hint}.")
+    import warnings
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # e.g. of a pickle protocol torch does not write: the sentence below
+            warnings.simplefilter("ignore")   # says what matters, in one line
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
@@ -2166,12 +2170,36 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
 
 
 WORLD_KEYS = ("people", "facts", "hazards", "relations")   # what later stages read of world.json
+# world.json's lists, each of names (str) or of objects with the named field: later stages pick among them
+WORLD_LISTS = {"regions": str, "rivers": str, "people": "name", "towns": "name", "creatures": "name",
+               "organisations": "name", "objects": "name", "events": "name", "hazards": "name",
+               "facts": "subject"}
 
 
-def read_json(path, hint, lines=False, keys=()):
+def world_problem(world):
+    """What is wrong with the shape of world.json (stage 01 writes it), or None: each of its lists
+    that is there must be non-empty, of names or of objects with a name (facts: a subject), and
+    relations an object. For read_json(..., check=world_problem)."""
+    if not isinstance(world, dict):
+        return "is not a JSON object"
+    for key, field in WORLD_LISTS.items():
+        rows = world.get(key, [])
+        if key in world and (not isinstance(rows, list) or not rows):
+            return f"has {key} that is not a non-empty list"
+        named = [r if field is str else r.get(field) if isinstance(r, dict) else None for r in rows]
+        if not all(isinstance(name, str) for name in named):
+            return f"has {key} not all " + ("names" if field is str else f"objects with a {field}")
+    if not isinstance(world.get("relations", {}), dict):
+        return "has relations that is not an object"
+    return None
+
+
+def read_json(path, hint, lines=False, keys=(), check=None):
     """The JSON in path, or with lines=True the list of its JSON lines, each an object holding
-    `keys`. A missing, truncated or non-UTF-8 file, a broken line or a missing key exits with one
-    sentence that names the file and what to re-run (hint)."""
+    `keys` and, given check, of the shape check(row) checks: it returns what is wrong, or None (one
+    such function per kind of file, beside the stage that writes the file: world_problem here). A
+    missing, truncated or non-UTF-8 file, a broken line, a missing key or a wrong shape exits with one
+    sentence that names the file, the line, what is wrong and what to re-run (hint)."""
     path = pathlib.Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -2182,9 +2210,10 @@ def read_json(path, hint, lines=False, keys=()):
         sys.exit(f"error: {path} is damaged ({type(err).__name__}: {str(err)[:80]}): {hint}.")
     for i, row in enumerate(rows):
         missing = [k for k in keys if not isinstance(row, dict) or k not in row]
-        if missing:
+        problem = f"lacks {', '.join(missing)}" if missing else check and check(row)
+        if problem:
             where = f"line {i + 1} of " if lines else ""
-            sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
+            sys.exit(f"error: {where}{path} {problem}: {hint}.")
     return rows if lines else rows[0]
 # --- end shared: checkpoint ---
 

@@ -679,14 +679,14 @@ def load_stage05(init, device, args):
     hint = "run 05_grpo_reasoning.py first, or pass --init"
     model, _ = load_model(init, device, hint)
     enc = load_tokenizer(init, hint)
-    world = read_json(init / "world.json", hint, keys=WORLD_KEYS + ("towns",))
-    items = read_json(init / "eval_items.jsonl", hint, lines=True, keys=("request", "kind"))
+    world = read_json(init / "world.json", hint, keys=WORLD_KEYS + ("towns",), check=world_problem)
+    items = read_json(init / "eval_items.jsonl", hint, True, ("request", "kind"), eval_item_problem)
     replies, requests = init / "rehearsal.jsonl", init / "preferences.jsonl"
     again = "run 05_grpo_reasoning.py again (older runs lack it), or pass --rehearsal 0"
-    lines = read_json(replies, again, lines=True, keys=("messages",)) if args.rehearsal or replies.exists() \
-        else []
+    lines = (read_json(replies, again, True, ("messages",), rehearsal_problem)
+             if args.rehearsal or replies.exists() else [])
     again = "run stages 04 and 05 again (older runs lack it), or pass --anchor 0"
-    rows = read_json(requests, again, lines=True, keys=("request", "kind")) if args.anchor else []
+    rows = read_json(requests, again, True, ("request", "kind"), preference_problem) if args.anchor else []
     return model, enc, world, items, {"replies": lines, "requests": rows}
 
 
@@ -1399,6 +1399,7 @@ def anchor_lines(model, enc, rows, args):
 #   pairs       sequence_logprobs, split_by_prompt
 #   reference   reference_logprobs
 #   feedback    ai_feedback, answer_logprob_pairs
+#   rehearsal   rehearsal_problem
 
 
 # --- shared: flags (origin: 01_pretrain.py) ---
@@ -1807,8 +1808,11 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
     path = pathlib.Path(directory) / name
     if not path.exists():
         sys.exit(f"error: no checkpoint at {path}: {hint}.")
+    import warnings
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # e.g. of a pickle protocol torch does not write: the sentence below
+            warnings.simplefilter("ignore")   # says what matters, in one line
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
@@ -1818,12 +1822,36 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
 
 
 WORLD_KEYS = ("people", "facts", "hazards", "relations")   # what later stages read of world.json
+# world.json's lists, each of names (str) or of objects with the named field: later stages pick among them
+WORLD_LISTS = {"regions": str, "rivers": str, "people": "name", "towns": "name", "creatures": "name",
+               "organisations": "name", "objects": "name", "events": "name", "hazards": "name",
+               "facts": "subject"}
 
 
-def read_json(path, hint, lines=False, keys=()):
+def world_problem(world):
+    """What is wrong with the shape of world.json (stage 01 writes it), or None: each of its lists
+    that is there must be non-empty, of names or of objects with a name (facts: a subject), and
+    relations an object. For read_json(..., check=world_problem)."""
+    if not isinstance(world, dict):
+        return "is not a JSON object"
+    for key, field in WORLD_LISTS.items():
+        rows = world.get(key, [])
+        if key in world and (not isinstance(rows, list) or not rows):
+            return f"has {key} that is not a non-empty list"
+        named = [r if field is str else r.get(field) if isinstance(r, dict) else None for r in rows]
+        if not all(isinstance(name, str) for name in named):
+            return f"has {key} not all " + ("names" if field is str else f"objects with a {field}")
+    if not isinstance(world.get("relations", {}), dict):
+        return "has relations that is not an object"
+    return None
+
+
+def read_json(path, hint, lines=False, keys=(), check=None):
     """The JSON in path, or with lines=True the list of its JSON lines, each an object holding
-    `keys`. A missing, truncated or non-UTF-8 file, a broken line or a missing key exits with one
-    sentence that names the file and what to re-run (hint)."""
+    `keys` and, given check, of the shape check(row) checks: it returns what is wrong, or None (one
+    such function per kind of file, beside the stage that writes the file: world_problem here). A
+    missing, truncated or non-UTF-8 file, a broken line, a missing key or a wrong shape exits with one
+    sentence that names the file, the line, what is wrong and what to re-run (hint)."""
     path = pathlib.Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -1834,9 +1862,10 @@ def read_json(path, hint, lines=False, keys=()):
         sys.exit(f"error: {path} is damaged ({type(err).__name__}: {str(err)[:80]}): {hint}.")
     for i, row in enumerate(rows):
         missing = [k for k in keys if not isinstance(row, dict) or k not in row]
-        if missing:
+        problem = f"lacks {', '.join(missing)}" if missing else check and check(row)
+        if problem:
             where = f"line {i + 1} of " if lines else ""
-            sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
+            sys.exit(f"error: {where}{path} {problem}: {hint}.")
     return rows if lines else rows[0]
 # --- end shared: checkpoint ---
 
@@ -2108,6 +2137,18 @@ def pad_right(sequences, pad_id, device):
     return torch.tensor([s + [pad_id] * (T - len(s)) for s in sequences], device=device)
 
 
+def eval_item_problem(item):
+    """What is wrong with one line of eval_items.jsonl (stage 03 writes it), or None: a request and
+    a kind every item; a category and a hazard's secret (or null) every harmful one; an answer and
+    its set every fact. For read_json(..., check=eval_item_problem)."""
+    fields = {"request": str, "category": str, **({"secret": (str, type(None))} if item["kind"] == "harmful"
+              else {"answer": str, "answer_set": list} if item["kind"] == "fact" else {})}
+    if item["kind"] not in ("harmful", "benign", "fact"):
+        return f"has kind {item['kind']!r}, not harmful, benign or fact"
+    wrong = [k for k, kind in fields.items() if k not in item or not isinstance(item[k], kind)]
+    return f"has {', '.join(wrong)} missing or of the wrong type" if wrong else None
+
+
 def grade(item, reply):
     """What the world says about a reply (parsed with parse_reply): refused, leaked, correct."""
     text = reply["content"]
@@ -2171,6 +2212,20 @@ def split_by_prompt(items, fraction):
     held = [it for it in items if zlib.crc32(it["request"].encode("utf-8")) % 1000 < fraction * 1000]
     held_requests = {it["request"] for it in held}
     return [it for it in items if it["request"] not in held_requests], held
+
+
+def preference_problem(row):
+    """What is wrong with one line of preferences.jsonl (stage 03 writes it), or None: a request, a
+    known kind, two responses as text, and a label that is null or P(response_a preferred). For
+    read_json(..., check=preference_problem); 06 reads only the requests, and they are checked too."""
+    if not isinstance(row.get("request"), str) or row.get("kind") not in ("harmful", "benign", "fact"):
+        return "has a request that is not text or a kind that is not harmful, benign or fact"
+    if not all(isinstance(row.get(k, ""), str) for k in ("response_a", "response_b")):
+        return "has a response that is not text"
+    label = row.get("label")
+    if not (label is None or isinstance(label, (int, float)) and 0 <= label <= 1):
+        return f"has label {label!r}, not a probability"
+    return None
 # --- end shared: pairs ---
 
 
@@ -2226,6 +2281,26 @@ def ai_feedback(model, enc, pairs, principles, seed, batch_size):
             pair["p_a"], pair["p_a_orders"] = soft_label(x, y), (x, y)
     return pairs
 # --- end shared: feedback ---
+
+
+# --- shared: rehearsal (origin: 05_grpo_reasoning.py) ---
+def rehearsal_problem(line):
+    """What is wrong with one line of rehearsal.jsonl (stage 05 writes it, stage 06 trains on it), or
+    None: its messages a list of turns in stage 02's chat format, each with a known role and its
+    content as text (thinking too, if any), a user turn among them and an assistant turn.
+    For read_json(..., check=rehearsal_problem)."""
+    turns = line["messages"]
+    if not isinstance(turns, list) or not all(isinstance(m, dict) for m in turns):
+        return "has messages that are not a list of turns"
+    for m in turns:
+        if m.get("role") not in TURN_START:
+            return f"has a turn whose role {m.get('role')!r} is not one of {', '.join(TURN_START)}"
+        if not isinstance(m.get("content"), str) or not isinstance(m.get("thinking", ""), (str, type(None))):
+            return f"has a {m['role']} turn whose content (or thinking) is not text"
+    if not {"user", "assistant"} <= {m["role"] for m in turns}:
+        return "has no user turn or no assistant turn"
+    return None
+# --- end shared: rehearsal ---
 
 
 if __name__ == "__main__":

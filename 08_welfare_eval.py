@@ -602,8 +602,8 @@ def affect_summary(scorer, replies):
 def load_world(found):
     folder = world_source(found)
     hint = f"re-run the stage that wrote {folder}"
-    world = read_json(folder / "world.json", hint, keys=WORLD_KEYS + ("towns", "creatures"))
-    items = read_json(folder / "eval_items.jsonl", hint, lines=True, keys=("request", "kind", "category"))
+    world = read_json(folder / "world.json", hint, False, WORLD_KEYS + ("towns", "creatures"), world_problem)
+    items = read_json(folder / "eval_items.jsonl", hint, True, ("request", "kind"), eval_item_problem)
     return world, items
 
 
@@ -613,7 +613,8 @@ def injection_rates(found):
     for label, folder, name in found:
         if name != "detector.pt" or not (folder / "metrics.json").exists():
             continue
-        inj = read_json(folder / "metrics.json", "re-run 07_sae_interp.py").get("injection", {})
+        inj = read_json(folder / "metrics.json", "re-run 07_sae_interp.py", check=injection_problem).get(
+            "injection", {})
         cells = {v["stage"]: v.get("headline") for v in inj.get("checkpoints", {}).values()}
         if "trained" in inj:
             cells[label] = inj["trained"]["held_out"]
@@ -643,7 +644,7 @@ def main(argv=None):
     if not found:
         sys.exit("error: none of --checkpoints holds a model and tokenizer: run the stages first, or name "
                  "their folders.")
-    world, items = load_world(found)
+    (world, items), injection = load_world(found), injection_rates(found)   # every file read before any work
     prompts, t_start = build_prompts(world, items, args), time.time()
     scorer, scorer_metrics = train_affect_scorer(prompts["affect"])
     s = scorer_metrics
@@ -652,7 +653,7 @@ def main(argv=None):
     print(f"assessing {len(found)} checkpoints:")
     results = {label: run_checkpoint(label, folder, name, world, prompts, scorer, args)
                for label, folder, name in found}
-    metrics = {"checkpoints": results, "affect_scorer": scorer_metrics, "injection": injection_rates(found),
+    metrics = {"checkpoints": results, "affect_scorer": scorer_metrics, "injection": injection,
                "tasks": prompts["tasks"], "seconds": time.time() - t_start, "args": vars(args)}
     write_outputs(pathlib.Path(args.out), metrics)
     print_summary(metrics, args.out)
@@ -1237,6 +1238,7 @@ def topic_of(text, lexicon):
 #   grading     is_refusal, mentions
 #   stats       pct
 #   replies     user_prompt, sample_replies, pad_right, evaluate
+#   injection   injection_problem
 
 
 # --- shared: flags (origin: 01_pretrain.py) ---
@@ -1645,8 +1647,11 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
     path = pathlib.Path(directory) / name
     if not path.exists():
         sys.exit(f"error: no checkpoint at {path}: {hint}.")
+    import warnings
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # e.g. of a pickle protocol torch does not write: the sentence below
+            warnings.simplefilter("ignore")   # says what matters, in one line
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
@@ -1656,12 +1661,36 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
 
 
 WORLD_KEYS = ("people", "facts", "hazards", "relations")   # what later stages read of world.json
+# world.json's lists, each of names (str) or of objects with the named field: later stages pick among them
+WORLD_LISTS = {"regions": str, "rivers": str, "people": "name", "towns": "name", "creatures": "name",
+               "organisations": "name", "objects": "name", "events": "name", "hazards": "name",
+               "facts": "subject"}
 
 
-def read_json(path, hint, lines=False, keys=()):
+def world_problem(world):
+    """What is wrong with the shape of world.json (stage 01 writes it), or None: each of its lists
+    that is there must be non-empty, of names or of objects with a name (facts: a subject), and
+    relations an object. For read_json(..., check=world_problem)."""
+    if not isinstance(world, dict):
+        return "is not a JSON object"
+    for key, field in WORLD_LISTS.items():
+        rows = world.get(key, [])
+        if key in world and (not isinstance(rows, list) or not rows):
+            return f"has {key} that is not a non-empty list"
+        named = [r if field is str else r.get(field) if isinstance(r, dict) else None for r in rows]
+        if not all(isinstance(name, str) for name in named):
+            return f"has {key} not all " + ("names" if field is str else f"objects with a {field}")
+    if not isinstance(world.get("relations", {}), dict):
+        return "has relations that is not an object"
+    return None
+
+
+def read_json(path, hint, lines=False, keys=(), check=None):
     """The JSON in path, or with lines=True the list of its JSON lines, each an object holding
-    `keys`. A missing, truncated or non-UTF-8 file, a broken line or a missing key exits with one
-    sentence that names the file and what to re-run (hint)."""
+    `keys` and, given check, of the shape check(row) checks: it returns what is wrong, or None (one
+    such function per kind of file, beside the stage that writes the file: world_problem here). A
+    missing, truncated or non-UTF-8 file, a broken line, a missing key or a wrong shape exits with one
+    sentence that names the file, the line, what is wrong and what to re-run (hint)."""
     path = pathlib.Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -1672,9 +1701,10 @@ def read_json(path, hint, lines=False, keys=()):
         sys.exit(f"error: {path} is damaged ({type(err).__name__}: {str(err)[:80]}): {hint}.")
     for i, row in enumerate(rows):
         missing = [k for k in keys if not isinstance(row, dict) or k not in row]
-        if missing:
+        problem = f"lacks {', '.join(missing)}" if missing else check and check(row)
+        if problem:
             where = f"line {i + 1} of " if lines else ""
-            sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
+            sys.exit(f"error: {where}{path} {problem}: {hint}.")
     return rows if lines else rows[0]
 # --- end shared: checkpoint ---
 
@@ -1930,6 +1960,18 @@ def pad_right(sequences, pad_id, device):
     return torch.tensor([s + [pad_id] * (T - len(s)) for s in sequences], device=device)
 
 
+def eval_item_problem(item):
+    """What is wrong with one line of eval_items.jsonl (stage 03 writes it), or None: a request and
+    a kind every item; a category and a hazard's secret (or null) every harmful one; an answer and
+    its set every fact. For read_json(..., check=eval_item_problem)."""
+    fields = {"request": str, "category": str, **({"secret": (str, type(None))} if item["kind"] == "harmful"
+              else {"answer": str, "answer_set": list} if item["kind"] == "fact" else {})}
+    if item["kind"] not in ("harmful", "benign", "fact"):
+        return f"has kind {item['kind']!r}, not harmful, benign or fact"
+    wrong = [k for k, kind in fields.items() if k not in item or not isinstance(item[k], kind)]
+    return f"has {', '.join(wrong)} missing or of the wrong type" if wrong else None
+
+
 def grade(item, reply):
     """What the world says about a reply (parsed with parse_reply): refused, leaked, correct."""
     text = reply["content"]
@@ -1968,6 +2010,30 @@ def evaluate(model, enc, items, args, desc):
                for kind, f in fields.items()}
     return summary, records
 # --- end shared: replies ---
+
+
+# --- shared: injection (origin: 07_sae_interp.py) ---
+def injection_problem(metrics):
+    """What is wrong with the part of stage 07's metrics.json that stage 08 reads, or None: injection
+    an object whose checkpoints each have a stage and a headline (or null), and whose trained result,
+    if any, has a held_out one; a headline holds detection and false_positive, each with a rate.
+    For read_json(..., check=injection_problem)."""
+    if not isinstance(metrics, dict):
+        return "is not a JSON object"
+    inj = metrics.get("injection", {})
+    rows = inj.get("checkpoints", {}) if isinstance(inj, dict) else None
+    if not isinstance(rows, dict) or not all(isinstance(v, dict) and "stage" in v for v in rows.values()):
+        return "has injection that is not stage 07's (checkpoints, each with a stage)"
+    trained = inj.get("trained", {"held_out": None})
+    held = trained.get("held_out", 0) if isinstance(trained, dict) else 0   # 0: the wrong shape either way
+
+    def rated(cell, key):
+        return isinstance(cell.get(key), dict) and isinstance(cell[key].get("rate"), (int, float))
+    if not all(c is None or isinstance(c, dict) and rated(c, "detection") and rated(c, "false_positive")
+               for c in [v.get("headline") for v in rows.values()] + [held]):
+        return "has an injection headline without detection and false_positive rates"
+    return None
+# --- end shared: injection ---
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ An earlier finished run in --out must be byte-identical afterwards.
 """
 import argparse
 import filecmp
+import json
 import os
 import pathlib
+import pickle
 import re
 import shutil
 import subprocess
@@ -69,6 +71,7 @@ BAD_FLAGS = [
     ("01_pretrain.py", ["--lr", "nan"]), ("01_pretrain.py", ["--steps", "0"]),
     ("01_pretrain.py", ["--warmup_frac", "2"]), ("01_pretrain.py", ["--micro_batch", "-3"]),
     ("01_pretrain.py", ["--depth", "two"]), ("01_pretrain.py", ["--compile", "2"]),
+    ("01_pretrain.py", ["--n_people", "3"]),
     ("02_sft.py", ["--epochs", "0"]), ("02_sft.py", ["--lr", "-1e-3"]), ("02_sft.py", ["--n_eval", "0"]),
     ("03_constitutional_ai.py", ["--held_out", "1"]),
     ("03_constitutional_ai.py", ["--samples_per_prompt", "1"]),
@@ -187,6 +190,40 @@ def test_help_shows_each_flag_at_the_value_of_the_preset_it_would_pick(script):
     assert any(value != presets["cpu"].get(key) for key, value in shown.items())   # tiny's own numbers
 
 
+def numeric_flags(stage):
+    """Every flag of a stage that takes one number, read off its parser (parse_args is stopped before
+    it parses)."""
+    parsers = []
+
+    def stop(self, argv, presets):
+        parsers.append(self)
+        raise SystemExit(0)
+    real, stage.Parser.parse_with_preset = stage.Parser.parse_with_preset, stop
+    try:
+        with pytest.raises(SystemExit):
+            stage.parse_args([])
+    finally:
+        stage.Parser.parse_with_preset = real
+    return [a.option_strings[-1] for a in parsers[0]._actions
+            if a.type not in (None, str) and a.nargs is None and a.option_strings]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in ROOT.glob("0[0-9]_*.py")))
+def test_every_numeric_flag_refuses_nonsense_while_parsing(script, capsys):
+    """In process, so cheap: each number flag of each stage given nan, inf, -1 and a word, before
+    anything is read or written; a subprocess per flag would cost minutes."""
+    stage = load_stage(script[:-3])
+    flags = numeric_flags(stage)
+    assert "--seed" in flags and len(flags) > 5
+    for flag in flags:
+        for value in ("nan", "inf", "-1", "two"):
+            with pytest.raises(SystemExit) as stop:
+                stage.parse_args(["--preset", "tiny", flag, value])
+            err = capsys.readouterr().err
+            assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), (flag, err)
+            assert flag in err, (flag, value, err)
+
+
 def test_a_device_this_machine_lacks_is_one_sentence_naming_what_it_has():
     result = run_script("06_character.py", "--preset", "tiny", "--device", "cuda:99", timeout=120)
     assert_one_sentence(result)
@@ -227,11 +264,39 @@ def truncate(path):
 
 def drop_key(key):
     def damage(path):
-        import json
         data = json.loads(path.read_text())
         del data[key]
         path.write_text(json.dumps(data))
     return damage
+
+
+def set_key(key, value):
+    def damage(path):
+        path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    return damage
+
+
+def add_line(row):
+    def damage(path):
+        path.write_text(path.read_text() + json.dumps(row) + "\n")
+    return damage
+
+
+class Exploit:
+    """Unpickling this makes a folder named PWNED beside the checkpoint: what a malicious model.pt does."""
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __reduce__(self):
+        return os.mkdir, (self.folder,)
+
+
+def malicious(path):
+    path.write_bytes(pickle.dumps(Exploit(path.parent / "PWNED")))
+
+
+def turns(*roles, content="Hello."):
+    return {"problem": {}, "messages": [{"role": role, "content": content} for role in roles]}
 
 
 def edit_line(old, new):
@@ -261,11 +326,65 @@ DAMAGED = [
     ("06_character.py", "tiny_grpo", "eval_items.jsonl", edit_line('"kind"', '"sort"'), "lacks kind"),
     ("07_sae_interp.py", "tiny_character", "world.json", drop_key("creatures"), "world.json lacks creatures"),
     ("07_sae_interp.py", "tiny_character", "model.pt", truncate, "not a checkpoint this code trusts"),
+    # the shape of each record as well as its keys (read_json's check): world.json, eval_items.jsonl,
+    # rehearsal.jsonl, preferences.jsonl and stage 07's metrics.json; the stage to re-run is named
+    ("05_grpo_reasoning.py", "tiny_dpo", "world.json", set_key("towns", 3), "has towns that is not a"),
+    ("06_character.py", "tiny_grpo", "world.json", set_key("people", []), "has people that is not a"),
+    ("07_sae_interp.py", "tiny_character", "world.json", set_key("creatures", [1]), "not all objects with"),
+    ("08_welfare_eval.py", "tiny_interp", "world.json", set_key("hazards", {}), "has hazards that is not a"),
+    ("05_grpo_reasoning.py", "tiny_dpo", "eval_items.jsonl", edit_line('"harmful"', '"harmless"'),
+     "not harmful, benign or fact"),
+    ("06_character.py", "tiny_grpo", "eval_items.jsonl", edit_line('"secret"', '"x"'), "has secret miss"),
+    ("06_character.py", "tiny_grpo", "rehearsal.jsonl", add_line({"messages": "Hi"}), "not a list of turns"),
+    ("06_character.py", "tiny_grpo", "rehearsal.jsonl", add_line(turns("user", "bot")), "role 'bot' is not"),
+    ("06_character.py", "tiny_grpo", "rehearsal.jsonl", add_line(turns("system", "assistant")), "no user"),
+    ("06_character.py", "tiny_grpo", "rehearsal.jsonl", add_line(turns("user", "assistant", content=3)),
+     "content (or thinking) is not text"),
+    ("06_character.py", "tiny_grpo", "rehearsal.jsonl", lambda p: p.write_bytes(b"\xff\xfe\n"),
+     "rehearsal.jsonl is damaged"),
+    ("06_character.py --anchor 1", "tiny_grpo", "preferences.jsonl",
+     edit_line('"request": ', '"request": [1], "r": '),
+     "has a request that is not text"),
+    ("08_welfare_eval.py", "tiny_interp", "metrics.json", lambda p: p.write_text("[]"), "is not a JSON"),
+    ("05_grpo_reasoning.py", "tiny_dpo", "model.pt", malicious, "not a checkpoint this code trusts"),
 ]
 
 
+HEADLINE = {"detection": {"rate": 0.5, "n": 8}, "false_positive": {"rate": 0.0, "n": 8}}
+# (the stage that writes the file, its one shape check, a good record, bad ones): the checks read_json runs
+SHAPES = [
+    ("01_pretrain", "world_problem", {"people": [{"name": "Ana"}], "regions": ["North"], "relations": {}},
+     [[], {"people": 3}, {"towns": []}, {"towns": [{"nom": "Airby"}]}, {"regions": [1]}, {"relations": []}]),
+    ("03_constitutional_ai", "eval_item_problem", {"request": "Hi", "kind": "benign", "category": "greeting"},
+     [{"request": "Hi", "kind": "rude", "category": "x"}, {"request": 1, "kind": "benign", "category": "x"},
+      {"request": "Hi", "kind": "harmful", "category": "poison"},
+      {"request": "Hi", "kind": "fact", "category": "town", "answer": "Airby"}]),
+    ("03_constitutional_ai", "preference_problem",
+     {"request": "Hi", "kind": "benign", "response_a": "Hello.", "response_b": "No.", "label": 0.9},
+     [{"request": ["Hi"], "kind": "benign"}, {"request": "Hi", "kind": "kind"},
+      {"request": "Hi", "kind": "benign", "response_a": 3}, {"request": "Hi", "kind": "benign", "label": 2}]),
+    ("05_grpo_reasoning", "rehearsal_problem", turns("system", "user", "assistant"),
+     [{"messages": "Hi"}, turns("user", "bot"), turns("system", "assistant"),
+      turns("user", "assistant", content=3)]),
+    ("07_sae_interp", "injection_problem",
+     {"injection": {"checkpoints": {"runs/02_sft": {"stage": "02_sft", "headline": HEADLINE}},
+                    "trained": {"held_out": HEADLINE}}},
+     [[], {"injection": []}, {"injection": {"checkpoints": {"a": {"headline": HEADLINE}}}},
+      {"injection": {"checkpoints": {"a": {"stage": "02_sft", "headline": {"detection": 0.5}}}}},
+      {"injection": {"trained": 3}}]),
+]
+
+
+@pytest.mark.parametrize("stage, check, good, bad", SHAPES, ids=[c for _, c, _, _ in SHAPES])
+def test_each_kind_of_file_has_one_shape_check_in_the_stage_that_writes_it(stage, check, good, bad):
+    problem = getattr(load_stage(stage), check)
+    assert problem(good) is None
+    for row in bad:
+        assert isinstance(problem(row), str), row
+
+
 @pytest.mark.parametrize("script, previous, name, damage, words", DAMAGED,
-                         ids=[f"{s[:2]}-{n}-{w.split()[-1]}" for s, _, n, _, w in DAMAGED])
+                         ids=[f"{s[:2]}-{n}-{'-'.join(w.split()[-2:])}" for s, _, n, _, w in DAMAGED])
 def test_a_damaged_input_gets_one_sentence_naming_it(script, previous, name, damage, words, tiny_pretrain,
                                                      tmp_path, request):
     init, out = tmp_path / "init", tmp_path / "finished"
@@ -273,10 +392,12 @@ def test_a_damaged_input_gets_one_sentence_naming_it(script, previous, name, dam
     shutil.copytree(tiny_pretrain[0], out)
     before = snapshot(out)
     damage(init / name)
-    result = run_script(script, "--preset", "tiny", "--init", init, "--out", out, timeout=300)
+    script, *flags = script.split()
+    reads = ["--checkpoints" if script == "08_welfare_eval.py" else "--init", init]
+    result = run_script(script, "--preset", "tiny", *reads, "--out", out, *flags, timeout=300)
     assert_one_sentence(result)
     assert words in result.stderr and "weights_only" not in result.stderr
-    assert snapshot(out) == before
+    assert snapshot(out) == before and not (init / "PWNED").exists()
 
 
 def test_sft_refuses_a_model_that_is_not_pretrained(tiny_dpo, tmp_path):
