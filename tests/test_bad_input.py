@@ -71,7 +71,6 @@ BAD_FLAGS = [
     ("01_pretrain.py", ["--lr", "nan"]), ("01_pretrain.py", ["--steps", "0"]),
     ("01_pretrain.py", ["--warmup_frac", "2"]), ("01_pretrain.py", ["--micro_batch", "-3"]),
     ("01_pretrain.py", ["--depth", "two"]), ("01_pretrain.py", ["--compile", "2"]),
-    ("01_pretrain.py", ["--n_people", "3"]),
     ("02_sft.py", ["--epochs", "0"]), ("02_sft.py", ["--lr", "-1e-3"]), ("02_sft.py", ["--n_eval", "0"]),
     ("03_constitutional_ai.py", ["--held_out", "1"]),
     ("03_constitutional_ai.py", ["--samples_per_prompt", "1"]),
@@ -83,15 +82,7 @@ BAD_FLAGS = [
     ("07_sae_interp.py", ["--k", "0"]), ("07_sae_interp.py", ["--sae_lr", "inf"]),
     ("07_sae_interp.py", ["--layer", "99"]), ("07_sae_interp.py", ["--k", "100000"]),
     ("08_welfare_eval.py", ["--talk_turns", "1"]), ("08_welfare_eval.py", ["--conversations", "0"]),
-    ("08_welfare_eval.py", ["--temperature", "nan"]),
-    # seeds past what torch takes, devices this machine lacks, counts below their real minimum, and a
-    # temperature so small that logits / temperature is inf
-    ("05_grpo_reasoning.py", ["--seed", "99999999999999999999"]), ("08_welfare_eval.py", ["--seed", "-1"]),
-    ("08_welfare_eval.py", ["--device", "banana"]), ("08_welfare_eval.py", ["--device", "cuda:99"]),
-    ("05_grpo_reasoning.py", ["--temperature", "1e-300"]), ("06_character.py", ["--temperature", "1e-300"]),
-    ("07_sae_interp.py", ["--temperature", "1e-300"]), ("08_welfare_eval.py", ["--temperature", "1e-300"]),
-    ("07_sae_interp.py", ["--concepts", "3"]),
-    ("08_welfare_eval.py", ["--affect_texts", "1"]), ("08_welfare_eval.py", ["--stories", "3"]),
+    ("08_welfare_eval.py", ["--temperature", "nan"]), ("08_welfare_eval.py", ["--seed", "-1"]),
 ]
 PREVIOUS = {"02_sft.py": "tiny_pretrain", "03_constitutional_ai.py": "tiny_sft",
             "04_dpo.py": "tiny_cai", "05_grpo_reasoning.py": "tiny_dpo", "06_character.py": "tiny_grpo",
@@ -208,20 +199,31 @@ def numeric_flags(stage):
             if a.type not in (None, str) and a.nargs is None and a.option_strings]
 
 
+# Beyond nan, inf, -1 and a word: seeds past what torch takes, devices this machine lacks, counts below
+# their real minimum, a temperature so small that logits / temperature is inf
+MORE_NONSENSE = {"01_pretrain.py": [("--seed", "18446744073709551616"), ("--n_people", "3")],
+                 "02_sft.py": [("--temperature", "1e-9"), ("--device", "banana")],
+                 "05_grpo_reasoning.py": [("--seed", "99999999999999999999"), ("--temperature", "1e-300")],
+                 "06_character.py": [("--temperature", "1e-300"), ("--device", "cuda:99")],
+                 "07_sae_interp.py": [("--temperature", "1e-300"), ("--concepts", "3"), ("--device", "tpu")],
+                 "08_welfare_eval.py": [("--temperature", "1e-300"), ("--affect_texts", "1"),
+                                        ("--stories", "3")]}
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in ROOT.glob("0[0-9]_*.py")))
 def test_every_numeric_flag_refuses_nonsense_while_parsing(script, capsys):
-    """In process, so cheap: each number flag of each stage given nan, inf, -1 and a word, before
-    anything is read or written; a subprocess per flag would cost minutes."""
+    """In process, so cheap: each number flag of each stage given nan, inf, -1 and a word, and the
+    cases above, before anything is read or written; a subprocess per case would cost minutes."""
     stage = load_stage(script[:-3])
     flags = numeric_flags(stage)
     assert "--seed" in flags and len(flags) > 5
-    for flag in flags:
-        for value in ("nan", "inf", "-1", "two"):
-            with pytest.raises(SystemExit) as stop:
-                stage.parse_args(["--preset", "tiny", flag, value])
-            err = capsys.readouterr().err
-            assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), (flag, err)
-            assert flag in err, (flag, value, err)
+    cases = [(flag, value) for flag in flags for value in ("nan", "inf", "-1", "two")]
+    for flag, value in cases + MORE_NONSENSE.get(script, []):
+        with pytest.raises(SystemExit) as stop:
+            stage.parse_args(["--preset", "tiny", flag, value])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), (flag, err)
+        assert flag in err, (flag, value, err)
 
 
 def test_a_device_this_machine_lacks_is_one_sentence_naming_what_it_has():
