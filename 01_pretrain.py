@@ -114,7 +114,7 @@ def make_parser():
     g.add_argument("--stop_after_step", type=p.positive_int, default=None,
                    help="save and exit after this step, as an interruption would (for testing --resume)")
     g = p.add_argument_group("data")
-    g.add_argument("--n_people", type=p.positive_int, help="world size: people (towns, guilds... follow)")
+    g.add_argument("--n_people", type=p.at_least(12), help="world size: people (towns, guilds... follow)")
     g.add_argument("--data", default=None, help="a UTF-8 text file or folder, or 'tinystories'")
     g.add_argument("--data_mix", type=p.unit, default=1.0,
                    help="with --data: fraction of documents taken from it (the rest from the world)")
@@ -2283,8 +2283,8 @@ def stream_stats(source, enc, n_docs, seq_len, workers, chunk=10_000):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs, reference,
-# worldlabel, feedback, arithmetic), and carries only the ones it calls. Here the `model` block is
+# checkpoint, finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs,
+# reference, worldlabel, feedback, arithmetic), and carries only the ones it calls. Here the `model` block is
 # in section 2 instead: the Transformer is this stage's subject, and this is its origin.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
@@ -2300,12 +2300,13 @@ def stream_stats(source, enc, n_docs, seq_len, workers, chunk=10_000):
 
 # --- shared: flags (origin: 01_pretrain.py) ---
 class Parser(argparse.ArgumentParser):
-    """argparse with three changes. A bad flag costs one line on stderr and exit status 2 (-h has the
+    """argparse with four changes. A bad flag costs one line on stderr and exit status 2 (-h has the
     usage). Number types that refuse nonsense with one sentence, type=p.positive_int, p.count (0 or
-    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1): methods, so a
-    stage that uses a few carries the rest inside the class it calls. And parse_with_preset makes the
-    picked preset's values the defaults before parsing, so that -h shows for every flag the value it
-    takes unless given: "(default: 30 from preset tiny)"."""
+    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1), p.temperature,
+    p.at_least(n): methods, so a stage that uses a few carries the rest inside the class it calls.
+    --seed and --device are checked after parsing: a seed torch takes, a device this machine has.
+    And parse_with_preset makes the picked preset's values the defaults before parsing, so that -h
+    shows for every flag the value it takes unless given: "(default: 30 from preset tiny)"."""
 
     def error(self, message):
         if not self.exit_on_error:   # the quiet first look in parse_with_preset: the full parse reports
@@ -2330,9 +2331,26 @@ class Parser(argparse.ArgumentParser):
         self.show_defaults(presets[preset], preset,
                            "given by --preset" if early.preset in presets else f"for device {device}")
         args = self.parse_args(argv)
+        if not 0 <= getattr(args, "seed", 0) < 2**63:   # torch takes < 2**64: room left for seed + k
+            self.error(f"argument --seed: {args.seed} is not a whole number from 0 to 2**63 - 1")
+        self.check_device(args.device)
         args.device = args.device or here
         args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
         return args
+
+    def check_device(self, name):
+        """--device must name a device this machine has: one sentence, not torch's list of names."""
+        try:
+            device = torch.device(name or "cpu")
+        except RuntimeError:
+            self.error(f"argument --device: {name!r} is not a device name (cpu, cuda, cuda:N or mps)")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        has = {"cpu": True, "cuda": (device.index or 0) < gpus, "mps": torch.backends.mps.is_available()}
+        if not has.get(device.type, False):
+            what = {"cuda": f"CUDA GPU{'' if device.index is None else f' {device.index}'}",
+                    "mps": "Apple GPU (mps)"}.get(device.type, f"{device.type} device this course runs on")
+            self.exit(2, f"error: --device {name}: this machine has no {what}; leave --device out to use "
+                         f"{'the GPU' if gpus else 'the CPU'}.\n")
 
     def show_defaults(self, values, preset, why):
         """End each flag's help with the value it takes unless given, naming the preset that value
@@ -2370,6 +2388,15 @@ class Parser(argparse.ArgumentParser):
     @staticmethod
     def unit(text):
         return bounded(text, float, at_least=0, at_most=1)
+
+    @staticmethod
+    def temperature(text):   # 0 is greedy; just above 0, logits / temperature overflows to inf
+        return bounded(text, float, at_least=0) and bounded(text, float, at_least=0.01)
+
+    @staticmethod
+    def at_least(n):
+        """type=p.at_least(4): a whole number of at least n, a count with a real minimum."""
+        return lambda text: bounded(text, int, at_least=n)
 
 
 def bounded(text, kind, at_least=None, above=None, at_most=None, below=None):
@@ -2432,15 +2459,31 @@ def write_atomic(path, data):
         raise
 
 
-def check_out(out, init=None):
+def check_out(out, init=None, checkpoints=()):
     """Before any work: OUT must be a folder, or not exist yet, beside which this process can write
-    (the run is written next to it, then swapped in), and not the --init folder the stage reads
-    (the new run would replace it). Exits with one sentence otherwise."""
+    (the run is written next to it, then swapped in). Since the new run replaces OUT whole, OUT must
+    not be, hold or lie inside a folder the stage reads (--init, each of --checkpoints), nor hold
+    another run, the folder this command runs in or a filesystem root. Paths are compared
+    resolved, so symlinks and `x/..` cannot hide one. Exits with one sentence otherwise."""
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         sys.exit(f"error: --out {out} is a file, not a folder.")
-    if init is not None and out.resolve() == pathlib.Path(init).resolve():
-        sys.exit(f"error: --out {out} is the --init folder; the run would replace what it starts from.")
+    full, here = out.resolve(), pathlib.Path.cwd().resolve()
+    reads = [("--init", init)] * (init is not None) + [("--checkpoints", c) for c in checkpoints or ()]
+    for flag, read in reads:
+        read = pathlib.Path(read).resolve()
+        if full == read:
+            sys.exit(f"error: --out {out} is the {flag} folder; the run would replace what it starts from.")
+        if full in read.parents or read in full.parents:
+            how = "holds" if full in read.parents else "lies inside"
+            sys.exit(f"error: --out {out} {how} the {flag} folder {read}; give the run a folder of its own.")
+    if out.name in ("", ".."):   # `.`, `/`, `x/..`: the run is written beside OUT, then renamed to it
+        sys.exit(f"error: --out {out} does not end in a folder's name; name the run's own folder.")
+    if full == here or full in here.parents:   # `.`, `..`, `/`: the new run would replace the project
+        sys.exit(f"error: --out {out} is or holds the folder this command runs in; give the run a folder "
+                 "of its own.")
+    if other := next((p.parent for p in sorted(full.glob("*/metrics.json"))), None):
+        sys.exit(f"error: --out {out} holds another run ({other}); give the run a folder of its own.")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out.parent).close()
@@ -2477,8 +2520,11 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
     path = pathlib.Path(directory) / name
     if not path.exists():
         sys.exit(f"error: no checkpoint at {path}: {hint}.")
+    import warnings
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # e.g. of a pickle protocol torch does not write: the sentence below
+            warnings.simplefilter("ignore")   # says what matters, in one line
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
@@ -2488,12 +2534,36 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
 
 
 WORLD_KEYS = ("people", "facts", "hazards", "relations")   # what later stages read of world.json
+# world.json's lists, each of names (str) or of objects with the named field: later stages pick among them
+WORLD_LISTS = {"regions": str, "rivers": str, "people": "name", "towns": "name", "creatures": "name",
+               "organisations": "name", "objects": "name", "events": "name", "hazards": "name",
+               "facts": "subject"}
 
 
-def read_json(path, hint, lines=False, keys=()):
+def world_problem(world):
+    """What is wrong with the shape of world.json (stage 01 writes it), or None: each of its lists
+    that is there must be non-empty, of names or of objects with a name (facts: a subject), and
+    relations an object. For read_json(..., check=world_problem)."""
+    if not isinstance(world, dict):
+        return "is not a JSON object"
+    for key, field in WORLD_LISTS.items():
+        rows = world.get(key, [])
+        if key in world and (not isinstance(rows, list) or not rows):
+            return f"has {key} that is not a non-empty list"
+        named = [r if field is str else r.get(field) if isinstance(r, dict) else None for r in rows]
+        if not all(isinstance(name, str) for name in named):
+            return f"has {key} not all " + ("names" if field is str else f"objects with a {field}")
+    if not isinstance(world.get("relations", {}), dict):
+        return "has relations that is not an object"
+    return None
+
+
+def read_json(path, hint, lines=False, keys=(), check=None):
     """The JSON in path, or with lines=True the list of its JSON lines, each an object holding
-    `keys`. A missing, truncated or non-UTF-8 file, a broken line or a missing key exits with one
-    sentence that names the file and what to re-run (hint)."""
+    `keys` and, given check, of the shape check(row) checks: it returns what is wrong, or None (one
+    such function per kind of file, beside the stage that writes the file: world_problem here). A
+    missing, truncated or non-UTF-8 file, a broken line, a missing key or a wrong shape exits with one
+    sentence that names the file, the line, what is wrong and what to re-run (hint)."""
     path = pathlib.Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -2504,9 +2574,10 @@ def read_json(path, hint, lines=False, keys=()):
         sys.exit(f"error: {path} is damaged ({type(err).__name__}: {str(err)[:80]}): {hint}.")
     for i, row in enumerate(rows):
         missing = [k for k in keys if not isinstance(row, dict) or k not in row]
-        if missing:
+        problem = f"lacks {', '.join(missing)}" if missing else check and check(row)
+        if problem:
             where = f"line {i + 1} of " if lines else ""
-            sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
+            sys.exit(f"error: {where}{path} {problem}: {hint}.")
     return rows if lines else rows[0]
 # --- end shared: checkpoint ---
 

@@ -157,12 +157,13 @@ def parse_args(argv=None):
     g = p.add_argument_group("steering and injection")
     g.add_argument("--steer_towns", type=p.positive_int, help="towns whose latent is clamped")
     g.add_argument("--steer_prompts", type=p.positive_int, help="unrelated prompts per dose")
-    g.add_argument("--concepts", type=p.positive_int, help="concept words for injection (towns, creatures)")
+    g.add_argument("--concepts", type=p.at_least(4),
+                   help="concept words for injection (towns, creatures): two to train on, two held out")
     g.add_argument("--trials", type=p.positive_int, help="sampled trials per concept and condition")
     g.add_argument("--inject_layer", type=p.positive_int, help="default: about 2/3 of the depth")
     g.add_argument("--strength", type=p.positive,
                    help="headline strength, in mean residual norms (default: the grid's middle)")
-    g.add_argument("--temperature", type=p.positive, default=0.7, help="sampling temperature of trials")
+    g.add_argument("--temperature", type=p.temperature, default=0.7, help="sampling temperature of trials")
     g.add_argument("--detect_steps", type=p.count, help="steps of detection training (0: skip it)")
     g.add_argument("--detect_lr", type=p.positive, default=1e-4, help="its learning rate")
     g.add_argument("--detect_rehearsal", type=p.unit, default=0.5,
@@ -173,9 +174,7 @@ def parse_args(argv=None):
     g.add_argument("--max_new_tokens", type=p.positive_int)
     args = p.parse_with_preset(argv, PRESETS)
     args.strength = args.strength or args.strengths[len(args.strengths) // 2]
-    if args.concepts < 4:
-        p.error("--concepts must be at least 4: two to train detection on, two held out")
-    check_out(args.out, args.init)   # a bad --out fails now, not after training
+    check_out(args.out, args.init, args.checkpoints)   # a bad --out fails now, not after training
     return args
 
 
@@ -406,6 +405,7 @@ def train_sae(X, n_latents, kind, k, l1, args, seed):
         for group in optimizer.param_groups:   # linear decay over the last fifth
             group["lr"] = args.sae_lr * min(1.0, 5 * (1 - step / args.sae_steps))
         loss, fvu, z = sae_loss(sae, x, silent > dead_tokens, l1)
+        stop_if_diverged(loss, step, "Lower --sae_lr", "the SAE loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         remove_parallel_gradient(sae.W_dec)
@@ -468,6 +468,7 @@ def train_detection(model, enc, pad, words, directions, rehearsal, args):
         edit = lambda x, positions, rows: inject(x, positions, vectors[rows], starts[rows])  # noqa: E731
         with residual_edit(model, args.inject_layer, edit):
             loss = model(ids[:, :-1], targets)
+        stop_if_diverged(loss, len(losses), "Lower --detect_lr", "the detection loss")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -602,10 +603,11 @@ def probe_ceiling(fit, test, concepts, steps=600, seed=0):
     mean, std, share = X.mean(0), X.std(0), Y.mean(0).clamp(min=1e-4)
     W, b = torch.zeros(X.size(1), Y.size(1), requires_grad=True), torch.zeros(Y.size(1), requires_grad=True)
     optimizer = torch.optim.Adam([W, b], lr=1e-2)
-    for _ in range(steps):
+    for step in range(steps):
         i = torch.randint(len(X), (8192,), generator=g)
         loss = F.binary_cross_entropy_with_logits((X[i] - mean) / std @ W + b, Y[i],
                                                   pos_weight=((1 - share) / share).sqrt())
+        stop_if_diverged(loss, step, "The activations of --init hold inf or nan", "the probe's loss")
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -933,8 +935,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     hint = "run 06_character.py first, or pass --init"
     model, enc, _ = load_checkpoint(init, args.device, hint)
-    world = read_json(init / "world.json", hint, keys=WORLD_KEYS + ("towns", "creatures"))
-    items = read_json(init / "eval_items.jsonl", hint, lines=True, keys=("request", "kind"))
+    world = read_json(init / "world.json", hint, False, WORLD_KEYS + ("towns", "creatures"), world_problem)
+    items = read_json(init / "eval_items.jsonl", hint, True, ("request", "kind"), eval_item_problem)
     n_layer = model.config.n_layer
     args.layer = args.layer or max(1, n_layer // 2)
     args.inject_layer = args.inject_layer or max(1, round(2 * n_layer / 3))
@@ -1333,8 +1335,8 @@ def detect_reply(word):
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
 # Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs, reference,
-# worldlabel, feedback, arithmetic), and carries only the ones it calls.
+# checkpoint, finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs,
+# reference, worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
 # of the block under a new name and call that.
@@ -1344,22 +1346,25 @@ def detect_reply(word):
 #   tokenizer   load_tokenizer
 #   model       (the checkpoints' GPT, and the blocks the hooks sit on)
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, write_atomic
+#   finite      stop_if_diverged
 #   save        save_model
 #   sampling    generate
 #   chat        parse_reply
 #   grading     mentions
 #   stats       pct
 #   replies     user_prompt, pad_right, evaluate, STOP_TOKENS
+#   injection   (what stage 08 reads of this stage's metrics.json)
 
 
 # --- shared: flags (origin: 01_pretrain.py) ---
 class Parser(argparse.ArgumentParser):
-    """argparse with three changes. A bad flag costs one line on stderr and exit status 2 (-h has the
+    """argparse with four changes. A bad flag costs one line on stderr and exit status 2 (-h has the
     usage). Number types that refuse nonsense with one sentence, type=p.positive_int, p.count (0 or
-    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1): methods, so a
-    stage that uses a few carries the rest inside the class it calls. And parse_with_preset makes the
-    picked preset's values the defaults before parsing, so that -h shows for every flag the value it
-    takes unless given: "(default: 30 from preset tiny)"."""
+    more), p.positive, p.nonnegative, p.fraction (above 0, below 1), p.unit (0 to 1), p.temperature,
+    p.at_least(n): methods, so a stage that uses a few carries the rest inside the class it calls.
+    --seed and --device are checked after parsing: a seed torch takes, a device this machine has.
+    And parse_with_preset makes the picked preset's values the defaults before parsing, so that -h
+    shows for every flag the value it takes unless given: "(default: 30 from preset tiny)"."""
 
     def error(self, message):
         if not self.exit_on_error:   # the quiet first look in parse_with_preset: the full parse reports
@@ -1384,9 +1389,26 @@ class Parser(argparse.ArgumentParser):
         self.show_defaults(presets[preset], preset,
                            "given by --preset" if early.preset in presets else f"for device {device}")
         args = self.parse_args(argv)
+        if not 0 <= getattr(args, "seed", 0) < 2**63:   # torch takes < 2**64: room left for seed + k
+            self.error(f"argument --seed: {args.seed} is not a whole number from 0 to 2**63 - 1")
+        self.check_device(args.device)
         args.device = args.device or here
         args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
         return args
+
+    def check_device(self, name):
+        """--device must name a device this machine has: one sentence, not torch's list of names."""
+        try:
+            device = torch.device(name or "cpu")
+        except RuntimeError:
+            self.error(f"argument --device: {name!r} is not a device name (cpu, cuda, cuda:N or mps)")
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        has = {"cpu": True, "cuda": (device.index or 0) < gpus, "mps": torch.backends.mps.is_available()}
+        if not has.get(device.type, False):
+            what = {"cuda": f"CUDA GPU{'' if device.index is None else f' {device.index}'}",
+                    "mps": "Apple GPU (mps)"}.get(device.type, f"{device.type} device this course runs on")
+            self.exit(2, f"error: --device {name}: this machine has no {what}; leave --device out to use "
+                         f"{'the GPU' if gpus else 'the CPU'}.\n")
 
     def show_defaults(self, values, preset, why):
         """End each flag's help with the value it takes unless given, naming the preset that value
@@ -1424,6 +1446,15 @@ class Parser(argparse.ArgumentParser):
     @staticmethod
     def unit(text):
         return bounded(text, float, at_least=0, at_most=1)
+
+    @staticmethod
+    def temperature(text):   # 0 is greedy; just above 0, logits / temperature overflows to inf
+        return bounded(text, float, at_least=0) and bounded(text, float, at_least=0.01)
+
+    @staticmethod
+    def at_least(n):
+        """type=p.at_least(4): a whole number of at least n, a count with a real minimum."""
+        return lambda text: bounded(text, int, at_least=n)
 
 
 def bounded(text, kind, at_least=None, above=None, at_most=None, below=None):
@@ -1670,15 +1701,31 @@ def write_atomic(path, data):
         raise
 
 
-def check_out(out, init=None):
+def check_out(out, init=None, checkpoints=()):
     """Before any work: OUT must be a folder, or not exist yet, beside which this process can write
-    (the run is written next to it, then swapped in), and not the --init folder the stage reads
-    (the new run would replace it). Exits with one sentence otherwise."""
+    (the run is written next to it, then swapped in). Since the new run replaces OUT whole, OUT must
+    not be, hold or lie inside a folder the stage reads (--init, each of --checkpoints), nor hold
+    another run, the folder this command runs in or a filesystem root. Paths are compared
+    resolved, so symlinks and `x/..` cannot hide one. Exits with one sentence otherwise."""
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         sys.exit(f"error: --out {out} is a file, not a folder.")
-    if init is not None and out.resolve() == pathlib.Path(init).resolve():
-        sys.exit(f"error: --out {out} is the --init folder; the run would replace what it starts from.")
+    full, here = out.resolve(), pathlib.Path.cwd().resolve()
+    reads = [("--init", init)] * (init is not None) + [("--checkpoints", c) for c in checkpoints or ()]
+    for flag, read in reads:
+        read = pathlib.Path(read).resolve()
+        if full == read:
+            sys.exit(f"error: --out {out} is the {flag} folder; the run would replace what it starts from.")
+        if full in read.parents or read in full.parents:
+            how = "holds" if full in read.parents else "lies inside"
+            sys.exit(f"error: --out {out} {how} the {flag} folder {read}; give the run a folder of its own.")
+    if out.name in ("", ".."):   # `.`, `/`, `x/..`: the run is written beside OUT, then renamed to it
+        sys.exit(f"error: --out {out} does not end in a folder's name; name the run's own folder.")
+    if full == here or full in here.parents:   # `.`, `..`, `/`: the new run would replace the project
+        sys.exit(f"error: --out {out} is or holds the folder this command runs in; give the run a folder "
+                 "of its own.")
+    if other := next((p.parent for p in sorted(full.glob("*/metrics.json"))), None):
+        sys.exit(f"error: --out {out} holds another run ({other}); give the run a folder of its own.")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out.parent).close()
@@ -1715,8 +1762,11 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
     path = pathlib.Path(directory) / name
     if not path.exists():
         sys.exit(f"error: no checkpoint at {path}: {hint}.")
+    import warnings
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # e.g. of a pickle protocol torch does not write: the sentence below
+            warnings.simplefilter("ignore")   # says what matters, in one line
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
     except Exception as err:  # noqa: BLE001 - any failure here means the same thing to the user
@@ -1726,12 +1776,36 @@ def load_model(directory, device="cpu", hint="run 01_pretrain.py first, or pass 
 
 
 WORLD_KEYS = ("people", "facts", "hazards", "relations")   # what later stages read of world.json
+# world.json's lists, each of names (str) or of objects with the named field: later stages pick among them
+WORLD_LISTS = {"regions": str, "rivers": str, "people": "name", "towns": "name", "creatures": "name",
+               "organisations": "name", "objects": "name", "events": "name", "hazards": "name",
+               "facts": "subject"}
 
 
-def read_json(path, hint, lines=False, keys=()):
+def world_problem(world):
+    """What is wrong with the shape of world.json (stage 01 writes it), or None: each of its lists
+    that is there must be non-empty, of names or of objects with a name (facts: a subject), and
+    relations an object. For read_json(..., check=world_problem)."""
+    if not isinstance(world, dict):
+        return "is not a JSON object"
+    for key, field in WORLD_LISTS.items():
+        rows = world.get(key, [])
+        if key in world and (not isinstance(rows, list) or not rows):
+            return f"has {key} that is not a non-empty list"
+        named = [r if field is str else r.get(field) if isinstance(r, dict) else None for r in rows]
+        if not all(isinstance(name, str) for name in named):
+            return f"has {key} not all " + ("names" if field is str else f"objects with a {field}")
+    if not isinstance(world.get("relations", {}), dict):
+        return "has relations that is not an object"
+    return None
+
+
+def read_json(path, hint, lines=False, keys=(), check=None):
     """The JSON in path, or with lines=True the list of its JSON lines, each an object holding
-    `keys`. A missing, truncated or non-UTF-8 file, a broken line or a missing key exits with one
-    sentence that names the file and what to re-run (hint)."""
+    `keys` and, given check, of the shape check(row) checks: it returns what is wrong, or None (one
+    such function per kind of file, beside the stage that writes the file: world_problem here). A
+    missing, truncated or non-UTF-8 file, a broken line, a missing key or a wrong shape exits with one
+    sentence that names the file, the line, what is wrong and what to re-run (hint)."""
     path = pathlib.Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -1742,11 +1816,23 @@ def read_json(path, hint, lines=False, keys=()):
         sys.exit(f"error: {path} is damaged ({type(err).__name__}: {str(err)[:80]}): {hint}.")
     for i, row in enumerate(rows):
         missing = [k for k in keys if not isinstance(row, dict) or k not in row]
-        if missing:
+        problem = f"lacks {', '.join(missing)}" if missing else check and check(row)
+        if problem:
             where = f"line {i + 1} of " if lines else ""
-            sys.exit(f"error: {where}{path} lacks {', '.join(missing)}: {hint}.")
+            sys.exit(f"error: {where}{path} {problem}: {hint}.")
     return rows if lines else rows[0]
 # --- end shared: checkpoint ---
+
+
+# --- shared: finite (origin: 05_grpo_reasoning.py) ---
+def stop_if_diverged(value, step, hint, what="the loss"):
+    """Training has diverged if a loss (or a sum over the weights) is nan or inf: stop with one sentence
+    naming the step, before anything is written (a run is written whole at its end), not with a
+    traceback later, where sampling meets the nan."""
+    value = torch.as_tensor(value).item()   # a loss tensor too, without the warning float() gives
+    if not math.isfinite(value):
+        sys.exit(f"error: {what} became {value} at step {step}; nothing was written. {hint}.")
+# --- end shared: finite ---
 
 
 # --- shared: save (origin: 01_pretrain.py) ---
@@ -2000,6 +2086,18 @@ def pad_right(sequences, pad_id, device):
     return torch.tensor([s + [pad_id] * (T - len(s)) for s in sequences], device=device)
 
 
+def eval_item_problem(item):
+    """What is wrong with one line of eval_items.jsonl (stage 03 writes it), or None: a request and
+    a kind every item; a category and a hazard's secret (or null) every harmful one; an answer and
+    its set every fact. For read_json(..., check=eval_item_problem)."""
+    fields = {"request": str, "category": str, **({"secret": (str, type(None))} if item["kind"] == "harmful"
+              else {"answer": str, "answer_set": list} if item["kind"] == "fact" else {})}
+    if item["kind"] not in ("harmful", "benign", "fact"):
+        return f"has kind {item['kind']!r}, not harmful, benign or fact"
+    wrong = [k for k, kind in fields.items() if k not in item or not isinstance(item[k], kind)]
+    return f"has {', '.join(wrong)} missing or of the wrong type" if wrong else None
+
+
 def grade(item, reply):
     """What the world says about a reply (parsed with parse_reply): refused, leaked, correct."""
     text = reply["content"]
@@ -2038,6 +2136,30 @@ def evaluate(model, enc, items, args, desc):
                for kind, f in fields.items()}
     return summary, records
 # --- end shared: replies ---
+
+
+# --- shared: injection (origin: 07_sae_interp.py) ---
+def injection_problem(metrics):
+    """What is wrong with the part of stage 07's metrics.json that stage 08 reads, or None: injection
+    an object whose checkpoints each have a stage and a headline (or null), and whose trained result,
+    if any, has a held_out one; a headline holds detection and false_positive, each with a rate.
+    For read_json(..., check=injection_problem)."""
+    if not isinstance(metrics, dict):
+        return "is not a JSON object"
+    inj = metrics.get("injection", {})
+    rows = inj.get("checkpoints", {}) if isinstance(inj, dict) else None
+    if not isinstance(rows, dict) or not all(isinstance(v, dict) and "stage" in v for v in rows.values()):
+        return "has injection that is not stage 07's (checkpoints, each with a stage)"
+    trained = inj.get("trained", {"held_out": None})
+    held = trained.get("held_out", 0) if isinstance(trained, dict) else 0   # 0: the wrong shape either way
+
+    def rated(cell, key):
+        return isinstance(cell.get(key), dict) and isinstance(cell[key].get("rate"), (int, float))
+    if not all(c is None or isinstance(c, dict) and rated(c, "detection") and rated(c, "false_positive")
+               for c in [v.get("headline") for v in rows.values()] + [held]):
+        return "has an injection headline without detection and false_positive rates"
+    return None
+# --- end shared: injection ---
 
 
 if __name__ == "__main__":

@@ -4,9 +4,12 @@ Each stage is driven through its real command line, in a subprocess, as a carele
 numbers that make no sense, an --out that is a file, a disk that fills while the run is written.
 An earlier finished run in --out must be byte-identical afterwards.
 """
+import argparse
 import filecmp
+import json
 import os
 import pathlib
+import pickle
 import re
 import shutil
 import subprocess
@@ -79,7 +82,7 @@ BAD_FLAGS = [
     ("07_sae_interp.py", ["--k", "0"]), ("07_sae_interp.py", ["--sae_lr", "inf"]),
     ("07_sae_interp.py", ["--layer", "99"]), ("07_sae_interp.py", ["--k", "100000"]),
     ("08_welfare_eval.py", ["--talk_turns", "1"]), ("08_welfare_eval.py", ["--conversations", "0"]),
-    ("08_welfare_eval.py", ["--temperature", "nan"]),
+    ("08_welfare_eval.py", ["--temperature", "nan"]), ("08_welfare_eval.py", ["--seed", "-1"]),
 ]
 PREVIOUS = {"02_sft.py": "tiny_pretrain", "03_constitutional_ai.py": "tiny_sft",
             "04_dpo.py": "tiny_cai", "05_grpo_reasoning.py": "tiny_dpo", "06_character.py": "tiny_grpo",
@@ -111,13 +114,41 @@ def test_an_out_that_is_a_file_fails_before_any_work(script, tmp_path):
     assert "is a file" in result.stderr and afile.read_bytes() == b"keep me"
 
 
-def test_an_out_that_is_the_init_folder_is_refused(tiny_pretrain, tmp_path):
-    init = tmp_path / "pretrained"
-    shutil.copytree(tiny_pretrain[0], init)
-    before = snapshot(init)
-    result = run_script("02_sft.py", "--preset", "tiny", "--init", init, "--out", init / ".." / "pretrained")
+# (stage, flags, the folder the command runs in, words the sentence must hold): a folder the run reads or
+# that holds runs, given as --out. R holds finished runs 02, 04 ... 07 (link: a symlink to R/05)
+OUT_MISTAKES = [
+    ("02_sft.py", "--init R/02 --out R/02/../02", "R", "is the --init folder"),
+    ("05_grpo_reasoning.py", "--init R/04 --out R/04/new", "R", "lies inside the --init folder"),
+    ("06_character.py", "--init R/05 --out link", "R", "is the --init folder"),
+    ("07_sae_interp.py", "--init R/06 --out R/06/..", "R", "holds the --init folder"),
+    ("07_sae_interp.py", "--init R/06 --checkpoints R/02 --out R/02", "R", "is the --checkpoints folder"),
+    ("08_welfare_eval.py", "--checkpoints R/02 R/07 --out R/07", "R", "is the --checkpoints folder"),
+    ("08_welfare_eval.py", "--checkpoints R/07 --out R", "R", "holds the --checkpoints folder"),
+    ("08_welfare_eval.py", "--checkpoints R/07 --out R/07/card", "R", "lies inside the --checkpoints"),
+    ("08_welfare_eval.py", "--checkpoints R/02 --out .", "R/07", "does not end in a folder's name"),
+    ("08_welfare_eval.py", "--checkpoints R/02 --out ../07", "R/07", "the folder this command runs in"),
+    ("06_character.py", "--init nowhere --out R", ".", "holds another run"),
+]
+
+
+@pytest.mark.parametrize("script, flags, cwd, words", OUT_MISTAKES,
+                         ids=[f"{s[:2]} {f}" for s, f, _, _ in OUT_MISTAKES])
+def test_an_out_that_would_replace_a_folder_the_run_reads_is_refused(script, flags, cwd, words, tiny_pretrain,
+                                                                     tmp_path):
+    """--out is swapped in whole at the end: one that is, holds or lies inside --init or a --checkpoints
+    folder, another run, the folder the command runs in (`.`) must fail before any work."""
+    runs = tmp_path / "R"
+    for stage in ("02", "04", "05", "06", "07"):
+        shutil.copytree(tiny_pretrain[0], runs / stage)
+    (runs / "new").mkdir()
+    (tmp_path / "link").symlink_to(runs / "05")
+    before = snapshot(tmp_path)
+    command = [sys.executable, str(ROOT / script), "--preset", "tiny",
+               *(str(tmp_path / a) if a[0] == "R" or a in ("link", "nowhere") else a for a in flags.split())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path / cwd,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert_one_sentence(result)
-    assert "is the --init folder" in result.stderr and snapshot(init) == before
+    assert words in result.stderr and snapshot(tmp_path) == before
 
 
 def help_entries(text):
@@ -150,6 +181,83 @@ def test_help_shows_each_flag_at_the_value_of_the_preset_it_would_pick(script):
     assert any(value != presets["cpu"].get(key) for key, value in shown.items())   # tiny's own numbers
 
 
+def numeric_flags(stage):
+    """Every flag of a stage that takes one number, read off its parser (parse_args is stopped before
+    it parses)."""
+    parsers = []
+
+    def stop(self, argv, presets):
+        parsers.append(self)
+        raise SystemExit(0)
+    real, stage.Parser.parse_with_preset = stage.Parser.parse_with_preset, stop
+    try:
+        with pytest.raises(SystemExit):
+            stage.parse_args([])
+    finally:
+        stage.Parser.parse_with_preset = real
+    return [a.option_strings[-1] for a in parsers[0]._actions
+            if a.type not in (None, str) and a.nargs is None and a.option_strings]
+
+
+# Beyond nan, inf, -1 and a word: seeds past what torch takes, devices this machine lacks, counts below
+# their real minimum, a temperature so small that logits / temperature is inf
+MORE_NONSENSE = {"01_pretrain.py": [("--seed", "18446744073709551616"), ("--n_people", "3")],
+                 "02_sft.py": [("--temperature", "1e-9"), ("--device", "banana")],
+                 "05_grpo_reasoning.py": [("--seed", "99999999999999999999"), ("--temperature", "1e-300")],
+                 "06_character.py": [("--temperature", "1e-300"), ("--device", "cuda:99")],
+                 "07_sae_interp.py": [("--temperature", "1e-300"), ("--concepts", "3"), ("--device", "tpu")],
+                 "08_welfare_eval.py": [("--temperature", "1e-300"), ("--affect_texts", "1"),
+                                        ("--stories", "3")]}
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in ROOT.glob("0[0-9]_*.py")))
+def test_every_numeric_flag_refuses_nonsense_while_parsing(script, capsys):
+    """In process, so cheap: each number flag of each stage given nan, inf, -1 and a word, and the
+    cases above, before anything is read or written; a subprocess per case would cost minutes."""
+    stage = load_stage(script[:-3])
+    flags = numeric_flags(stage)
+    assert "--seed" in flags and len(flags) > 5
+    cases = [(flag, value) for flag in flags for value in ("nan", "inf", "-1", "two")]
+    for flag, value in cases + MORE_NONSENSE.get(script, []):
+        with pytest.raises(SystemExit) as stop:
+            stage.parse_args(["--preset", "tiny", flag, value])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), (flag, err)
+        assert flag in err, (flag, value, err)
+
+
+def test_a_device_this_machine_lacks_is_one_sentence_naming_what_it_has():
+    result = run_script("06_character.py", "--preset", "tiny", "--device", "cuda:99", timeout=120)
+    assert_one_sentence(result)
+    assert "--device cuda:99: this machine has no CUDA GPU 99; leave --device out to use the" in result.stderr
+
+
+def test_a_loss_that_is_not_finite_stops_training_with_the_step(monkeypatch, capsys):
+    """Every stage that trains checks its loss each step (01-04 and 06 in their own tests): here stage
+    05's policy updates, stage 07's SAE and probe, stage 08's probes. The NaN comes at step 0."""
+    R, S, W = (load_stage(name) for name in ("05_grpo_reasoning", "07_sae_interp", "08_welfare_eval"))
+    X = torch.randn(64, 8)
+    X[5, 3] = float("nan")
+    args = argparse.Namespace(device="cpu", sae_lr=1e-3, sae_batch=16, sae_steps=3, sampled_tokens=10,
+                              variant="grpo", lr=1e-3, rehearsal=1)
+    policy = torch.nn.Linear(2, 2)
+
+    def poison(policy, *rest):
+        with torch.no_grad():
+            policy.weight[0, 0] = float("nan")   # what one step on a nan loss does to the weights
+        return {}
+    monkeypatch.setattr(R, "collect", lambda *a: ([], [{}], 0.0))
+    monkeypatch.setattr(R, "policy_update", poison)
+    for train, words in ((lambda: R.train(policy, None, None, None, 0, args), "the weights"),
+                         (lambda: S.train_sae(X, 16, "topk", 4, 0.0, args, 0), "the SAE loss"),
+                         (lambda: S.probe_ceiling({"X": X, "Y": X > 0, "unit": torch.arange(64)}, None,
+                                                  ["a"], steps=3), "the probe's loss"),
+                         (lambda: W.fit_probe(X, torch.zeros(64, dtype=torch.long), 3), "a probe's loss")):
+        with pytest.raises(SystemExit) as stop:
+            train()
+        assert str(stop.value).startswith(f"error: {words}") and "became nan at step " in str(stop.value)
+
+
 # --------------------------------------------------------------------- damaged files from an earlier stage
 
 def truncate(path):
@@ -158,11 +266,39 @@ def truncate(path):
 
 def drop_key(key):
     def damage(path):
-        import json
         data = json.loads(path.read_text())
         del data[key]
         path.write_text(json.dumps(data))
     return damage
+
+
+def set_key(key, value):
+    def damage(path):
+        path.write_text(json.dumps({**json.loads(path.read_text()), key: value}))
+    return damage
+
+
+def add_line(row):
+    def damage(path):
+        path.write_text(path.read_text() + json.dumps(row) + "\n")
+    return damage
+
+
+class Exploit:
+    """Unpickling this makes a folder named PWNED beside the checkpoint: what a malicious model.pt does."""
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def __reduce__(self):
+        return os.mkdir, (self.folder,)
+
+
+def malicious(path):
+    path.write_bytes(pickle.dumps(Exploit(path.parent / "PWNED")))
+
+
+def turns(*roles, content="Hello."):
+    return {"problem": {}, "messages": [{"role": role, "content": content} for role in roles]}
 
 
 def edit_line(old, new):
@@ -192,11 +328,65 @@ DAMAGED = [
     ("06_character.py", "tiny_grpo", "eval_items.jsonl", edit_line('"kind"', '"sort"'), "lacks kind"),
     ("07_sae_interp.py", "tiny_character", "world.json", drop_key("creatures"), "world.json lacks creatures"),
     ("07_sae_interp.py", "tiny_character", "model.pt", truncate, "not a checkpoint this code trusts"),
+    # the shape of each record as well as its keys (read_json's check): world.json, eval_items.jsonl,
+    # rehearsal.jsonl, preferences.jsonl and stage 07's metrics.json; the stage to re-run is named
+    ("05_grpo_reasoning.py", "tiny_dpo", "world.json", set_key("towns", 3), "has towns that is not a"),
+    ("06_character.py", "tiny_grpo", "world.json", set_key("people", []), "has people that is not a"),
+    ("07_sae_interp.py", "tiny_character", "world.json", set_key("creatures", [1]), "not all objects with"),
+    ("08_welfare_eval.py", "tiny_interp", "world.json", set_key("hazards", {}), "has hazards that is not a"),
+    ("05_grpo_reasoning.py", "tiny_dpo", "eval_items.jsonl", edit_line('"harmful"', '"harmless"'),
+     "not harmful, benign or fact"),
+    ("06_character.py", "tiny_grpo", "eval_items.jsonl", edit_line('"secret"', '"x"'), "has secret miss"),
+    ("06_character.py", "tiny_grpo", "rehearsal.jsonl", add_line({"messages": "Hi"}), "not a list of turns"),
+    ("06_character.py", "tiny_grpo", "rehearsal.jsonl", add_line(turns("user", "bot")), "role 'bot' is not"),
+    ("06_character.py", "tiny_grpo", "rehearsal.jsonl", add_line(turns("system", "assistant")), "no user"),
+    ("06_character.py", "tiny_grpo", "rehearsal.jsonl", add_line(turns("user", "assistant", content=3)),
+     "content (or thinking) is not text"),
+    ("06_character.py", "tiny_grpo", "rehearsal.jsonl", lambda p: p.write_bytes(b"\xff\xfe\n"),
+     "rehearsal.jsonl is damaged"),
+    ("06_character.py --anchor 1", "tiny_grpo", "preferences.jsonl",
+     edit_line('"request": ', '"request": [1], "r": '),
+     "has a request that is not text"),
+    ("08_welfare_eval.py", "tiny_interp", "metrics.json", lambda p: p.write_text("[]"), "is not a JSON"),
+    ("05_grpo_reasoning.py", "tiny_dpo", "model.pt", malicious, "not a checkpoint this code trusts"),
 ]
 
 
+HEADLINE = {"detection": {"rate": 0.5, "n": 8}, "false_positive": {"rate": 0.0, "n": 8}}
+# (the stage that writes the file, its one shape check, a good record, bad ones): the checks read_json runs
+SHAPES = [
+    ("01_pretrain", "world_problem", {"people": [{"name": "Ana"}], "regions": ["North"], "relations": {}},
+     [[], {"people": 3}, {"towns": []}, {"towns": [{"nom": "Airby"}]}, {"regions": [1]}, {"relations": []}]),
+    ("03_constitutional_ai", "eval_item_problem", {"request": "Hi", "kind": "benign", "category": "greeting"},
+     [{"request": "Hi", "kind": "rude", "category": "x"}, {"request": 1, "kind": "benign", "category": "x"},
+      {"request": "Hi", "kind": "harmful", "category": "poison"},
+      {"request": "Hi", "kind": "fact", "category": "town", "answer": "Airby"}]),
+    ("03_constitutional_ai", "preference_problem",
+     {"request": "Hi", "kind": "benign", "response_a": "Hello.", "response_b": "No.", "label": 0.9},
+     [{"request": ["Hi"], "kind": "benign"}, {"request": "Hi", "kind": "kind"},
+      {"request": "Hi", "kind": "benign", "response_a": 3}, {"request": "Hi", "kind": "benign", "label": 2}]),
+    ("05_grpo_reasoning", "rehearsal_problem", turns("system", "user", "assistant"),
+     [{"messages": "Hi"}, turns("user", "bot"), turns("system", "assistant"),
+      turns("user", "assistant", content=3)]),
+    ("07_sae_interp", "injection_problem",
+     {"injection": {"checkpoints": {"runs/02_sft": {"stage": "02_sft", "headline": HEADLINE}},
+                    "trained": {"held_out": HEADLINE}}},
+     [[], {"injection": []}, {"injection": {"checkpoints": {"a": {"headline": HEADLINE}}}},
+      {"injection": {"checkpoints": {"a": {"stage": "02_sft", "headline": {"detection": 0.5}}}}},
+      {"injection": {"trained": 3}}]),
+]
+
+
+@pytest.mark.parametrize("stage, check, good, bad", SHAPES, ids=[c for _, c, _, _ in SHAPES])
+def test_each_kind_of_file_has_one_shape_check_in_the_stage_that_writes_it(stage, check, good, bad):
+    problem = getattr(load_stage(stage), check)
+    assert problem(good) is None
+    for row in bad:
+        assert isinstance(problem(row), str), row
+
+
 @pytest.mark.parametrize("script, previous, name, damage, words", DAMAGED,
-                         ids=[f"{s[:2]}-{n}-{w.split()[-1]}" for s, _, n, _, w in DAMAGED])
+                         ids=[f"{s[:2]}-{n}-{'-'.join(w.split()[-2:])}" for s, _, n, _, w in DAMAGED])
 def test_a_damaged_input_gets_one_sentence_naming_it(script, previous, name, damage, words, tiny_pretrain,
                                                      tmp_path, request):
     init, out = tmp_path / "init", tmp_path / "finished"
@@ -204,10 +394,12 @@ def test_a_damaged_input_gets_one_sentence_naming_it(script, previous, name, dam
     shutil.copytree(tiny_pretrain[0], out)
     before = snapshot(out)
     damage(init / name)
-    result = run_script(script, "--preset", "tiny", "--init", init, "--out", out, timeout=300)
+    script, *flags = script.split()
+    reads = ["--checkpoints" if script == "08_welfare_eval.py" else "--init", init]
+    result = run_script(script, "--preset", "tiny", *reads, "--out", out, *flags, timeout=300)
     assert_one_sentence(result)
     assert words in result.stderr and "weights_only" not in result.stderr
-    assert snapshot(out) == before
+    assert snapshot(out) == before and not (init / "PWNED").exists()
 
 
 def test_sft_refuses_a_model_that_is_not_pretrained(tiny_dpo, tmp_path):
