@@ -158,7 +158,7 @@ def parse_args(argv=None):
     g.add_argument("--steer_towns", type=p.positive_int, help="towns whose latent is clamped")
     g.add_argument("--steer_prompts", type=p.positive_int, help="unrelated prompts per dose")
     g.add_argument("--concepts", type=p.at_least(4),
-                   help="concept words for injection (towns, creatures): two to train on, two held out")
+                   help="concept words for injection (towns, creatures): half trained on, half held out")
     g.add_argument("--trials", type=p.positive_int, help="sampled trials per concept and condition")
     g.add_argument("--inject_layer", type=p.positive_int, help="default: about 2/3 of the depth")
     g.add_argument("--strength", type=p.positive,
