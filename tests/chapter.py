@@ -1,6 +1,6 @@
 """Read a stage as a chapter: its sections, its size, and how it differs from another stage.
 
-Every stage file has the same numbered skeleton (README, "How to read a stage"):
+Every stage file has the same numbered skeleton (README, "How to read a stage, and fork one"):
 
     docstring, 1. Configuration, 2. The idea, 3. Data, 4. Training, 5. Evaluation, 6. Main,
     7. Report, Appendix A (this stage's data generators), Appendix B (shared code, copied verbatim)
