@@ -1,4 +1,4 @@
-"""Every stage reads as a chapter with the same skeleton (README, "How to read a stage, and fork one"; CONTRIBUTING.md).
+"""Every stage reads as a chapter with the same skeleton (README, "How to read a stage, and fork one").
 
 Checked here, for every NN_name.py: the numbered sections in order; the shared blocks in Appendix
 B, in one fixed order, opened by an index of what the stage calls (a block may instead sit in the
