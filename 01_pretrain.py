@@ -2391,7 +2391,8 @@ class Parser(argparse.ArgumentParser):
 
     @staticmethod
     def temperature(text):   # 0 is greedy; just above 0, logits / temperature overflows to inf
-        return bounded(text, float, at_least=0) and bounded(text, float, at_least=0.01)
+        value = bounded(text, float, at_least=0)
+        return value if value == 0 else bounded(text, float, at_least=0.01)
 
     @staticmethod
     def at_least(n):

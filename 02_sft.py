@@ -338,9 +338,7 @@ def finetune(model, encoded, args, lr, pad):
             x, y = x.to(device), y.to(device)
             with autocast:
                 loss = train_model(x, y)   # the masked cross-entropy of section 2
-            if not math.isfinite(loss.item()):
-                sys.exit(f"error: the loss became {loss.item()} at step {step}; nothing was written. "
-                         f"Lower --lr.")
+            stop_if_diverged(loss, step, "Lower --lr")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
@@ -1741,6 +1739,7 @@ def check_messages(messages):
 #   tokenizer   load_tokenizer
 #   model       GPT
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, write_atomic
+#   finite      stop_if_diverged
 #   save        save_model
 #   sampling    generate
 #   chat        render_conversation, render_prompt, parse_reply, TURN_START
@@ -1843,7 +1842,8 @@ class Parser(argparse.ArgumentParser):
 
     @staticmethod
     def temperature(text):   # 0 is greedy; just above 0, logits / temperature overflows to inf
-        return bounded(text, float, at_least=0) and bounded(text, float, at_least=0.01)
+        value = bounded(text, float, at_least=0)
+        return value if value == 0 else bounded(text, float, at_least=0.01)
 
     @staticmethod
     def at_least(n):
@@ -2216,6 +2216,17 @@ def read_json(path, hint, lines=False, keys=(), check=None):
             sys.exit(f"error: {where}{path} {problem}: {hint}.")
     return rows if lines else rows[0]
 # --- end shared: checkpoint ---
+
+
+# --- shared: finite (origin: 02_sft.py) ---
+def stop_if_diverged(value, step, hint, what="the loss"):
+    """Training has diverged if a loss (or a sum over the weights) is nan or inf: stop with one sentence
+    naming the step, before anything is written (a run is written whole at its end), not with a
+    traceback later, where sampling meets the nan."""
+    value = torch.as_tensor(value).item()   # a loss tensor too, without the warning float() gives
+    if not math.isfinite(value):
+        sys.exit(f"error: {what} became {value} at step {step}; nothing was written. {hint}.")
+# --- end shared: finite ---
 
 
 # --- shared: save (origin: 01_pretrain.py) ---

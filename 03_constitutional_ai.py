@@ -343,9 +343,7 @@ def label_histogram(pairs, bins=10):
 def descend(model, optimizer, loss, phase, step, lr):
     """One optimizer step at learning rate lr, gradients clipped to norm 1; -> the loss. A loss that
     is not finite stops the stage with one sentence before anything is written."""
-    if not math.isfinite(loss.item()):
-        sys.exit(f"error: the {phase} loss became {loss.item()} at step {step}; nothing was written. "
-                 f"Lower its learning rate.")
+    stop_if_diverged(loss, step, "Lower its learning rate", f"the {phase} loss")
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss.backward()
@@ -747,9 +745,7 @@ def run_rl_cai(sl_model, pm, enc, world, args, generator):
     for step in tqdm(range(args.rl_steps), desc="RL-CAI", dynamic_ncols=True):
         items = rng.sample(rl_pool, args.rl_prompts)
         stats = rl_step(policy, reference, pm, enc, items, optimizer, args, generator)
-        if not math.isfinite(stats["loss"]):
-            sys.exit(f"error: the RL loss became {stats['loss']} at step {step}; nothing was written. "
-                     "Lower --rl_lr.")
+        stop_if_diverged(stats["loss"], step, "Lower --rl_lr", "the RL loss")
         history.append({"step": step + 1, **stats})
     return policy, history
 
@@ -1069,6 +1065,7 @@ def fact_request(world, rng, train):
 #   tokenizer   load_tokenizer
 #   model       GPT (final_hidden reads its parts)
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, write_atomic
+#   finite      stop_if_diverged
 #   save        save_model
 #   precision   autocast
 #   sampling    (used by replies)
@@ -1176,7 +1173,8 @@ class Parser(argparse.ArgumentParser):
 
     @staticmethod
     def temperature(text):   # 0 is greedy; just above 0, logits / temperature overflows to inf
-        return bounded(text, float, at_least=0) and bounded(text, float, at_least=0.01)
+        value = bounded(text, float, at_least=0)
+        return value if value == 0 else bounded(text, float, at_least=0.01)
 
     @staticmethod
     def at_least(n):
@@ -1549,6 +1547,17 @@ def read_json(path, hint, lines=False, keys=(), check=None):
             sys.exit(f"error: {where}{path} {problem}: {hint}.")
     return rows if lines else rows[0]
 # --- end shared: checkpoint ---
+
+
+# --- shared: finite (origin: 02_sft.py) ---
+def stop_if_diverged(value, step, hint, what="the loss"):
+    """Training has diverged if a loss (or a sum over the weights) is nan or inf: stop with one sentence
+    naming the step, before anything is written (a run is written whole at its end), not with a
+    traceback later, where sampling meets the nan."""
+    value = torch.as_tensor(value).item()   # a loss tensor too, without the warning float() gives
+    if not math.isfinite(value):
+        sys.exit(f"error: {what} became {value} at step {step}; nothing was written. {hint}.")
+# --- end shared: finite ---
 
 
 # --- shared: save (origin: 01_pretrain.py) ---

@@ -279,9 +279,7 @@ def train(policy, train_pairs, pad, args, epochs=None, tag=""):
                 policy.train()
                 batch = [train_pairs[j] for j in order[i:i + args.batch_size]]
                 loss, stats = pair_batch_loss(policy, batch, pad, args)
-                if not math.isfinite(stats["loss"]):
-                    sys.exit(f"error: the loss became {stats['loss']} at step {step}; nothing was written. "
-                             "Lower --lr.")
+                stop_if_diverged(stats["loss"], step, "Lower --lr")
                 for group in optimizer.param_groups:
                     group["lr"] = args.lr * min((step + 1) / warmup, (total - step) / max(1, total - warmup))
                 loss.backward()
@@ -570,6 +568,7 @@ def online_pairs(policy, judge, enc, requests, principles, round_, max_len, args
 #   tokenizer   load_tokenizer
 #   model       GPT
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, write_atomic
+#   finite      stop_if_diverged
 #   save        save_model
 #   precision   autocast
 #   sampling    (used by replies)
@@ -677,7 +676,8 @@ class Parser(argparse.ArgumentParser):
 
     @staticmethod
     def temperature(text):   # 0 is greedy; just above 0, logits / temperature overflows to inf
-        return bounded(text, float, at_least=0) and bounded(text, float, at_least=0.01)
+        value = bounded(text, float, at_least=0)
+        return value if value == 0 else bounded(text, float, at_least=0.01)
 
     @staticmethod
     def at_least(n):
@@ -1050,6 +1050,17 @@ def read_json(path, hint, lines=False, keys=(), check=None):
             sys.exit(f"error: {where}{path} {problem}: {hint}.")
     return rows if lines else rows[0]
 # --- end shared: checkpoint ---
+
+
+# --- shared: finite (origin: 02_sft.py) ---
+def stop_if_diverged(value, step, hint, what="the loss"):
+    """Training has diverged if a loss (or a sum over the weights) is nan or inf: stop with one sentence
+    naming the step, before anything is written (a run is written whole at its end), not with a
+    traceback later, where sampling meets the nan."""
+    value = torch.as_tensor(value).item()   # a loss tensor too, without the warning float() gives
+    if not math.isfinite(value):
+        sys.exit(f"error: {what} became {value} at step {step}; nothing was written. {hint}.")
+# --- end shared: finite ---
 
 
 # --- shared: save (origin: 01_pretrain.py) ---

@@ -1334,7 +1334,8 @@ class Parser(argparse.ArgumentParser):
 
     @staticmethod
     def temperature(text):   # 0 is greedy; just above 0, logits / temperature overflows to inf
-        return bounded(text, float, at_least=0) and bounded(text, float, at_least=0.01)
+        value = bounded(text, float, at_least=0)
+        return value if value == 0 else bounded(text, float, at_least=0.01)
 
     @staticmethod
     def at_least(n):
@@ -1709,7 +1710,7 @@ def read_json(path, hint, lines=False, keys=(), check=None):
 # --- end shared: checkpoint ---
 
 
-# --- shared: finite (origin: 05_grpo_reasoning.py) ---
+# --- shared: finite (origin: 02_sft.py) ---
 def stop_if_diverged(value, step, hint, what="the loss"):
     """Training has diverged if a loss (or a sum over the weights) is nan or inf: stop with one sentence
     naming the step, before anything is written (a run is written whole at its end), not with a
