@@ -614,8 +614,7 @@ def train(args, run):
             if stop_requested(args, run, step, interrupted):
                 save_train_state(args, run, step + 1)
                 run.log(f"\nstopped after step {step + 1}; continue with the same flags plus --resume.")
-                if dist.is_initialized():
-                    dist.destroy_process_group()
+                leave_process_group()
                 sys.exit(130 if interrupted else 0)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
@@ -773,8 +772,7 @@ def main(argv=None):
     train(args, run)                   # .train_seconds; Ctrl-C or --stop_after_step saves and exits
     if run.master:
         write_outputs(args, run, *final_evaluation(args, run))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_process_group()
 
 
 def set_up_device(args):
@@ -2167,6 +2165,14 @@ def save_train_state(args, run, step):
 # ----------------------------------------------------------------------------------------------
 # Errors, and the device: peak FLOP/s for MFU, and a name for the report
 # ----------------------------------------------------------------------------------------------
+def leave_process_group():
+    """Every rank waits for the others before tearing down: a rank that destroys its gloo group while
+    a peer is still working (rank 0's final evaluation) can abort in gloo's teardown (SIGABRT)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def fail(message, code=1):
     """One sentence to the user, a non-zero exit, no traceback."""
     print(f"error: {message}", file=sys.stderr, flush=True)
