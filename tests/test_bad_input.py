@@ -464,3 +464,69 @@ def test_a_full_disk_while_writing_keeps_the_earlier_run(tiny_pretrain, small_di
     assert snapshot(out) == before
     assert sorted(p.name for p in small_disk.iterdir()) == ["run"]
     assert filecmp.cmp(out / "model.pt", pathlib.Path(tiny_pretrain[0]) / "model.pt", shallow=False)
+
+
+# Stages 05-08 through the session's tiny chain: (script, the fixtures its flags read, the flags)
+LATER_STAGES = {
+    "05_grpo_reasoning.py": lambda get: ["--init", get("tiny_dpo")],
+    "06_character.py": lambda get: ["--init", get("tiny_grpo")],
+    "07_sae_interp.py": lambda get: ["--init", get("tiny_character")],
+    "08_welfare_eval.py": lambda get: ["--checkpoints", get("tiny_interp")],
+}
+
+
+def later_stage_flags(script, request):
+    return LATER_STAGES[script](lambda name: request.getfixturevalue(name)[0])
+
+
+@pytest.mark.parametrize("script", LATER_STAGES)
+def test_a_disk_that_fills_during_the_final_writes_keeps_the_earlier_run(script, tiny_pretrain, small_disk,
+                                                                         request):
+    """The earlier run sits on a small disk with 100 KiB left: the new run trains and evaluates (its
+    progress bars on stderr), then fails while writing its files with one sentence, the last line, and
+    leaves no partial folder behind."""
+    out = small_disk / "run"
+    shutil.copytree(tiny_pretrain[0], out)
+    before = snapshot(out)
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    (small_disk / "ballast").write_bytes(b"\0" * (free - 100 * 1024))
+    result = run_script(script, "--preset", "tiny", "--out", out, *later_stage_flags(script, request),
+                        timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: could not write the results")
+    assert snapshot(out) == before
+    assert sorted(p.name for p in small_disk.iterdir()) == ["ballast", "run"]
+
+
+# Runs a stage as its own process and kills it with SIGKILL the moment its staged run has moved the
+# earlier run aside and before the new one takes its place: the worst moment of the final writes.
+KILL_BETWEEN_THE_RENAMES = """
+import os, runpy, signal, sys
+out, real_replace = os.path.abspath(sys.argv[1]), os.replace
+def replace(src, dst, **kwargs):
+    real_replace(src, dst, **kwargs)
+    if os.path.abspath(src) == out:
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", LATER_STAGES)
+def test_a_kill_during_the_final_writes_loses_nothing_and_a_rerun_finishes(script, tiny_pretrain, tmp_path,
+                                                                          request):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_pretrain[0], out)
+    before = snapshot(out)
+    flags = ["--preset", "tiny", "--out", str(out), *map(str, later_stage_flags(script, request))]
+    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_THE_RENAMES, str(out), str(ROOT / script),
+                             *flags], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not out.exists() and snapshot(tmp_path / ".run.old") == before   # set aside, intact
+    assert (tmp_path / ".run.new" / "report.md").exists()                   # the new run was complete
+    rerun = run_script(script, *flags, timeout=300)
+    assert rerun.returncode == 0 and "Traceback" not in rerun.stderr, rerun.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]            # nothing left over
+    assert (out / "report.md").exists() and snapshot(out) != before
