@@ -807,7 +807,8 @@ def make_problem(world, family, difficulty, rng, held_template, reserved=False):
 
 def purchases(reserved):
     """The (count 2-9, price 2-12) purchases on one side of the split: 20 of the 88 are reserved."""
-    return [(n, price) for n in range(2, 10) for price in range(2, 13) if reserved_product(n, price) == reserved]
+    return [(n, price) for n in range(2, 10) for price in range(2, 13)
+            if reserved_product(n, price) == reserved]
 
 
 def _arithmetic(world, n_goods, rng, held_template, reserved=False):
