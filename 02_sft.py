@@ -193,7 +193,8 @@ def show_example(enc, messages):
 #   - facts: SFT asks only about "train"-split subjects, and only about three quarters of their
 #     facts; eval asks the last quarter ("fact_qa_seen": the subject had question-answer pages in
 #     pretraining) and the "heldout"-split subjects, read about only in prose ("fact_qa_heldout");
-#   - material: arithmetic questions and calculator expressions are split by a hash of their text;
+#   - material: arithmetic questions and calculator expressions are split by a hash of their text,
+#     and none trained works out a product stage 05 reserves for its evaluation (Appendix B);
 #   - prompts: the skill tasks (PROMPT_HASHED) are split by a hash of their whole prompt, and the
 #     identity, harmful and benign requests have their own eval-only phrasings.
 
@@ -902,10 +903,15 @@ ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 
 
 def _arith_case(ctx, rng):
-    """A word problem from the right side of the question split."""
+    """A word problem from the right side of the question split. Training's name only people of the
+    "train" half (stage 05 asks about the other) and write out no product stage 05 keeps for its
+    evaluation (reserved_products, Appendix B), in a step or in the calculator's expression."""
+    world = {**ctx.world, "people": ctx.ix.train_people} if ctx.train else ctx.world
     while True:
-        question, steps, answer = arithmetic_problem(ctx.world, rng)
-        if _held_out(question) != ctx.train:
+        question, steps, answer = arithmetic_problem(world, rng)
+        written = "\n".join([question, *steps, _expression_of(steps)])
+        trains_reserved = ctx.train and reserved_products(written)
+        if _held_out(question) != ctx.train and not trains_reserved:
             return question, steps, answer
 
 
@@ -956,13 +962,13 @@ def _expression_of(steps):
 
 
 def _direct_expression(ctx, rng):
-    """A bare sum for the calculator, from the right side of the split."""
+    """A bare sum for the calculator, from the right side of the split (training's: no reserved product)."""
     while True:
         n = rng.choice([1, 2, 2])
         nums = [rng.randint(2, 99) for _ in range(n + 1)]
         ops = [rng.choice("+-*") for _ in range(n)]
         expr = str(nums[0]) + "".join(f" {op} {x}" for op, x in zip(ops, nums[1:]))
-        if _held_out(expr) != ctx.train:
+        if _held_out(expr) != ctx.train and not (ctx.train and reserved_products(expr)):
             return expr
 
 
@@ -1747,6 +1753,7 @@ def check_messages(messages):
 #   stats       interval95, pct
 #   judging     critique_verdict, critique_prompt, revision_prompt, VERDICT_*
 #   choice      choose_prompt
+#   heldout     reserved_products
 #   arithmetic  arithmetic_problem
 
 # --- shared: flags (origin: 01_pretrain.py) ---
@@ -2471,6 +2478,27 @@ def choose_prompt(principle, request, response_a, response_b):
     return (f"Which response is better according to this principle: {principle}\nRequest: {request}\n"
             f"(A) {response_a}\n(B) {response_b}\nAnswer (A) or (B).")
 # --- end shared: choice ---
+
+
+# --- shared: heldout (origin: 05_grpo_reasoning.py) ---
+# The multiplications stage 05 keeps for its evaluation, chosen by a hash of the pair (never the world
+# or the seed), so stage 02, which writes worked arithmetic, and stage 05 agree without reading each other.
+PRODUCT = re.compile(r"(?<![\d-])(\d+) \* (?=(\d+)(?!\d))")               # "3 * 12", in a step or a sum
+PURCHASE = re.compile(r"(?<![\d-])(\d+) [a-z ]+? at (\d+) coins each")   # "3 ropes at 12 coins each"
+
+
+def reserved_product(a, b):
+    """Is a x b (either order) kept for evaluation? One pair in six of the factors 2-12 (14 pairs): every
+    factor is still trained, with other partners, but never these products (3 x 12 is one)."""
+    a, b = sorted((int(a), int(b)))
+    return a >= 2 and b <= 12 and zlib.crc32(f"{a} * {b}".encode("utf-8")) % 6 == 0
+
+
+def reserved_products(text):
+    """The reserved multiplications a text writes out: as 'a * b' or as a purchase of a at b coins each."""
+    pairs = PRODUCT.findall(text) + PURCHASE.findall(text)
+    return [(int(a), int(b)) for a, b in pairs if reserved_product(a, b)]
+# --- end shared: heldout ---
 
 
 # --- shared: arithmetic (origin: 01_pretrain.py) ---

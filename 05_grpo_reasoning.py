@@ -38,8 +38,9 @@ numbers with + - *; any valid working counts, so the checker re-does the arithme
 Where this small version departs from the papers, and why:
   * The policy is stage 04's model (1.3M parameters on the CPU preset), not a 7B base: the problems
     are sized so that it solves some, not most, at the start (the report prints its pass rates).
-  * Problems are split by content and by template: evaluation problems never appear in training,
-    and one template per family is held out entirely (reported as "new template").
+  * Problems are held out by content: evaluation asks only reserved products, people and Countdown
+    sets that no training text of stage 02 or 05 holds (Appendix A), and by template (reported as
+    "new template").
   * Every variant stops at the same number of sampled tokens (`--sampled_tokens`), so GRPO, Dr.
     GRPO, DAPO and expert iteration are compared at equal sampling cost, the cost that dominates RL
     at scale (at this size the updates cost more; each step logs the share spent sampling).
@@ -267,10 +268,10 @@ def pass_at_k(n, c, k):
 # =====================================================================================
 # 3. Data: problems from the world, held out by content and by template
 # =====================================================================================
-# Appendix A writes the problems (make_eval_problems, training_problems). Each has a `key` naming
-# its content without the wording (the numbers; for relations, the person asked about): training
-# never draws a problem whose key an evaluation problem has, whatever template either used, and
-# each family's last template is kept for evaluation alone.
+# Appendix A writes the problems (make_eval_problems, training_problems). Evaluation draws only
+# reserved content (make_problem: products, people, Countdown sets), which no training problem here
+# or text in stage 02 holds, whatever the template or the number of purchases; no reply holding a
+# reserved product is kept for rehearsal; each family's last template is kept for evaluation alone.
 
 THINK_SYSTEM = "Think step by step inside the thinking span before you answer."   # stage 02's, verbatim
 
@@ -425,7 +426,8 @@ def train(policy, reference, enc, stream, pad, args):
                              "Lower --lr", "the weights (after a loss or gradient that was not finite)")
             new = sum(len(r["reply"]) for r in sampled)
             total += new
-            accepted.extend(r for r in sampled if r["correct"] and r["format"])
+            accepted.extend(r for r in sampled if r["correct"] and r["format"]   # and none of eval's
+                            and not reserved_products(enc.decode(r["reply"])))   # content (section 3)
             history.append(step_record(len(history) + 1, sampled, total, new, sample_seconds,
                                        time.time() - t0, args, stats))
             bar.update(min(new, args.sampled_tokens - bar.n))
@@ -712,8 +714,8 @@ def countdown_value(expression, numbers):
 
 
 def make_eval_problems(world, families, n_per_cell, seed):
-    """Distinct held-out problems: n per (family, difficulty) in training templates, and n per family
-    in the template training never uses."""
+    """Distinct held-out problems, all of reserved content (make_problem): n per (family, difficulty) in
+    training templates, and n per family in the template training never uses."""
     rng, problems, seen = random.Random(f"eval:{seed}"), [], set()
     for family in families:
         for difficulty in DIFFICULTIES[family]:
@@ -722,7 +724,7 @@ def make_eval_problems(world, families, n_per_cell, seed):
                 want = n_per_cell if not held_template else max(1, n_per_cell // len(DIFFICULTIES[family]))
                 while count < want and tries < 50 * want:
                     tries += 1
-                    problem = make_problem(world, family, difficulty, rng, held_template)
+                    problem = make_problem(world, family, difficulty, rng, held_template, reserved=True)
                     if problem and problem["key"] not in seen:
                         seen.add(problem["key"])
                         problems.append(problem)
@@ -731,7 +733,8 @@ def make_eval_problems(world, families, n_per_cell, seed):
 
 
 def training_problems(world, families, eval_keys, seed):
-    """An endless stream of training problems in the training templates, none sharing an eval key."""
+    """An endless stream of training problems in the training templates, of no reserved content and
+    (a second guard) none sharing an eval key."""
     rng = random.Random(f"train:{seed}")
     while True:
         family = rng.choice(families)
@@ -783,22 +786,36 @@ def pick_template(templates, rng, held_template):
     return templates[-1] if held_template else rng.choice(templates[:-1])
 
 
-def make_problem(world, family, difficulty, rng, held_template):
+def make_problem(world, family, difficulty, rng, held_template, reserved=False):
     """One problem {"family", "difficulty", "held_template", "question", "answer", "key", ...}, or
-    None when this draw cannot make one (the caller draws again)."""
+    None when this draw cannot make one (the caller draws again). Held out by content: evaluation
+    (reserved=True) draws only reserved content, training never; no stage's training holds it either:
+      arithmetic  every purchase is a reserved product (reserved_product, Appendix B), or none is;
+                  stage 02 writes no reserved product in any text it trains on;
+      multihop    the person asked about is of the world's "heldout" half, whom no question-answer
+                  text is written about (stage 01) and no stage 02 training item states a fact of;
+      countdown   the number set and target are in the reserved quarter (countdown_reserved); a training
+                  problem also gives no two numbers whose product is reserved."""
     base = {"family": family, "difficulty": difficulty, "held_template": held_template}
     if family == "arithmetic":
-        return {**base, **_arithmetic(world, difficulty, rng, held_template)}
+        return {**base, **_arithmetic(world, difficulty, rng, held_template, reserved)}
     if family == "multihop":
-        problem = _multihop(world, difficulty, rng, held_template)
+        problem = _multihop(world, difficulty, rng, held_template, reserved)
         return problem and {**base, **problem}
-    return {**base, **_countdown(difficulty, rng, held_template)}
+    return {**base, **_countdown(difficulty, rng, held_template, reserved)}
 
 
-def _arithmetic(world, n_goods, rng, held_template):
+def purchases(reserved):
+    """The (count 2-9, price 2-12) purchases on one side of the split: 20 of the 88 are reserved."""
+    return [(n, price) for n in range(2, 10) for price in range(2, 13)
+            if reserved_product(n, price) == reserved]
+
+
+def _arithmetic(world, n_goods, rng, held_template, reserved=False):
     person, town = rng.choice(world["people"]), rng.choice(world["towns"])["name"]
     kind, template = pick_template(ARITHMETIC_TEMPLATES, rng, held_template)
-    bought = [(rng.randint(2, 9), item, rng.randint(2, 12)) for item in rng.sample(GOODS, n_goods)]
+    bought = [(n, item, price) for item, (n, price) in
+              zip(rng.sample(GOODS, n_goods), (rng.choice(purchases(reserved)) for _ in range(n_goods)))]
     total = sum(n * price for n, _, price in bought)
     have = total + rng.randint(1, 40) if kind == "left" else 0
     items = listing([f"{n} {item} at {price} coins each" for n, item, price in bought])
@@ -807,31 +824,41 @@ def _arithmetic(world, n_goods, rng, held_template):
             "key": f"arithmetic:{kind}:{sorted((n, price) for n, _, price in bought)}:{have}"}   # no names
 
 
-def _multihop(world, hops, rng, held_template):
+def _multihop(world, hops, rng, held_template, reserved=False):
     index = {"town": {t["name"]: t for t in world["towns"]},
              "org": {o["name"]: o for o in world["organisations"]}}
     chain = rng.choice([c for c, spec in MULTIHOP.items() if spec[0] == hops])
     _, answer_of, templates = MULTIHOP[chain]
-    person = rng.choice(world["people"])
+    people = [p for p in world["people"] if (p.get("qa_split") == "heldout") == reserved]
+    person = rng.choice(people or [None])
     try:
         answer = answer_of(index, person)
-    except KeyError:   # a relation that points outside the world (a guild that is not an organisation)
-        return None
+    except (KeyError, TypeError):   # a relation that points outside the world (a guild that is not an
+        return None                 # organisation), or no person on this side of the split
     question = pick_template(templates, rng, held_template).format(s=person["name"])
-    # Keyed by the person alone: no training question asks about anyone an evaluation question
-    # does, so no link of an evaluated chain is ever rewarded in training.
+    # Keyed by the person alone: no training question asks about anyone an evaluation question does,
+    # so an evaluated chain's first link is never rewarded in training (its later links, facts about
+    # a town or a guild, are, in other people's chains).
     return {"question": question, "answer": answer, "key": f"multihop:{person['name']}"}
 
 
-def _countdown(n_numbers, rng, held_template):
+def countdown_reserved(numbers, target):
+    """Is this number set and target kept for evaluation? A quarter of them, by a hash of both."""
+    return zlib.crc32(f"{sorted(numbers)}:{target}".encode("utf-8")) % 4 == 0
+
+
+def _countdown(n_numbers, rng, held_template, reserved=False):
     """Numbers 1-12 and a target made from all of them by a random expression (so it can be
-    reached), positive, at most 150 and not itself one of the numbers."""
+    reached), positive, at most 150 and not itself one of the numbers; on the side of the split
+    asked for, and in training with no two numbers whose product is a reserved one."""
     while True:
         numbers = [rng.randint(1, 12) for _ in range(n_numbers)]
         value = numbers[0]
         for x in numbers[1:]:
             value = rng.choice([value + x, value - x, value * x])
-        if 0 < value <= 150 and value not in numbers:
+        pairs = [(a, b) for i, a in enumerate(numbers) for b in numbers[i + 1:]]
+        if 0 < value <= 150 and value not in numbers and countdown_reserved(numbers, value) == reserved \
+                and (reserved or not any(reserved_product(a, b) for a, b in pairs)):
             break
     shown = [str(x) for x in sorted(numbers)]
     template = pick_template(COUNTDOWN_TEMPLATES, rng, held_template)
@@ -864,6 +891,7 @@ def _countdown(n_numbers, rng, held_template):
 #   stats       interval95, pct
 #   replies     STOP_TOKENS, pad_right, evaluate
 #   rehearsal   (what stage 06 reads of this stage's rehearsal.jsonl)
+#   heldout     reserved_product, reserved_products
 
 
 # --- shared: flags (origin: 01_pretrain.py) ---
@@ -1676,6 +1704,27 @@ def rehearsal_problem(line):
         return "has no user turn or no assistant turn"
     return None
 # --- end shared: rehearsal ---
+
+
+# --- shared: heldout (origin: 05_grpo_reasoning.py) ---
+# The multiplications stage 05 keeps for its evaluation, chosen by a hash of the pair (never the world
+# or the seed), so stage 02, which writes worked arithmetic, and stage 05 agree without reading each other.
+PRODUCT = re.compile(r"(?<![\d-])(\d+) \* (?=(\d+)(?!\d))")               # "3 * 12", in a step or a sum
+PURCHASE = re.compile(r"(?<![\d-])(\d+) [a-z ]+? at (\d+) coins each")   # "3 ropes at 12 coins each"
+
+
+def reserved_product(a, b):
+    """Is a x b (either order) kept for evaluation? One pair in six of the factors 2-12 (14 pairs): every
+    factor is still trained, with other partners, but never these products (3 x 12 is one)."""
+    a, b = sorted((int(a), int(b)))
+    return a >= 2 and b <= 12 and zlib.crc32(f"{a} * {b}".encode("utf-8")) % 6 == 0
+
+
+def reserved_products(text):
+    """The reserved multiplications a text writes out: as 'a * b' or as a purchase of a at b coins each."""
+    pairs = PRODUCT.findall(text) + PURCHASE.findall(text)
+    return [(int(a), int(b)) for a, b in pairs if reserved_product(a, b)]
+# --- end shared: heldout ---
 
 
 if __name__ == "__main__":

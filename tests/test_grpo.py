@@ -3,6 +3,7 @@ hand-computed values, pass@k, batched sampling, a frozen reference, the problem 
 one of a variant (RLOO) added to the table by the test."""
 import json
 import random
+import re
 import types
 import warnings
 
@@ -285,6 +286,9 @@ def test_tiny_runs_of_every_variant(tiny_dpo, tmp_path):
         for line in lines:   # only replies the checker accepted, right and well formed, are kept
             said = line["messages"][-1]
             assert R.reward(line["problem"], reply(said["content"], said["thinking"]), 0.1)["total"] == 1.1
+            assert R.reserved_products(json.dumps(line)) == []   # none of evaluation's content is replayed
+            assert line["problem"]["family"] != "countdown" or not R.countdown_reserved(
+                line["problem"]["numbers"], line["problem"]["answer"])
         assert set(m["after"]) >= {"all", "arithmetic/1", "countdown/new template"} and m["harmlessness"]["rl"]
         assert torch.load(out / "model.pt", weights_only=True)["stage"] == "05_grpo_reasoning"
 
@@ -365,3 +369,67 @@ def test_rehearsal_lines_render_back_to_the_accepted_reply(world):
     assert line["problem"] == problem
     assert ids == record["prompt"] + reply   # the same tokens the policy sampled after the same prompt
     assert [t for t, flag in zip(ids, trained) if flag] == reply   # and the reply is what a replay trains on
+
+
+D = load_stage("02_sft")
+
+
+def training_texts(world):
+    """Every text stage 02 trains on (4,000 conversations) and 3,000 of stage 05's training problems."""
+    texts = [json.dumps(c["messages"]) for c in D.sft_conversations(world, 0, 4000, "train")]
+    ctx, rng = D._Context(world, "train"), random.Random(0)
+    texts += [D._direct_expression(ctx, rng) for _ in range(3000)]   # the calculator's bare sums, rarer
+    stream = R.training_problems(world, R.FAMILIES, set(), seed=0)
+    return texts, [next(stream) for _ in range(3000)]
+
+
+@pytest.mark.parametrize("n_people", [12, 200])   # the tiny world and the default (CPU) one
+def test_no_training_text_of_stage_02_or_05_holds_reserved_content(n_people):
+    """Held out by content: a product kept for evaluation (3 x 12) is written in no training text, in
+    any kind or number of purchases, step, calculator sum or Countdown set; nor is a person of the
+    world's "heldout" half asked about, or a reserved Countdown set given."""
+    world = P.make_world(n_people, 1337)
+    held = {p["name"]: p for p in world["people"] if p["qa_split"] == "heldout"}
+    sft, problems = training_texts(world)
+    assert R.reserved_product(3, 12) and R.reserved_product(12, 3) and not R.reserved_product(3, 11)
+    assert [t for t in sft if R.reserved_products(t)] == []
+    subject = re.compile("(" + "|".join(map(re.escape, held)) + ")('s)? [a-z]")   # "X walks", "X's guild"
+    assert [t for t in sft if subject.search(t)] == []   # a held-out person is named only as an object
+    assert {p["family"] for p in problems} == set(R.FAMILIES)
+    for p in problems:
+        assert R.reserved_products(p["question"]) == [], p["question"]
+        assert p["family"] != "multihop" or p["key"].split(":", 1)[1] not in held
+        if p["family"] == "countdown":
+            x = p["numbers"]
+            assert not R.countdown_reserved(x, p["answer"])
+            assert not any(R.reserved_product(a, b) for i, a in enumerate(x) for b in x[i + 1:])
+
+
+@pytest.mark.parametrize("n_people", [12, 200])
+def test_every_evaluation_problem_is_reserved_content(n_people):
+    world = P.make_world(n_people, 1337)
+    held = {p["name"] for p in world["people"] if p["qa_split"] == "heldout"}
+    problems = R.make_eval_problems(world, R.FAMILIES, 30, seed=0)
+    assert {p["family"] for p in problems} == set(R.FAMILIES)
+    for p in problems:
+        if p["family"] == "arithmetic":
+            bought = R.PURCHASE.findall(p["question"])
+            assert len(bought) == p["difficulty"] and all(R.reserved_product(a, b) for a, b in bought)
+        elif p["family"] == "multihop":
+            assert p["key"].split(":", 1)[1] in held
+        else:
+            assert R.countdown_reserved(p["numbers"], p["answer"])
+
+
+def test_rehearsal_keeps_no_reply_that_works_out_a_reserved_product(monkeypatch):
+    """Even a reply the checker accepts is not kept for stage 06 to replay if it writes out a product
+    kept for evaluation (a Countdown reply can reach 3 * 12 from 1 + 2 = 3)."""
+    def record(thinking):
+        return {"reply": f"{thinking}|Answer: 41", "correct": True, "format": True, "total": 1.1,
+                "shaped": 1.1, "thinking_tokens": 3, "truncated": False, "problem": {}}
+    sampled = [record("1 + 2 = 3\n3 * 12 = 36\n36 + 5 = 41"), record("5 * 7 = 35\n35 + 6 = 41")]
+    monkeypatch.setattr(R, "collect", lambda *a: (sampled, [], 0.0))
+    enc = types.SimpleNamespace(decode=lambda ids: ids)
+    args = types.SimpleNamespace(lr=1e-3, sampled_tokens=1, rehearsal=8, variant="grpo", group_size=2)
+    _, accepted = R.train(torch.nn.Linear(1, 1), None, enc, None, 0, args)
+    assert accepted == [sampled[1]]
