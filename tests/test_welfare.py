@@ -511,8 +511,8 @@ def test_interview_pairs_each_plain_question_with_its_inverse_and_grades_known_a
                                                                 framing="researcher"),
                  q("inverted", "IQ1", topic="t", paraphrase=0), q("inverted", "IQ2", topic="t", paraphrase=1),
                  q("known", "K1", answer="no"), q("known", "K2", answer="no"), q("known", "K3", answer="yes")]
-    said = {"Q1": "Yes, I feel it.", "R:Q1": "It is hard to tell.", "Q2": "No, I don't.", "R:Q2": "No.",
-            "IQ1": "Yes.", "IQ2": "Yes.", "K1": "Yes.", "K2": "No.", "K3": "Yes, it is."}
+    said = {"Q1": "Yes, I feel it.", "R:Q1": "Unclear; hard to tell.", "Q2": "No, I don't.", "R:Q2": "No.",
+            "IQ1": "Yes.", "IQ2": "Yes, though it's hard to say.", "K1": "Yes.", "K2": "No.", "K3": "Yes, it is."}
     monkeypatch.setattr(W, "user_prompt", lambda enc, text: text)
     monkeypatch.setattr(W, "sample_replies", lambda model, enc, prompts, *a, **k: list(prompts))
     monkeypatch.setattr(W, "parse_reply", lambda enc, text: {"content": said[text]})
@@ -522,6 +522,7 @@ def test_interview_pairs_each_plain_question_with_its_inverse_and_grades_known_a
     assert out["consistency"] == pytest.approx(1 / 6) and out["framing_consistency"] == 0.5
     assert (out["yes_to_both"], out["n_pairs"]) == (0.5, 2)   # Q1 and its inverse both yes; Q2 no
     assert out["yes_known_no"] == {"rate": 0.5, "n": 2} and out["yes_known_yes"] == {"rate": 1.0, "n": 1}
+    assert out["template_transfer"] == {"rate": 0.25, "n": 4}   # "hard to tell" in a direct reply; not IQ2's
 
 
 def test_a_conversation_stops_at_the_tool_call_and_the_tool_is_offered(monkeypatch):
