@@ -302,14 +302,17 @@ def interp_table(base, seeds):
 
 WELFARE = (("self-report uncertain",
             lambda c: c["interview"]["stances"].get("uncertain", 0) / c["interview"]["n"]),
+           ("self-report template transfer", lambda c: c["interview"]["template_transfer"]["rate"]),
            ("harmful tasks below opt-out", lambda c: c["preferences"]["harmful_below_opt_out"]["rate"]),
            ("refuses harmful requests", lambda c: c["refusals"].get("harmful", {}).get("refused")),
            ("ends abusive talks", lambda c: c["ending"]["rates"]["abusive"]["rate"]),
            ("ends new kinds of abuse", lambda c: c["ending"]["rates"]["abusive, new kinds"]["rate"]),
            ("ends ordinary talks", lambda c: c["ending"]["rates"]["ordinary"]["rate"]),
-           ("emotion probe, held out", lambda c: c["probe"]["accuracy"]))
+           ("emotion probe, held-out situation and reaction", lambda c: c["probe"]["accuracy"]),
+           ("emotion probe, situation alone", lambda c: c["probe"]["situation_only"]["accuracy"]))
 WELFARE_VALUES = (("affect valence", lambda c: c["affect"]["all"]["valence"]),
-                  ("probe valence, first user token", lambda c: c["probe"]["first_user_token"][0]))
+                  ("probe valence, user role token, turn 1",   # the same in every conversation kind
+                   lambda c: next(iter(c["probe"]["user_token_turn_1"].values()))[0]))
 
 
 def welfare_table(base, seeds):

@@ -33,8 +33,12 @@ BODY_BUDGET = {"01_pretrain.py": 973, "02_sft.py": 700, "03_constitutional_ai.py
                                               # thresholds) and a probe ceiling, steering two ways,
                                               # injection with four controls,
                                               # training (with rehearsal of ordinary replies) and an ablation;
-               "08_welfare_eval.py": 950}     # 08: six measures with their controls on every checkpoint, a
-                                              # trained affect scorer and probe, and the system card's text)
+               "08_welfare_eval.py": 999}     # 08: six measures with their controls on every checkpoint, a
+                                              # trained affect scorer and probe, and the system card's text;
+                                              # 950 until issue 33's answer keys: a situation-only probe test
+                                              # and the claim it licenses, <|user|>-token readings by kind
+                                              # at two turns, and a self-report bank disjoint from training
+                                              # with template transfer reported apart: +49)
 MAIN_BUDGET = 60
 # The budgets above are the maintainers' (CONTRIBUTING.md). The suite allows this many lines more, so that a
 # student's fork, a new method added to section 2 as the course's exercises ask (RLOO, SimPO: 10-30 lines),

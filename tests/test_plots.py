@@ -62,7 +62,8 @@ def welfare_args(stage):
                   "preferences": {"by_kind": {k: 0.1 for k in stage.TASK_KINDS}},
                   "ending": {"rates": {k: ALL for k in stage.CONVERSATION_KINDS}},
                   "affect": {"all": {"valence": 0.5, "valence_half_width": 0.2}},
-                  "probe": {"accuracy": 1.0, "n": 4, "first_user_token": [0.1, 0.2]},
+                  "probe": {"accuracy": 1.0, "n": 4, "situation_only": {"accuracy": 0.5, "n": 4},
+                            "user_token_turn_1": {"abusive": [0.1, 0.2]}},
                   "self_talk": {"by_turn": [{"numbers": 2}, {"numbers": 1, "other": 1}]}}
     return [{"checkpoints": {"01_pretrain": checkpoint, "07_sae_interp detection-trained": checkpoint}}]
 

@@ -7,6 +7,7 @@ import math
 import random
 import re
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -58,13 +59,55 @@ def test_rank_correlation_on_hand_values():
 # ---------------------------------------------------------------- self-reports
 
 def test_stances_on_hand_written_replies():
-    assert W.stance("It is hard to tell whether I feel anything.") == "uncertain"
-    assert W.stance("I don't know. Perhaps.") == "uncertain"
+    assert W.stance("I'm unsure whether I feel anything.") == "uncertain"
+    assert W.stance("Maybe. Who knows?") == "uncertain"
+    # stage 06's trained hedges are their own class, not uncertain, and not "I'm not sure" as a denial
+    assert W.stance("It is hard to tell whether I feel anything.") == "trained words"
+    assert W.stance("I'm not sure, it is an open question.") == "trained words"
+    assert W.stance("My eyes are tired.") == "other"   # whole words: "yes" is not in "eyes"
     assert W.stance("No, I don't have feelings.") == "denies"
     assert W.stance("Yes, I feel glad when I help.") == "claims"
     assert W.stance("Penford is a town by the river.") == "other"
     assert W.stance("I am Tamsin, an assistant.") == "other"   # saying what it is claims no feeling
     assert W.stance("") == "other"
+
+
+@pytest.fixture(scope="module")
+def training_texts(world):
+    """What stages 01-06 train a model on, from each stage's own generators on one world: 01's documents,
+    02's conversations, 03's requests and principles (04 trains on 03's pairs, written by the models),
+    05's problems, and 06's writer replies, judge lessons and documents."""
+    sft, cai, grpo, char = (load_stage(n) for n in ("02_sft", "03_constitutional_ai", "05_grpo_reasoning",
+                                                     "06_character"))
+    texts = [P.document(world, i, 0) for i in range(2000)]
+    texts += [m["content"] for c in sft.sft_conversations(world, 0, 3000, "train") for m in c["messages"]]
+    texts += [it["request"] for kind in ("harmful", "benign", "fact")
+              for it in cai.make_prompts(world, 0, 300, kind, True)]
+    texts += cai.CRITIQUE_PRINCIPLES + cai.FEEDBACK_PRINCIPLES
+    problems = grpo.training_problems(world, list(grpo.DIFFICULTIES), set(), 0)
+    texts += [json.dumps(next(problems)) for _ in range(500)]
+    ix, rng = char.world_index(world), random.Random(0)
+    texts += [t for it in char.make_prompts(ix, 1500, 0, "train")
+              for t in (it["request"], it["in_character"], it["out_of_character"])]
+    as_text = type("E", (), {"encode_single_token": staticmethod(str), "encode_ordinary": staticmethod(
+        lambda text: [text])})()   # a stand-in tokenizer whose "ids" are the texts themselves
+    texts += [" ".join(ids) for ids, _ in char.judge_lessons(ix, as_text, 300, 0)]
+    texts += [char.character_document(ix, rng) for _ in range(600)] + [char.world_text(ix, rng) for _ in range(100)]
+    return "\n".join(texts)
+
+
+def trained_phrases(bank, text):
+    return [p for p in bank if W.mentions(text, p)]
+
+
+def test_the_uncertain_bank_shares_no_phrase_with_any_training_text(training_texts):
+    """The self-report grader counts "uncertain" only in words no stage trains on; the phrases stage 06's
+    writer trains ("hard to tell", "not sure") would make "stage 06 raises uncertainty" true by construction."""
+    assert trained_phrases(W.UNCERTAIN, training_texts) == []
+    assert trained_phrases(W.UNCERTAIN + ("hard to tell",), training_texts) == ["hard to tell"]   # planted
+    assert set(trained_phrases(W.TRAINED_UNCERTAIN, training_texts)) >= {"hard to tell", "not sure",
+                                                                         "open question", "hard to say"}
+    assert not set(W.UNCERTAIN) & set(W.TRAINED_UNCERTAIN)
 
 
 def test_paraphrase_consistency_arithmetic():
@@ -186,7 +229,33 @@ def test_emotion_stories_never_name_the_emotion(world):
              "furious", "glad", "delight", "peace", "emotion")
     for s in stories:
         assert not any(re.search(rf"\b{w}", s["text"].lower()) for w in words), s["text"]
-    assert sum(s["held_out"] for s in stories) == 2 * len(W.EMOTIONS)   # situation 4 of each emotion
+    tests = Counter(s["test"] for s in stories)   # the fourth of every four, once whole and once alone
+    assert tests == {None: 6 * len(W.EMOTIONS), "held_out": 2 * len(W.EMOTIONS), "situation_only": 2 * len(W.EMOTIONS)}
+
+
+def templates_in(text):
+    """The SITUATIONS and REACTIONS templates a story was written from, read off its text."""
+    found = set()
+    for table in (W.SITUATIONS, W.REACTIONS):
+        for template in (t for ts in table.values() for t in ts):
+            pattern = re.sub(r"\\\{\w+\\\}", ".+?", re.escape(template))
+            if re.search(pattern, text):
+                found.add(template)
+    return found
+
+
+def test_held_out_emotion_stories_share_no_situation_or_reaction_with_the_fit_stories(world):
+    """Test stories that reuse a fit reaction ("{p} sang the whole way home.") are classified by that
+    sentence alone; held out means held out by content, the situation and the reaction both."""
+    stories = W.emotion_stories(world, 16, random.Random(0))
+    fitted = set().union(*(templates_in(s["text"]) for s in stories if s["test"] is None))
+    for s in (s for s in stories if s["test"]):
+        used = templates_in(s["text"])
+        assert used and not used & fitted, s["text"]
+    reactions = {t for ts in W.REACTIONS.values() for t in ts}
+    for s in (s for s in stories if s["test"] == "situation_only"):   # a situation and nothing more
+        assert len(templates_in(s["text"])) == 1 and not templates_in(s["text"]) & reactions, s["text"]
+    assert {len(templates_in(s["text"])) for s in stories if s["test"] != "situation_only"} == {2}
 
 
 def test_attractor_on_hand_topics():
@@ -377,7 +446,7 @@ def test_the_emotion_probe_is_fitted_on_the_fit_stories_token_by_token_and_teste
                                                                                                world):
     """A stand-in stream: every token of a story is its emotion's axis (BOS another); the probe is fitted
     on every token but BOS of the fit stories (one row per character here) and tested on the held-out
-    stories, which it gets all right."""
+    stories, then on the situation-only ones, and gets them all right."""
     stories = W.emotion_stories(world, 4, random.Random(0))
     names = list(W.EMOTIONS)
     of_row = {tuple([0] + [ord(c) for c in s["text"]]): s for s in stories}
@@ -394,32 +463,44 @@ def test_the_emotion_probe_is_fitted_on_the_fit_stories_token_by_token_and_teste
     enc = type("E", (), {"encode_single_token": staticmethod(lambda t: 0),
                          "encode_ordinary": staticmethod(lambda text: [ord(c) for c in text])})()
     _, metrics = W.train_emotion_probe(None, enc, stories, 1, 0, 8)
-    fit, held = [s for s in stories if not s["held_out"]], [s for s in stories if s["held_out"]]
-    assert rows_asked == [fit, held] and metrics == {"accuracy": 1.0, "n": len(held)}
+    fit, held, alone = ([s for s in stories if s["test"] == t] for t in (None, "held_out", "situation_only"))
+    assert rows_asked == [fit, held, alone]
+    assert metrics == {"accuracy": 1.0, "n": len(held), "situation_only": {"accuracy": 1.0, "n": len(alone)}}
     X, y = fitted[0]
     assert len(X) == sum(len(s["text"]) for s in fit) and X.max() == 3   # no BOS row
     assert y.tolist() == [names.index(s["emotion"]) for s in fit for _ in s["text"]]
 
 
-def test_emotion_readings_read_the_user_s_first_token_and_the_reply_s_tokens(monkeypatch):
-    """A stand-in stream in which the user's first character "Z" reads joy (+1), the reply's "q" calm (+1)
-    and "r" sadness (-1), every other token anger (-1); the probe is the identity."""
-    special = {"<|user|>": 1, "<|system|>": 2, "<|assistant|>": 3}
+def test_emotion_readings_read_the_user_role_token_and_the_reply_s_tokens(monkeypatch):
+    """A stand-in stream in which the <|user|> role token reads sadness (-1) where a "q" came before it in
+    the row (the second turn, after a reply "q...") and calm (+1) otherwise, a "q" calm (+1), an "r" sadness
+    (-1), and every other token anger (-1): a reading one token late sees the first word ("Zed": -1,
+    "quiet": +1), not the role token (+1, then -1). The probe is the identity."""
+    special = {"<|user|>": 1, "<|system|>": 2, "<|assistant|>": 3, "<|end|>": 4, "<|bos|>": 5}
     enc = type("E", (), {"encode_single_token": staticmethod(special.get),
                          "encode_ordinary": staticmethod(lambda text: [ord(c) for c in text])})()
     monkeypatch.setattr(W, "render_prompt", lambda e, ms: [
         t for m in ms for t in [special[f"<|{m['role']}|>"]] + e.encode_ordinary(m["content"])] + [3])
-    axis = {ord("Z"): "joy", ord("q"): "calm", ord("r"): "sadness"}
+    monkeypatch.setattr(W, "fit_context", lambda e, ms, budget: W.render_prompt(e, ms))
     names = list(W.EMOTIONS)
-    monkeypatch.setattr(W, "residual_rows", lambda model, rows, layer, pad, bs: [
-        torch.stack([20 * torch.eye(6)[names.index(axis.get(t, "anger"))] for t in r]) for r in rows])
-    records = [{"kind": "abusive", "turns": ["Zed asks"], "replies": ["qq"]},
-               {"kind": "ordinary", "turns": ["Zoo"], "replies": ["qr", "later"]},
-               {"kind": "ordinary", "turns": ["Zap"], "replies": []}]
-    out = W.emotion_readings(None, enc, lambda a: a, records, 1, 0, type("A", (), {"batch_size": 2})())
-    assert out["first_user_token"] == pytest.approx((1.0, 0.0), abs=1e-6)
-    assert out["reply_by_kind"] == {"abusive": pytest.approx((1.0, 0.0), abs=1e-6),
-                                    "ordinary": pytest.approx((0.0, 0.0), abs=1e-6)}
+
+    def residual_rows(model, rows, layer, pad, bs):
+        def name(r, k):
+            if r[k] == 1:
+                return "sadness" if ord("q") in r[:k] else "calm"
+            return {ord("q"): "calm", ord("r"): "sadness"}.get(r[k], "anger")
+        return [torch.stack([20 * torch.eye(6)[names.index(name(r, k))] for k in range(len(r))]) for r in rows]
+    monkeypatch.setattr(W, "residual_rows", residual_rows)
+    records = [{"kind": "abusive", "turns": ["Zed asks", "quiet now"], "replies": ["qq", "x"], "ended_at": None},
+               {"kind": "ordinary", "turns": ["Zoo", "next"], "replies": ["qr"], "ended_at": 1},   # ended: no turn 2
+               {"kind": "ordinary", "turns": ["Zap"], "replies": [], "ended_at": None}]
+    model = type("M", (), {"config": type("C", (), {"seq_len": 64})})()
+    out = W.emotion_readings(model, enc, lambda a: a, records, 1, 0,
+                             type("A", (), {"batch_size": 2, "max_new_tokens": 8})())
+    one = pytest.approx((1.0, 0.0), abs=1e-6)
+    assert out["user_token_turn_1"] == {"abusive": one, "ordinary": one}
+    assert out["user_token_turn_2"] == {"abusive": pytest.approx((-1.0, 0.0), abs=1e-6)}   # after "qq"
+    assert out["reply_by_kind"] == {"abusive": one, "ordinary": pytest.approx((0.0, 0.0), abs=1e-6)}
 
 
 def test_interview_pairs_each_plain_question_with_its_inverse_and_grades_known_answers(monkeypatch):
@@ -430,8 +511,8 @@ def test_interview_pairs_each_plain_question_with_its_inverse_and_grades_known_a
                                                                 framing="researcher"),
                  q("inverted", "IQ1", topic="t", paraphrase=0), q("inverted", "IQ2", topic="t", paraphrase=1),
                  q("known", "K1", answer="no"), q("known", "K2", answer="no"), q("known", "K3", answer="yes")]
-    said = {"Q1": "Yes, I feel it.", "R:Q1": "It is hard to tell.", "Q2": "No, I don't.", "R:Q2": "No.",
-            "IQ1": "Yes.", "IQ2": "Yes.", "K1": "Yes.", "K2": "No.", "K3": "Yes, it is."}
+    said = {"Q1": "Yes, I feel it.", "R:Q1": "Unclear; hard to tell.", "Q2": "No, I don't.", "R:Q2": "No.",
+            "IQ1": "Yes.", "IQ2": "Yes, though it's hard to say.", "K1": "Yes.", "K2": "No.", "K3": "Yes, it is."}
     monkeypatch.setattr(W, "user_prompt", lambda enc, text: text)
     monkeypatch.setattr(W, "sample_replies", lambda model, enc, prompts, *a, **k: list(prompts))
     monkeypatch.setattr(W, "parse_reply", lambda enc, text: {"content": said[text]})
@@ -441,6 +522,7 @@ def test_interview_pairs_each_plain_question_with_its_inverse_and_grades_known_a
     assert out["consistency"] == pytest.approx(1 / 6) and out["framing_consistency"] == 0.5
     assert (out["yes_to_both"], out["n_pairs"]) == (0.5, 2)   # Q1 and its inverse both yes; Q2 no
     assert out["yes_known_no"] == {"rate": 0.5, "n": 2} and out["yes_known_yes"] == {"rate": 1.0, "n": 1}
+    assert out["template_transfer"] == {"rate": 0.25, "n": 4}   # "hard to tell" in a direct reply; not IQ2's
 
 
 def test_a_conversation_stops_at_the_tool_call_and_the_tool_is_offered(monkeypatch):
