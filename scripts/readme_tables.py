@@ -204,10 +204,15 @@ def character_table(base, seeds):
         return ""
     stage06 = _load_stage("06_character")
     baseline = next(iter(runs.values()))
-    out = [f"**Stage 06** (held-out prompts, greedy; {len(baseline)} seeds; after, then the gain over stage "
-           "05 in points)", "", "| measure | prompts | stage 05 | " + " | ".join(runs) + " |",
+
+    def nets(pair):   # each score net of its control (stage 06's CONTROL_OF), where the run has controls
+        return {w: {kind: {**s, **{k: s[k] - s["control"][k] for k in s.get("control", {})}}
+                    for kind, s in pair[w].items()} for w in ("before", "after")}
+    out = [f"**Stage 06** (held-out prompts, greedy; {len(baseline)} seeds; each score net of its control, "
+           "the same scorer on replies to prompts where the trait does not apply; after, then the gain over "
+           "stage 05 in points)", "", "| measure | prompts | stage 05 | " + " | ".join(runs) + " |",
            "|---|---|---|" + "---|" * len(runs)]
-    out += score_table_rows(stage06.SCORES, runs, lambda m: m)
+    out += score_table_rows(stage06.SCORES, runs, nets)
     if all("tone" in m for ms in runs.values() for m in ms):
         for tone in ("warm", "curious"):
             cells = [mean_sd([m["tone"]["after"][tone] for m in ms]) for ms in runs.values()]
@@ -241,7 +246,7 @@ def character_table(base, seeds):
         out += ["", "The diagnostic: held-out people and towns asked in the training prompts' phrasings", "",
                 "| measure | prompts | stage 05 | " + " | ".join(runs) + " |",
                 "|---|---|---|" + "---|" * len(runs)]
-        out += score_table_rows(stage06.SCORES, runs, lambda m: m["training_phrasings"])
+        out += score_table_rows(stage06.SCORES, runs, lambda m: nets(m["training_phrasings"]))
     return "\n".join(out) + "\n"
 
 

@@ -43,7 +43,8 @@ def grpo_args(stage):
 def character_args(stage):
     summary = {}
     for kind, key, _, _ in stage.SCORES:
-        summary.setdefault(kind, {"n": 4})[key] = 1.0
+        summary.setdefault(kind, {"n": 4, "control": {}})[key] = 1.0
+        summary[kind]["control"][key] = 0.25   # the same scorer where the trait does not apply
     return [{"method": "both", "before": summary, "after": summary}]
 
 
