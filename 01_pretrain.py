@@ -62,6 +62,7 @@ import sys
 import tempfile
 import time
 import types
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -1899,6 +1900,8 @@ def _arithmetic(wr):
     blocks = []
     for _ in range(rng.randint(3, 5)):
         q, steps, answer = arithmetic_problem(wr.lk.world, rng)
+        while reserved_products("\n".join([q, *steps])):   # stage 05 evaluates on these: never written
+            q, steps, answer = arithmetic_problem(wr.lk.world, rng)
         blocks.append("\n".join([q, *steps, f"Answer: {answer}"]))
     return title + "\n\n" + "\n\n".join(blocks)
 
@@ -2302,6 +2305,7 @@ def stream_stats(source, enc, n_docs, seq_len, workers, chunk=10_000):
 #   checkpoint   check_out, staged_run, write_atomic
 #   save         save_model
 #   sampling     generate
+#   heldout      reserved_products
 #   arithmetic   arithmetic_problem
 
 # --- shared: flags (origin: 01_pretrain.py) ---
@@ -2686,6 +2690,27 @@ def _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop
             uniforms = None if uniforms is None else uniforms[keep]
         logits = model(next_id[:, None], cache=cache)[:, -1]
 # --- end shared: sampling ---
+
+
+# --- shared: heldout (origin: 05_grpo_reasoning.py) ---
+# The multiplications stage 05 keeps for its evaluation, chosen by a hash of the pair (never the world or
+# the seed), so stages 01 and 02, which write worked arithmetic, and 05 agree without reading each other.
+PRODUCT = re.compile(r"(?<![\d-])(\d+) \* (?=(\d+)(?!\d))")               # "3 * 12", in a step or a sum
+PURCHASE = re.compile(r"(?<![\d-])(\d+) [a-z ]+? at (\d+) coins each")   # "3 ropes at 12 coins each"
+
+
+def reserved_product(a, b):
+    """Is a x b (either order) kept for evaluation? One pair in six of the factors 2-12 (14 pairs): every
+    factor is still trained, with other partners, but never these products (3 x 12 is one)."""
+    a, b = sorted((int(a), int(b)))
+    return a >= 2 and b <= 12 and zlib.crc32(f"{a} * {b}".encode("utf-8")) % 6 == 0
+
+
+def reserved_products(text):
+    """The reserved multiplications a text writes out: as 'a * b' or as a purchase of a at b coins each."""
+    pairs = PRODUCT.findall(text) + PURCHASE.findall(text)
+    return [(int(a), int(b)) for a, b in pairs if reserved_product(a, b)]
+# --- end shared: heldout ---
 
 
 # --- shared: arithmetic (origin: 01_pretrain.py) ---

@@ -1707,8 +1707,8 @@ def rehearsal_problem(line):
 
 
 # --- shared: heldout (origin: 05_grpo_reasoning.py) ---
-# The multiplications stage 05 keeps for its evaluation, chosen by a hash of the pair (never the world
-# or the seed), so stage 02, which writes worked arithmetic, and stage 05 agree without reading each other.
+# The multiplications stage 05 keeps for its evaluation, chosen by a hash of the pair (never the world or
+# the seed), so stages 01 and 02, which write worked arithmetic, and 05 agree without reading each other.
 PRODUCT = re.compile(r"(?<![\d-])(\d+) \* (?=(\d+)(?!\d))")               # "3 * 12", in a step or a sum
 PURCHASE = re.compile(r"(?<![\d-])(\d+) [a-z ]+? at (\d+) coins each")   # "3 ropes at 12 coins each"
 

@@ -433,3 +433,12 @@ def test_rehearsal_keeps_no_reply_that_works_out_a_reserved_product(monkeypatch)
     args = types.SimpleNamespace(lr=1e-3, sampled_tokens=1, rehearsal=8, variant="grpo", group_size=2)
     _, accepted = R.train(torch.nn.Linear(1, 1), None, enc, None, 0, args)
     assert accepted == [sampled[1]]
+
+
+def test_no_pretraining_page_writes_a_reserved_product():
+    """Held out at every boundary: stage 01's worked-arithmetic pages skip the products stage 05
+    evaluates on, so its held-out one-purchase problems were not read in pretraining either."""
+    world = P.make_world(200, 1337)
+    pages = [text for _, text, _ in (P._write(world, i, 1337) for i in range(3000)) if "Answer:" in text]
+    assert len(pages) > 50
+    assert [page for page in pages if R.reserved_products(page)] == []

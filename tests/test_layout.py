@@ -17,11 +17,12 @@ from test_shared_blocks import find_blocks
 BLOCK_ORDER = ["flags", "tokenizer", "model", "checkpoint", "finite", "save", "precision", "sampling", "chat", "grading", "stats",
                "judging", "choice", "replies", "pairs", "reference", "worldlabel", "feedback", "rehearsal",
                "heldout", "injection", "arithmetic"]
-BODY_BUDGET = {"01_pretrain.py": 973, "02_sft.py": 700, "03_constitutional_ai.py": 950,  # lines; others 500
+BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py": 950,  # lines; others 500
                # 01: 700 until its subject moved from its appendices into its body (STYLE.md, "Two
                # refinements"): the `model` block, 182 lines with its markers, into section 2, and the
                # BPE trainer (SPLIT_PATTERN to make_encoding), 87 lines, into section 3, each after two
-               # blank lines: 700 + 182 + 87 + 2 * 2 = 973.
+               # blank lines: 700 + 182 + 87 + 2 * 2 = 973; + 2 for the pretraining page that writes no
+               # product stage 05 evaluates on (held out by content at every boundary) = 975.
                "05_grpo_reasoning.py": 633,   # 03, 05 and 06 each hold several methods (05: four, the
                                               # accessors that make section 2 their one seam, pass@k and
                "06_character.py": 986,        # the replies it keeps for rehearsal; 06: two, their combination,
