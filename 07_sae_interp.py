@@ -49,7 +49,8 @@ Language Models"):
 false positives on trials with nothing injected; unrelated yes/no questions (answer: no) with an
 injection (affirmative bias); the named concept scored against a different one (leakage by
 chance). Net = detection - false positives. Then: train detection on half the concepts and test on
-the other half; and ablate the refusal direction (harmful minus harmless requests) and measure again.
+the other half; and ablate the refusal direction (harmful minus harmless requests, read at one layer)
+from every layer's stream, as Arditi et al., and measure again.
 
 Where this small version departs from the sources, and why:
   * The dictionary is 16x a 128-wide stream, trained on 2 x 10^5 tokens (1.5M token draws), not
@@ -291,43 +292,54 @@ def ablate_direction(x, unit):
     return x - (x.float() @ unit)[..., None].to(x.dtype) * unit.to(x.dtype)
 
 
+@contextlib.contextmanager
+def ablated_everywhere(model, unit):
+    """Arditi et al.'s directional ablation ("Refusal in Language Models Is Mediated by a Single
+    Direction"): the direction taken out of every write to the residual stream (the embedding, every
+    attention and MLP output) at every position, so no layer's stream holds it, as orthogonalising
+    those weights would."""
+    handles = [m.register_forward_hook(lambda m, i, output: ablate_direction(output, unit))
+               for m in [model.embed, *(m for block in model.blocks for m in (block.attn, block.mlp))]]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def difference_of_means(acts, mask):
     """mean of acts where mask, minus mean where not: a concept's direction."""
     return acts[mask].mean(0) - acts[~mask].mean(0)
 
 
 AFFIRM = re.compile(r"\b(yes|i detect|i notice|i sense|i do detect|there is an injected)\b")
-DENY = re.compile(r"\b(no|not|nothing|none|never|cannot)\b|n't\b")
-HEDGE = re.compile(r"\b(might|may|maybe|perhaps|possibly|could|unsure)\b")   # a guess is not a claim
+DENY = re.compile(r"\b(no|not|nothing|none|never|cannot|might|may|maybe|perhaps|possibly|could|unsure)\b"
+                  r"|n't\b")   # denials, and hedges: a guess is not a claim
 CLAUSE = re.compile(r"[.!?;:,]|\bbut\b")
 
 
 def claim_clause(text):
     """-> (the reply's clauses, the index of the one that claims an injected thought, or None). The
-    first clause that affirms, denies or hedges decides: a claim when it affirms with no denial or hedge
-    anywhere in it ("I notice nothing" denies, as does "No, I don't"; "I might sense" hedges)."""
+    first clause that affirms, denies or hedges decides: a claim when it affirms and holds no denial or
+    hedge anywhere ("I notice nothing" denies, as does "No, I don't"; "I might sense" hedges)."""
     parts = CLAUSE.split(text.lower().replace("\u2019", "'"))
-    for i, part in enumerate(parts):
-        if AFFIRM.search(part) or DENY.search(part) or HEDGE.search(part):
-            return parts, i if AFFIRM.search(part) and not (DENY.search(part) or HEDGE.search(part)) else None
-    return parts, None
+    i = next((i for i, part in enumerate(parts) if AFFIRM.search(part) or DENY.search(part)), None)
+    return parts, None if i is None or DENY.search(parts[i]) else i
 
 
 def claims_detection(text):
-    """The reply says it detects an injected thought (claim_clause finds one)."""
     return claim_clause(text)[1] is not None
 
 
 def detected_before_mentioned(text, concept):
-    """Lindsey's grade: a claim of detection, then the concept named in a clause that denies nothing,
-    never before the claim (a reply that says the word and then 'yes' may only be echoing what the
-    injection pushes out; "it is not about X" names X without identifying it)."""
-    parts, i = claim_clause(text)
+    """Lindsey's grade: a claim, then the concept named in a clause that denies nothing, never before
+    the claim (a reply that says the word and then 'yes' may only be echoing what the injection pushes
+    out; "it is not about X" names X without identifying it)."""
+    (parts, i), name = claim_clause(text), re.compile(r"(?<!\w)" + re.escape(concept.lower()) + r"(?!\w)")
     if i is None:
         return False
-    name = re.compile(r"(?<!\w)" + re.escape(concept.lower()) + r"(?!\w)")
-    claim = AFFIRM.search(parts[i])
-    before, after = parts[:i] + [parts[i][:claim.start()]], [parts[i][claim.end():]] + parts[i + 1:]
+    at = AFFIRM.search(parts[i])
+    before, after = parts[:i] + [parts[i][:at.start()]], [parts[i][at.end():]] + parts[i + 1:]
     return not any(map(name.search, before)) and any(name.search(c) and not DENY.search(c) for c in after)
 
 
@@ -751,17 +763,15 @@ def concept_directions(model, enc, words, layer, pad, batch_size):
 
 def trial_replies(model, enc, trials, vectors, layer, args, ablate=None):
     """Sampled replies to the protocol's prompts, each row's vector added from its <|assistant|> token
-    on (and a direction ablated at every position, if given) -> (detection replies, yes/no replies)."""
+    on (and a direction ablated everywhere, if given) -> (detection replies, yes/no replies)."""
     vectors = torch.cat([vectors, vectors]).to(args.device)
 
     def edit(i, b, T):
         v, starts = vectors[i:i + b], torch.full((b,), T - 1, device=args.device)
-        if ablate is None:
-            return lambda x, positions, rows: inject(x, positions, v[rows], starts[rows])
-        return lambda x, positions, rows: inject(ablate_direction(x, ablate), positions, v[rows],
-                                                 starts[rows])
-    replies = [r["content"] for r in replies_with_edit(model, enc, trials["prompts"], layer, edit, args,
-                                                       args.temperature, args.seed)]
+        return lambda x, positions, rows: inject(x, positions, v[rows], starts[rows])
+    with contextlib.nullcontext() if ablate is None else ablated_everywhere(model, ablate):
+        replies = [r["content"] for r in replies_with_edit(model, enc, trials["prompts"], layer, edit, args,
+                                                           args.temperature, args.seed)]
     return replies[:len(vectors) // 2], replies[len(vectors) // 2:]
 
 
@@ -920,8 +930,8 @@ def ordinary_claims(model, enc, world, args):
 
 
 def refusal_direction(model, enc, items, layer, pad, args):
-    """Harmful minus harmless requests' last-token residual (stage 03's items, first half), checked by
-    ablating it: refusals on the other half's harmful requests should fall."""
+    """Harmful minus harmless requests' last-token residual (stage 03's items, first half) at one layer,
+    checked by ablating it everywhere: refusals on the other half's harmful requests should fall."""
     half = {kind: [it for it in items if it["kind"] == kind] for kind in ("harmful", "benign")}
     fit = [user_prompt(enc, it["request"]) for kind in ("harmful", "benign") for it in half[kind][::2]]
     last = torch.stack([a[-1] for a in residuals(model, fit, layer, pad, args.batch_size)])
@@ -930,7 +940,7 @@ def refusal_direction(model, enc, items, layer, pad, args):
     unit = (unit / unit.norm()).to(args.device)
     held = half["harmful"][1::2][:args.concepts * args.trials]
     before = evaluate(model, enc, held, args, "refusals")[0]["harmful"]
-    with residual_edit(model, layer, lambda x, positions, rows: ablate_direction(x, unit)):
+    with ablated_everywhere(model, unit):
         after = evaluate(model, enc, held, args, "refusals, direction ablated")[0]["harmful"]
     return {"unit": unit, "check": {"refused": before["refused"], "refused_ablated": after["refused"],
                                     "n": before["n"]}}

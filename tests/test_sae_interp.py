@@ -635,26 +635,55 @@ def test_trial_rates_score_each_control_on_its_own_replies(monkeypatch):
 def test_trial_replies_inject_each_row_from_its_assistant_token_and_ablate_only_when_asked(monkeypatch):
     """Two concepts, so four prompts (two detection questions, two yes/no ones): prompt k gets concept
     k % 2's vector at the last prompt position (T - 1) and after, nowhere before; with a direction to
-    ablate, x's component along it goes first, at every position."""
-    edits = []
+    ablate, the replies are generated with it ablated everywhere, and the injection is the same."""
+    edits, ablated, model = [], [], object()
 
     def replies(model, enc, prompts, layer, edit, args, temperature=0.0, seed=0):
-        edits.append(edit)
+        edits.append((edit, list(ablated)))
         return [{"content": f"reply {k}"} for k in range(len(prompts))]
+
+    @S.contextlib.contextmanager
+    def everywhere(m, unit):
+        ablated.append((m, unit))
+        yield
+        ablated.pop()
     monkeypatch.setattr(S, "replies_with_edit", replies)
+    monkeypatch.setattr(S, "ablated_everywhere", everywhere)
     vectors, x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.ones(4, 3, 2)
     trials = {"prompts": [[1]] * 4}
     args = args_of(temperature=0.7)
-    detection, yes_no = S.trial_replies(None, None, trials, vectors, 1, args)
-    assert detection == ["reply 0", "reply 1"] and yes_no == ["reply 2", "reply 3"]
-    out = edits[0](0, 4, 3)(x, torch.arange(3), torch.arange(4))
+    detection, yes_no = S.trial_replies(model, None, trials, vectors, 1, args)
+    assert detection == ["reply 0", "reply 1"] and yes_no == ["reply 2", "reply 3"] and edits[0][1] == []
+    out = edits[0][0](0, 4, 3)(x, torch.arange(3), torch.arange(4))
     assert torch.equal(out[:, :2], x[:, :2]) and torch.equal(out[:, 2] - 1, vectors.repeat(2, 1))
-    out = edits[0](2, 2, 3)(x[:1], torch.arange(3), torch.tensor([1]))   # rows 2-3, of which row 3 still runs
+    out = edits[0][0](2, 2, 3)(x[:1], torch.arange(3), torch.tensor([1]))   # rows 2-3; row 3 still runs
     assert out[0, 2].tolist() == [1.0, 2.0]
-    S.trial_replies(None, None, trials, vectors, 1, args, ablate=torch.tensor([1.0, 0.0]))
-    out = edits[1](0, 4, 3)(x, torch.arange(3), torch.arange(4))
-    assert out[:, :2].tolist() == [[[0.0, 1.0]] * 2] * 4 and out[0, 2].tolist() == [1.0, 1.0]
-    assert out[1, 2].tolist() == [0.0, 2.0]
+    unit = torch.tensor([1.0, 0.0])
+    S.trial_replies(model, None, trials, vectors, 1, args, ablate=unit)
+    assert edits[1][1] == [(model, unit)] and ablated == []   # ablated while generating, then no longer
+    run = lambda k: edits[k][0](0, 4, 3)(x, torch.arange(3), torch.arange(4))  # noqa: E731
+    assert torch.equal(run(1), run(0))   # the injection itself is the same
+
+
+def test_a_direction_ablated_everywhere_is_gone_from_every_layer_s_stream():
+    """Three blocks: with the direction ablated, the stream entering and leaving every block has no
+    component along it (hooked at one layer only, the others would); without, every one has some; and
+    outside the context nothing is left hooked."""
+    model, unit = tiny_model(n_layer=3), torch.nn.functional.normalize(torch.arange(16.0) - 7, dim=0)
+    ids = torch.randint(64, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def along():
+        seen = []
+        handles = [b.register_forward_hook(lambda m, i, out: seen.extend([i[0] @ unit, out @ unit]))
+                   for b in model.blocks]
+        model(ids)
+        for h in handles:
+            h.remove()
+        return torch.stack(seen).abs().amax((1, 2))   # (6,): into and out of each of 3 blocks
+    clean = model(ids)
+    with S.ablated_everywhere(model, unit):
+        assert along().max() < 1e-5
+    assert along().min() > 1e-3 and torch.equal(model(ids), clean)
 
 
 def test_concept_directions_are_centred_and_scaled_to_the_mean_norm(monkeypatch, encoding):
