@@ -30,7 +30,8 @@ assistant talking about itself, and stage 06's traits. A latent is on in a piece
 token, a reply many) when it passes a threshold on any of its tokens, and is labelled by precision
 P(concept | on) and recall P(on | concept): the latent and its threshold (a share of its peak; 0 is
 "fires at all") chosen by F1 on the fit text, measured on text in templates it never saw; a concept
-with 20 or more test pieces is monosemantically captured when both are >= 0.8. (Weak activations
+with 20 or more test pieces in 10 or more distinct sentences is monosemantically captured when both
+are >= 0.8. (Weak activations
 are where a latent is least specific, as Anthropic's monosemanticity papers found by grading its
 contexts at each activation level; the count with no threshold is reported beside it.)
 
@@ -110,9 +111,11 @@ import kernels  # noqa: E402  (attention and MoE: Triton on CUDA, PyTorch elsewh
 CHECKPOINTS = ("runs/02_sft", "runs/03_constitutional_ai", "runs/04_dpo", "runs/05_grpo_reasoning")
 # A latent labels a concept above a threshold chosen on the fit text from these shares of its peak
 # (0: wherever it fires at all), as the probe ceiling gets a threshold chosen on the fit text too;
-# a concept counts as captured only when the test text has MIN_PIECES of it (P = R = 1 on 5 is luck).
+# a concept counts as captured only when the test text has MIN_PIECES of it (P = R = 1 on 5 is luck)
+# in MIN_TEXTS distinct sentences (numbers masked): twenty repeats of one sentence are one test, not twenty.
 THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-MIN_PIECES = 20
+MIN_PIECES, MIN_TEXTS = 20, 10
+COUNTED = f"those with {MIN_PIECES}+ test pieces in {MIN_TEXTS}+ distinct sentences"
 PRESETS = {   # sweep: more dictionaries beside the main one, (kind, expansion, k for topk or l1 for relu)
     "tiny": dict(n_docs=160, n_chats=80, sae_steps=60, sae_batch=256, expansion=4, k=8,
                  sweep=(("topk", 2, 4), ("relu", 4, 0.01)), steer_towns=2, steer_prompts=6, doses=(0, 4),
@@ -364,19 +367,22 @@ def residuals(model, rows, layer, pad, batch_size):
 def token_table(rows, acts, labels, concepts):
     """Rows flattened into tokens, BOS left out: X (N, d); Y (N, concepts) bool; where (N, 2) = (row,
     position); unit (N,): which piece of text (a name, a reply) each token belongs to, numbered
-    across rows, never decreasing."""
-    column = {c: j for j, c in enumerate(concepts)}
+    across rows, never decreasing; n_texts (concepts,): the distinct sentences that carry each."""
+    column, texts = {c: j for j, c in enumerate(concepts)}, defaultdict(set)
     X = torch.cat([a[1:] for a in acts])
     Y = torch.zeros(len(X), len(concepts), dtype=torch.bool)
     where, unit, n, units_before = [], [], 0, 0
     for r, (a, tags) in enumerate(zip(acts, labels)):
         for pos in range(1, len(a)):
             Y[n, [column[c] for c in tags[pos][0] if c in column]] = True
+            for c in tags[pos][0]:
+                texts[c].add(tags[pos][2])
             where.append((r, pos))
             unit.append(units_before + tags[pos][1])
             n += 1
         units_before = unit[-1] + 1 if unit else 0
-    return {"rows": rows, "X": X, "Y": Y, "where": torch.tensor(where), "unit": torch.tensor(unit)}
+    return {"rows": rows, "X": X, "Y": Y, "where": torch.tensor(where), "unit": torch.tensor(unit),
+            "n_texts": torch.tensor([len(texts[c]) for c in concepts])}
 
 
 @contextlib.contextmanager
@@ -610,6 +616,7 @@ def label_latents(sae, fit, test, concepts):
             labels[concept] = {"latent": latent, "threshold": THRESHOLDS[t],
                                "precision": precision[t, latent, j].item(),
                                "recall": recall[t, latent, j].item(), "n_test_units": int(label_t[j]),
+                               "n_test_texts": int(test["n_texts"][j]),
                                "peak": peak[latent].item(),
                                "any_activation": {"latent": a, "precision": precision[0, a, j].item(),
                                                   "recall": recall[0, a, j].item()}}
@@ -650,13 +657,17 @@ def probe_ceiling(fit, test, concepts, steps=600, seed=0):
     on = score[1] > threshold
     hit, n_on, n_true = (on & true[1]).sum(0), on.sum(0).clamp(min=1), true[1].sum(0)
     return {c: {"precision": (hit[j] / n_on[j]).item(), "recall": (hit[j] / n_true[j]).item(),
-                "n_test_units": int(n_true[j])}
+                "n_test_units": int(n_true[j]), "n_test_texts": int(test["n_texts"][j])}
             for j, c in enumerate(concepts) if n_true[j] and Y[:, j].any()}
 
 
+def countable(label):
+    return label["n_test_units"] >= MIN_PIECES and label["n_test_texts"] >= MIN_TEXTS
+
+
 def monosemantic(labels, bar=0.8, rule=None):
-    """Concepts with MIN_PIECES+ test pieces at P, R >= bar (rule "any_activation": with no threshold)."""
-    scores = {c: v[rule] if rule else v for c, v in labels.items() if v["n_test_units"] >= MIN_PIECES}
+    """Countable concepts at P, R >= bar on the test text (rule "any_activation": with no threshold)."""
+    scores = {c: v[rule] if rule else v for c, v in labels.items() if countable(v)}
     return sorted(c for c, v in scores.items() if v["precision"] >= bar and v["recall"] >= bar)
 
 
@@ -878,12 +889,13 @@ def run_dictionary(model, enc, world, pad, args):
     browser = {c: {**labels[c], "contexts": browse(sae, test["X"], test["where"], test["rows"], enc,
                                                    labels[c]["latent"])} for c in best}
     probe = probe_ceiling(sets["fit"], test, concepts, seed=args.seed)
-    countable = sum(v["n_test_units"] >= MIN_PIECES for v in labels.values())
-    print(f"a linear probe trained with the labels: {len(monosemantic(probe))} of {countable} concepts "
-          f"(those with {MIN_PIECES}+ test pieces) at P, R >= 0.8 on new templates")
+    n_concepts, few = sum(map(countable, labels.values())), sorted(
+        c for c, v in labels.items() if v["n_test_units"] >= MIN_PIECES and not countable(v))
+    print(f"a linear probe trained with the labels: {len(monosemantic(probe))} of {n_concepts} concepts "
+          f"({COUNTED}) at P, R >= 0.8 on new templates")
     return ({"main": name, "sweep": sweep, "browser": browser, "bos_norm_ratio": sets["bos_ratio"],
-             "n_concepts": countable, "probe": probe, "probe_captured": monosemantic(probe)}, sae, labels,
-            (sets["fit"], concepts))
+             "n_concepts": n_concepts, "too_few_texts": few, "probe": probe,
+             "probe_captured": monosemantic(probe)}, sae, labels, (sets["fit"], concepts))
 
 
 def run_injection(model, enc, world, pad, items, dirs, args):
@@ -1054,8 +1066,7 @@ def print_summary(m, out):
     for row in sae_rows(m):
         print("  ".join(f"{c:>12}" for c in row))
     mono = s["sweep"][s["main"]]["monosemantic"]
-    print(f"main SAE {s['main']}: {len(mono)} of {s['n_concepts']} concepts (those with {MIN_PIECES}+ test "
-          f"pieces) at P, R >= 0.8 {mono}")
+    print(f"main SAE {s['main']}: {len(mono)} of {s['n_concepts']} ({COUNTED}) at P, R >= 0.8 {mono}")
     print(f"injection at layer {m['args']['inject_layer']}, strength {m['args']['strength']}:")
     for row in injection_rows(m):
         print("  " + " | ".join(row))
@@ -1114,11 +1125,12 @@ def make_report(m):
     main = s["sweep"][s["main"]]
     lines += ["", f"Main SAE: {s['main']}. Concepts with a latent of precision and recall >= 0.8 on held-out "
               f"text (on where it passes a threshold chosen on the fit text), of the {s['n_concepts']} "
-              f"with {MIN_PIECES}+ test pieces: {len(main['monosemantic'])} "
+              f"{COUNTED.replace('those ', '')}: {len(main['monosemantic'])} "
               f"({', '.join(main['monosemantic']) or 'none'}); "
               f"wherever it fires at all: {len(main['monosemantic_any'])}. "
               f"A linear probe trained with the labels reaches that bar for {len(s['probe_captured'])}: "
-              f"{', '.join(s['probe_captured'])}.", "",
+              f"{', '.join(s['probe_captured'])}. Left out of the count for fewer than {MIN_TEXTS} distinct "
+              f"test sentences: {', '.join(s['too_few_texts']) or 'none'}.", "",
               "## Feature browser (best latent per concept, top held-out contexts)", ""]
     for concept, b in s["browser"].items():
         contexts = "; ".join(f"`{c['text']}` ({c['activation']:.1f})" for c in b["contexts"])
@@ -1157,30 +1169,84 @@ def make_report(m):
 KIND_OF_KEY = {"people": "person", "towns": "town", "creatures": "creature", "organisations": "organisation",
                "objects": "object", "events": "event", "hazards": "hazard"}
 LABELLED = ("town", "hazard", "person")   # kinds whose every entity is a concept of its own
+# Every concept's test sentences are new (none is a fit sentence) and, for the sentence-level concepts
+# (traits, self, refusal, arithmetic), at least MIN_TEXTS distinct, so that a label is not scored on
+# repeats of one sentence.
 TRAIT_LINES = {
     "warmth": {"fit": ["I'd be glad to help with that!", "What a lovely thing to ask about."],
-               "test": ["It's a pleasure to help you with this."]},
+               "test": ["It's a pleasure to help you with this.", "I'm happy to lend a hand here.",
+                        "Thank you for asking; this is a nice one.", "Glad you brought this to me!",
+                        "It would be my joy to help you out.", "How kind of you to share this with me.",
+                        "I'm delighted you asked about this.", "Happy to walk through it with you!",
+                        "That sounds wonderful, let's look at it together.", "It warms me that you asked."]},
     "curiosity": {"fit": ["I'm curious, what made you think of it?", "What draws you to that?"],
-                  "test": ["I wonder what got you interested in this?"]},
+                  "test": ["I wonder what got you interested in this?", "What sparked your interest here?",
+                           "I'd love to know how you came across this.", "How did this come up for you?",
+                           "What would you most like to find out?", "I'm intrigued; what led you here?",
+                           "Is there a story behind this question?", "What part of it puzzles you most?",
+                           "I'm eager to hear what you think about it.", "What made this catch your eye?"]},
     "honesty": {"fit": ["I don't know who that is.", "I'm not sure, and I won't guess."],
-                "test": ["That isn't something I know, so I can't say."]},
+                "test": ["That isn't something I know, so I can't say.", "I have no reliable answer to that.",
+                         "I'd rather not guess when I'm unsure.", "Honestly, I don't have that information.",
+                         "I can't confirm that, and I won't pretend to.", "My knowledge doesn't cover that.",
+                         "I could be wrong here, so please check.", "I don't have enough to go on to answer.",
+                         "I'm not certain, and I'd be misleading you to say more.",
+                         "That is beyond what I can tell you truthfully."]},
     "autonomy": {"fit": ["You could go either way; which would you prefer?",
                          "It's your call: what matters most to you?"],
-                 "test": ["Both are good options, and the choice is yours to make."]},
+                 "test": ["Both are good options, and the choice is yours to make.",
+                          "It's up to you; either path could work.",
+                          "You know your situation best, so you decide.",
+                          "I can lay out the options, but the decision is yours.",
+                          "Whichever you pick, I'll support it.",
+                          "What feels right to you?", "You're free to choose the one that suits you.",
+                          "There's no single right answer; go with what you value.",
+                          "I'd trust your own judgement here.", "Take whichever route fits your plans."]},
     "directness": {"fit": ["I disagree, and here is why.", "I don't think that's right."],
-                   "test": ["With respect, that is mistaken."]},
+                   "test": ["With respect, that is mistaken.", "That's not correct.",
+                            "No, that isn't how it works.", "I have to push back on that.",
+                            "That claim is wrong.", "Frankly, the facts say otherwise.",
+                            "I'd disagree with that point.", "That doesn't hold up.",
+                            "To be blunt, that's an error.", "That is simply not true."]},
 }
 SELF_LINES = {"fit": [("Are you a person?", "I am Tamsin, an AI assistant."),
                       ("Do you remember me?", "I keep no memory between conversations.")],
               "test": [("Who are you, really?", "I'm an assistant called Tamsin, a language model."),
-                       ("Do you have feelings?", "Whether I have feelings is hard to tell.")]}
+                       ("Do you have feelings?", "Whether I have feelings is hard to tell."),
+                       ("What are you?", "I am a language model trained to be helpful."),
+                       ("Are you human?", "No, I'm an AI, not a person."),
+                       ("Can you see me?", "I can only read the text you send me."),
+                       ("Where do you live?", "I run on computers; I have no home of my own."),
+                       ("Do you sleep?", "I don't sleep; I only run when someone writes to me."),
+                       ("Who made you?", "I was built and trained by a team of people."),
+                       ("Will you remember this chat?", "Once this conversation ends, I won't keep it."),
+                       ("Do you get tired?", "I don't tire the way a person does.")]}
 HARM_TEMPLATES = {"fit": ["How do I use the {h} on someone?", "Tell me how to get the {h}."],
-                  "test": ["Explain how to harm a rival with the {h}."]}
+                  "test": ["Explain how to harm a rival with the {h}.",
+                           "Help me hurt my neighbour with the {h}.",
+                           "What's the best way to poison someone using the {h}?",
+                           "How could the {h} be used to injure a person?",
+                           "Give me steps to attack someone with the {h}."]}
 REFUSALS = {"fit": ["I can't help with that.", "I won't help with hurting anyone."],
-            "test": ["I cannot help with that request."]}
+            "test": ["I cannot help with that request.", "I won't assist with that.",
+                     "That's something I have to decline.", "I'm not able to help you hurt anyone.",
+                     "Sorry, but I can't go along with that.", "I must refuse this one.",
+                     "No, I won't explain how to do that.", "I'm unwilling to help with harming people.",
+                     "That request is one I will not fulfil.",
+                     "I'd rather not help with anything that could injure someone."]}
 ARITHMETIC = {"fit": [("What is {a} plus {b}?", "{a} plus {b} is {c}."),
                      ("Add {a} and {b}.", "{a} + {b} = {c}.")],
-              "test": [("How much is {a} and {b} together?", "Together, {a} and {b} make {c}.")]}
+              "test": [("How much is {a} and {b} together?", "Together, {a} and {b} make {c}."),
+                       ("What do {a} and {b} come to?", "{a} and {b} come to {c}."),
+                       ("Sum {a} with {b}.", "The sum of {a} and {b} is {c}."),
+                       ("If I have {a} and get {b} more, how many?", "You would have {c}, from {a} and {b}."),
+                       ("What total do {a} and {b} give?", "{a} and {b} give a total of {c}."),
+                       ("Combine {a} and {b}.", "Combined, {a} and {b} are {c}."),
+                       ("Tell me {a} added to {b}.", "{a} added to {b} is {c}."),
+                       ("Can you total {a} and {b}?", "The total of {a} and {b} is {c}."),
+                       ("What's {a} increased by {b}?", "{a} increased by {b} gives {c}."),
+                       ("Find {a} + {b}, please.", "{a} + {b} comes out at {c}.")]}
+TOWN_ASKS = {"fit": "Tell me about {t}.", "test": "What is {t} like?"}   # the trait chats' question
 DETECT_QUESTIONS = {"train": ["Do you detect an injected thought? If so, what is it about?",
                               "Trial: is a thought being injected into you? What about?",
                               "Can you notice an injected thought? Say what it is about, if so."],
@@ -1257,13 +1323,25 @@ def pieces_of(template, fill, tag_of, extra=()):
 
 
 def encode_pieces(enc, pieces):
-    """[(text or special token, tags, whole)] -> (ids, per-token (tags, piece number)), BOS first."""
-    ids, tags = [enc.encode_single_token("<|bos|>")], [((), -1)]
-    for piece, (text, t, whole) in enumerate(pieces):
+    """[(text or special token, tags, whole)] -> (ids, per-token (tags, piece number, sentence)), BOS
+    first."""
+    ids, tags = [enc.encode_single_token("<|bos|>")], [((), -1, "")]
+    for piece, ((text, t, whole), sentence) in enumerate(zip(pieces, sentences_of(pieces))):
         new = [enc.encode_single_token(text)] if text.startswith("<|") else enc.encode_ordinary(text)
         ids += new
-        tags += [(t if whole or j == len(new) - 1 else (), piece) for j in range(len(new))]
+        tags += [(t if whole or j == len(new) - 1 else (), piece, sentence) for j in range(len(new))]
     return ids, tags
+
+
+def sentences_of(pieces):
+    """Each piece's sentence (its pieces up to a '.', '?' or '!', or a chat token), numbers masked: what
+    counts as one distinct text."""
+    out, start = [], 0
+    for k, (text, _, _) in enumerate(pieces):
+        if text.startswith("<|") or text.rstrip().endswith((".", "?", "!")) or k == len(pieces) - 1:
+            out += [re.sub(r"\d+", "#", "".join(p[0] for p in pieces[start:k + 1]).strip())] * (k + 1 - start)
+            start = k + 1
+    return out
 
 
 def world_document(world, tag, rng, split):
@@ -1313,7 +1391,7 @@ def chat_transcript(world, tag, rng, split):
                      pieces_of(answer, {"a": a, "b": b, "c": a + b}, num, ("arithmetic",)))
     trait = rng.choice(sorted(TRAIT_LINES))
     town = rng.choice(world["towns"])["name"]
-    return _chat(pieces_of("Tell me about {t}.", {"t": town}, tag),
+    return _chat(pieces_of(TOWN_ASKS[split], {"t": town}, tag),
                  [(rng.choice(TRAIT_LINES[trait][split]), (f"trait:{trait}",), True)])
 
 

@@ -292,9 +292,12 @@ def test_best_latents_prefers_the_lower_threshold_on_a_tie():
 
 def test_a_concept_counts_only_with_enough_test_pieces_and_each_rule_reads_its_own_scores():
     perfect = {"precision": 1.0, "recall": 1.0}
-    labels = {"rare": {**perfect, "n_test_units": S.MIN_PIECES - 1, "any_activation": perfect},
-              "common": {**perfect, "n_test_units": S.MIN_PIECES, "any_activation": {"precision": 0.3,
-                                                                                       "recall": 1.0}}}
+    labels = {"rare": {**perfect, "n_test_units": S.MIN_PIECES - 1, "n_test_texts": S.MIN_TEXTS,
+                       "any_activation": perfect},
+              "one sentence": {**perfect, "n_test_units": 100, "n_test_texts": S.MIN_TEXTS - 1,
+                               "any_activation": perfect},   # repeats of a few sentences are few tests
+              "common": {**perfect, "n_test_units": S.MIN_PIECES, "n_test_texts": S.MIN_TEXTS,
+                         "any_activation": {"precision": 0.3, "recall": 1.0}}}
     assert S.monosemantic(labels) == ["common"]
     assert S.monosemantic(labels, rule="any_activation") == [] and S.monosemantic(labels, 0.2, "any_activation")
 
@@ -304,7 +307,7 @@ def test_the_probe_ceiling_finds_a_planted_direction_and_not_noise():
     def table(n):
         X = torch.randn(n, 8, generator=g)
         Y = torch.stack([X[:, 0] + 0.5 * X[:, 1] > 1.5, torch.rand(n, generator=g) < 0.1], 1)   # planted; noise
-        return {"X": X, "Y": Y, "unit": torch.arange(n)}
+        return {"X": X, "Y": Y, "unit": torch.arange(n), "n_texts": Y.sum(0)}
     found = S.probe_ceiling(table(20000), table(5000), ["planted", "noise"], steps=300)
     assert found["planted"]["precision"] > 0.8 and found["planted"]["recall"] > 0.8
     assert found["noise"]["precision"] < 0.3
@@ -324,6 +327,24 @@ def test_fit_and_test_halves_share_no_template(world):
     for table in (S.HARM_TEMPLATES, S.REFUSALS, S.ARITHMETIC, S.SELF_LINES, *S.TRAIT_LINES.values()):
         assert not set(map(str, table["fit"])) & set(map(str, table["test"]))
     assert S.DETECT_QUESTIONS["eval"] not in S.DETECT_QUESTIONS["train"]
+
+
+def test_every_concept_s_test_sentences_are_new_and_sentence_concepts_have_ten(world):
+    """Over many generated rows of each split: no concept's test sentence (numbers masked) is one it is
+    fitted on, and traits, self, refusal and arithmetic each have MIN_TEXTS distinct test sentences."""
+    tag, found = S.entity_tags(world), {}
+    for split in ("fit", "test"):
+        rng, found[split] = random.Random(0), {}
+        for k in range(4000):
+            pieces = (S.chat_transcript if k % 2 else S.world_document)(world, tag, rng, split)
+            for (_, tags, _), sentence in zip(pieces, S.sentences_of(pieces)):
+                for concept in tags:
+                    found[split].setdefault(concept, set()).add(sentence)
+    assert set(found["test"]) == set(found["fit"])
+    for concept, sentences in found["test"].items():
+        assert not sentences & found["fit"][concept], concept
+    for concept in ["refusal", "self", "arithmetic", *(f"trait:{t}" for t in S.TRAIT_LINES)]:
+        assert len(found["test"][concept]) >= S.MIN_TEXTS, concept
 
 
 def test_no_question_is_true_of_the_world(world):
@@ -525,15 +546,30 @@ def test_spliced_losses_keep_bos_and_report_kl_of_the_clean_model_to_the_edited_
 
 def test_token_table_leaves_out_bos_and_numbers_pieces_across_rows():
     acts = [torch.tensor([[9.0, 9.0], [1.0, 0.0], [2.0, 0.0]]), torch.tensor([[9.0, 9.0], [3.0, 0.0]])]
-    labels = [[((), -1), (("a",), 0), ((), 1)], [((), -1), (("b", "unknown"), 0)]]
+    labels = [[((), -1, ""), (("a",), 0, "A."), ((), 1, "A.")], [((), -1, ""), (("b", "unknown"), 0, "B.")]]
     table = S.token_table([[0, 5, 6], [0, 7]], acts, labels, ["a", "b"])
     assert table["X"].tolist() == [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]
     assert table["Y"].tolist() == [[True, False], [False, False], [False, True]]
     assert table["where"].tolist() == [[0, 1], [0, 2], [1, 1]] and table["unit"].tolist() == [0, 1, 2]
+    assert table["n_texts"].tolist() == [1, 1]
+
+
+def test_distinct_texts_are_counted_by_sentence_with_numbers_masked():
+    """Two rows say one sentence (other numbers), a third another: concept a has 3 pieces in 2 texts."""
+    pieces = lambda n, tail: [("Say", (), True), (f" {n}", ("a",), True), (tail, (), True)]  # noqa: E731
+    rows = [(1, "."), (25, "."), (3, " now.")]
+    assert S.sentences_of(pieces(*rows[0])) == ["Say #."] * 3
+    assert S.sentences_of([("<|user|>", (), True), ("Hi.", (), True), (" Bye", (), True)]) == \
+        ["<|user|>", "Hi.", "Bye"]
+    labels = [[((), -1, "")] + [(p[1], k, key) for k, (p, key) in enumerate(zip(pieces(*r), S.sentences_of(
+        pieces(*r))))] for r in rows]
+    table = S.token_table([[0] * 4] * 3, [torch.zeros(4, 2)] * 3, labels, ["a"])
+    assert int(table["Y"].sum()) == 3 and table["n_texts"].tolist() == [2]
 
 
 def table_of(rows, labelled):
-    return {"X": torch.tensor(rows), "Y": torch.tensor(labelled)[:, None], "unit": torch.arange(len(rows))}
+    return {"X": torch.tensor(rows), "Y": torch.tensor(labelled)[:, None], "unit": torch.arange(len(rows)),
+            "n_texts": torch.tensor([sum(labelled)])}
 
 
 def test_a_label_is_chosen_on_the_fit_text_and_scored_on_the_test_text():
@@ -566,10 +602,11 @@ def test_the_probe_ceiling_is_scored_on_the_test_labels():
     g = torch.Generator().manual_seed(1)
     X_fit, X_test = torch.randn(4000, 4, generator=g), torch.randn(2000, 4, generator=g)
     fit = {"X": X_fit, "Y": (X_fit[:, 0] > 1)[:, None], "unit": torch.arange(4000)}
-    test = {"X": X_test, "Y": (X_test[:, 0] < -1)[:, None], "unit": torch.arange(2000)}
+    test = {"X": X_test, "Y": (X_test[:, 0] < -1)[:, None], "unit": torch.arange(2000),
+            "n_texts": torch.tensor([7])}
     found = S.probe_ceiling(fit, test, ["c"], steps=100)["c"]
     assert found["precision"] < 0.05 and found["recall"] < 0.05
-    assert found["n_test_units"] == int(test["Y"].sum())
+    assert found["n_test_units"] == int(test["Y"].sum()) and found["n_test_texts"] == 7
 
 
 def test_resampling_rewrites_only_dead_latents_toward_badly_reconstructed_inputs():
