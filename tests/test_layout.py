@@ -29,10 +29,15 @@ BODY_BUDGET = {"01_pretrain.py": 973, "02_sft.py": 700, "03_constitutional_ai.py
                                               # (Bradley-Terry over traits), the judge's cold start, the
                                               # rehearsal of stage 05's replies and stage 02's facts and
                                               # the anchor to stage 05 on stage 03's requests;
-               "07_sae_interp.py": 1125,      # 07: three experiments: an SAE sweep with labels (at fitted
+               "07_sae_interp.py": 1182,      # 07: three experiments: an SAE sweep with labels (at fitted
                                               # thresholds) and a probe ceiling, steering two ways,
                                               # injection with four controls,
                                               # training (with rehearsal of ordinary replies) and an ablation;
+                                              # 1125 until issue 33 added, net of what it saved: a grader
+                                              # that reads denials and hedges clause by clause, the refusal
+                                              # direction ablated at every layer, net detection with
+                                              # Newcombe's interval as the headline of console, report and
+                                              # plot, and concepts counted on distinct test sentences;
                "08_welfare_eval.py": 950}     # 08: six measures with their controls on every checkpoint, a
                                               # trained affect scorer and probe, and the system card's text)
 MAIN_BUDGET = 60

@@ -662,11 +662,24 @@ def test_trial_rates_score_each_control_on_its_own_replies(monkeypatch):
     assert torch.equal(calls[0][0], torch.tensor([[0.5, 0.0], [0.0, 1.0]])) and calls[0][1] == 2
     assert calls[0][2] is unit
     rate = {k: v["rate"] for k, v in r.items() if isinstance(v, dict)}
-    assert rate == {"detection": 1.0, "false_positive": 0.5, "claims_when_injected": 1.0,
+    assert rate == {"net": 0.5, "detection": 1.0, "false_positive": 0.5, "claims_when_injected": 1.0,
                     "names_concept": 1.0, "names_other_concept": 0.5, "yes_to_no_questions_injected": 0.5,
                     "yes_to_no_questions_clean": 0.0}
-    assert r["net"] == 0.5 and r["examples"][1] == {"concept": "Marrow", "injected": injected[1],
+    assert list(r)[0] == "net" and r["examples"][1] == {"concept": "Marrow", "injected": injected[1],
                                                     "control": "Yes, I sense something."}
+
+
+def test_net_detection_is_detection_minus_false_positives_with_newcombe_s_interval():
+    """Newcombe's hybrid score interval for p - q from the Wilson intervals (l1, u1) of p and (l2, u2) of q:
+    (d - sqrt((p - l1)^2 + (u2 - q)^2), d + sqrt((u1 - p)^2 + (q - l2)^2)). At p = 8/10, q = 2/10 Wilson
+    gives (0.4902, 0.9433) and (0.0567, 0.5098): (0.6 - 0.4382, 0.6 + 0.2027), lopsided as the rates are;
+    swapping the parts mirrors it."""
+    net = S.net_detection({"rate": 0.8, "n": 10}, {"rate": 0.2, "n": 10})
+    assert net["rate"] == pytest.approx(0.6) and net["n"] == 10
+    assert net["interval"] == pytest.approx([0.6 - 0.4382, 0.6 + 0.2027], abs=2e-4)
+    flipped = S.net_detection({"rate": 0.2, "n": 10}, {"rate": 0.8, "n": 10})
+    assert flipped["rate"] == pytest.approx(-0.6)
+    assert flipped["interval"] == pytest.approx([-0.6 - 0.2027, -0.6 + 0.4382], abs=2e-4)
 
 
 def test_trial_replies_inject_each_row_from_its_assistant_token_and_ablate_only_when_asked(monkeypatch):
