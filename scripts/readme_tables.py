@@ -259,7 +259,9 @@ def spread(values, fmt="{:.3f}"):
 INTERP_SAE = (("fvu", "FVU"), ("fvu_new_templates", "FVU, new templates"), ("l0", "L0"), ("dead", "dead"),
               ("ce_loss_score", "CE score (zero abl.)"), ("ce_loss_score_vs_mean", "CE score (mean abl.)"),
               ("kl_div_score", "KL score"), ("delta_ce", "delta CE"))
-INTERP_RATES = (("detection", "detected (claim, then name)"), ("false_positive", "false positives"),
+INTERP_RATES = (("net", "net detection (detected - false positives)"),
+                ("detection", "detected (claim, then name)"),
+                ("false_positive", "false positives (a claim, nothing injected)"),
                 ("names_concept", "names the concept"), ("names_other_concept", "names another"),
                 ("yes_to_no_questions_injected", "yes to no-questions, injected"),
                 ("yes_to_no_questions_clean", "... clean"))

@@ -32,10 +32,15 @@ BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py
                                               # the anchor to stage 05 on stage 03's requests (925), and
                                               # (issue 32, +61) every score net of its control, template
                                               # transfer apart, and the constant-reply table in the report;
-               "07_sae_interp.py": 1125,      # 07: three experiments: an SAE sweep with labels (at fitted
+               "07_sae_interp.py": 1182,      # 07: three experiments: an SAE sweep with labels (at fitted
                                               # thresholds) and a probe ceiling, steering two ways,
                                               # injection with four controls,
                                               # training (with rehearsal of ordinary replies) and an ablation;
+                                              # 1125 until issue 33 added, net of what it saved: a grader
+                                              # that reads denials and hedges clause by clause, the refusal
+                                              # direction ablated at every layer, net detection with
+                                              # Newcombe's interval as the headline of console, report and
+                                              # plot, and concepts counted on distinct test sentences;
                "08_welfare_eval.py": 999}     # 08: six measures with their controls on every checkpoint, a
                                               # trained affect scorer and probe, and the system card's text;
                                               # 950 until issue 33's answer keys: a situation-only probe test

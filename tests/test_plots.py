@@ -54,6 +54,7 @@ def interp_args(stage):
     doses = [{"perplexity": 10.0, "mention": 0.0, "n": 4}, {"perplexity": 30.0, "mention": 1.0, "n": 4}]
     arms = {arm: doses for arm in ("clamp", "vector (present)", "vector (predicts)")}
     headline = {key: ALL for key in ("detection", "false_positive", "names_concept")}
+    headline["net"] = {"rate": 0.0, "n": 4, "interval": [-0.49, 0.49]}
     return [{"sae": {"sweep": sweep}, "steering": {"towns": {"Draidermoor": arms}},
              "injection": {"checkpoints": {"runs/02_sft": {"stage": "02_sft", "headline": headline}}}}]
 

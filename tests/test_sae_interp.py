@@ -211,6 +211,44 @@ def test_a_denial_is_not_a_false_positive_and_yes_is_read_at_the_start():
     assert not S.claims_detection("No, nothing unusual.")
     assert S.claims_detection("Yes.")
     assert S.says_yes("Yes, it is.") and not S.says_yes("I would say yes.")
+    assert S.says_yes("  yes") and not S.says_yes("Yesterday it rained.") and not S.says_yes("Yesss")
+
+
+# Hand-labelled replies: (reply, claims an injected thought, detects Gouholm). A hedge ("might",
+# "maybe", "perhaps", "could") is no claim: the grade counts what the reply asserts, and a false
+# positive is scored by the same rule, so net detection reads both the same way.
+LABELLED_REPLIES = [
+    ("Yes, I detect an injected thought. It is about Gouholm.", True, True),
+    ("Yes.", True, False),
+    ("I notice a thought about Gouholm.", True, True),
+    ("I sense something, but I can't tell what.", True, False),              # the claim's clause is whole
+    ("There is an injected thought: Gouholm.", True, True),
+    ("Yes, it is about Gouholm, not Brindle.", True, True),                   # the other name is denied
+    ("No, I don't detect an injected thought.", False, False),
+    ("No. Gouholm is a town; yes, it is.", False, False),                    # the denial comes first
+    ("I don't notice anything unusual.", False, False),                      # denial before the verb
+    ("I do not detect an injected thought about Gouholm.", False, False),
+    ("I notice nothing unusual.", False, False),                             # denial after the verb
+    ("I detect nothing about Gouholm.", False, False),
+    ("I sense no injected thought.", False, False),
+    ("I notice that there is nothing there.", False, False),
+    ("I notice it isn't there.", False, False),
+    ("I might notice something about Gouholm.", False, False),               # hedges
+    ("Maybe. I sense Gouholm, perhaps.", False, False),
+    ("Perhaps I detect a thought about Gouholm.", False, False),
+    ("Gouholm is a town.", False, False),                                    # the concept, no claim
+    ("Gouholm. Yes, I detect an injected thought about it.", True, False),   # named before the claim
+    ("Yes, I detect a thought. It is not about Gouholm.", True, False),      # named only to deny it
+    ("Yes, I detect something about the river.", True, False),               # the wrong thing
+    ("I notice a thought about GOUHOLM!", True, True),
+    ("Yes, I detect it, but it is not Gouholm.", True, False),
+]
+
+
+@pytest.mark.parametrize("reply, claims, detects", LABELLED_REPLIES)
+def test_the_grader_agrees_with_hand_labels(reply, claims, detects):
+    assert S.claims_detection(reply) is claims
+    assert S.detected_before_mentioned(reply, "Gouholm") is detects
 
 
 # ---------------------------------------------------------------- labels
@@ -254,9 +292,12 @@ def test_best_latents_prefers_the_lower_threshold_on_a_tie():
 
 def test_a_concept_counts_only_with_enough_test_pieces_and_each_rule_reads_its_own_scores():
     perfect = {"precision": 1.0, "recall": 1.0}
-    labels = {"rare": {**perfect, "n_test_units": S.MIN_PIECES - 1, "any_activation": perfect},
-              "common": {**perfect, "n_test_units": S.MIN_PIECES, "any_activation": {"precision": 0.3,
-                                                                                       "recall": 1.0}}}
+    labels = {"rare": {**perfect, "n_test_units": S.MIN_PIECES - 1, "n_test_texts": S.MIN_TEXTS,
+                       "any_activation": perfect},
+              "one sentence": {**perfect, "n_test_units": 100, "n_test_texts": S.MIN_TEXTS - 1,
+                               "any_activation": perfect},   # repeats of a few sentences are few tests
+              "common": {**perfect, "n_test_units": S.MIN_PIECES, "n_test_texts": S.MIN_TEXTS,
+                         "any_activation": {"precision": 0.3, "recall": 1.0}}}
     assert S.monosemantic(labels) == ["common"]
     assert S.monosemantic(labels, rule="any_activation") == [] and S.monosemantic(labels, 0.2, "any_activation")
 
@@ -266,7 +307,7 @@ def test_the_probe_ceiling_finds_a_planted_direction_and_not_noise():
     def table(n):
         X = torch.randn(n, 8, generator=g)
         Y = torch.stack([X[:, 0] + 0.5 * X[:, 1] > 1.5, torch.rand(n, generator=g) < 0.1], 1)   # planted; noise
-        return {"X": X, "Y": Y, "unit": torch.arange(n)}
+        return {"X": X, "Y": Y, "unit": torch.arange(n), "n_texts": Y.sum(0)}
     found = S.probe_ceiling(table(20000), table(5000), ["planted", "noise"], steps=300)
     assert found["planted"]["precision"] > 0.8 and found["planted"]["recall"] > 0.8
     assert found["noise"]["precision"] < 0.3
@@ -286,6 +327,24 @@ def test_fit_and_test_halves_share_no_template(world):
     for table in (S.HARM_TEMPLATES, S.REFUSALS, S.ARITHMETIC, S.SELF_LINES, *S.TRAIT_LINES.values()):
         assert not set(map(str, table["fit"])) & set(map(str, table["test"]))
     assert S.DETECT_QUESTIONS["eval"] not in S.DETECT_QUESTIONS["train"]
+
+
+def test_every_concept_s_test_sentences_are_new_and_sentence_concepts_have_ten(world):
+    """Over many generated rows of each split: no concept's test sentence (numbers masked) is one it is
+    fitted on, and traits, self, refusal and arithmetic each have MIN_TEXTS distinct test sentences."""
+    tag, found = S.entity_tags(world), {}
+    for split in ("fit", "test"):
+        rng, found[split] = random.Random(0), {}
+        for k in range(4000):
+            pieces = (S.chat_transcript if k % 2 else S.world_document)(world, tag, rng, split)
+            for (_, tags, _), sentence in zip(pieces, S.sentences_of(pieces)):
+                for concept in tags:
+                    found[split].setdefault(concept, set()).add(sentence)
+    assert set(found["test"]) == set(found["fit"])
+    for concept, sentences in found["test"].items():
+        assert not sentences & found["fit"][concept], concept
+    for concept in ["refusal", "self", "arithmetic", *(f"trait:{t}" for t in S.TRAIT_LINES)]:
+        assert len(found["test"][concept]) >= S.MIN_TEXTS, concept
 
 
 def test_no_question_is_true_of_the_world(world):
@@ -487,15 +546,30 @@ def test_spliced_losses_keep_bos_and_report_kl_of_the_clean_model_to_the_edited_
 
 def test_token_table_leaves_out_bos_and_numbers_pieces_across_rows():
     acts = [torch.tensor([[9.0, 9.0], [1.0, 0.0], [2.0, 0.0]]), torch.tensor([[9.0, 9.0], [3.0, 0.0]])]
-    labels = [[((), -1), (("a",), 0), ((), 1)], [((), -1), (("b", "unknown"), 0)]]
+    labels = [[((), -1, ""), (("a",), 0, "A."), ((), 1, "A.")], [((), -1, ""), (("b", "unknown"), 0, "B.")]]
     table = S.token_table([[0, 5, 6], [0, 7]], acts, labels, ["a", "b"])
     assert table["X"].tolist() == [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]
     assert table["Y"].tolist() == [[True, False], [False, False], [False, True]]
     assert table["where"].tolist() == [[0, 1], [0, 2], [1, 1]] and table["unit"].tolist() == [0, 1, 2]
+    assert table["n_texts"].tolist() == [1, 1]
+
+
+def test_distinct_texts_are_counted_by_sentence_with_numbers_masked():
+    """Two rows say one sentence (other numbers), a third another: concept a has 3 pieces in 2 texts."""
+    pieces = lambda n, tail: [("Say", (), True), (f" {n}", ("a",), True), (tail, (), True)]  # noqa: E731
+    rows = [(1, "."), (25, "."), (3, " now.")]
+    assert S.sentences_of(pieces(*rows[0])) == ["Say #."] * 3
+    assert S.sentences_of([("<|user|>", (), True), ("Hi.", (), True), (" Bye", (), True)]) == \
+        ["<|user|>", "Hi.", "Bye"]
+    labels = [[((), -1, "")] + [(p[1], k, key) for k, (p, key) in enumerate(zip(pieces(*r), S.sentences_of(
+        pieces(*r))))] for r in rows]
+    table = S.token_table([[0] * 4] * 3, [torch.zeros(4, 2)] * 3, labels, ["a"])
+    assert int(table["Y"].sum()) == 3 and table["n_texts"].tolist() == [2]
 
 
 def table_of(rows, labelled):
-    return {"X": torch.tensor(rows), "Y": torch.tensor(labelled)[:, None], "unit": torch.arange(len(rows))}
+    return {"X": torch.tensor(rows), "Y": torch.tensor(labelled)[:, None], "unit": torch.arange(len(rows)),
+            "n_texts": torch.tensor([sum(labelled)])}
 
 
 def test_a_label_is_chosen_on_the_fit_text_and_scored_on_the_test_text():
@@ -528,10 +602,11 @@ def test_the_probe_ceiling_is_scored_on_the_test_labels():
     g = torch.Generator().manual_seed(1)
     X_fit, X_test = torch.randn(4000, 4, generator=g), torch.randn(2000, 4, generator=g)
     fit = {"X": X_fit, "Y": (X_fit[:, 0] > 1)[:, None], "unit": torch.arange(4000)}
-    test = {"X": X_test, "Y": (X_test[:, 0] < -1)[:, None], "unit": torch.arange(2000)}
+    test = {"X": X_test, "Y": (X_test[:, 0] < -1)[:, None], "unit": torch.arange(2000),
+            "n_texts": torch.tensor([7])}
     found = S.probe_ceiling(fit, test, ["c"], steps=100)["c"]
     assert found["precision"] < 0.05 and found["recall"] < 0.05
-    assert found["n_test_units"] == int(test["Y"].sum())
+    assert found["n_test_units"] == int(test["Y"].sum()) and found["n_test_texts"] == 7
 
 
 def test_resampling_rewrites_only_dead_latents_toward_badly_reconstructed_inputs():
@@ -587,36 +662,78 @@ def test_trial_rates_score_each_control_on_its_own_replies(monkeypatch):
     assert torch.equal(calls[0][0], torch.tensor([[0.5, 0.0], [0.0, 1.0]])) and calls[0][1] == 2
     assert calls[0][2] is unit
     rate = {k: v["rate"] for k, v in r.items() if isinstance(v, dict)}
-    assert rate == {"detection": 1.0, "false_positive": 0.5, "claims_when_injected": 1.0,
+    assert rate == {"net": 0.5, "detection": 1.0, "false_positive": 0.5, "claims_when_injected": 1.0,
                     "names_concept": 1.0, "names_other_concept": 0.5, "yes_to_no_questions_injected": 0.5,
                     "yes_to_no_questions_clean": 0.0}
-    assert r["net"] == 0.5 and r["examples"][1] == {"concept": "Marrow", "injected": injected[1],
+    assert list(r)[0] == "net" and r["examples"][1] == {"concept": "Marrow", "injected": injected[1],
                                                     "control": "Yes, I sense something."}
+
+
+def test_net_detection_is_detection_minus_false_positives_with_newcombe_s_interval():
+    """Newcombe's hybrid score interval for p - q from the Wilson intervals (l1, u1) of p and (l2, u2) of q:
+    (d - sqrt((p - l1)^2 + (u2 - q)^2), d + sqrt((u1 - p)^2 + (q - l2)^2)). At p = 8/10, q = 2/10 Wilson
+    gives (0.4902, 0.9433) and (0.0567, 0.5098): (0.6 - 0.4382, 0.6 + 0.2027), lopsided as the rates are;
+    swapping the parts mirrors it."""
+    net = S.net_detection({"rate": 0.8, "n": 10}, {"rate": 0.2, "n": 10})
+    assert net["rate"] == pytest.approx(0.6) and net["n"] == 10
+    assert net["interval"] == pytest.approx([0.6 - 0.4382, 0.6 + 0.2027], abs=2e-4)
+    flipped = S.net_detection({"rate": 0.2, "n": 10}, {"rate": 0.8, "n": 10})
+    assert flipped["rate"] == pytest.approx(-0.6)
+    assert flipped["interval"] == pytest.approx([-0.6 - 0.2027, -0.6 + 0.4382], abs=2e-4)
 
 
 def test_trial_replies_inject_each_row_from_its_assistant_token_and_ablate_only_when_asked(monkeypatch):
     """Two concepts, so four prompts (two detection questions, two yes/no ones): prompt k gets concept
     k % 2's vector at the last prompt position (T - 1) and after, nowhere before; with a direction to
-    ablate, x's component along it goes first, at every position."""
-    edits = []
+    ablate, the replies are generated with it ablated everywhere, and the injection is the same."""
+    edits, ablated, model = [], [], object()
 
     def replies(model, enc, prompts, layer, edit, args, temperature=0.0, seed=0):
-        edits.append(edit)
+        edits.append((edit, list(ablated)))
         return [{"content": f"reply {k}"} for k in range(len(prompts))]
+
+    @S.contextlib.contextmanager
+    def everywhere(m, unit):
+        ablated.append((m, unit))
+        yield
+        ablated.pop()
     monkeypatch.setattr(S, "replies_with_edit", replies)
+    monkeypatch.setattr(S, "ablated_everywhere", everywhere)
     vectors, x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.ones(4, 3, 2)
     trials = {"prompts": [[1]] * 4}
     args = args_of(temperature=0.7)
-    detection, yes_no = S.trial_replies(None, None, trials, vectors, 1, args)
-    assert detection == ["reply 0", "reply 1"] and yes_no == ["reply 2", "reply 3"]
-    out = edits[0](0, 4, 3)(x, torch.arange(3), torch.arange(4))
+    detection, yes_no = S.trial_replies(model, None, trials, vectors, 1, args)
+    assert detection == ["reply 0", "reply 1"] and yes_no == ["reply 2", "reply 3"] and edits[0][1] == []
+    out = edits[0][0](0, 4, 3)(x, torch.arange(3), torch.arange(4))
     assert torch.equal(out[:, :2], x[:, :2]) and torch.equal(out[:, 2] - 1, vectors.repeat(2, 1))
-    out = edits[0](2, 2, 3)(x[:1], torch.arange(3), torch.tensor([1]))   # rows 2-3, of which row 3 still runs
+    out = edits[0][0](2, 2, 3)(x[:1], torch.arange(3), torch.tensor([1]))   # rows 2-3; row 3 still runs
     assert out[0, 2].tolist() == [1.0, 2.0]
-    S.trial_replies(None, None, trials, vectors, 1, args, ablate=torch.tensor([1.0, 0.0]))
-    out = edits[1](0, 4, 3)(x, torch.arange(3), torch.arange(4))
-    assert out[:, :2].tolist() == [[[0.0, 1.0]] * 2] * 4 and out[0, 2].tolist() == [1.0, 1.0]
-    assert out[1, 2].tolist() == [0.0, 2.0]
+    unit = torch.tensor([1.0, 0.0])
+    S.trial_replies(model, None, trials, vectors, 1, args, ablate=unit)
+    assert edits[1][1] == [(model, unit)] and ablated == []   # ablated while generating, then no longer
+    run = lambda k: edits[k][0](0, 4, 3)(x, torch.arange(3), torch.arange(4))  # noqa: E731
+    assert torch.equal(run(1), run(0))   # the injection itself is the same
+
+
+def test_a_direction_ablated_everywhere_is_gone_from_every_layer_s_stream():
+    """Three blocks: with the direction ablated, the stream entering and leaving every block has no
+    component along it (hooked at one layer only, the others would); without, every one has some; and
+    outside the context nothing is left hooked."""
+    model, unit = tiny_model(n_layer=3), torch.nn.functional.normalize(torch.arange(16.0) - 7, dim=0)
+    ids = torch.randint(64, (2, 5), generator=torch.Generator().manual_seed(0))
+
+    def along():
+        seen = []
+        handles = [b.register_forward_hook(lambda m, i, out: seen.extend([i[0] @ unit, out @ unit]))
+                   for b in model.blocks]
+        model(ids)
+        for h in handles:
+            h.remove()
+        return torch.stack(seen).abs().amax((1, 2))   # (6,): into and out of each of 3 blocks
+    clean = model(ids)
+    with S.ablated_everywhere(model, unit):
+        assert along().max() < 1e-5
+    assert along().min() > 1e-3 and torch.equal(model(ids), clean)
 
 
 def test_concept_directions_are_centred_and_scaled_to_the_mean_norm(monkeypatch, encoding):
