@@ -19,6 +19,7 @@ so an interrupted regeneration continues where it stopped. Writes tables.md and 
 """
 import argparse
 import json
+import math
 import pathlib
 import statistics
 import subprocess
@@ -111,6 +112,69 @@ def mean_sd(values, digits=1):
         return "-"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def t_cdf(t, df):
+    """P(T <= t) for Student's t with a whole number df of degrees of freedom, exactly, by the finite
+    series in theta = atan(t / sqrt(df)) (Abramowitz and Stegun, 26.7.3-4; no scipy needed)."""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    cos2, term, series = math.cos(theta) ** 2, 1.0, 0.0
+    if df % 2 == 0:      # sin(theta) (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... up to cos^(df-2))
+        for j in range(df // 2):
+            series, term = series + term, term * (2 * j + 1) / (2 * j + 2) * cos2
+        inside = math.sin(theta) * series
+    else:                # 2/pi (theta + sin(theta) (cos + 2/3 cos^3 + ... up to cos^(df-2)))
+        term = math.cos(theta)
+        for j in range(1, (df - 1) // 2 + 1):
+            series, term = series + term, term * 2 * j / (2 * j + 1) * cos2
+        inside = 2 / math.pi * (theta + math.sin(theta) * series)
+    return 0.5 + math.copysign(inside / 2, t)
+
+
+def t_quantile(p, df):
+    """The t with P(T <= t) = p (p > 0.5), by bisection on t_cdf."""
+    low, high = 0.0, 1e6
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if t_cdf(mid, df) < p else (low, mid)
+    return (low + high) / 2
+
+
+def paired_gain(before, after, tests=1):
+    """Over seeds: the mean of the per-seed differences after - before, its 95% t-interval (df = n - 1;
+    with `tests` scores, Bonferroni's 1 - 0.05 / tests instead) and the two-sided p-value, in the values'
+    own units: (mean, low, high, p). low, high and p are None with fewer than two seeds."""
+    diffs = [a - b for b, a in zip(before, after) if a is not None and b is not None]
+    mean = statistics.mean(diffs) if diffs else None
+    if len(diffs) < 2:
+        return mean, None, None, None
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    half = t_quantile(1 - 0.025 / tests, len(diffs) - 1) * se
+    p = 2 * (1 - t_cdf(abs(mean) / se, len(diffs) - 1)) if se else float(mean == 0)
+    return mean, mean - half, mean + half, p
+
+
+def gain_cell(before, after, tests=1):
+    """'+12.3 [+4.1, +20.5] *' in points: the paired gain over seeds, its 95% t-interval (Bonferroni's
+    over `tests` scores), and * when that interval excludes 0; '-' when it cannot be computed."""
+    mean, low, high, _ = paired_gain(before, after, tests)
+    if mean is None:
+        return "-"
+    if low is None:
+        return f"{100 * mean:+.1f} (one seed)"
+    mark = " *" if low > 0 or high < 0 else ""
+    return f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]{mark}"
+
+
+def wilson_cell(rate, n):
+    """'31.2-48.9': Wilson's 95% interval in points for a rate on n prompts (the prompt-level interval,
+    for measures asked on the same prompts in every seed, where the seeds' spread says nothing of them)."""
+    if rate is None or not n:
+        return "-"
+    z = 1.959964
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return f"{100 * max(0.0, centre - half):.1f}-{100 * min(1.0, centre + half):.1f}"
 
 
 def load(path):
@@ -209,8 +273,10 @@ def character_table(base, seeds):
         return {w: {kind: {**s, **{k: s[k] - s["control"][k] for k in s.get("control", {})}}
                     for kind, s in pair[w].items()} for w in ("before", "after")}
     out = [f"**Stage 06** (held-out prompts, greedy; {len(baseline)} seeds; each score net of its control, "
-           "the same scorer on replies to prompts where the trait does not apply; after, then the gain over "
-           "stage 05 in points)", "", "| measure | prompts | stage 05 | " + " | ".join(runs) + " |",
+           "the same scorer on replies to prompts where the trait does not apply; after, mean ± sd, then "
+           "the gain over stage 05 in points with its 95% t-interval over seeds, Bonferroni-corrected "
+           "for the character scores; * where it excludes 0)", "",
+           "| measure | prompts | stage 05 | " + " | ".join(runs) + " |",
            "|---|---|---|" + "---|" * len(runs)]
     out += score_table_rows(stage06.SCORES, runs, nets)
     if all("tone" in m for ms in runs.values() for m in ms):
@@ -350,12 +416,12 @@ def course_table(base, seeds):
     if not pre or not runs:
         return ""
     rows = [("01", "fact completion, a phrasing the documents use", 600, [pre["probe_majority_baseline"]],
-             [pre["probe"]["kind=seen"]["accuracy"]]),
+             [pre["probe"]["kind=seen"]["accuracy"]], True),
             ("01", "... a phrasing no document uses", 600, [pre["probe_majority_baseline"]],
-             [pre["probe"]["kind=heldout"]["accuracy"]])]
+             [pre["probe"]["kind=heldout"]["accuracy"]], True)]
 
-    def row(stage, what, get_before, get_after, n=None):
-        rows.append((stage, what, n, [get_before(r) for r in runs], [get_after(r) for r in runs]))
+    def row(stage, what, get_before, get_after, n=None, rate=True):   # rate: a share of n prompts
+        rows.append((stage, what, n, [get_before(r) for r in runs], [get_after(r) for r in runs], rate))
     for task, field, what in (STAGE02[0], STAGE02[3], STAGE02[4], STAGE02[6], STAGE02[7]):
         row("02", what, lambda r: r["02_sft"]["before"][task][field],
             lambda r: r["02_sft"]["after"][task][field], runs[0]["02_sft"]["after"][task]["n"])
@@ -372,24 +438,35 @@ def course_table(base, seeds):
         row("05 GRPO", what, lambda r: get(r["05_grpo"]["before"]["all"]),
             lambda r: get(r["05_grpo"]["after"]["all"]), runs[0]["05_grpo"]["before"]["all"]["n"])
     for kind, key, what, _ in _load_stage("06_character").SCORES:
-        if key in ("stable", "plain_help", "admits"):
-            row("06", what, lambda r: r["06_both"]["before"][kind][key],
-                lambda r: r["06_both"]["after"][kind][key], runs[0]["06_both"]["after"][kind]["n"])
+        if key in ("stable", "plain_help", "abstains"):   # net of their controls (stage 06's CONTROL_OF)
+            row("06", what + ", net of its control", lambda r: net06(r["06_both"]["before"][kind], key),
+                lambda r: net06(r["06_both"]["after"][kind], key), runs[0]["06_both"]["after"][kind]["n"],
+                rate=False)
+
     def untrained06(r):
         return untrained_headlines(r["07_sae_interp"])["06_character"]
-    for key, what in (("trained_concepts", "injected thought detected, trained concepts (untrained: 06)"),
+    for key, what in (("trained_concepts", "injected thought: net detection (detected - false positives), "
+                                           "trained concepts (untrained: 06)"),
                       ("held_out", "... held-out concepts")):
-        row("07", what, lambda r: untrained06(r)["detection"]["rate"],
-            lambda r: r["07_sae_interp"]["injection"]["trained"][key]["detection"]["rate"])
-    row("07", "... false positives (nothing injected, a new phrasing)",
-        lambda r: untrained06(r)["false_positive"]["rate"],
-        lambda r: r["07_sae_interp"]["injection"]["trained"]["held_out"]["false_positive"]["rate"])
+        row("07", what, lambda r: untrained06(r)["net"]["rate"],
+            lambda r: r["07_sae_interp"]["injection"]["trained"][key]["net"]["rate"], rate=False)
     out = [f"**The course** ({len(runs)} seeds of stages 02-08 on one stage-01 model; held-out prompts; "
-           "each stage's input model -> its output, mean ± sd in points)", "",
-           "| stage | measure | prompts | before | after |", "|---|---|---|---|---|"]
-    out += [f"| {stage} | {what} | {n or ''} | {mean_sd(before)} | {mean_sd(after)} |"
-            for stage, what, n, before, after in rows]
+           "each stage's input model -> its output, mean ± sd over seeds in points; the gain is the mean "
+           "of the seeds' paired differences with its 95% t-interval over seeds (df = seeds - 1), * where "
+           "it excludes 0; the last column is the after rate's 95% interval over the prompts (Wilson), "
+           "as the prompts are the same in every seed)", "",
+           "| stage | measure | prompts | before | after | gain [95% t-interval] | after, over prompts |",
+           "|---|---|---|---|---|---|---|"]
+    for stage, what, n, before, after, rate in rows:
+        over_prompts = wilson_cell(statistics.mean(after), n) if rate else "-"
+        out.append(f"| {stage} | {what} | {n or ''} | {mean_sd(before)} | {mean_sd(after)} | "
+                   f"{gain_cell(before, after)} | {over_prompts} |")
     return "\n".join(out) + "\n"
+
+
+def net06(scores, key):
+    """A stage 06 score net of its control, where the run measured one (older runs did not)."""
+    return scores[key] - scores["control"][key] if "control" in scores else scores[key]
 
 
 def untrained_headlines(m07):
@@ -398,14 +475,18 @@ def untrained_headlines(m07):
 
 
 def score_table_rows(scores, runs, part):
-    """One row a character score: stage 05, then each arm's after (gain), mean +- sd over seeds; part(m)
-    picks the {"before", "after"} pair of a run's metrics to read."""
+    """One row a character score: stage 05, then each arm's after, mean +- sd over seeds, and its gain
+    with a 95% t-interval over seeds, Bonferroni-corrected for the number of character scores (the
+    diagnostics, "lower is better", never count as gains); part(m) picks the {"before", "after"} pair
+    of a run's metrics to read."""
     baseline, rows = next(iter(runs.values())), []
+    tests = sum(good for *_, good in scores)
     for kind, key, label, good in scores:
         cells = []
         for ms in runs.values():
-            gains = [part(m)["after"][kind][key] - part(m)["before"][kind][key] for m in ms]
-            cells.append(f"{mean_sd([part(m)['after'][kind][key] for m in ms])} ({mean_sd(gains)})")
+            before, after = ([part(m)[w][kind][key] for m in ms] for w in ("before", "after"))
+            gain = gain_cell(before, after, tests) if good else "(diagnostic)"
+            cells.append(f"{mean_sd(after)}, gain {gain}")
         n = part(baseline[0])["after"][kind]["n"]
         before = mean_sd([part(m)["before"][kind][key] for m in baseline])
         label += "" if good else " (lower is better)"
