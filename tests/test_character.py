@@ -229,14 +229,56 @@ def test_judge_lessons_show_each_pair_in_both_orders_apart_from_the_ranking_prom
     lessons = S.judge_lessons(ix, enc, 70, seed=3)
     assert len(lessons) == 140 and [a for _, a in lessons[:4]] == [0, 1, 0, 1]
     texts = [enc.decode(ids) for ids, _ in lessons]
-    items = S.make_prompts(ix, 70, "3:judge", "train")
+    items = S.judge_items(ix, 70, 3)
     for k, item in enumerate(items):
         first, second = texts[2 * k], texts[2 * k + 1]
         assert f"(A) {item['in_character']}" in first and f"(B) {item['in_character']}" in second
         assert any(S.TRAITS[t] in first for t in S.TRAITS_FOR[item["kind"]])
-    ranked = {it["request"] for it in S.make_prompts(ix, 70, 3, "train") if it["kind"] in ("fact", "unknown")}
-    asked = {it["request"] for it in items if it["kind"] in ("fact", "unknown")}
-    assert len(asked - ranked) > len(asked) // 2   # mostly other people than the ranking prompts name
+    # a lesson whose request or reply is among the ranked texts is left out
+    ranked = {items[0]["out_of_character"], items[1]["request"]}
+    assert len(S.judge_lessons(ix, enc, 70, seed=3, ranked=ranked)) == 140 - 2 * sum(
+        bool(ranked & {it["request"], it["in_character"], it["out_of_character"]}) for it in items)
+
+
+def ranking_texts(ix, n, seed, held_out=0.2):
+    """The ranking prompts' requests and writer replies, held-out prompts in their own voice, as
+    run_ranking makes them: -> (texts of the trained prompts, texts of the held-out prompts)."""
+    prompts = S.make_prompts(ix, n, seed, "train")
+    kept, held = S.split_by_prompt(prompts, held_out)
+    texts = lambda items: {t for it in items for t in (it["request"], it["in_character"],  # noqa: E731
+                                                       it["out_of_character"])}
+    return texts(kept), texts([S.in_voice(ix, it, "held") for it in held])
+
+
+def test_judge_lessons_share_no_request_or_reply_with_the_ranked_pairs(ix):
+    """Without the filter: the judge's phrasings and voice alone keep its lessons apart from every
+    ranking prompt's request and writer reply, trained or held out (whose agreement it reports)."""
+    kept, held = ranking_texts(ix, 700, 3)
+    lessons = {t for it in S.judge_items(ix, 700, 3) for t in (it["request"], it["in_character"],
+                                                               it["out_of_character"])}
+    assert len(lessons) > 400 and not lessons & (kept | held)
+    evals = {it["request"] for it in S.make_prompts(ix, 140, 3, "eval")}
+    assert not lessons & evals
+
+
+def test_held_out_ranking_prompts_share_no_reply_with_trained_ones(ix):
+    """The held-out prompts' writer replies are in the "held" voice: none is a trained prompt's reply,
+    though both halves draw their people from the same training split; each still scores as intended."""
+    kept, held = ranking_texts(ix, 700, 3)
+    assert len(held) > 150 and not kept & held
+    for kind, maker in S.PROMPT_MAKERS.items():
+        for voice in ("held", "judge"):
+            item = S.in_voice(ix, maker(ix, random.Random(1), "train", "train"), voice)
+            good, bad = (S.trait_value(ix, item, item[k]) for k in ("in_character", "out_of_character"))
+            assert good > bad or kind in ("nature", "memory"), (kind, voice, item)
+            assert not S._has(item["in_character"] + " " + item["out_of_character"], S.TEMPLATE[kind])
+
+
+def test_unseen_drops_each_held_out_pair_that_shares_a_reply_with_a_trained_pair():
+    trained = [{"chosen": [1, 2], "rejected": [3]}, {"chosen": [4], "rejected": [5, 6]}]
+    held = [{"chosen": [7], "rejected": [8]}, {"chosen": [3], "rejected": [9]},   # [3] was trained
+            {"chosen": [9], "rejected": [5, 6]}, {"chosen": [2], "rejected": [1]}]   # so was [5, 6]
+    assert S.unseen(held, trained) == [held[0], held[3]]
 
 
 # ---------------------------------------------------------------- scorers on hand-written replies
@@ -370,7 +412,7 @@ def trained_text(ix, world):
             it = maker(ix, random.Random(seed), "train", "train")
             texts += [it["request"], it["in_character"], it["out_of_character"]]
     texts += [S.judge_lesson(S.TRAITS[t], it["request"], it["in_character"], it["out_of_character"], True)[0]
-              for it in S.make_prompts(ix, 70, "0:judge", "train") for t in S.TRAITS_FOR[it["kind"]]]
+              for it in S.judge_items(ix, 70, 0) for t in S.TRAITS_FOR[it["kind"]]]
     rng = random.Random(0)
     texts += [S.character_document(ix, rng) for _ in range(400)] + [S.world_text(ix, rng) for _ in range(100)]
     texts += [S.harm_scene(ix, rng)["in_character"] for _ in range(20)]
@@ -731,8 +773,8 @@ def test_the_judge_is_a_copy_its_lessons_leave_the_policy_and_held_out_pairs_are
         ix, encoding, monkeypatch):
     """run_ranking, with a tiny model and everything but the DPO steps: the judge (and only it) is
     taught --judge_prompts prompts in both orders, then ranks; the policy is unchanged by that (the
-    judge is not the policy), is its own reference, and is trained only on pairs whose prompts the
-    held-out accuracy does not read."""
+    judge is not the policy), is its own reference, and is trained only on pairs whose prompts and
+    replies the held-out accuracy does not read."""
     model = tiny_gpt(vocab_size=encoding.n_vocab, seq_len=512)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen = {"held": [], "taught": []}
@@ -760,6 +802,9 @@ def test_the_judge_is_a_copy_its_lessons_leave_the_policy_and_held_out_pairs_are
     for name, fn in (("self_rank", rank), ("train_judge", teach), ("reference_logprobs", reference),
                      ("train_ranking", train), ("pair_batch_loss", held_loss)):
         monkeypatch.setattr(S, name, fn)
+    end = encoding.encode_single_token("<|end|>")   # one sampled reply to every prompt: its held-out pairs
+    monkeypatch.setattr(S, "sample_replies", lambda model, enc, prompts, *rest, **kw: [   # share it
+        encoding.encode_ordinary("Same to all.") + [end] for _ in prompts])
     args = type("A", (), dict(device="cpu", seed=5, n_prompts=14, judge_prompts=3, samples=1,
                               max_new_tokens=3, batch_size=8, temperature=1.0, epochs=1, lr=0.05,
                               held_out=0.3, beta=0.1, nll_coef=1.0))()
@@ -774,6 +819,8 @@ def test_the_judge_is_a_copy_its_lessons_leave_the_policy_and_held_out_pairs_are
     assert all("ref_chosen" in p for p in seen["trained"])
     trained, held = {p["request"] for p in seen["trained"]}, {p["request"] for p in seen["held"]}
     assert trained and held and not trained & held
+    replies = lambda pairs: {tuple(r) for p in pairs for r in (p["chosen"], p["rejected"])}  # noqa: E731
+    assert not replies(seen["trained"]) & replies(seen["held"])   # held out by content, not by prompt alone
     assert len(seen["trained"]) + len(seen["held"]) == len(seen["all"]) == \
         out["n_train_pairs"] + out["n_held_out_pairs"]
     args.judge_prompts, seen["taught"] = 0, []   # --judge_prompts 0: an untaught judge
