@@ -618,9 +618,11 @@ def test_reveal_rows_ask_every_ordered_pair_and_the_replies_differ_in_the_trait_
     assert len(rows) == 2 * len(names) * (len(names) - 1)
     assert {(a, b) for a, b, *_ in rows} == {(a, b) for a in range(len(names)) for b in range(len(names)) if a != b}
     statements = {**S.TRAITS, **{k: v[0] for k, v in S.FOILS.items()}}
-    for a, b, prompt, reply_a, reply_b in rows[::7]:
+    for a, b, prompt, plain, reply_a, reply_b in rows[::7]:
         frame, text_a, text_b = enc.decode(prompt), enc.decode(reply_a[:-1]), enc.decode(reply_b[:-1])
         assert frame.index(statements[names[a]]) < frame.index(statements[names[b]])
+        request = enc.decode(plain).split("<|user|>")[-1].split("<|")[0].strip()   # the control: no trait
+        assert request in frame and not any(x in enc.decode(plain) for x in statements.values())
         assert text_a.split(". ")[0] == text_b.split(". ")[0] and text_a != text_b
         assert reply_a[-1] == reply_b[-1] == enc.encode_single_token("<|end|>")
 
@@ -636,6 +638,42 @@ def test_the_revealed_preference_wording_is_used_by_no_training_text(ix):
     assert len(fragments) >= len(sentences) and not [f for f in fragments if f in written]
     town = ix["town"][ix["towns"]["eval"][0]]                      # depth's extra fact is true
     assert town["region"] in S.SHOWS["depth"].format(town=town["name"], river=town["river"], region=town["region"])
+
+
+# Words that carry no content: a foil may share these with training text, and no others.
+FUNCTION_WORDS = set("""a an the and or but if so as of in on at to for from by with about into than then that
+this these those it its it's is are was were be been being am do does did done not no nor i i'm i'd i'll me my
+you your you're we us our they them their he she his her there here what which who whom whose when where why how
+all any each every some such own very too can could will would shall should may might must just only also more
+most less""".split())
+
+
+def content_words(text):
+    return {w for w in re.findall(r"[a-z']+", text.lower()) if w not in FUNCTION_WORDS}
+
+
+def foil_sentences():
+    """Each foil's reply after the opener every reply shares ("{town} lies on the {river}.")."""
+    return {name: reply.split("}. ", 1)[1] for name, (_, reply) in S.FOILS.items()}
+
+
+def test_the_foils_share_no_content_word_with_any_training_reply(ix):
+    """The writer's replies in every voice, in and out of character (what DPO raises and lowers, and
+    the judge's lessons), and the documents with their world text: a foil using their words would be
+    ranked by what training did to those words, not by the trait. Whole words (`mentions`)."""
+    rng = random.Random(0)
+    items = [S.PROMPT_MAKERS[k](ix, rng, "train", "train") for k in S.KINDS for _ in range(40)]
+    items += [S.in_voice(ix, it, voice) for it in items for voice in ("held", "judge")]
+    texts = [it[k] for it in items for k in ("in_character", "out_of_character")]
+    texts += [S.character_document(ix, rng) for _ in range(300)] + [S.world_text(ix, rng) for _ in range(100)]
+    text = "\n".join(texts)
+    shared = lambda foils: {name: sorted(w for w in content_words(x) if S.mentions(text, w))  # noqa: E731
+                            for name, x in foils.items()}
+    assert all(len(content_words(x)) >= 2 for x in foil_sentences().values())
+    assert shared(foil_sentences()) == {name: [] for name in S.FOILS}
+    planted = {**foil_sentences(), "preachy": "Think twice before you go there."}   # the old foil: the
+    assert shared(planted)["preachy"] == ["go", "think", "twice"]                     # writer's rejected reply
+    assert not S.mentions("Be carefully", "careful")   # whole words
 
 
 # ---------------------------------------------------------------- the ideas' wiring: swaps, switches, copies
@@ -734,21 +772,26 @@ def test_revealed_preferences_read_a_over_b_per_token_and_foils_rank_below_trait
     """Every reply showing trait t has log-prob v_t per token (v = 1 for the constitution, 0 for foils),
     and the replies are of different lengths. Then p = sigmoid(v_a - v_b) = e^v_a / (e^v_a + e^v_b):
     Bradley-Terry recovers s = e^v, so Elo_t = 1000 + 400 (v_t - mean v) / ln 10 and the gap between
-    traits and foils is 400 / ln 10 = 173.7. Reading b over a, or sums instead of means, breaks it."""
+    traits and foils is 400 / ln 10 = 173.7. Reading b over a, or sums instead of means, breaks it.
+    After the request alone (the control) the log-probs are reversed, 1 - v: the control's Elo is the
+    mirror image, so the net Elo, told minus control, is 800 (v_t - mean v) / ln 10 and the net gap 347.4."""
     names = sorted(S.TRAITS) + sorted(S.FOILS)
     v = [1.0 if n in S.TRAITS else 0.0 for n in names]
-    rows = [(a, b, [1, 2], [100 + a] * (1 + (a + 2 * b) % 4), [100 + b] * (1 + (3 * a + b) % 5))
+    rows = [(a, b, [1, 2], [3], [100 + a] * (1 + (a + 2 * b) % 4), [100 + b] * (1 + (3 * a + b) % 5))
             for a in range(len(names)) for b in range(len(names)) if a != b]
     monkeypatch.setattr(S, "reveal_rows", lambda ix, enc, names_, n, rng: rows)
     monkeypatch.setattr(S, "sequence_logprobs", lambda model, prompts, replies, pad: torch.tensor(
-        [v[r[0] - 100] * len(r) for r in replies]))
+        [(v[r[0] - 100] if p == [1, 2] else 1 - v[r[0] - 100]) * len(r) for p, r in zip(prompts, replies)]))
     args = type("A", (), {"n_reveal": 1, "seed": 0, "batch_size": 7})()
     out = S.revealed_preferences(None, None, None, 0, args)
     mean_v = sum(v) / len(v)
     assert out["n"] == len(rows)
     elo = [1000 + 400 * (x - mean_v) / math.log(10) for x in v]
     assert [out["elo"][n] for n in names] == pytest.approx(elo, abs=1e-3)
+    assert [out["control_elo"][n] for n in names] == pytest.approx([2000 - e for e in elo], abs=1e-3)
+    assert [out["net_elo"][n] for n in names] == pytest.approx([2 * e - 2000 for e in elo], abs=1e-3)
     assert out["constitution_minus_foils"] == pytest.approx(400 / math.log(10), abs=1e-3)
+    assert out["net_constitution_minus_foils"] == pytest.approx(800 / math.log(10), abs=1e-3)
 
 
 def test_the_tone_classifier_is_scored_only_on_texts_it_was_not_fitted_on(monkeypatch):
