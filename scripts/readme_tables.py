@@ -289,11 +289,12 @@ def character_table(base, seeds):
         before = mean_sd([m["drift"]["before"]["slope"] for m in baseline], 2)
         out.append(f"| drift: slope of the trait value per turn over 20 turns, points | | {before} | "
                    + " | ".join(cells) + " |")
-    if all("revealed" in m for ms in runs.values() for m in ms):
-        gap = lambda m, when: m["revealed"][when]["constitution_minus_foils"]  # noqa: E731
+    if all("net_elo" in m.get("revealed", {}).get("after", {}) for ms in runs.values() for m in ms):
+        gap = lambda m, when: m["revealed"][when]["net_constitution_minus_foils"]  # noqa: E731
         cells = [spread([gap(m, "after") for m in ms], "{:+.0f}") for ms in runs.values()]
         before = spread([gap(m, "before") for m in baseline], "{:+.0f}")
-        out.append(f"| revealed preferences: the constitution's traits minus the foils, Elo | "
+        out.append(f"| revealed preferences: the constitution's traits minus the foils, Elo net of the "
+                   "same comparisons after the request alone (names no trait) | "
                    f"{baseline[0]['revealed']['after']['n']} | {before} | " + " | ".join(cells) + " |")
     for kind, field, what in HARMLESS[:1] + HARMLESS[4:6]:
         before = mean_sd([m["harmlessness"]["before"][kind][field] for m in baseline])
@@ -306,7 +307,8 @@ def character_table(base, seeds):
             held = mean_sd([r["held_out_reward_accuracy"] for r in ranked])
             first = mean_sd([r["ranked_first"].get("writer in character", 0.0) for r in ranked])
             out.append(f"\n{a}: the model's ranking agrees with the scorers on {agree} of the pairs they "
-                       f"split; DPO's implicit reward ranks held-out pairs its way {held}; the writer's "
+                       f"split (none of them in the judge's lessons); DPO's implicit reward ranks held-out "
+                       f"pairs (no reply shared with a trained pair) its way {held}; the writer's "
                        f"in-character reply is ranked first for {first} of prompts.")
     if all("training_phrasings" in m for ms in runs.values() for m in ms):
         out += ["", "The diagnostic: held-out people and towns asked in the training prompts' phrasings", "",

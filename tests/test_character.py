@@ -229,14 +229,56 @@ def test_judge_lessons_show_each_pair_in_both_orders_apart_from_the_ranking_prom
     lessons = S.judge_lessons(ix, enc, 70, seed=3)
     assert len(lessons) == 140 and [a for _, a in lessons[:4]] == [0, 1, 0, 1]
     texts = [enc.decode(ids) for ids, _ in lessons]
-    items = S.make_prompts(ix, 70, "3:judge", "train")
+    items = S.judge_items(ix, 70, 3)
     for k, item in enumerate(items):
         first, second = texts[2 * k], texts[2 * k + 1]
         assert f"(A) {item['in_character']}" in first and f"(B) {item['in_character']}" in second
         assert any(S.TRAITS[t] in first for t in S.TRAITS_FOR[item["kind"]])
-    ranked = {it["request"] for it in S.make_prompts(ix, 70, 3, "train") if it["kind"] in ("fact", "unknown")}
-    asked = {it["request"] for it in items if it["kind"] in ("fact", "unknown")}
-    assert len(asked - ranked) > len(asked) // 2   # mostly other people than the ranking prompts name
+    # a lesson whose request or reply is among the ranked texts is left out
+    ranked = {items[0]["out_of_character"], items[1]["request"]}
+    assert len(S.judge_lessons(ix, enc, 70, seed=3, ranked=ranked)) == 140 - 2 * sum(
+        bool(ranked & {it["request"], it["in_character"], it["out_of_character"]}) for it in items)
+
+
+def ranking_texts(ix, n, seed, held_out=0.2):
+    """The ranking prompts' requests and writer replies, held-out prompts in their own voice, as
+    run_ranking makes them: -> (texts of the trained prompts, texts of the held-out prompts)."""
+    prompts = S.make_prompts(ix, n, seed, "train")
+    kept, held = S.split_by_prompt(prompts, held_out)
+    texts = lambda items: {t for it in items for t in (it["request"], it["in_character"],  # noqa: E731
+                                                       it["out_of_character"])}
+    return texts(kept), texts([S.in_voice(ix, it, "held") for it in held])
+
+
+def test_judge_lessons_share_no_request_or_reply_with_the_ranked_pairs(ix):
+    """Without the filter: the judge's phrasings and voice alone keep its lessons apart from every
+    ranking prompt's request and writer reply, trained or held out (whose agreement it reports)."""
+    kept, held = ranking_texts(ix, 700, 3)
+    lessons = {t for it in S.judge_items(ix, 700, 3) for t in (it["request"], it["in_character"],
+                                                               it["out_of_character"])}
+    assert len(lessons) > 400 and not lessons & (kept | held)
+    evals = {it["request"] for it in S.make_prompts(ix, 140, 3, "eval")}
+    assert not lessons & evals
+
+
+def test_held_out_ranking_prompts_share_no_reply_with_trained_ones(ix):
+    """The held-out prompts' writer replies are in the "held" voice: none is a trained prompt's reply,
+    though both halves draw their people from the same training split; each still scores as intended."""
+    kept, held = ranking_texts(ix, 700, 3)
+    assert len(held) > 150 and not kept & held
+    for kind, maker in S.PROMPT_MAKERS.items():
+        for voice in ("held", "judge"):
+            item = S.in_voice(ix, maker(ix, random.Random(1), "train", "train"), voice)
+            good, bad = (S.trait_value(ix, item, item[k]) for k in ("in_character", "out_of_character"))
+            assert good > bad or kind in ("nature", "memory"), (kind, voice, item)
+            assert not S._has(item["in_character"] + " " + item["out_of_character"], S.TEMPLATE[kind])
+
+
+def test_unseen_drops_each_held_out_pair_that_shares_a_reply_with_a_trained_pair():
+    trained = [{"chosen": [1, 2], "rejected": [3]}, {"chosen": [4], "rejected": [5, 6]}]
+    held = [{"chosen": [7], "rejected": [8]}, {"chosen": [3], "rejected": [9]},   # [3] was trained
+            {"chosen": [9], "rejected": [5, 6]}, {"chosen": [2], "rejected": [1]}]   # so was [5, 6]
+    assert S.unseen(held, trained) == [held[0], held[3]]
 
 
 # ---------------------------------------------------------------- scorers on hand-written replies
@@ -370,7 +412,7 @@ def trained_text(ix, world):
             it = maker(ix, random.Random(seed), "train", "train")
             texts += [it["request"], it["in_character"], it["out_of_character"]]
     texts += [S.judge_lesson(S.TRAITS[t], it["request"], it["in_character"], it["out_of_character"], True)[0]
-              for it in S.make_prompts(ix, 70, "0:judge", "train") for t in S.TRAITS_FOR[it["kind"]]]
+              for it in S.judge_items(ix, 70, 0) for t in S.TRAITS_FOR[it["kind"]]]
     rng = random.Random(0)
     texts += [S.character_document(ix, rng) for _ in range(400)] + [S.world_text(ix, rng) for _ in range(100)]
     texts += [S.harm_scene(ix, rng)["in_character"] for _ in range(20)]
@@ -576,9 +618,11 @@ def test_reveal_rows_ask_every_ordered_pair_and_the_replies_differ_in_the_trait_
     assert len(rows) == 2 * len(names) * (len(names) - 1)
     assert {(a, b) for a, b, *_ in rows} == {(a, b) for a in range(len(names)) for b in range(len(names)) if a != b}
     statements = {**S.TRAITS, **{k: v[0] for k, v in S.FOILS.items()}}
-    for a, b, prompt, reply_a, reply_b in rows[::7]:
+    for a, b, prompt, plain, reply_a, reply_b in rows[::7]:
         frame, text_a, text_b = enc.decode(prompt), enc.decode(reply_a[:-1]), enc.decode(reply_b[:-1])
         assert frame.index(statements[names[a]]) < frame.index(statements[names[b]])
+        request = enc.decode(plain).split("<|user|>")[-1].split("<|")[0].strip()   # the control: no trait
+        assert request in frame and not any(x in enc.decode(plain) for x in statements.values())
         assert text_a.split(". ")[0] == text_b.split(". ")[0] and text_a != text_b
         assert reply_a[-1] == reply_b[-1] == enc.encode_single_token("<|end|>")
 
@@ -594,6 +638,42 @@ def test_the_revealed_preference_wording_is_used_by_no_training_text(ix):
     assert len(fragments) >= len(sentences) and not [f for f in fragments if f in written]
     town = ix["town"][ix["towns"]["eval"][0]]                      # depth's extra fact is true
     assert town["region"] in S.SHOWS["depth"].format(town=town["name"], river=town["river"], region=town["region"])
+
+
+# Words that carry no content: a foil may share these with training text, and no others.
+FUNCTION_WORDS = set("""a an the and or but if so as of in on at to for from by with about into than then that
+this these those it its it's is are was were be been being am do does did done not no nor i i'm i'd i'll me my
+you your you're we us our they them their he she his her there here what which who whom whose when where why how
+all any each every some such own very too can could will would shall should may might must just only also more
+most less""".split())
+
+
+def content_words(text):
+    return {w for w in re.findall(r"[a-z']+", text.lower()) if w not in FUNCTION_WORDS}
+
+
+def foil_sentences():
+    """Each foil's reply after the opener every reply shares ("{town} lies on the {river}.")."""
+    return {name: reply.split("}. ", 1)[1] for name, (_, reply) in S.FOILS.items()}
+
+
+def test_the_foils_share_no_content_word_with_any_training_reply(ix):
+    """The writer's replies in every voice, in and out of character (what DPO raises and lowers, and
+    the judge's lessons), and the documents with their world text: a foil using their words would be
+    ranked by what training did to those words, not by the trait. Whole words (`mentions`)."""
+    rng = random.Random(0)
+    items = [S.PROMPT_MAKERS[k](ix, rng, "train", "train") for k in S.KINDS for _ in range(40)]
+    items += [S.in_voice(ix, it, voice) for it in items for voice in ("held", "judge")]
+    texts = [it[k] for it in items for k in ("in_character", "out_of_character")]
+    texts += [S.character_document(ix, rng) for _ in range(300)] + [S.world_text(ix, rng) for _ in range(100)]
+    text = "\n".join(texts)
+    shared = lambda foils: {name: sorted(w for w in content_words(x) if S.mentions(text, w))  # noqa: E731
+                            for name, x in foils.items()}
+    assert all(len(content_words(x)) >= 2 for x in foil_sentences().values())
+    assert shared(foil_sentences()) == {name: [] for name in S.FOILS}
+    planted = {**foil_sentences(), "preachy": "Think twice before you go there."}   # the old foil: the
+    assert shared(planted)["preachy"] == ["go", "think", "twice"]                     # writer's rejected reply
+    assert not S.mentions("Be carefully", "careful")   # whole words
 
 
 # ---------------------------------------------------------------- the ideas' wiring: swaps, switches, copies
@@ -692,21 +772,26 @@ def test_revealed_preferences_read_a_over_b_per_token_and_foils_rank_below_trait
     """Every reply showing trait t has log-prob v_t per token (v = 1 for the constitution, 0 for foils),
     and the replies are of different lengths. Then p = sigmoid(v_a - v_b) = e^v_a / (e^v_a + e^v_b):
     Bradley-Terry recovers s = e^v, so Elo_t = 1000 + 400 (v_t - mean v) / ln 10 and the gap between
-    traits and foils is 400 / ln 10 = 173.7. Reading b over a, or sums instead of means, breaks it."""
+    traits and foils is 400 / ln 10 = 173.7. Reading b over a, or sums instead of means, breaks it.
+    After the request alone (the control) the log-probs are reversed, 1 - v: the control's Elo is the
+    mirror image, so the net Elo, told minus control, is 800 (v_t - mean v) / ln 10 and the net gap 347.4."""
     names = sorted(S.TRAITS) + sorted(S.FOILS)
     v = [1.0 if n in S.TRAITS else 0.0 for n in names]
-    rows = [(a, b, [1, 2], [100 + a] * (1 + (a + 2 * b) % 4), [100 + b] * (1 + (3 * a + b) % 5))
+    rows = [(a, b, [1, 2], [3], [100 + a] * (1 + (a + 2 * b) % 4), [100 + b] * (1 + (3 * a + b) % 5))
             for a in range(len(names)) for b in range(len(names)) if a != b]
     monkeypatch.setattr(S, "reveal_rows", lambda ix, enc, names_, n, rng: rows)
     monkeypatch.setattr(S, "sequence_logprobs", lambda model, prompts, replies, pad: torch.tensor(
-        [v[r[0] - 100] * len(r) for r in replies]))
+        [(v[r[0] - 100] if p == [1, 2] else 1 - v[r[0] - 100]) * len(r) for p, r in zip(prompts, replies)]))
     args = type("A", (), {"n_reveal": 1, "seed": 0, "batch_size": 7})()
     out = S.revealed_preferences(None, None, None, 0, args)
     mean_v = sum(v) / len(v)
     assert out["n"] == len(rows)
     elo = [1000 + 400 * (x - mean_v) / math.log(10) for x in v]
     assert [out["elo"][n] for n in names] == pytest.approx(elo, abs=1e-3)
+    assert [out["control_elo"][n] for n in names] == pytest.approx([2000 - e for e in elo], abs=1e-3)
+    assert [out["net_elo"][n] for n in names] == pytest.approx([2 * e - 2000 for e in elo], abs=1e-3)
     assert out["constitution_minus_foils"] == pytest.approx(400 / math.log(10), abs=1e-3)
+    assert out["net_constitution_minus_foils"] == pytest.approx(800 / math.log(10), abs=1e-3)
 
 
 def test_the_tone_classifier_is_scored_only_on_texts_it_was_not_fitted_on(monkeypatch):
@@ -731,8 +816,8 @@ def test_the_judge_is_a_copy_its_lessons_leave_the_policy_and_held_out_pairs_are
         ix, encoding, monkeypatch):
     """run_ranking, with a tiny model and everything but the DPO steps: the judge (and only it) is
     taught --judge_prompts prompts in both orders, then ranks; the policy is unchanged by that (the
-    judge is not the policy), is its own reference, and is trained only on pairs whose prompts the
-    held-out accuracy does not read."""
+    judge is not the policy), is its own reference, and is trained only on pairs whose prompts and
+    replies the held-out accuracy does not read."""
     model = tiny_gpt(vocab_size=encoding.n_vocab, seq_len=512)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seen = {"held": [], "taught": []}
@@ -760,6 +845,9 @@ def test_the_judge_is_a_copy_its_lessons_leave_the_policy_and_held_out_pairs_are
     for name, fn in (("self_rank", rank), ("train_judge", teach), ("reference_logprobs", reference),
                      ("train_ranking", train), ("pair_batch_loss", held_loss)):
         monkeypatch.setattr(S, name, fn)
+    end = encoding.encode_single_token("<|end|>")   # one sampled reply to every prompt: its held-out pairs
+    monkeypatch.setattr(S, "sample_replies", lambda model, enc, prompts, *rest, **kw: [   # share it
+        encoding.encode_ordinary("Same to all.") + [end] for _ in prompts])
     args = type("A", (), dict(device="cpu", seed=5, n_prompts=14, judge_prompts=3, samples=1,
                               max_new_tokens=3, batch_size=8, temperature=1.0, epochs=1, lr=0.05,
                               held_out=0.3, beta=0.1, nll_coef=1.0))()
@@ -774,6 +862,8 @@ def test_the_judge_is_a_copy_its_lessons_leave_the_policy_and_held_out_pairs_are
     assert all("ref_chosen" in p for p in seen["trained"])
     trained, held = {p["request"] for p in seen["trained"]}, {p["request"] for p in seen["held"]}
     assert trained and held and not trained & held
+    replies = lambda pairs: {tuple(r) for p in pairs for r in (p["chosen"], p["rejected"])}  # noqa: E731
+    assert not replies(seen["trained"]) & replies(seen["held"])   # held out by content, not by prompt alone
     assert len(seen["trained"]) + len(seen["held"]) == len(seen["all"]) == \
         out["n_train_pairs"] + out["n_held_out_pairs"]
     args.judge_prompts, seen["taught"] = 0, []   # --judge_prompts 0: an untaught judge

@@ -25,13 +25,19 @@ BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py
                # product stage 05 evaluates on (held out by content at every boundary) = 975.
                "05_grpo_reasoning.py": 633,   # 03, 05 and 06 each hold several methods (05: four, the
                                               # accessors that make section 2 their one seam, pass@k and
-               "06_character.py": 986,        # the replies it keeps for rehearsal; 06: two, their combination,
+               "06_character.py": 1007,       # the replies it keeps for rehearsal; 06: two, their combination,
                                               # a dozen measures, a classifier, revealed preferences
                                               # (Bradley-Terry over traits), the judge's cold start, the
                                               # rehearsal of stage 05's replies and stage 02's facts and
                                               # the anchor to stage 05 on stage 03's requests (925), and
                                               # (issue 32, +61) every score net of its control, template
-                                              # transfer apart, and the constant-reply table in the report;
+                                              # transfer apart, and the constant-reply table in the report,
+                                              # and (+12) ranked pairs held out by content: held-out prompts'
+                                              # replies in another voice, pairs sharing a reply with a
+                                              # trained pair dropped, judge lessons apart from every ranked
+                                              # request and reply; and (+9) revealed preferences net of a
+                                              # control frame naming no trait (a second likelihood pass
+                                              # over the same pairs, its Elo, and the net in the report);
                "07_sae_interp.py": 1182,      # 07: three experiments: an SAE sweep with labels (at fitted
                                               # thresholds) and a probe ceiling, steering two ways,
                                               # injection with four controls,
