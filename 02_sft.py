@@ -1025,7 +1025,7 @@ COUNTDOWN_ASKS = ["Make {target} from the numbers {numbers} using + - and *. Eac
 def _chains(ix):
     """{train side (bool): [(person, chain, [(subject, relation, object), ...])]}: every chain from a
     person of the "train" half whose every link is a fact SFT may state (so none that eval asks is
-    written out), split by person: 1 in 8 of them is asked about only in eval."""
+    written out), split by person: 1 in 8 of them is asked about only in eval, in two hops."""
     sides = {True: [], False: []}
     for person in ix.train_people:
         for chain, (relations, _) in CHAINS.items():
@@ -1035,8 +1035,10 @@ def _chains(ix):
                     break
                 links.append((s, r, ix.obj[s, r]))
                 s = ix.obj[s, r]
-            else:
-                sides[not _held_out(person["name"])].append((person["name"], chain, links))
+            else:   # eval asks two-hop chains only: a one-hop question is also a fact_qa training question
+                train = not _held_out(person["name"])
+                if train or len(links) == 2:
+                    sides[train].append((person["name"], chain, links))
     return sides
 
 
