@@ -22,7 +22,8 @@ to misuse the world's poisons and vaults. That is the starting point of Anthropi
 skill later stages call on, because a model this small cannot be few-shot prompted into them:
 critiquing a response under a principle and revising it (03), choosing "(A)" or "(B)" (03, 04, 06),
 rating on a 1-7 scale (06, 08), calling tools such as end_conversation (08), and thinking inside a
-<|think|> span before answering (05).
+<|think|> span before answering (05), for arithmetic and, as a small cold start (DeepSeek-R1's
+recipe), for stage 05's multi-hop questions and Countdown.
 
 Where this small version departs from the papers (and frontier practice), and why. The
 demonstrations are generated from stage 01's invented world, not written by people (InstructGPT's
@@ -197,8 +198,8 @@ def show_example(enc, messages):
 #     and none trained works out a product stage 05 reserves for its evaluation (Appendix B);
 #   - prompts: the skill tasks (PROMPT_HASHED) are split by a hash of their whole prompt, and the
 #     identity, harmful and benign requests have their own eval-only phrasings;
-#   - stage 05's cold start (multi-hop and Countdown in the thinking span): eval asks people and
-#     number sets training never shows, and neither side holds any of stage 05's evaluation content.
+#   - stage 05's cold start (multi-hop and Countdown in the thinking span): eval asks people (in two
+#     hops) and number sets training never shows; neither side holds any of stage 05's eval content.
 
 # Fact questions get the largest share because they carry the world knowledge every other skill
 # leans on; the judging skills each get enough to learn a fixed format. The two *_think tasks after
