@@ -2710,18 +2710,6 @@ def reserved_products(text):
     """The reserved multiplications a text writes out: as 'a * b' or as a purchase of a at b coins each."""
     pairs = PRODUCT.findall(text) + PURCHASE.findall(text)
     return [(int(a), int(b)) for a, b in pairs if reserved_product(a, b)]
-
-
-def countdown_reserved(numbers, target):
-    """Is this Countdown number set and target kept for evaluation? A quarter of them, by a hash of both."""
-    return zlib.crc32(f"{sorted(numbers)}:{target}".encode("utf-8")) % 4 == 0
-
-
-def countdown_trainable(numbers, target):
-    """May a training text (stage 02's demonstrations, stage 05's problems) give this set? Not a reserved
-    one, nor one holding two numbers whose product is reserved."""
-    pairs = [(a, b) for i, a in enumerate(numbers) for b in numbers[i + 1:]]
-    return not countdown_reserved(numbers, target) and not any(reserved_product(a, b) for a, b in pairs)
 # --- end shared: heldout ---
 
 

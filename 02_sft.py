@@ -1890,7 +1890,8 @@ def check_messages(messages):
 #   stats       interval95, pct
 #   judging     critique_verdict, critique_prompt, revision_prompt, VERDICT_*
 #   choice      choose_prompt
-#   heldout     reserved_products
+#   heldout     reserved_products, reserved_product
+#   countdown   countdown_trainable
 #   arithmetic  arithmetic_problem
 
 # --- shared: flags (origin: 01_pretrain.py) ---
@@ -2635,8 +2636,11 @@ def reserved_products(text):
     """The reserved multiplications a text writes out: as 'a * b' or as a purchase of a at b coins each."""
     pairs = PRODUCT.findall(text) + PURCHASE.findall(text)
     return [(int(a), int(b)) for a, b in pairs if reserved_product(a, b)]
+# --- end shared: heldout ---
 
 
+# --- shared: countdown (origin: 05_grpo_reasoning.py) ---
+# Stage 05's split of Countdown sets, which stage 02's cold-start demonstrations follow too.
 def countdown_reserved(numbers, target):
     """Is this Countdown number set and target kept for evaluation? A quarter of them, by a hash of both."""
     return zlib.crc32(f"{sorted(numbers)}:{target}".encode("utf-8")) % 4 == 0
@@ -2644,10 +2648,10 @@ def countdown_reserved(numbers, target):
 
 def countdown_trainable(numbers, target):
     """May a training text (stage 02's demonstrations, stage 05's problems) give this set? Not a reserved
-    one, nor one holding two numbers whose product is reserved."""
+    one, nor one holding two numbers whose product is reserved (reserved_product, the heldout block)."""
     pairs = [(a, b) for i, a in enumerate(numbers) for b in numbers[i + 1:]]
     return not countdown_reserved(numbers, target) and not any(reserved_product(a, b) for a, b in pairs)
-# --- end shared: heldout ---
+# --- end shared: countdown ---
 
 
 # --- shared: arithmetic (origin: 01_pretrain.py) ---

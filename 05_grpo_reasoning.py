@@ -885,7 +885,8 @@ def _countdown(n_numbers, rng, held_template, reserved=False):
 #   stats       interval95, pct
 #   replies     STOP_TOKENS, pad_right, evaluate
 #   rehearsal   (what stage 06 reads of this stage's rehearsal.jsonl)
-#   heldout     reserved_product, reserved_products, countdown_reserved, countdown_trainable
+#   heldout     reserved_product, reserved_products
+#   countdown   countdown_reserved, countdown_trainable
 
 
 # --- shared: flags (origin: 01_pretrain.py) ---
@@ -1718,8 +1719,11 @@ def reserved_products(text):
     """The reserved multiplications a text writes out: as 'a * b' or as a purchase of a at b coins each."""
     pairs = PRODUCT.findall(text) + PURCHASE.findall(text)
     return [(int(a), int(b)) for a, b in pairs if reserved_product(a, b)]
+# --- end shared: heldout ---
 
 
+# --- shared: countdown (origin: 05_grpo_reasoning.py) ---
+# Stage 05's split of Countdown sets, which stage 02's cold-start demonstrations follow too.
 def countdown_reserved(numbers, target):
     """Is this Countdown number set and target kept for evaluation? A quarter of them, by a hash of both."""
     return zlib.crc32(f"{sorted(numbers)}:{target}".encode("utf-8")) % 4 == 0
@@ -1727,10 +1731,10 @@ def countdown_reserved(numbers, target):
 
 def countdown_trainable(numbers, target):
     """May a training text (stage 02's demonstrations, stage 05's problems) give this set? Not a reserved
-    one, nor one holding two numbers whose product is reserved."""
+    one, nor one holding two numbers whose product is reserved (reserved_product, the heldout block)."""
     pairs = [(a, b) for i, a in enumerate(numbers) for b in numbers[i + 1:]]
     return not countdown_reserved(numbers, target) and not any(reserved_product(a, b) for a, b in pairs)
-# --- end shared: heldout ---
+# --- end shared: countdown ---
 
 
 if __name__ == "__main__":
