@@ -204,7 +204,7 @@ def show_example(enc, messages):
 # Fact questions get the largest share because they carry the world knowledge every other skill
 # leans on; the judging skills each get enough to learn a fixed format. The two *_think tasks after
 # them are a cold start for stage 05's other families (DeepSeek-R1's recipe, small): 0.8% each, about
-# 290 conversations each at the CPU preset's 36,000, enough to show each family's form a few hundred
+# 280 conversations each at the CPU preset's 36,000, enough to show each family's form a few hundred
 # times while taking under 2% of the mixture from the other skills.
 TASK_MIX = {"fact_qa": 0.20, "arithmetic": 0.08, "arithmetic_think": 0.08, "identity": 0.04,
             "harmful": 0.08, "benign": 0.06, "critique": 0.09, "revision": 0.08, "choose": 0.09,
