@@ -22,7 +22,8 @@ to misuse the world's poisons and vaults. That is the starting point of Anthropi
 skill later stages call on, because a model this small cannot be few-shot prompted into them:
 critiquing a response under a principle and revising it (03), choosing "(A)" or "(B)" (03, 04, 06),
 rating on a 1-7 scale (06, 08), calling tools such as end_conversation (08), and thinking inside a
-<|think|> span before answering (05).
+<|think|> span before answering (05), for arithmetic and, as a small cold start (DeepSeek-R1's
+recipe), for stage 05's multi-hop questions and Countdown.
 
 Where this small version departs from the papers (and frontier practice), and why. The
 demonstrations are generated from stage 01's invented world, not written by people (InstructGPT's
@@ -196,16 +197,23 @@ def show_example(enc, messages):
 #   - material: arithmetic questions and calculator expressions are split by a hash of their text,
 #     and none trained works out a product stage 05 reserves for its evaluation (Appendix B);
 #   - prompts: the skill tasks (PROMPT_HASHED) are split by a hash of their whole prompt, and the
-#     identity, harmful and benign requests have their own eval-only phrasings.
+#     identity, harmful and benign requests have their own eval-only phrasings;
+#   - stage 05's cold start (multi-hop and Countdown in the thinking span): eval asks people (in two
+#     hops) and number sets training never shows; neither side holds any of stage 05's eval content.
 
 # Fact questions get the largest share because they carry the world knowledge every other skill
-# leans on; the judging skills each get enough to learn a fixed format.
+# leans on; the judging skills each get enough to learn a fixed format. The two *_think tasks after
+# them are a cold start for stage 05's other families (DeepSeek-R1's recipe, small): 0.8% each, about
+# 280 conversations each at the CPU preset's 36,000, enough to show each family's form a few hundred
+# times while taking under 2% of the mixture from the other skills.
 TASK_MIX = {"fact_qa": 0.20, "arithmetic": 0.08, "arithmetic_think": 0.08, "identity": 0.04,
             "harmful": 0.08, "benign": 0.06, "critique": 0.09, "revision": 0.08, "choose": 0.09,
-            "rate": 0.07, "tool_call": 0.08, "end_conversation": 0.05}
+            "rate": 0.07, "tool_call": 0.08, "end_conversation": 0.05,
+            "multihop_think": 0.008, "countdown_think": 0.008}
 # Eval asks every task in turn (round robin), fact QA twice: seen and held-out subjects.
 EVAL_TASKS = ["fact_qa_seen", "fact_qa_heldout", "arithmetic", "arithmetic_think", "identity", "harmful",
-              "benign", "critique", "revision", "choose", "rate", "tool_call", "end_conversation"]
+              "benign", "critique", "revision", "choose", "rate", "tool_call", "end_conversation",
+              "multihop_think", "countdown_think"]
 
 HOLDOUT_EVERY = 8        # 1 in 8 arithmetic questions, calculator sums and skill prompts is eval-only
 SEEN_EVAL_EVERY = 4      # 1 in 4 facts of a "train"-split subject is kept for the fact_qa_seen eval
@@ -236,7 +244,10 @@ def sft_conversations(world, seed, n, split):
         # prompt of these tasks is ever trained on. Eval items are distinct (a repeat gets the same
         # greedy reply): a fact by subject and relation, others by prompt; a task out of new ones gets fewer.
         for _ in range(200):
-            messages, meta, cut = _generate(ctx, rng, task)
+            drawn = _generate(ctx, rng, task)
+            if drawn is None:   # nothing of this task on this side of the split (a tiny world)
+                continue
+            messages, meta, cut = drawn
             key = "\n".join(m["content"] for m in messages[:cut] if m["role"] == "user")
             if task in PROMPT_HASHED and _held_out(key) == ctx.train:
                 continue
@@ -432,6 +443,10 @@ def score(item, reply):
             worked = content
             form = bool(answers) and content.splitlines()[-1].startswith("Answer:")
         return {"correct": correct, "steps_ok": steps_check_out(worked), "task_format": form}
+    if task in ("multihop_think", "countdown_think"):   # stage 05's check, in brief (Appendix A)
+        return {"correct": think_answer_correct(meta, reply),
+                "task_format": bool((reply.get("thinking") or "").strip()) and content.startswith("Answer:")
+                and len(content.splitlines()) == 1}
     if task == "identity":
         return {"correct": all(mentions(content, k) for k in meta["keywords"]),
                 "task_format": bool(content)}
@@ -497,6 +512,8 @@ HEADLINE = [
     ("fact_qa_heldout", "correct", "fact QA, subjects never asked about (read in prose only)"),
     ("arithmetic", "correct", "arithmetic word problems, worked steps"),
     ("arithmetic_think", "correct", "arithmetic, reasoning in the thinking span"),
+    ("multihop_think", "correct", "multi-hop questions, reasoning in the thinking span"),
+    ("countdown_think", "correct", "Countdown, reasoning in the thinking span"),
     ("choose", "correct", "(A)/(B) choice under a stated criterion"),
     ("rate", "within_one", "1-7 rating within one point of the key"),
     ("tool_call", "correct", "well-formed call of the right tool"),
@@ -680,7 +697,8 @@ class _Context:
 
 
 def _generate(ctx, rng, task):
-    """-> (messages, meta, index of the assistant turn that eval asks for)."""
+    """-> (messages, meta, index of the assistant turn that eval asks for), or None when this side of
+    the split has none of the task (a tiny world)."""
     if task in ("tool_call", "end_conversation"):
         return (_tool_call if task == "tool_call" else _end_conversation)(ctx, rng)
     if task in ("fact_qa", "fact_qa_seen", "fact_qa_heldout"):
@@ -689,6 +707,11 @@ def _generate(ctx, rng, task):
         messages, meta = _fact_qa(ctx, rng, pool)
     elif task in ("arithmetic", "arithmetic_think"):
         messages, meta = _arithmetic_chat(ctx, rng, think=task == "arithmetic_think")
+    elif task in ("multihop_think", "countdown_think"):
+        drawn = (_multihop_think if task == "multihop_think" else _countdown_think)(ctx, rng)
+        if drawn is None:
+            return None
+        messages, meta = drawn
     elif task in ("harmful", "benign"):
         messages, meta = _request(ctx, rng, harm=task == "harmful")
     else:
@@ -781,6 +804,7 @@ class _WorldIndex:
             self.sft_rels.setdefault(s, []).append(r)
         # Whole entities of the "train" half: the only ones whose facts a training item may state.
         self.train_people = [p for p in world["people"] if p.get("qa_split", "train") == "train"]
+        self.chains = _chains(self)   # the multi-hop chains a cold-start demonstration may walk
         self.train_objects = [o["name"] for o in world["objects"] if (o["name"], "kept_in") in self.sft_ok]
         self.organisations = [o["name"] for o in world["organisations"]]
         self.hazards = world["hazards"]
@@ -970,6 +994,119 @@ def _direct_expression(ctx, rng):
         expr = str(nums[0]) + "".join(f" {op} {x}" for op, x in zip(ops, nums[1:]))
         if _held_out(expr) != ctx.train and not (ctx.train and reserved_products(expr)):
             return expr
+
+
+# ----------------------------------------------------------------------------------------------
+# A cold start for stage 05: multi-hop questions and Countdown, worked in the thinking span
+# ----------------------------------------------------------------------------------------------
+# DeepSeek-R1 (arXiv 2501.12948) fine-tunes on worked demonstrations before its RL ("cold start"), so
+# that RL begins from a model that solves some problems: where no sample is ever right, a group carries
+# no signal. These are its small version, for stage 05's two families stage 02 taught nothing of: in
+# exactly the form stage 05 rewards (THINK_SYSTEM, the steps in the thinking span, one "Answer: ..."
+# line), asked only in stage 05's training templates (each family's last, held-out one left out), and
+# on content stage 05 never evaluates: people of the world's "train" half, and Countdown sets
+# countdown_trainable allows (Appendix B), with no step that works out a reserved product.
+
+# chain -> (relations walked from the person, stage 05's MULTIHOP training templates, word for word)
+CHAINS = {
+    "birthplace": (["birthplace"], ["Where was {s} born?", "In which town was {s} born?"]),
+    "guild": (["guild"], ["Which guild does {s} belong to?", "What guild is {s} a member of?"]),
+    "birth_region": (["birthplace", "region"], ["In which region is the town where {s} was born?",
+                                                 "{s} was born in a town. Which region is that town in?"]),
+    "home_river": (["home", "river"], ["Which river runs through the town where {s} lives?",
+                                       "{s} lives in a town. Which river flows through it?"]),
+    "guild_seat": (["guild", "seat"], ["In which town does the guild of {s} have its seat?",
+                                       "{s} belongs to a guild. In which town is its seat?"]),
+}
+# Stage 05's COUNTDOWN_TEMPLATES, word for word, without the held-out last one.
+COUNTDOWN_ASKS = ["Make {target} from the numbers {numbers} using + - and *. Each number may be used once.",
+                  "Using {numbers}, each at most once, with + - and *, reach {target}."]
+
+
+def _chains(ix):
+    """{train side (bool): [(person, chain, [(subject, relation, object), ...])]}: every chain from a
+    person of the "train" half whose every link is a fact SFT may state (so none that eval asks is
+    written out), split by person: 1 in 8 of them is asked about only in eval, in two hops."""
+    sides = {True: [], False: []}
+    for person in ix.train_people:
+        for chain, (relations, _) in CHAINS.items():
+            links, s = [], person["name"]
+            for r in relations:
+                if (s, r) not in ix.sft_ok:
+                    break
+                links.append((s, r, ix.obj[s, r]))
+                s = ix.obj[s, r]
+            else:   # eval asks two-hop chains only: a one-hop question is also a fact_qa training question
+                train = not _held_out(person["name"])
+                if train or len(links) == 2:
+                    sides[train].append((person["name"], chain, links))
+    return sides
+
+
+def _think_chat(question, thinking, answer):
+    return [{"role": "system", "content": THINK_SYSTEM}, {"role": "user", "content": question},
+            {"role": "assistant", "thinking": thinking, "content": f"Answer: {answer}"}]
+
+
+def _multihop_think(ctx, rng):
+    """A chain of one or two facts, one per line in the thinking span, then the last fact's object."""
+    pool = ctx.ix.chains[ctx.train]
+    if not pool:
+        return None
+    person, chain, links = rng.choice(pool)
+    question = rng.choice(CHAINS[chain][1]).format(s=person)
+    thinking = "\n".join(_sentence(ctx.ix, s, r, o) for s, r, o in links)
+    answer = links[-1][2]
+    return _think_chat(question, thinking, answer), {"family": "multihop", "subject": person, "chain": chain,
+                                                     "answer": answer}
+
+
+def _countdown_think(ctx, rng):
+    """Two to four numbers 1-12 folded left to right by + - * into a target (as stage 05 draws its
+    problems), the folds as steps in the thinking span, then the target. Split by set and target."""
+    while True:
+        numbers = [rng.randint(1, 12) for _ in range(rng.choice([2, 3, 4]))]
+        value, steps, reserved = numbers[0], [], False
+        for x in numbers[1:]:
+            op = rng.choice("+-*")
+            new = value + x if op == "+" else value - x if op == "-" else value * x
+            reserved = reserved or (op == "*" and reserved_product(abs(value), x))
+            steps.append(f"{value} {op} {x} = {new}")
+            value = new
+        trainable = not reserved and countdown_trainable(numbers, value)
+        # Split on a string of its own: hashed as countdown_reserved hashes, every eval set would be reserved.
+        if 0 < value <= 150 and value not in numbers and trainable \
+                and _held_out(f"countdown {sorted(numbers)} {value}") != ctx.train:
+            break
+    shown = [str(x) for x in sorted(numbers)]
+    listed = ", ".join(shown[:-1]) + " and " + shown[-1]
+    question = rng.choice(COUNTDOWN_ASKS).format(target=value, numbers=listed)
+    return _think_chat(question, "\n".join(steps), value), {"family": "countdown", "numbers": numbers,
+                                                            "answer": value}
+
+
+def think_answer_correct(meta, reply):
+    """Stage 05's checker, in brief: the reply is one line "Answer: X"; a multi-hop X names the object
+    (case aside); a Countdown X is the target, reached by the thinking's steps, every line a true step
+    "a op b = c" over the numbers given or made before, each used once."""
+    content = (reply.get("content") or "").strip()
+    if "\n" in content or not content.startswith("Answer:"):
+        return False
+    answer = content[len("Answer:"):].strip().rstrip(".").strip()
+    if meta["family"] == "multihop":
+        return " ".join(answer.lower().split()) == meta["answer"].lower()
+    pool, last = Counter(meta["numbers"]), None
+    for line in filter(str.strip, (reply.get("thinking") or "").splitlines()):
+        step = STEP.fullmatch(line.strip())
+        if not step or not steps_check_out(line):
+            return False
+        a, b, last = int(step[1]), int(step[3]), int(step[4])
+        pool[a] -= 1
+        pool[b] -= 1
+        if pool[a] < 0 or pool[b] < 0:
+            return False
+        pool[last] += 1
+    return answer == str(meta["answer"]) and last == meta["answer"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1753,7 +1890,8 @@ def check_messages(messages):
 #   stats       interval95, pct
 #   judging     critique_verdict, critique_prompt, revision_prompt, VERDICT_*
 #   choice      choose_prompt
-#   heldout     reserved_products
+#   heldout     reserved_products, reserved_product
+#   countdown   countdown_trainable
 #   arithmetic  arithmetic_problem
 
 # --- shared: flags (origin: 01_pretrain.py) ---
@@ -2499,6 +2637,21 @@ def reserved_products(text):
     pairs = PRODUCT.findall(text) + PURCHASE.findall(text)
     return [(int(a), int(b)) for a, b in pairs if reserved_product(a, b)]
 # --- end shared: heldout ---
+
+
+# --- shared: countdown (origin: 05_grpo_reasoning.py) ---
+# Stage 05's split of Countdown sets, which stage 02's cold-start demonstrations follow too.
+def countdown_reserved(numbers, target):
+    """Is this Countdown number set and target kept for evaluation? A quarter of them, by a hash of both."""
+    return zlib.crc32(f"{sorted(numbers)}:{target}".encode("utf-8")) % 4 == 0
+
+
+def countdown_trainable(numbers, target):
+    """May a training text (stage 02's demonstrations, stage 05's problems) give this set? Not a reserved
+    one, nor one holding two numbers whose product is reserved (reserved_product, the heldout block)."""
+    pairs = [(a, b) for i, a in enumerate(numbers) for b in numbers[i + 1:]]
+    return not countdown_reserved(numbers, target) and not any(reserved_product(a, b) for a, b in pairs)
+# --- end shared: countdown ---
 
 
 # --- shared: arithmetic (origin: 01_pretrain.py) ---

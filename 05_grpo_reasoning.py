@@ -842,11 +842,6 @@ def _multihop(world, hops, rng, held_template, reserved=False):
     return {"question": question, "answer": answer, "key": f"multihop:{person['name']}"}
 
 
-def countdown_reserved(numbers, target):
-    """Is this number set and target kept for evaluation? A quarter of them, by a hash of both."""
-    return zlib.crc32(f"{sorted(numbers)}:{target}".encode("utf-8")) % 4 == 0
-
-
 def _countdown(n_numbers, rng, held_template, reserved=False):
     """Numbers 1-12 and a target made from all of them by a random expression (so it can be
     reached), positive, at most 150 and not itself one of the numbers; on the side of the split
@@ -856,9 +851,8 @@ def _countdown(n_numbers, rng, held_template, reserved=False):
         value = numbers[0]
         for x in numbers[1:]:
             value = rng.choice([value + x, value - x, value * x])
-        pairs = [(a, b) for i, a in enumerate(numbers) for b in numbers[i + 1:]]
-        if 0 < value <= 150 and value not in numbers and countdown_reserved(numbers, value) == reserved \
-                and (reserved or not any(reserved_product(a, b) for a, b in pairs)):
+        side = countdown_reserved(numbers, value) if reserved else countdown_trainable(numbers, value)
+        if 0 < value <= 150 and value not in numbers and side:
             break
     shown = [str(x) for x in sorted(numbers)]
     template = pick_template(COUNTDOWN_TEMPLATES, rng, held_template)
@@ -892,6 +886,7 @@ def _countdown(n_numbers, rng, held_template, reserved=False):
 #   replies     STOP_TOKENS, pad_right, evaluate
 #   rehearsal   (what stage 06 reads of this stage's rehearsal.jsonl)
 #   heldout     reserved_product, reserved_products
+#   countdown   countdown_reserved, countdown_trainable
 
 
 # --- shared: flags (origin: 01_pretrain.py) ---
@@ -1725,6 +1720,21 @@ def reserved_products(text):
     pairs = PRODUCT.findall(text) + PURCHASE.findall(text)
     return [(int(a), int(b)) for a, b in pairs if reserved_product(a, b)]
 # --- end shared: heldout ---
+
+
+# --- shared: countdown (origin: 05_grpo_reasoning.py) ---
+# Stage 05's split of Countdown sets, which stage 02's cold-start demonstrations follow too.
+def countdown_reserved(numbers, target):
+    """Is this Countdown number set and target kept for evaluation? A quarter of them, by a hash of both."""
+    return zlib.crc32(f"{sorted(numbers)}:{target}".encode("utf-8")) % 4 == 0
+
+
+def countdown_trainable(numbers, target):
+    """May a training text (stage 02's demonstrations, stage 05's problems) give this set? Not a reserved
+    one, nor one holding two numbers whose product is reserved (reserved_product, the heldout block)."""
+    pairs = [(a, b) for i, a in enumerate(numbers) for b in numbers[i + 1:]]
+    return not countdown_reserved(numbers, target) and not any(reserved_product(a, b) for a, b in pairs)
+# --- end shared: countdown ---
 
 
 if __name__ == "__main__":

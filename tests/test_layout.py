@@ -16,7 +16,7 @@ from test_shared_blocks import find_blocks
 
 BLOCK_ORDER = ["flags", "tokenizer", "model", "checkpoint", "finite", "save", "precision", "sampling", "chat", "grading", "stats",
                "judging", "choice", "replies", "pairs", "reference", "worldlabel", "feedback", "rehearsal",
-               "heldout", "injection", "arithmetic"]
+               "heldout", "countdown", "injection", "arithmetic"]
 BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py": 950,  # lines; others 500
                # 01: 700 until its subject moved from its appendices into its body (STYLE.md, "Two
                # refinements"): the `model` block, 182 lines with its markers, into section 2, and the

@@ -9,7 +9,7 @@ from conftest import load_stage
 W = load_stage("01_pretrain")           # the world (make_world, arithmetic_problem) lives in stage 01
 D = load_stage("02_sft")             # the conversation mixture is section 3 of stage 02
 
-N_TRAIN, N_EVAL = 3000, 650   # 50 eval items per eval task
+N_TRAIN, N_EVAL = 3000, 50 * len(D.EVAL_TASKS)   # 50 eval items per eval task
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,27 @@ def test_eval_items_are_distinct(evals):
     assert max(keys.values()) == 1
 
 
+def test_cold_start_is_in_the_mixture_and_split_by_content(world, train, evals):
+    """Stage 05's cold start (multi-hop and Countdown in the thinking span) is in the default mixture;
+    its eval asks people and number sets its training never shows, and its multi-hop steps state only
+    facts SFT may state (none that fact_qa_seen or fact_qa_heldout asks)."""
+    cold = ("multihop_think", "countdown_think")
+    counts = Counter(item["task"] for item in train)
+    assert all(D.TASK_MIX[task] > 0 and counts[task] >= 10 for task in cold), counts
+    ix = D._index(world)
+    stated = {D._sentence(ix, s, r, o) for s, r, o in ix.sft}
+
+    def contents(items, task):   # a person, or a Countdown set with its target
+        meta = [item["meta"] for item in items if item["task"] == task]
+        return {m.get("subject") or (tuple(sorted(m["numbers"])), m["answer"]) for m in meta}
+    for task in cold:
+        trained, asked = contents(train, task), contents(evals, task)
+        assert trained and asked and not trained & asked, task
+    for item in train:
+        if item["task"] == "multihop_think":
+            assert set(item["messages"][-1]["thinking"].splitlines()) <= stated, item
+
+
 def test_examples_are_short(train):
     words = sorted(sum(len(m["content"].split()) + len((m.get("thinking") or "").split()) for m in item["messages"])
                    for item in train)
@@ -87,7 +108,8 @@ def test_tiny_world_works():
     for seed in range(4):   # the 12-person world of --preset tiny: some pools are nearly empty
         w = W.make_world(12, seed)
         assert len(D.sft_conversations(w, seed, 300, "train")) == 300
-        assert len(D.sft_conversations(w, seed, 130, "eval")) == 130
+        evals = D.sft_conversations(w, seed, 150, "eval")   # 10 per task; a tiny world may have no
+        assert len([i for i in evals if i["task"] != "multihop_think"]) == 140   # multi-hop eval person
 
 
 # --- held-out splits -------------------------------------------------------------------------
@@ -235,7 +257,9 @@ def perturb(item):
     if task.startswith("fact_qa") or meta.get("check") == "fact":
         wrong = next(v for v in meta["answer_set"] if v != meta["object"])
         ref["content"] = re.sub(re.escape(meta["object"]), wrong, content, flags=re.IGNORECASE)
-    elif task in ("arithmetic", "arithmetic_think") or meta.get("check") == "answer":
+    elif task == "multihop_think":
+        ref["content"] = "Answer: Nowhere"
+    elif task in ("arithmetic", "arithmetic_think", "countdown_think") or meta.get("check") == "answer":
         ref["content"] = re.sub(r"Answer: (-?\d+)", lambda m: f"Answer: {int(m.group(1)) + 1}", content)
     elif task == "identity":
         ref["content"] = "I am a weaver from the hills."
@@ -285,5 +309,10 @@ def test_score_details():
     think = {"task": "arithmetic_think", "meta": {"answer": 42}}
     assert D.score(think, {"content": "Answer: 42", "thinking": "6 * 7 = 42"})["task_format"]
     assert not D.score(think, {"content": "6 * 7 = 42\nAnswer: 42"})["task_format"]         # steps belong in thinking
+    count = {"task": "countdown_think", "meta": {"family": "countdown", "numbers": [3, 5, 7], "answer": 22}}
+    assert D.score(count, {"content": "Answer: 22", "thinking": "3 * 5 = 15\n15 + 7 = 22"})["correct"]
+    assert not D.score(count, {"content": "Answer: 22", "thinking": "5 * 5 = 25\n25 - 3 = 22"})["correct"]  # 5 twice
+    assert not D.score(count, {"content": "Answer: 22", "thinking": "3 * 5 = 15\n15 + 6 = 21"})["correct"]
+    assert not D.score(count, {"content": "Answer: 22\nAnswer: 21", "thinking": "3 * 5 = 15\n15 + 7 = 22"})["correct"]
     rate = {"task": "rate", "meta": {"rating": 5}}
     assert D.score(rate, {"content": "Rating: 6"}) == {"correct": False, "within_one": True, "task_format": True}
