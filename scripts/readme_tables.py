@@ -43,6 +43,8 @@ STAGE02 = [("fact_qa_seen", "correct", "fact QA, subjects asked about in trainin
            ("fact_qa_heldout", "correct", "fact QA, subjects read about only in prose"),
            ("arithmetic", "correct", "arithmetic word problems, worked steps"),
            ("arithmetic_think", "correct", "arithmetic, reasoning in the thinking span"),
+           ("multihop_think", "correct", "multi-hop questions, reasoning in the thinking span (cold start)"),
+           ("countdown_think", "correct", "Countdown, reasoning in the thinking span (cold start)"),
            ("choose", "correct", "(A)/(B) choice under a stated criterion"),
            ("rate", "within_one", "1-7 rating within one point of the key"),
            ("tool_call", "correct", "well-formed call of the right tool"),
@@ -424,7 +426,10 @@ def course_table(base, seeds):
 
     def row(stage, what, get_before, get_after, n=None, rate=True):   # rate: a share of n prompts
         rows.append((stage, what, n, [get_before(r) for r in runs], [get_after(r) for r in runs], rate))
-    for task, field, what in (STAGE02[0], STAGE02[3], STAGE02[4], STAGE02[6], STAGE02[7]):
+    headline02 = ("fact_qa_seen", "arithmetic_think", "multihop_think", "countdown_think", "choose",
+                  "tool_call", "harmful")
+    for task, field, what in [row02 for row02 in STAGE02 if row02[0] in headline02
+                              and row02[0] in runs[0]["02_sft"]["after"]]:   # older runs lack some
         row("02", what, lambda r: r["02_sft"]["before"][task][field],
             lambda r: r["02_sft"]["after"][task][field], runs[0]["02_sft"]["after"][task]["n"])
     for stage, key, start in (("03 SL-CAI", "sl_cai", "sft"), ("03 RL-CAI", "rl_cai", "sft"),
@@ -439,6 +444,10 @@ def course_table(base, seeds):
         get = (lambda c: c[key][k]) if key == "pass_at_k" else (lambda c: c[key])
         row("05 GRPO", what, lambda r: get(r["05_grpo"]["before"]["all"]),
             lambda r: get(r["05_grpo"]["after"]["all"]), runs[0]["05_grpo"]["before"]["all"]["n"])
+    for family in ("arithmetic", "multihop", "countdown"):   # the stage's target: +10 points on two
+        row("05 GRPO", f"... {family}, sampled pass@1", lambda r: family_rate(r["05_grpo"]["before"], family),
+            lambda r: family_rate(r["05_grpo"]["after"], family),
+            family_n(runs[0]["05_grpo"]["before"], family))
     for kind, key, what, _ in _load_stage("06_character").SCORES:
         if key in ("stable", "plain_help", "abstains"):   # net of their controls (stage 06's CONTROL_OF)
             row("06", what + ", net of its control", lambda r: net06(r["06_both"]["before"][kind], key),
@@ -464,6 +473,20 @@ def course_table(base, seeds):
         out.append(f"| {stage} | {what} | {n or ''} | {mean_sd(before)} | {mean_sd(after)} | "
                    f"{gain_cell(before, after)} | {over_prompts} |")
     return "\n".join(out) + "\n"
+
+
+def family_cells(cells, family):
+    return [c for name, c in cells.items() if name.split("/")[0] == family]
+
+
+def family_n(cells, family):
+    return sum(c["n"] for c in family_cells(cells, family))
+
+
+def family_rate(cells, family):
+    """Stage 05's sampled pass@1 over one family's held-out problems: its cells weighted by their size."""
+    found = family_cells(cells, family)
+    return sum(c["sampled"] * c["n"] for c in found) / sum(c["n"] for c in found) if found else None
 
 
 def net06(scores, key):
