@@ -17,7 +17,7 @@ so a part killed by its time limit still leaves what it measured.
 
     python scripts/gpu_hotpaths.py --json $OUT/hotpaths.json            # every part, on CUDA
     python scripts/gpu_hotpaths.py --parts decode sae --json x.json
-    python scripts/gpu_hotpaths.py --smoke --json /tmp/x.json          # tiny sizes on the CPU: checks the script
+    python scripts/gpu_hotpaths.py --smoke --json /tmp/x.json     # tiny, on the CPU: checks the script
 """
 import argparse
 import contextlib
@@ -94,14 +94,15 @@ def part_sdpa(args):
             for _ in range(2))
     do = torch.randn_like(q)
     print(f"attention: B {B}, heads {cfg.n_head}/{cfg.n_kv_head} (q/kv), T {T}, D {D}, {dtype}, causal")
-    fwd_bwd = lambda attn: lambda: torch.autograd.grad(attn(q, k, v, causal=True), (q, k, v), do)  # noqa: E731
+    fwd_bwd = lambda attn: lambda: torch.autograd.grad(  # noqa: E731
+        attn(q, k, v, causal=True), (q, k, v), do)
     if args.device == "cuda":
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fwd_bwd(kernels.attention_torch)()
             sync(args.device)
-        names = sorted({e.key for e in prof.key_averages() if "attention" in e.key.lower() or "fmha" in e.key.lower()
-                        or "flash" in e.key.lower() or "cudnn" in e.key.lower()})
+        words = ("attention", "fmha", "flash", "cudnn")
+        names = sorted({e.key for e in prof.key_averages() if any(w in e.key.lower() for w in words)})
         print("SDPA's kernels (default dispatch):", *names[:8], sep="\n    ")
         record(("sdpa", "default_kernels"), names[:8], args.json)
     runs = {"default": (kernels.attention_torch, None)}
@@ -132,10 +133,10 @@ def part_decode(args):
                 with torch.autocast(args.device, dtype=torch.bfloat16, enabled=autocast):
                     for _ in pretrain.generate(model, prompts, n, temperature=0):
                         pass
-            ms = 1e3 * (median_s(lambda: run(long), args.device, 3) - median_s(lambda: run(short), args.device, 3))
-            ms /= long - short
-            print(f"  decode {label:<14} batch {batch:>5}: {ms:7.3f} ms/step  ({batch / ms * 1e3:,.0f} tokens/s)",
-                  flush=True)
+            ms = median_s(lambda: run(long), args.device, 3) - median_s(lambda: run(short), args.device, 3)
+            ms *= 1e3 / (long - short)
+            print(f"  decode {label:<14} batch {batch:>5}: {ms:7.3f} ms/step  "
+                  f"({batch / ms * 1e3:,.0f} tokens/s)", flush=True)
             record(("decode_ms", label, str(batch)), ms, args.json)
     record(("decode_graphed_ms",), None, args.json)  # no graphed generate yet
 
@@ -157,8 +158,8 @@ def part_train(args):
     model, preset = gpu_model(args)
     micro = preset["micro_batch"]
     ms = train_step_ms(model, micro, preset["seq_len"], args)
-    print(f"  train, stage 01's micro-batch {micro} x {preset['seq_len']}: {ms:.2f} ms (eager, bf16 autocast)",
-          flush=True)
+    print(f"  train, stage 01's micro-batch {micro} x {preset['seq_len']}: {ms:.2f} ms "
+          "(eager, bf16 autocast on CUDA)", flush=True)
     record(("train_ms", "pretrain_micro"), ms, args.json)
     for batch in args.chat_batches:
         ms = train_step_ms(model, batch, args.chat_tokens, args)
@@ -181,11 +182,11 @@ def part_sae(args):
         def run(steps):
             run_args.sae_steps = steps
             sae_stage.train_sae(X, expansion * d_model, kind, k, l1, run_args, seed=0)
-        ms = 1e3 * (median_s(lambda: run(long), args.device, 2) - median_s(lambda: run(short), args.device, 2))
-        ms /= long - short
+        ms = median_s(lambda: run(long), args.device, 2) - median_s(lambda: run(short), args.device, 2)
+        ms *= 1e3 / (long - short)
         key = f"{kind}:{expansion}:{k_or_l1}"
-        print(f"  SAE step {key:<16} ({expansion * d_model} latents, batch {preset['sae_batch']}): {ms:.2f} ms",
-              flush=True)
+        print(f"  SAE step {key:<16} ({expansion * d_model} latents, batch {preset['sae_batch']}): "
+              f"{ms:.2f} ms", flush=True)
         record(("sae_ms", key), ms, args.json)
 
 
@@ -198,7 +199,8 @@ def main():
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     p.add_argument("--decode_batches", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--chat_batches", type=int, nargs="+", default=[64])
-    p.add_argument("--chat_tokens", type=int, default=256, help="tokens per row of a chat stage's training batch")
+    p.add_argument("--chat_tokens", type=int, default=256,
+                   help="tokens per row of a chat stage's training batch")
     p.add_argument("--smoke", action="store_true", help="the tiny preset on the CPU (checks this script)")
     args = p.parse_args()
     if args.smoke:
@@ -217,7 +219,8 @@ def main():
         try:
             PARTS[part](args)
         except Exception as err:  # noqa: BLE001  (one part failing must not cost the others' numbers)
-            print(f"  {part} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
+            print(f"  {part} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}",
+                  flush=True)
             record(("failed", part), f"{type(err).__name__}: {err}"[:300], args.json)
 
 

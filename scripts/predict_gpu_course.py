@@ -50,8 +50,8 @@ def work(p, pretrain_steps, eval_tasks, families):
     """{stage: [unit, ...]} from the presets p[stage] (a unit: (kind, ..., count))."""
     p1, p2, p3, p4, p5, p6, p7, p8 = (p[s] for s in STAGES)
     accum = p1["batch_tokens"] // (p1["micro_batch"] * p1["seq_len"])
-    rollouts = math.ceil(p5["sampled_tokens"] / (p5["prompts_per_step"] * p5["group_size"] * p5["max_new_tokens"]))
     group = p5["prompts_per_step"] * p5["group_size"]
+    rollouts = math.ceil(p5["sampled_tokens"] / (group * p5["max_new_tokens"]))
     return {
         "01": [("pretrain", pretrain_steps * accum)],
         "02": [chat(p2["n_train"] * p2["epochs"] / p2["batch_size"], p2["batch_size"]),
@@ -65,10 +65,10 @@ def work(p, pretrain_steps, eval_tasks, families):
                gen(2 * p3["n_eval"], p4["batch_size"], p4["max_new_tokens"])],
         "05": [gen(rollouts * group, group, p5["max_new_tokens"], "bf16_autocast"),
                chat(rollouts * 2, group),   # inner_steps' default, 2
-               gen(p5["eval_problems"] * families * p5["pass_samples"], p5["batch_size"], p5["max_new_tokens"],
-                   "bf16_autocast")],
-        "06": [gen(p6["n_prompts"] * p6["samples"] + 4 * p6["n_eval"], p6["batch_size"], p6["max_new_tokens"],
-                   "bf16_autocast"),
+               gen(p5["eval_problems"] * families * p5["pass_samples"], p5["batch_size"],
+                   p5["max_new_tokens"], "bf16_autocast")],
+        "06": [gen(p6["n_prompts"] * p6["samples"] + 4 * p6["n_eval"], p6["batch_size"],
+                   p6["max_new_tokens"], "bf16_autocast"),
                chat((p6["n_docs"] * p6["sdf_epochs"] + p6["n_prompts"] * p6["epochs"]) / p6["batch_size"],
                     p6["batch_size"])],
         "07": [("sae", f"topk:{p7['expansion']}:{p7['k']}", p7["sae_steps"])]
