@@ -2,11 +2,13 @@
 candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) against the tiles in kernels.py, the others held
 fixed. Prints one table a kernel: forward+backward TFLOP/s (forward only for fwd) per shape, and the
 ratio of the geometric mean to the current tiles'. A candidate that does not compile here (shared
-memory, registers) says so and is skipped. Needs CUDA; the winner still has to pass
-`python kernels.py --check` before it goes into kernels.py.
+memory, registers) says so and is skipped. At the end it prints the winners as the table entry to paste
+into kernels.py: `_ATTN_TILES_SM90` on Hopper and later (which overrides `_ATTN_TILES` there, so the
+tiles are timed in the table kernels.py reads on this GPU), else `_ATTN_TILES`. Needs CUDA; the
+winner still has to pass `python kernels.py --check` before it goes into kernels.py.
 
-    python scripts/tune_attention.py                 # D = 128, every kernel
-    python scripts/tune_attention.py --head_dims 64 128 --kernels dkdv dq
+    python scripts/tune_attention.py                 # D = 64 (the course's head size) and 128, every kernel
+    python scripts/tune_attention.py --head_dims 128 --kernels dkdv dq
 """
 import argparse
 import math
@@ -43,14 +45,30 @@ def tflops(T, D, group, dtype, backward):
         return fwd_flops / kernels._median_ms(attn) / 1e9
 
 
+def tile_table(D):
+    """The dict kernels.py reads this GPU's bf16 tiles for head dim D from: on sm_90 and later its
+    entries in _ATTN_TILES_SM90 override _ATTN_TILES, so a tile written only to _ATTN_TILES would
+    never run there (the bug that left the first D = 128 tuning timing one tile over and over)."""
+    if kernels._CAPABILITY >= 90:
+        return kernels._ATTN_TILES_SM90.setdefault(D, {})
+    return kernels._ATTN_TILES[D]
+
+
+def set_tile(D, kernel, tile, dtype):
+    """Make `tile` the one kernels.py launches for `kernel` at head dim D, and check that it is."""
+    tile_table(D)[kernel] = tile
+    used = kernels._attn_tiles(D, dtype)[kernel]
+    if used != tile:
+        raise RuntimeError(f"kernels.py would launch {used}, not the tile under test {tile}")
+
+
 def tune(D, kernel, dtype):
-    tiles = kernels._ATTN_TILES[D]
-    current = tiles[kernel]
+    current = kernels._attn_tiles(D, dtype)[kernel]
     print(f"\nD = {D}, kernel {kernel} (current {current}), {dtype}: TFLOP/s "
           f"{'fwd' if kernel == 'fwd' else 'fwd+bwd'} at (T, group) " + " ".join(f"{s}" for s in SHAPES), flush=True)
     rows, base = [], None
     for tile in [current] + [c for c in CANDIDATES[kernel] if c != current]:
-        tiles[kernel] = tile
+        set_tile(D, kernel, tile, dtype)
         start = time.time()
         try:
             rates = [tflops(T, D, g, dtype, kernel != "fwd") for T, g in SHAPES]
@@ -63,21 +81,30 @@ def tune(D, kernel, dtype):
         print(f"  {str(tile):<18} " + " ".join(f"{r:>7.0f}" for r in rates)
               + f"   x{geo / base:.3f}  ({time.time() - start:.0f}s)", flush=True)
     best = max(rows)[1]
-    tiles[kernel] = best  # later kernels are timed with this one's best
+    set_tile(D, kernel, best, dtype)  # later kernels are timed with this one's best
     print(f"  best {best}: x{max(rows)[0] / base:.3f} of the current tiles", flush=True)
 
 
-def main():
+def make_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--head_dims", type=int, nargs="+", default=[128])
+    parser.add_argument("--head_dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--kernels", nargs="+", default=["dkdv", "dq", "fwd"], choices=list(CANDIDATES))
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = make_parser().parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_attention.py times kernels on a GPU, and this machine has none.")
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     for D in args.head_dims:
         for kernel in args.kernels:
             tune(D, kernel, torch.bfloat16)
+    name = "_ATTN_TILES_SM90" if kernels._CAPABILITY >= 90 else "_ATTN_TILES"
+    print(f"\nthe winners, for kernels.py's {name} (after `python kernels.py --check` passes with them):")
+    for D in args.head_dims:
+        tiles = kernels._attn_tiles(D, torch.bfloat16)
+        print(f"    {D}: dict(" + ", ".join(f"{k}={tiles[k]}" for k in args.kernels) + "),", flush=True)
 
 
 if __name__ == "__main__":
