@@ -351,9 +351,8 @@ def detected_before_mentioned(text, concept):
     if i is None:
         return False
     at = AFFIRM.search(parts[i])
-    before, after = parts[:i] + [parts[i][:at.start()]], [parts[i][at.end():]] + parts[i + 1:]
-    return (not any(mentions(c, concept) for c in before)
-            and any(mentions(c, concept) and not DENY.search(c) for c in after))
+    before, after = " . ".join(parts[:i] + [parts[i][:at.start()]]), [parts[i][at.end():]] + parts[i + 1:]
+    return not mentions(before, concept) and any(mentions(c, concept) and not DENY.search(c) for c in after)
 
 
 # =====================================================================================
