@@ -18,6 +18,7 @@ Runs go to --out (default runs/readme/<preset>/); a run whose metrics.json exist
 so an interrupted regeneration continues where it stopped. Writes tables.md and times.json there.
 """
 import argparse
+import functools
 import json
 import math
 import pathlib
@@ -170,13 +171,12 @@ def gain_cell(before, after, tests=1):
 
 def wilson_cell(rate, n):
     """'31.2-48.9': Wilson's 95% interval in points for a rate on n prompts (the prompt-level interval,
-    for measures asked on the same prompts in every seed, where the seeds' spread says nothing of them)."""
+    for measures asked on the same prompts in every seed, where the seeds' spread says nothing of them),
+    by the stages' own interval95."""
     if rate is None or not n:
         return "-"
-    z = 1.959964
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return f"{100 * max(0.0, centre - half):.1f}-{100 * min(1.0, centre + half):.1f}"
+    low, high = _load_stage("02_sft").interval95(rate, n)
+    return f"{100 * low:.1f}-{100 * high:.1f}"
 
 
 def load(path):
@@ -519,8 +519,9 @@ def score_table_rows(scores, runs, part):
     return rows
 
 
+@functools.lru_cache(maxsize=None)
 def _load_stage(name):
-    """Import ROOT/<name>.py as a module (registered first: its dataclasses look it up)."""
+    """Import ROOT/<name>.py as a module, once (registered first: its dataclasses look it up)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

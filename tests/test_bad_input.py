@@ -466,17 +466,15 @@ def test_a_full_disk_while_writing_keeps_the_earlier_run(tiny_pretrain, small_di
     assert filecmp.cmp(out / "model.pt", pathlib.Path(tiny_pretrain[0]) / "model.pt", shallow=False)
 
 
-# Stages 05-08 through the session's tiny chain: (script, the fixtures its flags read, the flags)
-LATER_STAGES = {
-    "05_grpo_reasoning.py": lambda get: ["--init", get("tiny_dpo")],
-    "06_character.py": lambda get: ["--init", get("tiny_grpo")],
-    "07_sae_interp.py": lambda get: ["--init", get("tiny_character")],
-    "08_welfare_eval.py": lambda get: ["--checkpoints", get("tiny_interp")],
-}
+# Stages 05-08 through the session's tiny chain: script -> (the flag, the fixture whose run it reads)
+LATER_STAGES = {**{s: ("--init", PREVIOUS[s]) for s in ("05_grpo_reasoning.py", "06_character.py",
+                                                         "07_sae_interp.py")},
+                "08_welfare_eval.py": ("--checkpoints", "tiny_interp")}
 
 
 def later_stage_flags(script, request):
-    return LATER_STAGES[script](lambda name: request.getfixturevalue(name)[0])
+    flag, fixture = LATER_STAGES[script]
+    return [flag, request.getfixturevalue(fixture)[0]]
 
 
 @pytest.mark.parametrize("script", LATER_STAGES)
