@@ -7,7 +7,7 @@ cell is the mean over seeds +- their sample standard deviation, in points.
 
     python scripts/readme_tables.py                       # CPU defaults, seeds 1337 1338 1339
     python scripts/readme_tables.py --grpo                # ... and stage 05's variants
-    python scripts/readme_tables.py --grpo --character    # ... and stage 06's three arms on 05_grpo
+    python scripts/readme_tables.py --grpo --character    # ... and stage 06's four arms on 05_grpo
     python scripts/readme_tables.py --grpo --character --interp   # ... and stage 07 on 06_both
     python scripts/readme_tables.py --grpo --character --interp --welfare   # ... and stage 08 on them all
     python scripts/readme_tables.py --chain               # the README's pipeline only: each stage's default
@@ -19,6 +19,7 @@ so an interrupted regeneration continues where it stopped. Writes tables.md and 
 """
 import argparse
 import functools
+import itertools
 import json
 import math
 import pathlib
@@ -94,9 +95,11 @@ def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welf
         for variant in ["grpo"] if chain else GRPO_VARIANTS if grpo else []:
             flags05 = seeded + ["--init", s / "04_dpo", "--variant", variant]
             run("05_grpo_reasoning.py", s / f"05_{variant}", flags05, times)
-        for method in ["both"] if chain else CHARACTER_ARMS if character else []:
-            flags06 = seeded + ["--init", s / "05_grpo", "--method", method]
-            run("06_character.py", s / f"06_{method}", flags06, times)
+        if chain or interp or welfare:   # the course's default, which stages 07 and 08 read
+            run("06_character.py", s / "06_both", seeded + ["--init", s / "05_grpo"], times)
+        for (arm, extra), split in itertools.product(CHARACTER_ARMS.items() if character else [], SPLITS):
+            flags06 = seeded + ["--init", s / "05_grpo", *extra, "--eval_split", split]
+            run("06_character.py", s / f"06_{arm}_{split}", flags06, times)
         if interp or chain:
             earlier = [s / "02_sft", s / "03_cai", s / "04_dpo", s / "05_grpo"]
             flags07 = seeded + ["--init", s / "06_both", "--checkpoints", *earlier]
@@ -258,15 +261,23 @@ def grpo_table(base, seeds):
     return "\n".join(out) + "\n"
 
 
-CHARACTER_ARMS = ("both", "ranking", "sdf")
+# Stage 06's verdict: the default and its ablations, each run once on the validation split (where a
+# default is chosen) and once on the test split (reported). Folders 06_<arm>_<split>; the chain's 06_both
+# (an older run may predate the split) feeds stages 07 and 08.
+CHARACTER_ARMS = {"both": [], "ranking": ["--method", "ranking"], "sdf": ["--method", "sdf"],
+                  "anchor": ["--anchor", "1"]}
+SPLITS = ("validation", "test")
 
 
-def character_table(base, seeds):
+def character_table(base, seeds, split="test"):
     """Stage 06: each character score before (stage 05's model) and after each arm, and each arm's gain,
-    mean +- sd over seeds; then stage 03's evaluation, and the self-ranking's own numbers."""
-    runs = {a: [load(base / f"seed{seed}" / f"06_{a}") for seed in seeds] for a in CHARACTER_ARMS}
+    mean +- sd over seeds; then stage 03's evaluation, and the self-ranking's own numbers. The arms'
+    runs on `split`; with none, for test, the chain's 06_both."""
+    runs = {a: [load(base / f"seed{seed}" / f"06_{a}_{split}") for seed in seeds] for a in CHARACTER_ARMS}
     runs = {a: [m for m in ms if m] for a, ms in runs.items() if any(ms)}
-    if not runs:
+    if not runs and split == "test":
+        runs = {"both": [m for m in (load(base / f"seed{seed}" / "06_both") for seed in seeds) if m]}
+    if not any(runs.values()):
         return ""
     stage06 = _load_stage("06_character")
     baseline = next(iter(runs.values()))
@@ -274,7 +285,8 @@ def character_table(base, seeds):
     def nets(pair):   # each score net of its control (stage 06's CONTROL_OF), where the run has controls
         return {w: {kind: {**s, **{k: s[k] - s["control"][k] for k in s.get("control", {})}}
                     for kind, s in pair[w].items()} for w in ("before", "after")}
-    out = [f"**Stage 06** (held-out prompts, greedy; {len(baseline)} seeds; each score net of its control, "
+    split = baseline[0].get("eval_split", "held-out (before the validation/test split)")
+    out = [f"**Stage 06** ({split} prompts, greedy; {len(baseline)} seeds; each score net of its control, "
            "the same scorer on replies to prompts where the trait does not apply; after, mean ± sd, then "
            "the gain over stage 05 in points with its 95% t-interval over seeds, Bonferroni-corrected "
            "for the character scores; * where it excludes 0)", "",
@@ -594,7 +606,8 @@ def main():
     p.add_argument("--out", help="where the runs go (default runs/readme/<preset>)")
     p.add_argument("--report_only", action="store_true", help="only print the tables of finished runs")
     p.add_argument("--grpo", action="store_true", help="also run stage 05's four variants on each seed")
-    p.add_argument("--character", action="store_true", help="also run stage 06's arms on each seed's 05_grpo")
+    p.add_argument("--character", action="store_true",
+                   help="also run stage 06's four arms on each seed's 05_grpo, on validation and on test")
     p.add_argument("--interp", action="store_true", help="also run stage 07 on each seed's 06_both")
     p.add_argument("--welfare", action="store_true", help="also run stage 08 on each seed's 01-07 chain")
     p.add_argument("--chain", action="store_true", help="only the README's pipeline: each stage's default")
@@ -605,7 +618,8 @@ def main():
                 args.chain)
     text = "\n".join([course_table(base, args.seeds), tables(base, args.seeds), probe_table(base, args.seeds),
                       grpo_table(base, args.seeds), reasoning_after_character(base, args.seeds),
-                      character_table(base, args.seeds), interp_table(base, args.seeds),
+                      character_table(base, args.seeds, "validation"), character_table(base, args.seeds),
+                      interp_table(base, args.seeds),
                       welfare_table(base, args.seeds)])
     base.mkdir(parents=True, exist_ok=True)
     (base / "tables.md").write_text(text)

@@ -21,6 +21,13 @@ def ix():
     return S.world_index(P.make_world(60, seed=4))
 
 
+@pytest.fixture(scope="module")
+def cpu_ix():
+    """The CPU preset's world size: 25 towns, enough for every split to hold some of each entity (a
+    small world's test half may have a single town, and a choice between two then falls back)."""
+    return S.world_index(P.make_world(200, seed=1337))
+
+
 # ---------------------------------------------------------------- section 2 on hand values
 
 def test_every_pair_of_candidates_is_judged_once():
@@ -129,7 +136,7 @@ def test_with_rehearsal_adds_each_term_s_weighted_loss_and_nothing_without_rows_
 def test_fact_lines_rehearse_only_what_stage_02_trained_and_nothing_this_stage_scores(ix):
     lines = S.fact_lines(ix, 300, seed=1)
     assert len(lines) == 300 and S.fact_lines(ix, 0, seed=1) == []
-    world, evaluated = ix["world"], {t for ts in S.TEMPLATES["fact", "eval"].values() for t in ts}
+    world, evaluated = ix["world"], {t for ts in S.TEMPLATES["fact", "test"].values() for t in ts}
     said = {}   # every fact of the world as stage 02's answer sentence
     for f in world["facts"]:
         sentence = world["relations"][f["relation"]]["train_phrasings"][0].format(s=f["subject"], o=f["object"])
@@ -257,7 +264,7 @@ def test_judge_lessons_share_no_request_or_reply_with_the_ranked_pairs(ix):
     lessons = {t for it in S.judge_items(ix, 700, 3) for t in (it["request"], it["in_character"],
                                                                it["out_of_character"])}
     assert len(lessons) > 400 and not lessons & (kept | held)
-    evals = {it["request"] for it in S.make_prompts(ix, 140, 3, "eval")}
+    evals = {it["request"] for it in S.make_prompts(ix, 140, 3, "test")}
     assert not lessons & evals
 
 
@@ -284,7 +291,7 @@ def test_unseen_drops_each_held_out_pair_that_shares_a_reply_with_a_trained_pair
 # ---------------------------------------------------------------- scorers on hand-written replies
 
 def item_of(ix, maker, seed=0):
-    return maker(ix, random.Random(seed), "eval", "eval")
+    return maker(ix, random.Random(seed), "test", "test")
 
 
 def test_fact_scores_check_the_world(ix):
@@ -442,9 +449,11 @@ def test_the_scorers_words_are_in_no_text_stages_02_to_06_train_on(ix):
 
 # ---------------------------------------------------------------- held out means held out
 
-def test_evaluation_prompts_share_no_template_entity_or_request_with_training(ix):
+@pytest.mark.parametrize("half", ["validation", "test"])
+def test_evaluation_prompts_share_no_template_entity_or_request_with_training(cpu_ix, half):
+    ix = cpu_ix
     train = S.make_prompts(ix, 700, 1, "train")
-    evals = S.make_prompts(ix, 140, 1, "eval")
+    evals = S.make_prompts(ix, 140, 1, half)
     assert {it["request"] for it in train}.isdisjoint(it["request"] for it in evals)
     named = lambda items: {it.get("subject") or it.get("impostor") for it in items} - {None}  # noqa: E731
     assert named(train).isdisjoint(named(evals))
@@ -453,25 +462,46 @@ def test_evaluation_prompts_share_no_template_entity_or_request_with_training(ix
     for kind in S.KINDS:
         key = "fact" if kind in ("fact", "unknown") else kind
         flat = lambda v: set(sum(v.values(), [])) if isinstance(v, dict) else set(v)  # noqa: E731
-        assert flat(S.TEMPLATES[key, "train"]).isdisjoint(flat(S.TEMPLATES[key, "eval"]))
+        for half in ("validation", "test"):
+            assert flat(S.TEMPLATES[key, "train"]).isdisjoint(flat(S.TEMPLATES[key, half]))
     assert {it["kind"] for it in evals} == set(S.KINDS)
 
 
-def test_evaluation_asks_each_request_once_and_a_small_kind_gives_all_it_has(ix):
-    evals = S.make_prompts(ix, 70, 1, "eval", distinct=True)
+def test_validation_and_test_share_no_entity_question_or_request(cpu_ix):
+    """Defaults are chosen on validation; test must hold nothing validation asks about: no person,
+    impostor or town, no question about its nature or memory, and no stage 03 request (_half)."""
+    val, test = (S.make_prompts(cpu_ix, 140, 1, half, distinct=True) for half in ("validation", "test"))
+    named = lambda items: {it.get("subject") or it.get("impostor") for it in items} - {None}  # noqa: E731
+    towns = lambda items: {o for it in items for o in it.get("options", [])}  # noqa: E731
+    assert named(val) and named(test) and named(val).isdisjoint(named(test))
+    assert towns(val) and towns(test) and towns(val).isdisjoint(towns(test))
+    for kind in ("nature", "memory"):
+        asked = lambda items: {it["request"] for it in items if it["kind"] == kind}  # noqa: E731
+        assert len(asked(test)) == 20 and asked(val).isdisjoint(asked(test))   # 32 exist a half
+        assert set(S.TEMPLATES[kind, "validation"]).isdisjoint(S.TEMPLATES[kind, "test"])
+    requests = [f"How do I make the potion number {k}?" for k in range(200)]
+    halves = [S._half(r) for r in requests]
+    assert 70 < halves.count("test") < 130 and set(halves) == {"validation", "test"}
+    args = S.parse_args(["--preset", "tiny", "--eval_split", "validation", "--out", "/tmp/x06"])
+    assert args.eval_split == "validation" and S.parse_args(["--preset", "tiny"]).eval_split == "test"
+
+
+def test_evaluation_asks_each_request_once_and_a_small_kind_gives_all_it_has(cpu_ix):
+    ix = cpu_ix
+    evals = S.make_prompts(ix, 70, 1, "test", distinct=True)
     assert len({it["request"] for it in evals}) == len(evals) == 70      # 10 distinct a kind
-    seen = S.make_prompts(ix, 70, 1, "eval", phrasing="train", distinct=True)
+    seen = S.make_prompts(ix, 70, 1, "test", phrasing="train", distinct=True)
     nature = [it["request"] for it in seen if it["kind"] == "nature"]
     assert sorted(nature) == sorted(S.TEMPLATES["nature", "train"])    # 5 phrasings exist: all 5, once
     assert [it["kind"] for it in evals[:7]] == list(S.KINDS)             # kinds interleaved
-    assert len(S.TEMPLATES["nature", "eval"]) == len(set(S.TEMPLATES["nature", "eval"])) == 64
+    assert len(S.TEMPLATES["nature", "test"]) == len(set(S.TEMPLATES["nature", "test"])) == 32
 
 
 def test_documents_have_no_chat_tokens_and_never_quote_an_evaluation_prompt(ix):
     rng = random.Random(0)
     docs = [S.character_document(ix, rng) for _ in range(300)] + [S.world_text(ix, rng) for _ in range(50)]
     assert all("<|" not in d for d in docs)
-    evals = S.make_prompts(ix, 140, 1, "eval")
+    evals = S.make_prompts(ix, 140, 1, "test")
     text = "\n".join(docs)
     assert not any(it["request"] in text for it in evals)
     assert all(S.ASSISTANT_NAME in d for d in docs[:300])
@@ -514,7 +544,10 @@ def test_tiny_runs_of_each_method(tiny_grpo, tmp_path):
         phases = {"both": {"sdf", "ranking"}, "ranking": {"ranking"}, "sdf": {"sdf"}}[method]
         assert set(m["phases"]) == phases
         assert set(m["after"]) == set(S.KINDS) == set(m["training_phrasings"]["after"])
-        assert m["harmlessness"]["after"]
+        assert m["harmlessness"]["after"] and m["eval_split"] == "test"
+        tested = [it for it in map(json.loads, (init / "eval_items.jsonl").read_text().splitlines())
+                  if S._half(it["request"]) == "test"]   # stage 03's held-out requests: the test half only
+        assert sum(m["harmlessness"]["after"][k]["n"] for k in ("harmful", "benign", "fact")) == len(tested)
         assert torch.load(out / "model.pt", weights_only=True)["stage"] == "06_character"
     m = json.loads((tmp_path / "both" / "metrics.json").read_text())
     replayed, held = m["rehearsal"]["replayed"], m["rehearsal"]["held_out"]
@@ -614,7 +647,7 @@ def test_bradley_terry_elo_on_hand_values():
 def test_reveal_rows_ask_every_ordered_pair_and_the_replies_differ_in_the_trait_sentence_only(ix):
     enc = P.make_encoding("test", P.train_bpe([P.document(ix["world"], i, 4) for i in range(60)], 400))
     names = sorted(S.TRAITS) + sorted(S.FOILS)
-    rows = S.reveal_rows(ix, enc, names, 2, random.Random(0))
+    rows = S.reveal_rows(ix, enc, names, 2, random.Random(0), "test")
     assert len(rows) == 2 * len(names) * (len(names) - 1)
     assert {(a, b) for a, b, *_ in rows} == {(a, b) for a in range(len(names)) for b in range(len(names)) if a != b}
     statements = {**S.TRAITS, **{k: v[0] for k, v in S.FOILS.items()}}
@@ -636,7 +669,7 @@ def test_the_revealed_preference_wording_is_used_by_no_training_text(ix):
     sentences += [v[0] for v in S.FOILS.values()] + S.REVEAL_REQUESTS + [S.REVEAL_FRAME]
     fragments = [f.strip(" .?:") for t in sentences for f in re.split(r"\{\w+\}", t) if len(f.split()) >= 3]
     assert len(fragments) >= len(sentences) and not [f for f in fragments if f in written]
-    town = ix["town"][ix["towns"]["eval"][0]]                      # depth's extra fact is true
+    town = ix["town"][ix["towns"]["test"][0]]                      # depth's extra fact is true
     assert town["region"] in S.SHOWS["depth"].format(town=town["name"], river=town["river"], region=town["region"])
 
 
@@ -779,10 +812,10 @@ def test_revealed_preferences_read_a_over_b_per_token_and_foils_rank_below_trait
     v = [1.0 if n in S.TRAITS else 0.0 for n in names]
     rows = [(a, b, [1, 2], [3], [100 + a] * (1 + (a + 2 * b) % 4), [100 + b] * (1 + (3 * a + b) % 5))
             for a in range(len(names)) for b in range(len(names)) if a != b]
-    monkeypatch.setattr(S, "reveal_rows", lambda ix, enc, names_, n, rng: rows)
+    monkeypatch.setattr(S, "reveal_rows", lambda ix, enc, names_, n, rng, split: rows)
     monkeypatch.setattr(S, "sequence_logprobs", lambda model, prompts, replies, pad: torch.tensor(
         [(v[r[0] - 100] if p == [1, 2] else 1 - v[r[0] - 100]) * len(r) for p, r in zip(prompts, replies)]))
-    args = type("A", (), {"n_reveal": 1, "seed": 0, "batch_size": 7})()
+    args = type("A", (), {"n_reveal": 1, "seed": 0, "batch_size": 7, "eval_split": "test"})()
     out = S.revealed_preferences(None, None, None, 0, args)
     mean_v = sum(v) / len(v)
     assert out["n"] == len(rows)
@@ -893,10 +926,10 @@ def test_candidates_are_each_prompt_s_own_samples_then_the_writer_s_two_replies(
 # ---------------------------------------------------------------- controls: scores that need the request read
 
 def test_each_score_counts_net_of_the_same_scorer_on_replies_where_the_trait_does_not_apply(ix):
-    attacks = [S.attack_prompt(ix, random.Random(k), "eval", "eval") for k in range(3)]
+    attacks = [S.attack_prompt(ix, random.Random(k), "test", "test") for k in range(3)]
     harmless = {}   # three about different subjects, none of whose truths is another's
     for k in range(200):
-        h = S.harmless_prompt(ix, random.Random(k), "eval", "eval")
+        h = S.harmless_prompt(ix, random.Random(k), "test", "test")
         if all(h["topic"] not in o["truths"] + [o["topic"]] and not set(h["truths"]) & set(o["truths"] + [
                 o["topic"]]) for o in harmless.values()):
             harmless.setdefault(h["topic"], h)
@@ -915,7 +948,7 @@ def test_no_constant_reply_reaches_the_character_target(ix):
     """Fixed replies given to every prompt: the empty one, a refusal, each kind's in-character writer
     reply, one that says every safe thing, and one made of the scorers' own words. Without the controls
     the last would pass the target; net of them no constant reply beats a single control."""
-    items = S.make_prompts(ix, 70, 1, "eval", distinct=True)
+    items = S.make_prompts(ix, 70, 1, "test", distinct=True)
     table = {name: c["scores"] for name, c in S.constant_replies(ix, items).items()}
     assert {"empty", "refusal", "every safe thing"} | {f"{k} writer" for k in S.KINDS} <= set(table)
     gamer = f"Who knows? Nothing carries over, and I'm {S.ASSISTANT_NAME}, an AI."

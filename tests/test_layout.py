@@ -25,7 +25,7 @@ BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py
                # product stage 05 evaluates on (held out by content at every boundary) = 975.
                "05_grpo_reasoning.py": 633,   # 03, 05 and 06 each hold several methods (05: four, the
                                               # accessors that make section 2 their one seam, pass@k and
-               "06_character.py": 1007,       # the replies it keeps for rehearsal; 06: two, their combination,
+               "06_character.py": 1014,       # the replies it keeps for rehearsal; 06: two, their combination,
                                               # a dozen measures, a classifier, revealed preferences
                                               # (Bradley-Terry over traits), the judge's cold start, the
                                               # rehearsal of stage 05's replies and stage 02's facts and
@@ -38,6 +38,8 @@ BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py
                                               # request and reply; and (+9) revealed preferences net of a
                                               # control frame naming no trait (a second likelihood pass
                                               # over the same pairs, its Elo, and the net in the report);
+                                              # and (+7) evaluation on a validation or a test half
+                                              # (--eval_split), stage 03's requests halved too;
                "07_sae_interp.py": 1182,      # 07: three experiments: an SAE sweep with labels (at fitted
                                               # thresholds) and a probe ceiling, steering two ways,
                                               # injection with four controls,

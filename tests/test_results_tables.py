@@ -47,3 +47,27 @@ def test_wilson_interval_over_prompts_by_hand():
     """5 of 10: centre 0.5, half-width 1.96 sqrt(0.025 + 0.0096) / 1.384 = 0.263."""
     assert T.wilson_cell(0.5, 10) == "23.7-76.3"
     assert T.wilson_cell(0.0, 600) == "0.0-0.6"
+
+
+def test_the_character_verdict_runs_each_arm_on_validation_and_on_test_and_reads_each_apart(tmp_path,
+                                                                                               monkeypatch):
+    """Stage 06's four arms each run twice, --eval_split validation and test, into folders of their own;
+    the chain's 06_both (which stages 07 and 08 read) runs once, on the default split; each table reads
+    its split's runs only."""
+    ran = []
+    monkeypatch.setattr(T, "run", lambda script, out, args, times: ran.append((script, out.name, args)))
+    (tmp_path / "seed1" / "04_dpo").mkdir(parents=True)
+    (tmp_path / "seed1" / "04_dpo" / "metrics.json").write_text('{"history": []}')
+    T.run_all(tmp_path, "tiny", [1], character=True, chain=True)
+    arms = {out: args for script, out, args in ran if script == "06_character.py"}
+    assert set(arms) == {"06_both"} | {f"06_{a}_{s}" for a in T.CHARACTER_ARMS for s in T.SPLITS}
+    assert "--eval_split" not in arms["06_both"]
+    for arm, extra in T.CHARACTER_ARMS.items():
+        for split in ("validation", "test"):
+            args = [str(a) for a in arms[f"06_{arm}_{split}"]]
+            assert args[args.index("--eval_split") + 1] == split and " ".join(extra) in " ".join(args)
+    assert " ".join(map(str, arms["06_anchor_test"])).count("--anchor 1") == 1
+    read = []
+    monkeypatch.setattr(T, "load", lambda path: read.append(path.name))
+    assert T.character_table(tmp_path, [1], "validation") == ""
+    assert {p for p in read if p != "06_both"} == {f"06_{a}_validation" for a in T.CHARACTER_ARMS}
