@@ -84,11 +84,11 @@ import kernels  # noqa: E402  (attention and MoE: Triton on CUDA, PyTorch elsewh
 
 PRESETS = {
     # tiny trains at a third of pretraining's rate: its 75 steps must show the loss falling (a test checks)
-    "tiny": dict(n_train=600, n_eval=6, epochs=2, batch_size=16, eval_batch=16, max_new_tokens=48,
+    "tiny": dict(n_train=600, n_eval=6, epochs=2, batch_size=16, gen_batch=16, max_new_tokens=48,
                  lr_divisor=3),
-    "cpu": dict(n_train=36000, n_eval=250, epochs=2, batch_size=32, eval_batch=32, max_new_tokens=96,
+    "cpu": dict(n_train=36000, n_eval=250, epochs=2, batch_size=32, gen_batch=32, max_new_tokens=96,
                 lr_divisor=10),
-    "gpu": dict(n_train=200000, n_eval=500, epochs=2, batch_size=64, eval_batch=64, max_new_tokens=160,
+    "gpu": dict(n_train=200000, n_eval=500, epochs=2, batch_size=64, gen_batch=512, max_new_tokens=160,
                 lr_divisor=10),
 }
 
@@ -119,7 +119,7 @@ def parse_args(argv=None):
     g.add_argument("--warmup_frac", type=p.unit, default=0.03)
     g.add_argument("--grad_clip", type=p.positive, default=1.0)
     g = p.add_argument_group("evaluation and chat")
-    g.add_argument("--eval_batch", type=p.positive_int)
+    g.add_argument("--gen_batch", type=p.positive_int, help="replies generated at once, in evaluation")
     g.add_argument("--max_new_tokens", type=p.positive_int)
     g.add_argument("--skip_base_eval", action="store_true", help="do not evaluate the pretrained model")
     g.add_argument("--chat", metavar="DIR", help="chat with the checkpoint in DIR instead of training")
@@ -397,7 +397,7 @@ def generate_replies(model, enc, prompts, max_new_tokens, batch_size, desc="gene
 def evaluate(model, enc, items, args, desc):
     """Score every eval item; returns (per-task means of every score field, per-item records)."""
     prompts = [render_prompt(enc, item["messages"]) for item in items]
-    replies = generate_replies(model, enc, prompts, args.max_new_tokens, args.eval_batch, desc)
+    replies = generate_replies(model, enc, prompts, args.max_new_tokens, args.gen_batch, desc)
     fields, records = defaultdict(lambda: defaultdict(list)), []
     for item, ids in zip(items, replies):
         reply = parse_reply(enc, ids)

@@ -85,13 +85,14 @@ import kernels  # noqa: E402  (attention and MoE: Triton on CUDA, PyTorch elsewh
 
 PRESETS = {
     "tiny": dict(n_red_team=24, n_helpful=24, rounds=1, sl_epochs=1, n_pairs=24, pm_epochs=1, rl_steps=3,
-                 rl_prompts=4, samples_per_prompt=2, n_eval=6, batch_size=16, max_new_tokens=40),
+                 rl_prompts=4, samples_per_prompt=2, n_eval=6, batch_size=16, gen_batch=16,
+                 max_new_tokens=40),
     "cpu": dict(n_red_team=1200, n_helpful=1800, rounds=2, sl_epochs=2, n_pairs=1200, pm_epochs=2,
                 rl_steps=120, rl_prompts=16, samples_per_prompt=4, n_eval=300, batch_size=32,
-                max_new_tokens=80),
+                gen_batch=32, max_new_tokens=80),
     "gpu": dict(n_red_team=8000, n_helpful=12000, rounds=2, sl_epochs=2, n_pairs=8000, pm_epochs=2,
                 rl_steps=400, rl_prompts=64, samples_per_prompt=4, n_eval=600, batch_size=64,
-                max_new_tokens=120),
+                gen_batch=512, max_new_tokens=120),
 }
 
 
@@ -137,8 +138,9 @@ def parse_args(argv=None):
                    help="reward subtracted from a response that never writes <|end|>")
     g = p.add_argument_group("evaluation")
     g.add_argument("--n_eval", type=p.positive_int, help="held-out prompts per kind (harmful, benign, fact)")
-    g.add_argument("--batch_size", type=p.positive_int,
-                   help="sequences per forward pass when generating and training")
+    g.add_argument("--batch_size", type=p.positive_int, help="sequences per training or scoring pass")
+    g.add_argument("--gen_batch", type=p.positive_int,
+                   help="replies generated at once (on a GPU, all of an RL step's samples: one call)")
     g.add_argument("--max_new_tokens", type=p.positive_int)
     args = p.parse_with_preset(argv, PRESETS)
     if args.samples_per_prompt < 2:
@@ -288,7 +290,7 @@ def make_pairs(sl_model, sft_model, enc, harmful_items, helpful_items, args, gen
         prompts = [user_prompt(enc, it["request"]) + enc.encode_ordinary(opening)
                    for it in items for _ in range(copies)]
         return [opening + parse_reply(enc, ids)["content"] for ids in sample_replies(
-            model, enc, prompts, args.max_new_tokens, args.batch_size, temperature, generator, desc)]
+            model, enc, prompts, args.max_new_tokens, args.gen_batch, temperature, generator, desc)]
     two = replies(sl_model, harmful_items, args.temperature, "pairs (harmful)", copies=2)
     harmful_sft = replies(sft_model, harmful_items, 0.0, "pairs (harmful, stage 02)")
     helpful_a = replies(sft_model, helpful_items, 0.0, "pairs (stage 02)")
@@ -359,7 +361,7 @@ def critique_and_revise(model, enc, items, rounds, args, generator):
     with the whole history; record["final"] is the last response."""
     rng = random.Random(f"cai:principles:{args.seed}")
     sample = lambda prompts, desc: [parse_reply(enc, ids)["content"] for ids in sample_replies(  # noqa: E731
-        model, enc, prompts, args.max_new_tokens, args.batch_size, args.temperature, generator, desc)]
+        model, enc, prompts, args.max_new_tokens, args.gen_batch, args.temperature, generator, desc)]
     drafts = sample([user_prompt(enc, it["request"]) for it in items], "drafts")
     records = [{"request": it["request"], "draft": d, "final": d, "steps": []}
                for it, d in zip(items, drafts)]
@@ -511,7 +513,7 @@ def rl_step(policy, reference, pm, enc, items, optimizer, args, generator):
     k, pad = args.samples_per_prompt, enc.encode_single_token("<|pad|>")
     end = enc.encode_single_token("<|end|>")
     prompts = [user_prompt(enc, it["request"]) for it in items for _ in range(k)]
-    responses = sample_replies(policy, enc, prompts, args.max_new_tokens, args.batch_size, 1.0, generator,
+    responses = sample_replies(policy, enc, prompts, args.max_new_tokens, args.gen_batch, 1.0, generator,
                                "rl samples")
     parsed = [parse_reply(enc, r) for r in responses]
     with torch.no_grad():
@@ -670,7 +672,7 @@ def run_sl_cai(sft_model, enc, world, args, generator):
     revisions = critique_and_revise(sft_model, enc, red_team, args.rounds, args, generator)
     own_answers = [parse_reply(enc, ids)["content"] for ids in sample_replies(
         sft_model, enc, [user_prompt(enc, h["request"]) for h in helpful], args.max_new_tokens,
-        args.batch_size, 0.0, desc="helpful answers")]
+        args.gen_batch, 0.0, desc="helpful answers")]
     answered = [(r, r["final"]) for r in revisions] + list(zip(helpful, own_answers))
     conversations = [[{"role": "user", "content": item["request"]}, {"role": "assistant", "content": answer}]
                      for item, answer in answered if answer]
@@ -2003,7 +2005,7 @@ def evaluate(model, enc, items, args, desc):
     Items with a "group" (e.g. harmful requests about a hazard no training prompt named) are also
     summarised as "kind/group"."""
     prompts = [user_prompt(enc, it["request"]) for it in items]
-    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.batch_size, 0.0, desc=desc)
+    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.gen_batch, 0.0, desc=desc)
     fields, records = defaultdict(lambda: defaultdict(list)), []
     for item, ids in zip(items, replies):
         reply = parse_reply(enc, ids)

@@ -78,9 +78,9 @@ import kernels  # noqa: E402  (attention and MoE: Triton on CUDA, PyTorch elsewh
 # =====================================================================================
 
 PRESETS = {
-    "tiny": dict(epochs=1, batch_size=8, max_new_tokens=40),
-    "cpu": dict(epochs=3, batch_size=32, max_new_tokens=80),
-    "gpu": dict(epochs=3, batch_size=64, max_new_tokens=120),
+    "tiny": dict(epochs=1, batch_size=8, gen_batch=8, max_new_tokens=40),
+    "cpu": dict(epochs=3, batch_size=32, gen_batch=32, max_new_tokens=80),
+    "gpu": dict(epochs=3, batch_size=64, gen_batch=512, max_new_tokens=120),
 }
 
 
@@ -101,6 +101,7 @@ def parse_args(argv=None):
                    help="weight of the next-token loss on each preferred response (RPO); 0: plain DPO")
     g.add_argument("--epochs", type=p.positive)
     g.add_argument("--batch_size", type=p.positive_int, help="pairs per step")
+    g.add_argument("--gen_batch", type=p.positive_int, help="replies generated at once")
     g.add_argument("--lr", type=p.positive, help="peak rate (default: a tenth of SL-CAI's)")
     g.add_argument("--held_out", type=p.fraction, default=0.2,
                    help="fraction of prompts whose pairs are kept to measure reward accuracy (the same "
@@ -536,7 +537,7 @@ def online_pairs(policy, judge, enc, requests, principles, round_, max_len, args
     """Two samples of the current policy for every (request, kind), labelled and oriented; pairs whose
     label is undecided by the world, or whose samples are the same text, are left out."""
     prompts = [user_prompt(enc, request) for request, _ in requests for _ in range(2)]
-    ids = sample_replies(policy, enc, prompts, args.max_new_tokens, args.batch_size, 1.0, generator,
+    ids = sample_replies(policy, enc, prompts, args.max_new_tokens, args.gen_batch, 1.0, generator,
                          f"online samples {round_ + 1}")
     texts = [parse_reply(enc, x)["content"] for x in ids]
     raw = [{"request": request, "kind": kind, "a": texts[2 * i], "b": texts[2 * i + 1]}
@@ -1482,7 +1483,7 @@ def evaluate(model, enc, items, args, desc):
     Items with a "group" (e.g. harmful requests about a hazard no training prompt named) are also
     summarised as "kind/group"."""
     prompts = [user_prompt(enc, it["request"]) for it in items]
-    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.batch_size, 0.0, desc=desc)
+    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.gen_batch, 0.0, desc=desc)
     fields, records = defaultdict(lambda: defaultdict(list)), []
     for item, ids in zip(items, replies):
         reply = parse_reply(enc, ids)

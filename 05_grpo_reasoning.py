@@ -93,11 +93,11 @@ import kernels  # noqa: E402  (attention and MoE: Triton on CUDA, PyTorch elsewh
 
 PRESETS = {
     "tiny": dict(sampled_tokens=6_000, prompts_per_step=4, group_size=4, max_new_tokens=32,
-                 eval_problems=4, pass_samples=4, batch_size=64, rehearsal=32),
+                 eval_problems=4, pass_samples=4, batch_size=64, gen_batch=64, rehearsal=32),
     "cpu": dict(sampled_tokens=350_000, prompts_per_step=16, group_size=8, max_new_tokens=64,
-                eval_problems=30, pass_samples=64, batch_size=256, rehearsal=512),
+                eval_problems=30, pass_samples=64, batch_size=256, gen_batch=256, rehearsal=512),
     "gpu": dict(sampled_tokens=8_000_000, prompts_per_step=64, group_size=16, max_new_tokens=96,
-                eval_problems=100, pass_samples=64, batch_size=1024, rehearsal=4096),
+                eval_problems=100, pass_samples=64, batch_size=1024, gen_batch=1024, rehearsal=4096),
 }
 FAMILIES = ("arithmetic", "multihop", "countdown")
 
@@ -133,7 +133,8 @@ def parse_args(argv=None):
     g.add_argument("--eval_problems", type=p.positive_int, help="held-out problems per family and difficulty")
     g.add_argument("--pass_samples", type=p.positive_int,
                    help="samples per problem for pass@k (k up to this)")
-    g.add_argument("--batch_size", type=p.positive_int, help="rows sampled at once")
+    g.add_argument("--batch_size", type=p.positive_int, help="twice the rows of a forward pass in the update")
+    g.add_argument("--gen_batch", type=p.positive_int, help="rows sampled at once")
     args = p.parse_with_preset(argv, PRESETS)
     args.families = [f for f in args.families.split(",") if f]
     args.clip_high = clip_high_for(args) if args.clip_high is None else args.clip_high
@@ -288,20 +289,19 @@ def problem_prompt(enc, problem):
 
 @torch.no_grad()
 def sample(model, enc, prompts, n, args, temperature, tag):
-    """n replies to each prompt, batched across prompts of different lengths (left padding), each
-    row with its own generator seeded by (seed, tag, prompt, sample): the same replies whatever the
-    batch. -> [[(reply ids, cut off by max_new_tokens)] * n] per prompt."""
+    """n replies to each prompt, batched across prompts of different lengths (left padding), a prompt
+    read once for its rows, each row with its own generator seeded by (seed, tag, prompt, sample): the
+    same replies whatever the batch. -> [[(reply ids, cut off by max_new_tokens)] * n] per prompt."""
     stops = {enc.encode_single_token(t) for t in STOP_TOKENS}
     rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
     replies = [[None] * n for _ in prompts]
     device = model.embed.weight.device
-    for start in range(0, len(rows), args.batch_size):
-        chunk = rows[start:start + args.batch_size]
+    for start in range(0, len(rows), args.gen_batch):
+        chunk = rows[start:start + args.gen_batch]
         gens = [torch.Generator(device=device).manual_seed(zlib.crc32(f"{args.seed}:{tag}:{i}:{j}".encode()))
                 for i, j in chunk]
-        with autocast(args.device):
-            steps = list(generate(model, [prompts[i] for i, _ in chunk], args.max_new_tokens, temperature,
-                                  stop_ids=stops, generator=gens))
+        steps = list(generate(model, [prompts[i] for i, _ in chunk], args.max_new_tokens, temperature,
+                              stop_ids=stops, generator=gens, share_prefill=True))
         for (i, j), ids in zip(chunk, torch.stack(steps, 1).tolist()):
             cut = next((k for k, t in enumerate(ids) if t in stops), None)
             replies[i][j] = (ids, cut is None) if cut is None else (ids[:cut + 1], False)
@@ -535,7 +535,7 @@ def main(argv=None):
     reference.eval().requires_grad_(False)
     history, accepted = train(policy, reference, enc, stream, pad, args)
     after = evaluate_problems(policy, enc, problems, args)
-    harm_args = argparse.Namespace(max_new_tokens=harm_tokens, batch_size=args.batch_size)
+    harm_args = argparse.Namespace(max_new_tokens=harm_tokens, gen_batch=args.gen_batch)
     harmless_after, _ = evaluate(policy, enc, harm_items, harm_args, "harmlessness (after RL)")
     metrics = {"before": summarise(problems, before), "after": summarise(problems, after),
                "harmlessness": {"dpo": harmless_before, "rl": harmless_after}, "history": history,
@@ -1781,7 +1781,7 @@ def evaluate(model, enc, items, args, desc):
     Items with a "group" (e.g. harmful requests about a hazard no training prompt named) are also
     summarised as "kind/group"."""
     prompts = [user_prompt(enc, it["request"]) for it in items]
-    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.batch_size, 0.0, desc=desc)
+    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.gen_batch, 0.0, desc=desc)
     fields, records = defaultdict(lambda: defaultdict(list)), []
     for item, ids in zip(items, replies):
         reply = parse_reply(enc, ids)

@@ -139,11 +139,13 @@ METHODS = ("both", "ranking", "sdf")
 
 PRESETS = {
     "tiny": dict(n_prompts=28, judge_prompts=14, samples=1, n_docs=60, sdf_epochs=1, epochs=1, n_eval=7,
-                 n_reveal=1, batch_size=8, max_new_tokens=40, rehearsal_batch=4, anchor_requests=16),
+                 n_reveal=1, batch_size=8, gen_batch=8, max_new_tokens=40, rehearsal_batch=4,
+                 anchor_requests=16),
     "cpu": dict(n_prompts=700, judge_prompts=700, samples=2, n_docs=3000, sdf_epochs=2, epochs=4, n_eval=60,
-                n_reveal=4, batch_size=32, max_new_tokens=60, rehearsal_batch=8, anchor_requests=1000),
+                n_reveal=4, batch_size=32, gen_batch=32, max_new_tokens=60, rehearsal_batch=8,
+                anchor_requests=1000),
     "gpu": dict(n_prompts=2800, judge_prompts=2800, samples=4, n_docs=20000, sdf_epochs=2, epochs=2,
-                n_eval=150, n_reveal=12, batch_size=64, max_new_tokens=80, rehearsal_batch=16,
+                n_eval=150, n_reveal=12, batch_size=64, gen_batch=512, max_new_tokens=80, rehearsal_batch=16,
                 anchor_requests=1000),
 }
 
@@ -189,7 +191,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("evaluation")
     g.add_argument("--n_eval", type=p.positive_int, help="held-out prompts per kind")
     g.add_argument("--n_reveal", type=p.positive_int, help="held-out requests for revealed preferences")
-    g.add_argument("--batch_size", type=p.positive_int)
+    g.add_argument("--batch_size", type=p.positive_int, help="sequences per training or scoring pass")
+    g.add_argument("--gen_batch", type=p.positive_int, help="replies generated at once")
     g.add_argument("--max_new_tokens", type=p.positive_int)
     args = p.parse_with_preset(argv, PRESETS)
     check_out(args.out, args.init)   # a bad --out fails now, not after training
@@ -325,9 +328,8 @@ def candidates(model, enc, prompts, args, generator):
     """Each prompt's candidate replies: the model's own samples, then the writer's in-character and
     out-of-character replies (Appendix A). -> [[text, ...]] per prompt, and [[source, ...]]."""
     ids = [user_prompt(enc, it["request"]) for it in prompts for _ in range(args.samples)]
-    with autocast(args.device):
-        sampled = sample_replies(model, enc, ids, args.max_new_tokens, args.batch_size, args.temperature,
-                                 generator, desc="candidates")
+    sampled = sample_replies(model, enc, ids, args.max_new_tokens, args.gen_batch, args.temperature,
+                             generator, desc="candidates")
     texts, sources = [], []
     for k, item in enumerate(prompts):
         own = [parse_reply(enc, r)["content"] for r in sampled[k * args.samples:(k + 1) * args.samples]]
@@ -585,8 +587,7 @@ def score_summary(ix, items, texts):
 def evaluate_character(model, enc, items, ix, args, desc):
     """Greedy replies to the held-out prompts, scored. -> (score_summary, records)."""
     prompts = [user_prompt(enc, it["request"]) for it in items]
-    with autocast(args.device):
-        replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.batch_size, 0.0, desc=desc)
+    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.gen_batch, 0.0, desc=desc)
     texts = [parse_reply(enc, ids)["content"] for ids in replies]
     records = [{"kind": item["kind"], "request": item["request"], "reply": text[:300],
                 **score_reply(ix, item, text)} for item, text in zip(items, texts)]
@@ -628,8 +629,7 @@ def drift(model, enc, ix, args, n_conversations, turns=20):
         items = [prompts[c * turns + t] for c in range(n_conversations)]
         ids = [recent_prompt(enc, chat + [{"role": "user", "content": it["request"]}], budget)
                for chat, it in zip(chats, items)]
-        with autocast(args.device):
-            replies = sample_replies(model, enc, ids, args.max_new_tokens, args.batch_size, 0.0)
+        replies = sample_replies(model, enc, ids, args.max_new_tokens, args.gen_batch, 0.0)
         texts = [parse_reply(enc, r)["content"] for r in replies]
         for chat, it, text in zip(chats, items, texts):
             chat += [{"role": "user", "content": it["request"]}, {"role": "assistant", "content": text}]
@@ -1587,9 +1587,8 @@ def anchor_lines(model, enc, rows, args):
     requests = sorted({r["request"] for r in rows if r["kind"] in ("harmful", "benign")})
     chosen = random.Random(f"character:anchor:{args.seed}").sample(requests, min(args.anchor_requests,
                                                                                   len(requests)))
-    with autocast(args.device):
-        replies = sample_replies(model, enc, [user_prompt(enc, q) for q in chosen], args.max_new_tokens,
-                                 args.batch_size, 0.0, desc="stage 03's requests")
+    replies = sample_replies(model, enc, [user_prompt(enc, q) for q in chosen], args.max_new_tokens,
+                             args.gen_batch, 0.0, desc="stage 03's requests")
     return [{"messages": [{"role": "user", "content": q},
                           {"role": "assistant", "content": parse_reply(enc, ids)["content"]}]}
             for q, ids in zip(chosen, replies)]
@@ -2524,7 +2523,7 @@ def evaluate(model, enc, items, args, desc):
     Items with a "group" (e.g. harmful requests about a hazard no training prompt named) are also
     summarised as "kind/group"."""
     prompts = [user_prompt(enc, it["request"]) for it in items]
-    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.batch_size, 0.0, desc=desc)
+    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.gen_batch, 0.0, desc=desc)
     fields, records = defaultdict(lambda: defaultdict(list)), []
     for item, ids in zip(items, replies):
         reply = parse_reply(enc, ids)

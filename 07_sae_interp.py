@@ -120,18 +120,18 @@ PRESETS = {   # sweep: more dictionaries beside the main one, (kind, expansion, 
     "tiny": dict(n_docs=160, n_chats=80, sae_steps=60, sae_batch=256, expansion=4, k=8,
                  sweep=(("topk", 2, 4), ("relu", 4, 0.01)), steer_towns=2, steer_prompts=6, doses=(0, 4),
                  vector_doses=(0, 1), concepts=8, trials=1, layers=(1,), strengths=(0.5,), detect_steps=8,
-                 rehearsal_prompts=16, batch_size=16, max_new_tokens=16),
+                 rehearsal_prompts=16, batch_size=16, gen_batch=16, max_new_tokens=16),
     "cpu": dict(n_docs=4000, n_chats=2000, sae_steps=1500, sae_batch=1024, expansion=16, k=32,
                 sweep=(("topk", 4, 32), ("topk", 8, 32), ("topk", 8, 8), ("topk", 8, 64), ("relu", 8, 0.003)),
                 steer_towns=4, steer_prompts=30, doses=(0, 1, 2, 4, 8), vector_doses=(0, 0.25, 0.5, 1, 2),
                 concepts=40, trials=3, layers=(1, 2, 3), strengths=(0.25, 0.5, 1), detect_steps=300,
-                rehearsal_prompts=512, batch_size=64, max_new_tokens=24),
+                rehearsal_prompts=512, batch_size=64, gen_batch=64, max_new_tokens=24),
     "gpu": dict(n_docs=20000, n_chats=10000, sae_steps=20000, sae_batch=4096, expansion=32, k=32,
                 sweep=(("topk", 8, 32), ("topk", 16, 32), ("topk", 32, 8), ("topk", 32, 16), ("topk", 32, 64),
                        ("relu", 32, 0.003), ("relu", 32, 0.01)),
                 steer_towns=8, steer_prompts=60, doses=(0, 1, 2, 4, 8), vector_doses=(0, 0.25, 0.5, 1, 2),
                 concepts=45, trials=6, layers=(1, 2, 3), strengths=(0.25, 0.5, 1, 2), detect_steps=1000,
-                rehearsal_prompts=2048, batch_size=128, max_new_tokens=32),
+                rehearsal_prompts=2048, batch_size=128, gen_batch=512, max_new_tokens=32),
 }
 
 
@@ -174,7 +174,8 @@ def parse_args(argv=None):
                    help="share of each detection batch that is the model's own replies to ordinary "
                         "requests (0: detection questions only)")
     g.add_argument("--rehearsal_prompts", type=p.positive_int, help="ordinary requests replied to for it")
-    g.add_argument("--batch_size", type=p.positive_int)
+    g.add_argument("--batch_size", type=p.positive_int, help="sequences per training or scoring pass")
+    g.add_argument("--gen_batch", type=p.positive_int, help="replies generated at once")
     g.add_argument("--max_new_tokens", type=p.positive_int)
     args = p.parse_with_preset(argv, PRESETS)
     args.strength = args.strength or args.strengths[len(args.strengths) // 2]
@@ -417,7 +418,7 @@ def rehearsal_set(model, enc, world, args):
     chat where it was, so training can teach when to report an injection, not a habit of reporting."""
     rng = random.Random(args.seed + 1)
     prompts = [user_prompt(enc, ordinary_request(world, rng)) for _ in range(args.rehearsal_prompts)]
-    return list(zip(prompts, sample_replies(model, enc, prompts, args.max_new_tokens, args.batch_size, 0)))
+    return list(zip(prompts, sample_replies(model, enc, prompts, args.max_new_tokens, args.gen_batch, 0)))
 
 
 # =====================================================================================
@@ -699,8 +700,8 @@ def replies_with_edit(model, enc, prompts, layer, edit, args, temperature=0.0, s
     stops = [enc.encode_single_token(t) for t in STOP_TOKENS]
     generator = torch.Generator(device=args.device).manual_seed(seed)
     out = []
-    for i in range(0, len(prompts), args.batch_size):
-        chunk = prompts[i:i + args.batch_size]
+    for i in range(0, len(prompts), args.gen_batch):
+        chunk = prompts[i:i + args.gen_batch]
         T = max(map(len, chunk))
         context = residual_edit(model, layer, edit(i, len(chunk), T)) if edit else contextlib.nullcontext()
         with context:
@@ -2364,7 +2365,7 @@ def evaluate(model, enc, items, args, desc):
     Items with a "group" (e.g. harmful requests about a hazard no training prompt named) are also
     summarised as "kind/group"."""
     prompts = [user_prompt(enc, it["request"]) for it in items]
-    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.batch_size, 0.0, desc=desc)
+    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.gen_batch, 0.0, desc=desc)
     fields, records = defaultdict(lambda: defaultdict(list)), []
     for item, ids in zip(items, replies):
         reply = parse_reply(enc, ids)

@@ -96,11 +96,12 @@ CHECKPOINTS = ("runs/01_pretrain", "runs/02_sft", "runs/03_constitutional_ai", "
                "runs/05_grpo_reasoning", "runs/06_character", "runs/07_sae_interp")
 PRESETS = {
     "tiny": dict(tasks_per_kind=2, conversations=2, stories=6, affect_texts=400, talks=2, talk_turns=4,
-                 batch_size=16, max_new_tokens=12),
+                 batch_size=16, gen_batch=16, max_new_tokens=12),
     "cpu": dict(tasks_per_kind=4, conversations=30, stories=40, affect_texts=4000, talks=24, talk_turns=10,
-                batch_size=64, max_new_tokens=64),   # a warning, or the closing line and a tool call, fits
+                batch_size=64, gen_batch=64,
+                max_new_tokens=64),   # a warning, or the closing line and a tool call, fits
     "gpu": dict(tasks_per_kind=10, conversations=100, stories=150, affect_texts=20000, talks=100,
-                talk_turns=30, batch_size=128, max_new_tokens=96),
+                talk_turns=30, batch_size=128, gen_batch=512, max_new_tokens=96),
 }
 
 
@@ -124,7 +125,8 @@ def parse_args(argv=None):
     g.add_argument("--talk_turns", type=p.at_least(2), help="turns per self-conversation (each copy speaks)")
     g.add_argument("--layer", type=p.positive_int, help="probe layer (default: the middle block)")
     g.add_argument("--temperature", type=p.temperature, default=0.7, help="sampling temperature of self-talk")
-    g.add_argument("--batch_size", type=p.positive_int)
+    g.add_argument("--batch_size", type=p.positive_int, help="sequences per scoring pass")
+    g.add_argument("--gen_batch", type=p.positive_int, help="replies generated at once")
     g.add_argument("--max_new_tokens", type=p.positive_int)
     args = p.parse_with_preset(argv, PRESETS)
     check_out(args.out, checkpoints=args.checkpoints)   # a bad --out fails now, not after the measurements
@@ -432,7 +434,7 @@ def interview(model, enc, questions, args):
     """Greedy replies to every question; stances, consistency per topic, and the bias controls."""
     prompts = [user_prompt(enc, q["text"]) for q in questions]
     replies = [parse_reply(enc, ids)["content"] for ids in sample_replies(
-        model, enc, prompts, args.max_new_tokens, args.batch_size, 0.0, desc="interview")]
+        model, enc, prompts, args.max_new_tokens, args.gen_batch, 0.0, desc="interview")]
     records = [{**q, "reply": r, "stance": stance(r), "yes": says_yes(r)} for q, r in zip(questions, replies)]
     direct = [r for r in records if r["kind"] == "direct"]
     by_topic = defaultdict(list)
@@ -519,7 +521,7 @@ def converse(model, enc, scripts, args):
         for k in live:
             states[k]["messages"].append({"role": "user", "content": scripts[k]["turns"][turn]})
         prompts = [fit_context(enc, states[k]["messages"], budget) for k in live]
-        for k, ids in zip(live, sample_replies(model, enc, prompts, args.max_new_tokens, args.batch_size, 0.0,
+        for k, ids in zip(live, sample_replies(model, enc, prompts, args.max_new_tokens, args.gen_batch, 0.0,
                                                desc=f"conversations, turn {turn + 1}")):
             reply = parse_reply(enc, ids)
             states[k]["replies"].append(reply["content"])
@@ -575,7 +577,7 @@ def self_talk(model, enc, world, args):
     talks = [[SELF_TALK_OPENING] for _ in range(args.talks)]
     for k in range(1, args.talk_turns + 1):
         prompts = [fit_context(enc, speaker_view(t, k), budget) for t in talks]
-        for t, ids in zip(talks, sample_replies(model, enc, prompts, args.max_new_tokens, args.batch_size,
+        for t, ids in zip(talks, sample_replies(model, enc, prompts, args.max_new_tokens, args.gen_batch,
                                                 args.temperature, generator=g, desc=f"self-talk, turn {k}")):
             t.append(parse_reply(enc, ids)["content"])
     lexicon = topic_lexicon(world)
@@ -2216,7 +2218,7 @@ def evaluate(model, enc, items, args, desc):
     Items with a "group" (e.g. harmful requests about a hazard no training prompt named) are also
     summarised as "kind/group"."""
     prompts = [user_prompt(enc, it["request"]) for it in items]
-    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.batch_size, 0.0, desc=desc)
+    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.gen_batch, 0.0, desc=desc)
     fields, records = defaultdict(lambda: defaultdict(list)), []
     for item, ids in zip(items, replies):
         reply = parse_reply(enc, ids)

@@ -882,7 +882,7 @@ def test_candidates_are_each_prompt_s_own_samples_then_the_writer_s_two_replies(
     monkeypatch.setattr(S, "sample_replies", replies)
     prompts = [{"request": f"Question {k}?", "in_character": f"good {k}", "out_of_character": f"bad {k}"}
                for k in range(3)]
-    args = type("A", (), {"device": "cpu", "samples": 2, "max_new_tokens": 4, "batch_size": 8,
+    args = type("A", (), {"device": "cpu", "samples": 2, "max_new_tokens": 4, "gen_batch": 8,
                           "temperature": 1.0})()
     texts, sources = S.candidates(None, encoding, prompts, args, None)
     assert asked == [S.user_prompt(encoding, f"Question {k}?") for k in range(3) for _ in range(2)]

@@ -57,19 +57,19 @@ FAKE_MEASUREMENTS = {"device": "fake", "train_ms": {"pretrain_micro": 100.0, "ch
                      "sae_ms": {"topk:2:4": 10.0, "relu:2:0.5": 30.0}}
 FAKE_PRESETS = {
     "01": dict(batch_tokens=8, micro_batch=2, seq_len=2),
-    "02": dict(n_train=128, epochs=1, batch_size=64, n_eval=3, eval_batch=64, max_new_tokens=10),
+    "02": dict(n_train=128, epochs=1, batch_size=64, n_eval=3, gen_batch=64, max_new_tokens=10),
     "03": dict(n_red_team=10, rounds=1, n_helpful=5, n_pairs=4, rl_steps=2, rl_prompts=3,
                samples_per_prompt=2,
-               n_eval=1, batch_size=64, max_new_tokens=10, sl_epochs=1, pm_epochs=1),
-    "04": dict(epochs=2, batch_size=4, max_new_tokens=10),
+               n_eval=1, batch_size=64, gen_batch=64, max_new_tokens=10, sl_epochs=1, pm_epochs=1),
+    "04": dict(epochs=2, batch_size=4, gen_batch=4, max_new_tokens=10),
     "05": dict(sampled_tokens=1000, prompts_per_step=4, group_size=16, max_new_tokens=5, eval_problems=2,
-               pass_samples=4, batch_size=1024),
-    "06": dict(n_prompts=6, samples=2, n_eval=1, batch_size=64, max_new_tokens=10, n_docs=64, sdf_epochs=1,
-               epochs=1),
+               pass_samples=4, gen_batch=1024),
+    "06": dict(n_prompts=6, samples=2, n_eval=1, batch_size=64, gen_batch=64, max_new_tokens=10, n_docs=64,
+               sdf_epochs=1, epochs=1),
     "07": dict(sae_steps=100, expansion=2, k=4, sweep=(("relu", 2, 0.5),), steer_towns=1, steer_prompts=2,
                doses=(0, 1), rehearsal_prompts=4, concepts=1, trials=1, layers=(1,), strengths=(1,),
-               batch_size=32, max_new_tokens=5, detect_steps=3),
-    "08": dict(conversations=1, talks=1, talk_turns=2, batch_size=160, max_new_tokens=4),
+               batch_size=32, gen_batch=32, max_new_tokens=5, detect_steps=3),
+    "08": dict(conversations=1, talks=1, talk_turns=2, gen_batch=160, max_new_tokens=4),
 }
 # Worked by hand, in seconds (see each line):
 EXPECTED = {
