@@ -1583,8 +1583,9 @@ def autocast(device):
 
 
 # --- shared: sampling (origin: 01_pretrain.py) ---
-# Generation stops computing the rows that have finished once they are this share of the rows it
-# computes: each drop copies the KV cache, so rows go in batches (256 rows: at most 19 copies).
+# Eager generation stops computing the rows that have finished once they are this share of the rows it
+# computes: each drop copies the KV cache, so rows go in batches (256 rows: at most 19 copies). The static
+# path (a CUDA graph's) keeps every row: its shapes never change.
 DROP_FINISHED = 0.25
 # Steps between two looks at which rows have stopped (to end early, or to drop rows), by device. A look
 # reads a value back from a GPU, and waits there until all the work queued before it is done: looking
