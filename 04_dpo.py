@@ -1169,35 +1169,35 @@ def next_token(logits, temperature, top_k, generator=None, uniform=None):
 
 
 def grouped_attention(q, k, v, visible):
-    """Attention of q (B, H, T, D) over k, v (B, Hkv, S, D) where visible (B or 1, 1, T, S) is True:
-    the H // Hkv query heads that share a key head are read as more queries of it (head h reads key
-    head h // (H // Hkv), as in kernels.attention), so the cache is never copied out per head."""
-    B, H, T, D = q.shape
-    G = H // k.size(1)
-    y = F.scaled_dot_product_attention(q.reshape(B, k.size(1), G * T, D), k, v,
-                                       attn_mask=visible.repeat(1, 1, G, 1))
-    return y.view(B, H, T, D)
+    """Attention of one new query per row, q (B, H, 1, D), over k, v (B, Hkv, S, D) where visible (B or
+    1, S) is True. The H // Hkv query heads that share a key head are read as that head's queries (head
+    h reads key head h // (H // Hkv), as in kernels.attention), so the cache is never copied per head."""
+    B, H, _, D = q.shape
+    y = F.scaled_dot_product_attention(q.view(B, k.size(1), H // k.size(1), D), k, v,
+                                       attn_mask=visible[:, None, None, :])
+    return y.view(B, H, 1, D)
 
 
 class StaticKVCache(KVCache):
-    """A KVCache whose tensors never change shape or place, so a CUDA graph can replay a step over
-    it: each step writes its keys and values in place, at positions counted by a tensor on the
-    device (advanced by the step itself), and attends to all max_len positions with those not yet
-    written, and a row's left padding, masked out."""
+    """A KVCache whose tensors never change shape or place, so that a CUDA graph can replay a decoding
+    step over it: the step writes its token's keys and values in place, at a position counted by a
+    tensor on the device (which the step itself advances), and attends to all max_len positions with
+    those not yet written, and a row's left padding, masked out. The prompts are read as KVCache
+    reads them, at position 0, before any graph is recorded."""
 
     def __init__(self, config, batch_size, max_len, device, dtype, start=None):
         super().__init__(config, batch_size, max_len, device, dtype, start)
         self.length = torch.zeros((), dtype=torch.long, device=device)
 
     def attend(self, layer, q, k, v):
-        at = self.length + torch.arange(k.size(2), device=k.device)    # the new tokens' positions (T,)
-        self.k[layer].index_copy_(2, at, k)
-        self.v[layer].index_copy_(2, at, v)
-        keys = torch.arange(self.k.size(3), device=k.device)
-        first = 0 if self.start is None else torch.minimum(self.start[:, None, None], at[:, None])
-        visible = (keys <= at[:, None]) & (keys >= first)   # a padding query sees only itself, as in
-        return grouped_attention(q, self.k[layer], self.v[layer],      # kernels.padded_causal_mask
-                                 visible.view(-1, 1, *visible.shape[-2:]))
+        if k.size(2) > 1:   # the prompts
+            self.k[layer, :, :, :k.size(2)], self.v[layer, :, :, :k.size(2)] = k, v
+            return kernels.attention(q, k, v, key_start=self.start)
+        self.k[layer].index_copy_(2, self.length[None], k)
+        self.v[layer].index_copy_(2, self.length[None], v)
+        keys = torch.arange(self.k.size(3), device=k.device)[None, :]
+        first = 0 if self.start is None else self.start[:, None]
+        return grouped_attention(q, self.k[layer], self.v[layer], (keys <= self.length) & (keys >= first))
 
 
 class GraphedStep:

@@ -354,6 +354,25 @@ def test_the_static_cache_path_gives_todays_tokens(draw, n_experts):
     assert new == old and sizes == [5] + [8] * (len(sizes) - 1)
 
 
+def test_the_static_cache_reads_each_step_as_the_eager_cache_does():
+    """Token by token through a padded batch, the logits of the static cache (every position attended,
+    the unwritten and the padding masked) are the eager cache's: not only their argmax. The weights are
+    scaled up so that attention is far from uniform and a wrong key would show."""
+    model, prompts = tiny_model(), frozen_case()[:4]
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if name.endswith(("wq.weight", "wkv.weight")):
+                w.mul_(20)
+        idx, start = P.left_pad(prompts, "cpu")
+        feed = torch.randint(0, 300, (len(prompts), 6))
+        reads = []
+        for cache_class in (P.KVCache, P.StaticKVCache):
+            cache = cache_class(model.config, len(prompts), idx.size(1) + 6, "cpu", torch.float32, start)
+            steps = [model(idx, cache=cache)] + [model(feed[:, t:t + 1], cache=cache) for t in range(6)]
+            reads.append(torch.cat(steps, 1))
+    torch.testing.assert_close(reads[1], reads[0], rtol=1e-5, atol=1e-5)
+
+
 def test_the_static_cache_path_with_one_generator_where_no_row_is_dropped():
     """With one generator the frozen copy's draws follow its drops, which the static path never
     makes: without stop ids (no drop) the tokens are the same."""
