@@ -198,7 +198,8 @@ def test_per_row_generators_sample_the_distribution():
 # ---------------------------------------------------------------- generation against a frozen copy
 # Stage 01's generation as it was before issue 35 (commit 4026170), the reference the new paths must
 # match token for token: its KVCache and loop verbatim, but for the two methods the model now calls,
-# which hold the lines that GPT.forward (positions) and Attention.forward (attend) ran then.
+# which hold the lines that GPT.forward (positions) and Attention.forward (attend) ran then. It draws
+# with the stage's own next_token, which issue 35 left as it was.
 
 class FrozenKVCache:
     def __init__(self, config, batch_size, max_len, device, dtype, start=None):
@@ -229,7 +230,7 @@ class FrozenKVCache:
 
 @torch.no_grad()
 def frozen_generate(model, prompt_ids, max_new_tokens, temperature, stop_ids=(), generator=None, top_k=None,
-                    drop_finished=0.25):   # DROP_FINISHED, then
+                    drop_finished=0.25):   # DROP_FINISHED as it was; a test sets it out of reach
     rows = [list(map(int, p)) for p in prompt_ids]
     T = max(map(len, rows))
     idx = torch.tensor([[0] * (T - len(r)) + r for r in rows], dtype=torch.long)
