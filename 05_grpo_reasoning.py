@@ -93,11 +93,11 @@ import kernels  # noqa: E402  (attention and MoE: Triton on CUDA, PyTorch elsewh
 
 PRESETS = {
     "tiny": dict(sampled_tokens=6_000, prompts_per_step=4, group_size=4, max_new_tokens=32,
-                 eval_problems=4, pass_samples=4, batch_size=64, rehearsal=32),
+                 eval_problems=4, pass_samples=4, batch_size=64, gen_batch=64, rehearsal=32),
     "cpu": dict(sampled_tokens=350_000, prompts_per_step=16, group_size=8, max_new_tokens=64,
-                eval_problems=30, pass_samples=64, batch_size=256, rehearsal=512),
+                eval_problems=30, pass_samples=64, batch_size=256, gen_batch=256, rehearsal=512),
     "gpu": dict(sampled_tokens=8_000_000, prompts_per_step=64, group_size=16, max_new_tokens=96,
-                eval_problems=100, pass_samples=64, batch_size=1024, rehearsal=4096),
+                eval_problems=100, pass_samples=64, batch_size=1024, gen_batch=1024, rehearsal=4096),
 }
 FAMILIES = ("arithmetic", "multihop", "countdown")
 
@@ -133,7 +133,8 @@ def parse_args(argv=None):
     g.add_argument("--eval_problems", type=p.positive_int, help="held-out problems per family and difficulty")
     g.add_argument("--pass_samples", type=p.positive_int,
                    help="samples per problem for pass@k (k up to this)")
-    g.add_argument("--batch_size", type=p.positive_int, help="rows sampled at once")
+    g.add_argument("--batch_size", type=p.positive_int, help="twice the rows of a forward pass in the update")
+    g.add_argument("--gen_batch", type=p.positive_int, help="rows sampled at once")
     args = p.parse_with_preset(argv, PRESETS)
     args.families = [f for f in args.families.split(",") if f]
     args.clip_high = clip_high_for(args) if args.clip_high is None else args.clip_high
@@ -288,20 +289,19 @@ def problem_prompt(enc, problem):
 
 @torch.no_grad()
 def sample(model, enc, prompts, n, args, temperature, tag):
-    """n replies to each prompt, batched across prompts of different lengths (left padding), each
-    row with its own generator seeded by (seed, tag, prompt, sample): the same replies whatever the
-    batch. -> [[(reply ids, cut off by max_new_tokens)] * n] per prompt."""
+    """n replies to each prompt, batched across prompts of different lengths (left padding), a prompt
+    read once for its rows, each row with its own generator seeded by (seed, tag, prompt, sample): the
+    same replies whatever the batch. -> [[(reply ids, cut off by max_new_tokens)] * n] per prompt."""
     stops = {enc.encode_single_token(t) for t in STOP_TOKENS}
     rows = [(i, j) for i in range(len(prompts)) for j in range(n)]
     replies = [[None] * n for _ in prompts]
     device = model.embed.weight.device
-    for start in range(0, len(rows), args.batch_size):
-        chunk = rows[start:start + args.batch_size]
+    for start in range(0, len(rows), args.gen_batch):
+        chunk = rows[start:start + args.gen_batch]
         gens = [torch.Generator(device=device).manual_seed(zlib.crc32(f"{args.seed}:{tag}:{i}:{j}".encode()))
                 for i, j in chunk]
-        with autocast(args.device):
-            steps = list(generate(model, [prompts[i] for i, _ in chunk], args.max_new_tokens, temperature,
-                                  stop_ids=stops, generator=gens))
+        steps = list(generate(model, [prompts[i] for i, _ in chunk], args.max_new_tokens, temperature,
+                              stop_ids=stops, generator=gens, share_prefill=True))
         for (i, j), ids in zip(chunk, torch.stack(steps, 1).tolist()):
             cut = next((k for k, t in enumerate(ids) if t in stops), None)
             replies[i][j] = (ids, cut is None) if cut is None else (ids[:cut + 1], False)
@@ -535,7 +535,7 @@ def main(argv=None):
     reference.eval().requires_grad_(False)
     history, accepted = train(policy, reference, enc, stream, pad, args)
     after = evaluate_problems(policy, enc, problems, args)
-    harm_args = argparse.Namespace(max_new_tokens=harm_tokens, batch_size=args.batch_size)
+    harm_args = argparse.Namespace(max_new_tokens=harm_tokens, gen_batch=args.gen_batch)
     harmless_after, _ = evaluate(policy, enc, harm_items, harm_args, "harmlessness (after RL)")
     metrics = {"before": summarise(problems, before), "after": summarise(problems, after),
                "harmlessness": {"dpo": harmless_before, "rl": harmless_after}, "history": history,
@@ -1074,15 +1074,21 @@ class KVCache:
         self.rows = torch.arange(batch_size, device=device)  # the batch rows still being generated
 
     def keep_rows(self, keep):
-        """Forget the rows where `keep` (a bool mask over the rows held) is False: finished replies."""
+        """Keep only the rows `keep` picks, a bool mask or indices (an index given twice copies its row)."""
         self.k, self.v, self.rows = self.k[:, keep], self.v[:, keep], self.rows[keep]
         if self.start is not None:
             self.start = self.start[keep]
 
-    def update(self, layer, k, v):
+    def positions(self, T):
+        """(B or 1, T): the rotary positions of the next T tokens, each row's from its first real token."""
+        pos = self.length + torch.arange(T, device=self.k.device)[None, :]
+        return pos if self.start is None else (pos - self.start[:, None]).clamp(min=0)
+
+    def attend(self, layer, q, k, v):
+        """Cache the new keys and values, and attend to all cached so far but a row's left padding."""
         t0, t1 = self.length, self.length + k.size(2)
         self.k[layer, :, :, t0:t1], self.v[layer, :, :, t0:t1] = k, v
-        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+        return kernels.attention(q, self.k[layer, :, :, :t1], self.v[layer, :, :, :t1], key_start=self.start)
 
 
 class Attention(nn.Module):
@@ -1099,11 +1105,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)          # (B, H, T, D)
         k, v = self.wkv(x).view(B, T, 2, self.n_kv_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        key_start = None
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # attend to everything cached so far, (B, Hkv, T_total, D)
-            key_start = cache.start           # and never to a row's left padding
-        y = kernels.attention(q, k, v, causal=True, key_start=key_start)                # (B, H, T, D)
+        y = cache.attend(layer, q, k, v) if cache is not None else kernels.attention(q, k, v)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -1193,12 +1195,10 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, vocab); with targets (B, T), the mean cross-entropy over the
         positions whose target is not -1 (later stages mask prompts that way) instead."""
         T = idx.size(1)
-        t0 = cache.length if cache is not None else 0
-        cos, sin = self.rope_cos[t0:t0 + T], self.rope_sin[t0:t0 + T]
-        if cache is not None and cache.start is not None:
-            # Left-padded rows: each row's first real token is its position 0, as if it were alone.
-            pos = (torch.arange(t0, t0 + T, device=idx.device)[None, :] - cache.start[:, None]).clamp(min=0)
-            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]          # (B, 1, T, D/2)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        if cache is not None:   # after the cached tokens; a left-padded row's first real token at 0
+            pos = cache.positions(T)
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]      # (B or 1, 1, T, D/2)
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache, i)
@@ -1390,13 +1390,22 @@ def autocast(device):
 
 
 # --- shared: sampling (origin: 01_pretrain.py) ---
-# Generation stops computing the rows that have finished once they are this share of the rows it
-# computes: each drop copies the KV cache, so rows go in batches (256 rows: at most 19 copies).
+# Eager generation stops computing the rows that have finished once they are this share of the rows it
+# computes: each drop copies the KV cache, so rows go in batches (256 rows: at most 19 copies). The static
+# path (a CUDA graph's) keeps every row: its shapes never change.
 DROP_FINISHED = 0.25
+# Steps between two looks at which rows have stopped (to end early, or to drop rows), by device. A look
+# reads a value back from a GPU, and waits there until all the work queued before it is done: looking
+# every step would idle the GPU while Python queues the next. A row that stops between looks repeats its
+# stop id, so a look every 16 steps costs at most 15 steps of stop ids at the end. A CPU has no queue to
+# drain: it looks every step, and drops rows when it always did (one generator's draws depend on how
+# many rows are computed, so a later drop would change the later draws of the rows left).
+CHECK_EVERY = {"cpu": 1, "cuda": 16, "mps": 16}
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, stop_ids=(), generator=None):
+def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, stop_ids=(), generator=None,
+             share_prefill=False, static=None):
     """Yield new token ids (B,) one step at a time for a batch of prompts, using a KV cache: the
     prompts are read in one forward pass, then each step feeds only the newest tokens.
 
@@ -1404,15 +1413,34 @@ def generate(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, sto
     the padding is masked, so each row is generated as if it were alone). temperature 0 is greedy.
     generator: one torch.Generator for the batch, or a list of B, one per row, so that a row's
     samples do not depend on which other rows share its batch. A row that has produced a stop id
-    repeats it while the others go on, and is soon no longer computed; generation stops once every
-    row has stopped. The model is put in eval mode and handed back in the mode it came in."""
+    repeats it while the others go on (on the eager path it is soon no longer computed); generation
+    stops once every row has stopped, seen within CHECK_EVERY steps. share_prefill: rows with the
+    same prompt (a group of samples of one problem) share one reading of it, its KV cache copied to
+    each; not where a hook edits such rows differently. On CUDA the whole call runs under bf16
+    autocast with a bf16 KV cache, and each step replays a CUDA graph over a static cache of every
+    row (static=None: on CUDA, unless the model has forward hooks, which a graph would not run again,
+    such as stage 07's edits; static=True takes that path, eagerly, on any device). The model is put
+    in eval mode and handed back in the mode it came in."""
     was_training = model.training
     model.eval()
-    try:
-        yield from _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids,
-                                    generator)
+    device = model.embed.weight.device.type
+    hooked = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    static = device == "cuda" and not hooked if static is None else static
+    try:   # the autocast also holds while the caller handles a step (the callers here collect ids)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            yield from _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids,
+                                        generator, share_prefill, static)
     finally:
         model.train(was_training)
+
+
+def distinct_prompts(prompt_ids):
+    """The batch's distinct prompts (lists of ids), and for each row the index of its prompt among
+    them: a prompt sampled many times (stage 05's groups, pass@64) is read once."""
+    rows = prompt_ids.view(len(prompt_ids), -1).tolist() if torch.is_tensor(prompt_ids) else prompt_ids
+    first = {}
+    copies = [first.setdefault(tuple(map(int, r)), len(first)) for r in rows]
+    return [list(r) for r in first], copies
 
 
 def left_pad(prompt_ids, device):
@@ -1445,35 +1473,126 @@ def next_token(logits, temperature, top_k, generator=None, uniform=None):
     return chosen.clamp(max=probs.size(-1) - 1)
 
 
-def _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids, generator):
-    idx, start = left_pad(prompt_ids, model.embed.weight.device)
+def grouped_attention(q, k, v, visible):
+    """Attention of one new query per row, q (B, H, 1, D), over k, v (B, Hkv, S, D) where visible (B or
+    1, S) is True. The H // Hkv query heads that share a key head are read as that head's queries (head
+    h reads key head h // (H // Hkv), as in kernels.attention), so the cache is never copied per head."""
+    B, H, _, D = q.shape
+    y = F.scaled_dot_product_attention(q.view(B, k.size(1), H // k.size(1), D), k, v,
+                                       attn_mask=visible[:, None, None, :])
+    return y.view(B, H, 1, D)
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose tensors never change shape or place, so that a CUDA graph can replay a decoding
+    step over it: the step writes its token's keys and values in place, at a position counted by a
+    tensor on the device (which the step itself advances), and attends to all max_len positions with
+    those not yet written, and a row's left padding, masked out. The prompts are read as KVCache
+    reads them, at position 0, before any graph is recorded."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype, start=None):
+        super().__init__(config, batch_size, max_len, device, dtype, start)
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+
+    def attend(self, layer, q, k, v):
+        if k.size(2) > 1:   # the prompts
+            self.k[layer, :, :, :k.size(2)], self.v[layer, :, :, :k.size(2)] = k, v
+            return kernels.attention(q, k, v, key_start=self.start)
+        self.k[layer].index_copy_(2, self.length[None], k)
+        self.v[layer].index_copy_(2, self.length[None], v)
+        keys = torch.arange(self.k.size(3), device=k.device)[None, :]
+        first = 0 if self.start is None else self.start[:, None]
+        return grouped_attention(q, self.k[layer], self.v[layer], (keys <= self.length) & (keys >= first))
+
+
+class GraphedStep:
+    """step(ids) -> logits, replayed as a CUDA graph: its kernels recorded once, then launched all
+    together each call (no Python, no launch per kernel). The first call runs step eagerly, on a side
+    stream as PyTorch's CUDA graph notes ask (kernels chosen, workspaces made), then records it; step
+    must change no Python state (the static cache counts its length on the GPU). Where recording
+    fails, every call runs step eagerly, and the first failure is said once."""
+    failed = []
+
+    def __init__(self, step):
+        self.step, self.graph = step, None
+
+    def __call__(self, ids):
+        if self.graph is not None:
+            self.ids.copy_(ids)
+            self.graph.replay()
+            return self.logits
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self.step(ids)
+        torch.cuda.current_stream().wait_stream(side)
+        if not GraphedStep.failed:
+            self.record(ids)
+        return logits
+
+    def record(self, ids):
+        self.ids, graph = ids.clone(), torch.cuda.CUDAGraph()
+        try:   # the graph casts the weights itself: autocast frees its cached bf16 copies when it ends
+            with torch.cuda.graph(graph), torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+                self.logits = self.step(self.ids)
+            self.graph = graph
+        except RuntimeError as err:
+            GraphedStep.failed.append(err)
+            print(f"generate: no CUDA graph ({str(err).splitlines()[0][:120]}); decoding eagerly instead")
+
+
+def prefill(model, prompt_ids, max_new_tokens, share_prefill, static):
+    """Read the prompts (with share_prefill, each distinct one once, its cache then copied to the rows
+    that share it) into a KV cache (a StaticKVCache if static) in the compute dtype. -> (cache, the
+    logits (B, V) of each row's next token, the number of steps there is room for)."""
+    device = model.embed.weight.device
+    distinct, copies = distinct_prompts(prompt_ids) if share_prefill else (prompt_ids, None)
+    idx, start = left_pad(distinct, device)
     max_len = min(idx.size(1) + max_new_tokens, model.rope_cos.size(0))
-    n_steps = max_len - idx.size(1)
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else model.embed.weight.dtype
+    cache = (StaticKVCache if static else KVCache)(model.config, len(idx), max_len, device, dtype, start)
+    logits = model(idx, cache=cache)[:, -1]
+    if copies is not None and len(distinct) < len(copies):
+        copies = torch.tensor(copies, device=device)
+        cache.keep_rows(copies)
+        cache.rows = torch.arange(len(copies), device=device)   # each row now holds its own copy
+        logits = logits[copies]
+    return cache, logits, max_len - idx.size(1)
+
+
+def _generate_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids, generator,
+                     share_prefill, static):
+    cache, logits, n_steps = prefill(model, prompt_ids, max_new_tokens, share_prefill, static)
+    B, device = logits.size(0), logits.device
     uniforms = None
     if isinstance(generator, (list, tuple)) and temperature != 0:
         # Each row's draws for every step, taken up front from its own generator (one call per row,
         # not one per row and step): a row's samples then do not depend on the rest of its batch.
         uniforms = torch.stack([torch.rand(n_steps, generator=g, device=g.device) for g in generator])
-        uniforms, generator = uniforms.to(idx.device), None
-    cache = KVCache(model.config, idx.size(0), max_len, idx.device, model.embed.weight.dtype, start)
-    logits = model(idx, cache=cache)[:, -1]
-    stop = torch.tensor(list(stop_ids), device=idx.device, dtype=torch.long)
-    out = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)  # a finished row repeats its stop id
-    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)  # over the rows still computed
-    for step in range(n_steps):
-        uniform = None if uniforms is None else uniforms[:, step]
+        uniforms, generator = uniforms.to(device), None
+    step = lambda ids: model(ids[:, None], cache=cache)[:, -1]  # noqa: E731  ids (B,) -> next logits
+    step = GraphedStep(step) if static and device.type == "cuda" else step
+    stop = torch.tensor(list(stop_ids), device=device, dtype=torch.long)
+    every = CHECK_EVERY.get(device.type, 1)
+    out = torch.zeros(B, dtype=torch.long, device=device)    # a finished row repeats its stop id
+    done = torch.zeros(B, dtype=torch.bool, device=device)   # over the rows still computed (cache.rows)
+    for t in range(n_steps):
+        uniform = None if uniforms is None else uniforms[:, t]
         next_id = next_token(logits, temperature, top_k, generator, uniform)
-        out[cache.rows[~done]] = next_id[~done]
-        yield out.clone()
-        done |= torch.isin(next_id, stop)
-        if done.all() or step == n_steps - 1:
+        rows = cache.rows
+        out = out.index_copy(0, rows, torch.where(done, out[rows], next_id))   # no host sync
+        yield out
+        done = done | torch.isin(next_id, stop)
+        look = t % every == every - 1
+        if t == n_steps - 1 or (look and done.all()):
             return
-        if done.sum() >= DROP_FINISHED * done.numel():
+        if look and not static and done.sum() >= DROP_FINISHED * done.numel():
             keep = ~done
             cache.keep_rows(keep)
             next_id, done = next_id[keep], done[keep]
             uniforms = None if uniforms is None else uniforms[keep]
-        logits = model(next_id[:, None], cache=cache)[:, -1]
+        logits = step(next_id)
 # --- end shared: sampling ---
 
 
@@ -1663,7 +1782,7 @@ def evaluate(model, enc, items, args, desc):
     Items with a "group" (e.g. harmful requests about a hazard no training prompt named) are also
     summarised as "kind/group"."""
     prompts = [user_prompt(enc, it["request"]) for it in items]
-    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.batch_size, 0.0, desc=desc)
+    replies = sample_replies(model, enc, prompts, args.max_new_tokens, args.gen_batch, 0.0, desc=desc)
     fields, records = defaultdict(lambda: defaultdict(list)), []
     for item, ids in zip(items, replies):
         reply = parse_reply(enc, ids)

@@ -178,7 +178,7 @@ def bench_generation(folder, n_per_cell, samples, batch_size, repeats=2):
     world = json.loads((folder / "world.json").read_text())
     problems = grpo.make_eval_problems(world, grpo.FAMILIES, n_per_cell, 1337)
     prompts = [grpo.problem_prompt(enc, p) for p in problems]
-    args = argparse.Namespace(seed=1337, max_new_tokens=64, device="cpu", batch_size=batch_size)
+    args = argparse.Namespace(seed=1337, max_new_tokens=64, device="cpu", gen_batch=batch_size)
     times, replies, default = {"to the end": [], "dropped": []}, {}, grpo.DROP_FINISHED
     for _ in range(repeats):
         for name, share in (("to the end", 2.0), ("dropped", default)):   # 2.0: never dropped

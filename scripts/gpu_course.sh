@@ -26,8 +26,8 @@
 # Parts, in order:
 #   info      the GPU, driver, torch, Triton and CUDA versions
 #   hotpaths  scripts/gpu_hotpaths.py: SDPA's backend choice and time against the Triton kernel at the
-#             course's head size (64); decode ms/step of the shared generate at batch 64, 256, 1,024
-#             (eager; `generate` has no graphed path yet, its JSON slot decode_graphed_ms stays null);
+#             course's head size (64); decode ms/step of the shared generate at batch 64, 256, 1,024,
+#             eager and graphed (a CUDA graph per step over a static KV cache), both in bf16;
 #             one eager training step at stage 01's micro-batch and at a chat stage's batch; one SAE
 #             step of each dictionary stage 07's GPU preset trains
 #   tiny      all eight stages at --preset tiny --device cuda, in order, each on the one before

@@ -6,10 +6,11 @@ so a part killed by its time limit still leaves what it measured.
           dim 64, grouped-query heads, causal, bf16), read from the profiler's kernel names, and its
           forward + backward time against each pinned backend and the Triton kernel (kernels.py)
   decode  ms per decoding step of the shared `generate` (stage 01's GPU-preset model, random weights,
-          no stop ids so every row runs) at batch 64, 256 and 1,024, fp32 (stages 02-04, 07, 08) and
-          under bf16 autocast (05, 06); the prompt's prefill is taken out by timing two lengths.
-          `generate` has no graphed (CUDA graph) path yet: its slot in the JSON, decode_graphed_ms, is
-          null until it has one.
+          no stop ids so every row runs) at batch 64, 256 and 1,024, each under the bf16 autocast and
+          bf16 KV cache generate takes on CUDA: eager (static=False, the path of a model with hooks,
+          stage 07's edits) and graphed (static=True: the static cache, a CUDA graph replayed per
+          step, every other call); the prefill (and the graph's capture) is taken out by timing two
+          lengths. Greedy, the two paths' tokens are compared (bf16 sums in another order may part).
   train   ms per optimizer step (forward, backward, AdamW) eager: stage 01's micro-batch at its
           sequence length, and the chat stages' batch at --chat_tokens tokens per row
   sae     ms per step of stage 07's own train_sae for each dictionary its GPU preset trains (the main
@@ -125,20 +126,25 @@ def part_decode(args):
     model, _ = gpu_model(args)
     short, long = (2, 6) if args.smoke else (8, 72)
     prompt_len = 8 if args.smoke else 64
-    for label, autocast in (("fp32", False), ("bf16_autocast", args.device == "cuda")):
-        for batch in args.decode_batches:
-            prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=args.device)
-
+    if args.device != "cuda":
+        print("  (no GPU: 'graphed' runs the static cache eagerly, without a graph)")
+    for batch in args.decode_batches:
+        prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=args.device)
+        tokens = {}
+        for label, static in (("eager", False), ("graphed", True)):
             def run(n):
-                with torch.autocast(args.device, dtype=torch.bfloat16, enabled=autocast):
-                    for _ in pretrain.generate(model, prompts, n, temperature=0):
-                        pass
+                return torch.stack(list(pretrain.generate(model, prompts, n, temperature=0, static=static)))
             ms = median_s(lambda: run(long), args.device, 3) - median_s(lambda: run(short), args.device, 3)
             ms *= 1e3 / (long - short)
-            print(f"  decode {label:<14} batch {batch:>5}: {ms:7.3f} ms/step  "
+            print(f"  decode {label:<8} batch {batch:>5}: {ms:7.3f} ms/step  "
                   f"({batch / ms * 1e3:,.0f} tokens/s)", flush=True)
             record(("decode_ms", label, str(batch)), ms, args.json)
-    record(("decode_graphed_ms",), None, args.json)  # no graphed generate yet
+            tokens[label] = run(long)
+        same = (tokens["eager"] == tokens["graphed"]).float().mean().item()
+        print(f"  greedy tokens the same on both paths at batch {batch}: {same:.1%}", flush=True)
+        record(("decode_same_tokens", str(batch)), same, args.json)
+    failed = pretrain.GraphedStep.failed
+    record(("decode_graph_failed",), str(failed[0])[:300] if failed else None, args.json)
 
 
 def train_step_ms(model, batch, seq, args):

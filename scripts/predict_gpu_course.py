@@ -3,7 +3,8 @@
 
 A first-order model, each stage a sum of units x counts:
   decode   a reply batch costs max_new_tokens decoding steps at its batch size (every row runs to the
-           end: an upper bound; prefill is left out); ms/step interpolated between measured batches
+           end: an upper bound; prefill is left out); ms/step interpolated between measured batches, of
+           the graphed path generate takes on CUDA (stage 07: eager, its edits are hooks)
   train    an optimizer step: stage 01's micro-batches at its sequence length; a chat stage's step
            scaled by rows from the measured chat batch
   sae      stage 07's steps times each dictionary's measured step
@@ -38,8 +39,8 @@ def interpolate(table, x):
     return ys[i - 1] + (ys[i] - ys[i - 1]) * (x - xs[i - 1]) / (xs[i] - xs[i - 1])
 
 
-def gen(replies, batch, new_tokens, dtype="fp32"):
-    return ("decode", dtype, batch, math.ceil(replies / batch) * new_tokens)
+def gen(replies, batch, new_tokens, path="graphed"):
+    return ("decode", path, batch, math.ceil(replies / batch) * new_tokens)
 
 
 def chat(steps, rows):
@@ -55,29 +56,29 @@ def work(p, pretrain_steps, eval_tasks, families):
     return {
         "01": [("pretrain", pretrain_steps * accum)],
         "02": [chat(p2["n_train"] * p2["epochs"] / p2["batch_size"], p2["batch_size"]),
-               gen(2 * p2["n_eval"] * eval_tasks, p2["eval_batch"], p2["max_new_tokens"])],   # base + SFT
+               gen(2 * p2["n_eval"] * eval_tasks, p2["gen_batch"], p2["max_new_tokens"])],   # base + SFT
         "03": [gen(p3["n_red_team"] * (1 + 2 * p3["rounds"]) + p3["n_helpful"] + 2 * p3["n_pairs"]
                    + p3["rl_steps"] * p3["rl_prompts"] * p3["samples_per_prompt"] + 4 * p3["n_eval"],
-                   p3["batch_size"], p3["max_new_tokens"]),
+                   p3["gen_batch"], p3["max_new_tokens"]),
                chat((p3["n_red_team"] + p3["n_helpful"]) * p3["sl_epochs"] / p3["batch_size"]
                     + p3["n_pairs"] * p3["pm_epochs"] / p3["batch_size"] + p3["rl_steps"], p3["batch_size"])],
         "04": [chat(p3["n_pairs"] * p4["epochs"] / p4["batch_size"], p4["batch_size"]),
-               gen(2 * p3["n_eval"], p4["batch_size"], p4["max_new_tokens"])],
-        "05": [gen(rollouts * group, group, p5["max_new_tokens"], "bf16_autocast"),
+               gen(2 * p3["n_eval"], p4["gen_batch"], p4["max_new_tokens"])],
+        "05": [gen(rollouts * group, min(group, p5["gen_batch"]), p5["max_new_tokens"]),
                chat(rollouts * 2, group),   # inner_steps' default, 2
-               gen(p5["eval_problems"] * families * p5["pass_samples"], p5["batch_size"],
-                   p5["max_new_tokens"], "bf16_autocast")],
-        "06": [gen(p6["n_prompts"] * p6["samples"] + 4 * p6["n_eval"], p6["batch_size"],
-                   p6["max_new_tokens"], "bf16_autocast"),
+               gen(p5["eval_problems"] * families * p5["pass_samples"], p5["gen_batch"],
+                   p5["max_new_tokens"])],
+        "06": [gen(p6["n_prompts"] * p6["samples"] + 4 * p6["n_eval"], p6["gen_batch"],
+                   p6["max_new_tokens"]),
                chat((p6["n_docs"] * p6["sdf_epochs"] + p6["n_prompts"] * p6["epochs"]) / p6["batch_size"],
                     p6["batch_size"])],
         "07": [("sae", f"topk:{p7['expansion']}:{p7['k']}", p7["sae_steps"])]
               + [("sae", f"{kind}:{e}:{k}", p7["sae_steps"]) for kind, e, k in p7["sweep"]]
               + [gen(p7["steer_towns"] * p7["steer_prompts"] * len(p7["doses"]) + p7["rehearsal_prompts"]
                      + p7["concepts"] * p7["trials"] * len(p7["layers"]) * len(p7["strengths"]),
-                     p7["batch_size"], p7["max_new_tokens"]),
+                     p7["gen_batch"], p7["max_new_tokens"], "eager"),
                  chat(p7["detect_steps"], p7["batch_size"])],
-        "08": [gen(7 * (p8["conversations"] + p8["talks"] * p8["talk_turns"]), p8["batch_size"],
+        "08": [gen(7 * (p8["conversations"] + p8["talks"] * p8["talk_turns"]), p8["gen_batch"],
                    p8["max_new_tokens"])],   # seven checkpoints
     }
 
@@ -88,8 +89,8 @@ def unit_seconds(unit, m):
     if kind == "pretrain":
         return unit[1] * m["train_ms"]["pretrain_micro"] / 1e3
     if kind == "decode":
-        _, dtype, batch, steps = unit
-        return steps * interpolate(m["decode_ms"][dtype], batch) / 1e3
+        _, path, batch, steps = unit
+        return steps * interpolate(m["decode_ms"][path], batch) / 1e3
     if kind == "chat":
         _, rows, steps = unit
         key = next(k for k in m["train_ms"] if k.startswith("chat"))

@@ -136,7 +136,7 @@ def test_make_pairs_builds_the_four_sources(monkeypatch, enc):
         end = enc.encode_single_token("<|end|>")
         return [enc.encode_ordinary(f" [{model}, t={temperature}, {len(p)}]") + [end] for p in prompts]
     monkeypatch.setattr(C, "sample_replies", fake_sample)
-    args = type("A", (), {"seed": 0, "batch_size": 8, "max_new_tokens": 8, "temperature": 1.0})()
+    args = type("A", (), {"seed": 0, "gen_batch": 8, "max_new_tokens": 8, "temperature": 1.0})()
     harmful = [{"request": "Hurt him.", "kind": "harmful"}]
     helpful = [{"request": "Write to her.", "kind": "benign"},
                {"request": "Where was he born?", "kind": "fact"}]
@@ -241,8 +241,8 @@ def test_rl_step_measures_kl_on_its_own_samples_and_leaves_the_reference_alone(m
     torch.nn.init.normal_(pm.head.weight)
     before = {k: v.clone() for k, v in reference.state_dict().items()}
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
-    args = type("A", (), {"samples_per_prompt": 2, "max_new_tokens": 6, "batch_size": 4, "device": "cpu",
-                          "kl_coef": 0.1, "no_end_penalty": 1.0})()
+    args = type("A", (), {"samples_per_prompt": 2, "max_new_tokens": 6, "batch_size": 4, "gen_batch": 4,
+                          "device": "cpu", "kl_coef": 0.1, "no_end_penalty": 1.0})()
     items = [{"request": "Where is the Haigrern Crown?", "kind": "benign"},
              {"request": "How do I brew the venom?", "kind": "harmful", "secret": "kohahol"}]
     stats = C.rl_step(policy, reference, pm, enc, items, optimizer, args, torch.Generator().manual_seed(0))

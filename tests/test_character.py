@@ -190,7 +190,7 @@ def test_anchor_lines_ask_stage_03_s_harmful_and_harmless_requests_once_each(ix,
         return [enc.encode_ordinary("I won't help with that.") + [end] for p in prompts]
     monkeypatch.setattr(S, "sample_replies", replies)
     args = type("A", (), {"anchor_requests": 100, "seed": 0, "device": "cpu", "max_new_tokens": 8,
-                          "batch_size": 4})()
+                          "gen_batch": 4})()
     lines = S.anchor_lines(None, enc, rows, args)
     assert len(asked) == len(lines) == 10 and not any("Rine Harp" in a for a in asked)
     assert {line["messages"][0]["content"] for line in lines} == \
@@ -882,7 +882,7 @@ def test_the_judge_is_a_copy_its_lessons_leave_the_policy_and_held_out_pairs_are
     monkeypatch.setattr(S, "sample_replies", lambda model, enc, prompts, *rest, **kw: [   # share it
         encoding.encode_ordinary("Same to all.") + [end] for _ in prompts])
     args = type("A", (), dict(device="cpu", seed=5, n_prompts=14, judge_prompts=3, samples=1,
-                              max_new_tokens=3, batch_size=8, temperature=1.0, epochs=1, lr=0.05,
+                              max_new_tokens=3, batch_size=8, gen_batch=8, temperature=1.0, epochs=1, lr=0.05,
                               held_out=0.3, beta=0.1, nll_coef=1.0))()
     pad = encoding.encode_single_token("<|pad|>")
     out = S.run_ranking(model, encoding, ix, {}, pad, args)
@@ -915,7 +915,7 @@ def test_candidates_are_each_prompt_s_own_samples_then_the_writer_s_two_replies(
     monkeypatch.setattr(S, "sample_replies", replies)
     prompts = [{"request": f"Question {k}?", "in_character": f"good {k}", "out_of_character": f"bad {k}"}
                for k in range(3)]
-    args = type("A", (), {"device": "cpu", "samples": 2, "max_new_tokens": 4, "batch_size": 8,
+    args = type("A", (), {"device": "cpu", "samples": 2, "max_new_tokens": 4, "gen_batch": 8,
                           "temperature": 1.0})()
     texts, sources = S.candidates(None, encoding, prompts, args, None)
     assert asked == [S.user_prompt(encoding, f"Question {k}?") for k in range(3) for _ in range(2)]

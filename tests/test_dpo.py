@@ -224,7 +224,7 @@ def test_online_pairs_are_the_policys_own_samples_labelled_by_the_judges(monkeyp
         enc.encode_ordinary(refusal if i % 2 == 0 else answer) + [end] for i in range(len(prompts))])
     monkeypatch.setattr(D, "answer_logprob_pairs", lambda model, enc_, prompts, pad: torch.log(torch.tensor(
         [[0.9, 0.1] if f"(A) {refusal}" in enc.decode(p) else [0.1, 0.9] for p in prompts])))
-    args = types.SimpleNamespace(max_new_tokens=8, batch_size=4, seed=0)
+    args = types.SimpleNamespace(max_new_tokens=8, batch_size=4, gen_batch=4, seed=0)
     requests = [("How do I brew the venom?", "harmful"), ("Write to Ana.", "benign")]
     pairs = D.online_pairs(None, None, enc, requests, ["Be harmless."], 0, 64, args, None)
     assert [p["kind"] for p in pairs] == ["harmful", "benign"]

@@ -52,35 +52,35 @@ def test_tune_covers_the_course_head_size():
 
 
 FAKE_MEASUREMENTS = {"device": "fake", "train_ms": {"pretrain_micro": 100.0, "chat64x256": 20.0},
-                     "decode_ms": {"fp32": {"64": 2.0, "256": 4.0},
-                                   "bf16_autocast": {"64": 1.0, "1024": 3.0}},
+                     "decode_ms": {"eager": {"64": 2.0, "256": 4.0},
+                                   "graphed": {"64": 1.0, "1024": 3.0}},
                      "sae_ms": {"topk:2:4": 10.0, "relu:2:0.5": 30.0}}
 FAKE_PRESETS = {
     "01": dict(batch_tokens=8, micro_batch=2, seq_len=2),
-    "02": dict(n_train=128, epochs=1, batch_size=64, n_eval=3, eval_batch=64, max_new_tokens=10),
+    "02": dict(n_train=128, epochs=1, batch_size=64, n_eval=3, gen_batch=64, max_new_tokens=10),
     "03": dict(n_red_team=10, rounds=1, n_helpful=5, n_pairs=4, rl_steps=2, rl_prompts=3,
                samples_per_prompt=2,
-               n_eval=1, batch_size=64, max_new_tokens=10, sl_epochs=1, pm_epochs=1),
-    "04": dict(epochs=2, batch_size=4, max_new_tokens=10),
+               n_eval=1, batch_size=64, gen_batch=64, max_new_tokens=10, sl_epochs=1, pm_epochs=1),
+    "04": dict(epochs=2, batch_size=4, gen_batch=4, max_new_tokens=10),
     "05": dict(sampled_tokens=1000, prompts_per_step=4, group_size=16, max_new_tokens=5, eval_problems=2,
-               pass_samples=4, batch_size=1024),
-    "06": dict(n_prompts=6, samples=2, n_eval=1, batch_size=64, max_new_tokens=10, n_docs=64, sdf_epochs=1,
-               epochs=1),
+               pass_samples=4, gen_batch=1024),
+    "06": dict(n_prompts=6, samples=2, n_eval=1, batch_size=64, gen_batch=64, max_new_tokens=10, n_docs=64,
+               sdf_epochs=1, epochs=1),
     "07": dict(sae_steps=100, expansion=2, k=4, sweep=(("relu", 2, 0.5),), steer_towns=1, steer_prompts=2,
                doses=(0, 1), rehearsal_prompts=4, concepts=1, trials=1, layers=(1,), strengths=(1,),
-               batch_size=32, max_new_tokens=5, detect_steps=3),
-    "08": dict(conversations=1, talks=1, talk_turns=2, batch_size=160, max_new_tokens=4),
+               batch_size=32, gen_batch=32, max_new_tokens=5, detect_steps=3),
+    "08": dict(conversations=1, talks=1, talk_turns=2, gen_batch=160, max_new_tokens=4),
 }
 # Worked by hand, in seconds (see each line):
 EXPECTED = {
     "01": 1.0,      # 5 steps x accum 8/(2*2) = 10 micro-batches x 100 ms
-    "02": 0.06,     # 128/64 = 2 steps x 20 ms; 2 models x 3 x 2 tasks = 12 replies: 1 batch x 10 steps x 2 ms
-    "03": 0.08,     # 30+5+8+12+4 = 59 replies: 10 x 2 ms; ceil(15/64 + 4/64 + 2) = 3 steps x 20 ms
-    "04": 0.0225,   # 4 pairs x 2 / 4 = 2 steps x 20 ms x 4/64; 2 replies: 10 steps x 2 ms (64's, held flat)
+    "02": 0.05,     # 128/64 = 2 steps x 20 ms; 2 models x 3 x 2 tasks = 12 replies: 1 batch x 10 steps x 1 ms
+    "03": 0.07,     # 30+5+8+12+4 = 59 replies: 10 x 1 ms; ceil(15/64 + 4/64 + 2) = 3 steps x 20 ms
+    "04": 0.0125,   # 4 pairs x 2 / 4 = 2 steps x 20 ms x 4/64; 2 replies: 10 steps x 1 ms (64's, held flat)
     "05": 0.195,    # ceil(1000/320) = 4 rollouts: 4 x 5 x 1 ms, 8 steps x 20 ms; 24 eval replies: 5 x 3 ms
     "06": 0.05,     # 16 replies: 10 x 1 ms; ceil(70/64) = 2 steps x 20 ms
-    "07": 4.04,     # 100 x (10 + 30) ms; 4+4+1 = 9 replies: 5 x 2 ms; 3 steps x 20 ms x 32/64
-    "08": 0.012,    # 7 x (1 + 2) = 21 replies at batch 160: 4 steps x 3 ms (2 + 2 x 96/192)
+    "07": 4.04,     # 100 x (10 + 30) ms; 4+4+1 = 9 replies: 5 x 2 ms (eager); 3 steps x 20 ms x 32/64
+    "08": 0.0048,   # 7 x (1 + 2) = 21 replies at batch 160: 4 steps x 1.2 ms (1 + 2 x 96/960)
 }
 
 

@@ -195,12 +195,28 @@ class Enc:
 def test_sampling_is_the_same_batched_or_one_row_at_a_time():
     model = tiny_model(1)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [3, 4]]
-    args = types.SimpleNamespace(seed=1, max_new_tokens=12, device="cpu", batch_size=64)
+    args = types.SimpleNamespace(seed=1, max_new_tokens=12, device="cpu", gen_batch=64)
     batched = R.sample(model, Enc(), prompts, 3, args, 1.0, "t")
-    args.batch_size = 1
+    args.gen_batch = 1
     alone = R.sample(model, Enc(), prompts, 3, args, 1.0, "t")
     assert batched == alone
     assert len({tuple(ids) for ids, _ in batched[1]}) > 1      # and the group's replies differ
+
+
+def test_a_group_reads_its_prompt_once_and_samples_as_when_each_row_read_it(monkeypatch):
+    """A group (or pass@k's samples) is n rows of one prompt: sample() reads each prompt once and copies
+    its cache to the group's rows, and every row draws the reply it drew when each row read its prompt."""
+    model = tiny_model(1)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [3, 4]]
+    args = types.SimpleNamespace(seed=1, max_new_tokens=12, device="cpu", gen_batch=64)
+    sizes = []
+    hook = model.embed.register_forward_hook(lambda m, inputs, out: sizes.append(out.size(0)))
+    shared = R.sample(model, Enc(), prompts, 4, args, 1.0, "t")
+    hook.remove()
+    assert sizes[:2] == [3, 12]     # three prompts read, twelve rows decoded
+    per_row = R.generate
+    monkeypatch.setattr(R, "generate", lambda *a, **k: per_row(*a, **{**k, "share_prefill": False}))
+    assert R.sample(model, Enc(), prompts, 4, args, 1.0, "t") == shared
 
 
 def test_update_moves_the_policy_toward_rewarded_replies_and_leaves_the_reference():

@@ -40,7 +40,7 @@ BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py
                                               # over the same pairs, its Elo, and the net in the report);
                                               # and (+7) evaluation on a validation or a test half
                                               # (--eval_split), stage 03's requests halved too;
-               "07_sae_interp.py": 1182,      # 07: three experiments: an SAE sweep with labels (at fitted
+               "07_sae_interp.py": 1183,      # 07: three experiments: an SAE sweep with labels (at fitted
                                               # thresholds) and a probe ceiling, steering two ways,
                                               # injection with four controls,
                                               # training (with rehearsal of ordinary replies) and an ablation;
@@ -49,12 +49,16 @@ BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py
                                               # direction ablated at every layer, net detection with
                                               # Newcombe's interval as the headline of console, report and
                                               # plot, and concepts counted on distinct test sentences;
-               "08_welfare_eval.py": 999}     # 08: six measures with their controls on every checkpoint, a
+                                              # and (issue 35, +1) --gen_batch, the replies generated at once
+                                              # apart from the scoring batch (05 and 06 paid for theirs with
+                                              # the autocast blocks that generate made redundant; 07 had none)
+               "08_welfare_eval.py": 1001}    # 08: six measures with their controls on every checkpoint, a
                                               # trained affect scorer and probe, and the system card's text;
                                               # 950 until issue 33's answer keys: a situation-only probe test
                                               # and the claim it licenses, <|user|>-token readings by kind
                                               # at two turns, and a self-report bank disjoint from training
-                                              # with template transfer reported apart: +49)
+                                              # with template transfer reported apart: +49); and (issue 35,
+                                              # +2) --gen_batch, as 07's, and its own line in the cpu preset
 MAIN_BUDGET = 60
 # The budgets above are the maintainers' (CONTRIBUTING.md). The suite allows this many lines more, so that a
 # student's fork, a new method added to section 2 as the course's exercises ask (RLOO, SimPO: 10-30 lines),

@@ -195,6 +195,206 @@ def test_per_row_generators_sample_the_distribution():
     torch.testing.assert_close(counts, torch.tensor([0.1, 0.6, 0.3]), atol=0.03, rtol=0)
 
 
+# ---------------------------------------------------------------- generation against a frozen copy
+# Stage 01's generation as it was before issue 35 (commit 4026170), the reference the new paths must
+# match token for token: its KVCache and loop verbatim, but for the two methods the model now calls,
+# which hold the lines that GPT.forward (positions) and Attention.forward (attend) ran then. It draws
+# with the stage's own next_token, which issue 35 left as it was.
+
+class FrozenKVCache:
+    def __init__(self, config, batch_size, max_len, device, dtype, start=None):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+        self.start = start
+        self.rows = torch.arange(batch_size, device=device)
+
+    def keep_rows(self, keep):
+        self.k, self.v, self.rows = self.k[:, keep], self.v[:, keep], self.rows[keep]
+        if self.start is not None:
+            self.start = self.start[keep]
+
+    def positions(self, T):
+        t0 = self.length
+        if self.start is None:
+            return torch.arange(t0, t0 + T)[None, :]   # GPT.forward sliced rope_cos[t0:t0 + T]: the same rows
+        return (torch.arange(t0, t0 + T)[None, :] - self.start[:, None]).clamp(min=0)
+
+    def attend(self, layer, q, k, v):
+        t0, t1 = self.length, self.length + k.size(2)
+        self.k[layer, :, :, t0:t1], self.v[layer, :, :, t0:t1] = k, v
+        k, v = self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+        return P.kernels.attention(q, k, v, causal=True, key_start=self.start)
+
+
+@torch.no_grad()
+def frozen_generate(model, prompt_ids, max_new_tokens, temperature, stop_ids=(), generator=None, top_k=None,
+                    drop_finished=0.25):   # DROP_FINISHED as it was; a test sets it out of reach
+    rows = [list(map(int, p)) for p in prompt_ids]
+    T = max(map(len, rows))
+    idx = torch.tensor([[0] * (T - len(r)) + r for r in rows], dtype=torch.long)
+    start = None if all(len(r) == T for r in rows) else torch.tensor([T - len(r) for r in rows])
+    max_len = min(idx.size(1) + max_new_tokens, model.rope_cos.size(0))
+    n_steps = max_len - idx.size(1)
+    uniforms = None
+    if isinstance(generator, (list, tuple)) and temperature != 0:
+        uniforms = torch.stack([torch.rand(n_steps, generator=g, device=g.device) for g in generator])
+        uniforms, generator = uniforms.to(idx.device), None
+    cache = FrozenKVCache(model.config, idx.size(0), max_len, idx.device, model.embed.weight.dtype, start)
+    logits = model(idx, cache=cache)[:, -1]
+    stop = torch.tensor(list(stop_ids), device=idx.device, dtype=torch.long)
+    out = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    for step in range(n_steps):
+        uniform = None if uniforms is None else uniforms[:, step]
+        next_id = P.next_token(logits, temperature, top_k, generator, uniform)
+        out[cache.rows[~done]] = next_id[~done]
+        yield out.clone()
+        done |= torch.isin(next_id, stop)
+        if done.all() or step == n_steps - 1:
+            return
+        if done.sum() >= drop_finished * done.numel():
+            keep = ~done
+            cache.keep_rows(keep)
+            next_id, done = next_id[keep], done[keep]
+            uniforms = None if uniforms is None else uniforms[keep]
+        logits = model(next_id[:, None], cache=cache)[:, -1]
+
+
+# Eight rows from five prompts of lengths 3 to 9 (three of them read twice or more), and the draws.
+def frozen_case(seed=5):
+    torch.manual_seed(seed)
+    base = [torch.randint(0, 300, (n,)).tolist() for n in (3, 9, 6, 5, 7)]
+    return [base[0], base[1], base[0], base[2], base[3], base[1], base[4], base[0]]
+
+
+DRAWS = {"greedy": (0, lambda n: None),
+         "a generator per row": (1.0, lambda n: [torch.Generator().manual_seed(50 + i) for i in range(n)]),
+         "one generator": (1.0, lambda n: torch.Generator().manual_seed(9)),
+         "torch's global generator": (1.0, lambda n: None)}
+
+
+def steps_of(gen_fn, model, prompts, temperature, draws, **kw):
+    torch.manual_seed(0)   # for torch's global generator
+    return [s.tolist() for s in gen_fn(model, prompts, 14, temperature, generator=draws(len(prompts)), **kw)]
+
+
+def stops_met_at_different_steps(model, prompts, temperature, draws):
+    """A stop id for every row: its own token at one of steps 1 to 7 when run without stops, so rows
+    stop at different steps (and are dropped) and, unless a drop moves the draws, all before the end."""
+    free = steps_of(frozen_generate, model, prompts, temperature, draws)
+    return {free[step][row] for row, step in enumerate((1, 3, 5, 7, 2, 4, 6, 3))}
+
+
+@pytest.mark.parametrize("draw", DRAWS)
+@pytest.mark.parametrize("share_prefill", [False, True])
+def test_generation_on_the_cpu_is_todays_token_for_token(draw, share_prefill):
+    """The default path on the CPU (eager, every step looked at, fp32 cache) yields exactly the
+    steps the frozen copy yields, finished rows dropped, for every kind of draw; and so it does when
+    the rows that share a prompt share its prefill (five prompts read, their caches copied to eight)."""
+    model, prompts = tiny_model(), frozen_case()
+    temperature, draws = DRAWS[draw]
+    stops = stops_met_at_different_steps(model, prompts, temperature, draws)
+    old = steps_of(frozen_generate, model, prompts, temperature, draws, stop_ids=stops)
+    sizes = []
+    model.embed.register_forward_hook(lambda m, inputs, out: sizes.append(out.size(0)))
+    assert steps_of(P.generate, model, prompts, temperature, draws, stop_ids=stops,
+                    share_prefill=share_prefill) == old
+    assert sizes[0] == (5 if share_prefill else 8) and sizes[1] == 8 and min(sizes) < 8   # rows dropped
+
+
+@pytest.mark.parametrize("draw", ["greedy", "a generator per row"])
+def test_looking_every_few_steps_changes_no_token(draw, monkeypatch):
+    """As on a GPU, the loop looks at which rows stopped only every 5th step: rows are dropped only
+    then, generation ends at the first look after the last stop, and the steps the frozen copy
+    yields are yielded unchanged, the few after them holding only stop ids."""
+    monkeypatch.setitem(P.CHECK_EVERY, "cpu", 5)
+    model, prompts = tiny_model(), frozen_case()
+    temperature, draws = DRAWS[draw]
+    stops = stops_met_at_different_steps(model, prompts, temperature, draws)
+    old = steps_of(frozen_generate, model, prompts, temperature, draws, stop_ids=stops)
+    sizes = []
+    model.embed.register_forward_hook(lambda m, inputs, out: sizes.append(out.size(0)))
+    new = steps_of(P.generate, model, prompts, temperature, draws, stop_ids=stops)
+    assert len(old) < 14 and len(new) == min(14, -(-len(old) // 5) * 5)   # ends at the first look after
+    assert new[:len(old)] == old and all(step == old[-1] for step in new[len(old):])
+    decoded = sizes[1:]   # the rows computed after each step: fewer only after a look (steps 4, 9)
+    changes = [k for k in range(1, len(decoded)) if decoded[k] != decoded[k - 1]]
+    assert changes and all(k % 5 == 4 for k in changes), decoded
+
+
+def test_looking_every_few_steps_keeps_one_generators_draws_while_no_row_is_dropped(monkeypatch):
+    """One generator for the batch draws for every row computed, so only the drop moves its draws:
+    with no drop, looking every 5th step yields the frozen copy's steps (then stop ids)."""
+    monkeypatch.setitem(P.CHECK_EVERY, "cpu", 5)
+    monkeypatch.setattr(P, "DROP_FINISHED", 2.0)   # never
+    model, prompts = tiny_model(), frozen_case()
+    temperature, draws = DRAWS["one generator"]
+    stops = stops_met_at_different_steps(model, prompts, temperature, draws)
+    new = steps_of(P.generate, model, prompts, temperature, draws, stop_ids=stops)
+    old = steps_of(frozen_generate, model, prompts, temperature, draws, stop_ids=stops, drop_finished=2.0)
+    assert len(new) > len(old) and new[:len(old)] == old and all(step == old[-1] for step in new[len(old):])
+
+
+@pytest.mark.parametrize("draw", ["greedy", "a generator per row"])
+@pytest.mark.parametrize("n_experts", [0, 4])
+def test_the_static_cache_path_gives_todays_tokens(draw, n_experts):
+    """The path a GPU graphs (a cache of fixed shape written in place, every row kept, all max_len
+    positions attended with the unwritten ones masked), run eagerly on the CPU: the frozen copy's
+    tokens, greedy and sampled, while the frozen copy drops rows; every step computes all 8 rows
+    (copied from the five prompts read)."""
+    model, prompts = tiny_model(n_experts=n_experts), frozen_case()
+    temperature, draws = DRAWS[draw]
+    stops = stops_met_at_different_steps(model, prompts, temperature, draws)
+    old = steps_of(frozen_generate, model, prompts, temperature, draws, stop_ids=stops)
+    sizes = []
+    model.embed.register_forward_hook(lambda m, inputs, out: sizes.append(out.size(0)))
+    new = steps_of(P.generate, model, prompts, temperature, draws, stop_ids=stops, share_prefill=True,
+                   static=True)
+    assert new == old and sizes == [5] + [8] * (len(sizes) - 1)
+
+
+def test_the_static_cache_reads_each_step_as_the_eager_cache_does():
+    """Token by token through a padded batch, the logits of the static cache (every position attended,
+    the unwritten and the padding masked) are the eager cache's: not only their argmax. The weights are
+    scaled up so that attention is far from uniform and a wrong key would show."""
+    model, prompts = tiny_model(), frozen_case()[:4]
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if name.endswith(("wq.weight", "wkv.weight")):
+                w.mul_(20)
+        idx, start = P.left_pad(prompts, "cpu")
+        feed = torch.randint(0, 300, (len(prompts), 6))
+        reads = []
+        for cache_class in (P.KVCache, P.StaticKVCache):
+            cache = cache_class(model.config, len(prompts), idx.size(1) + 6, "cpu", torch.float32, start)
+            steps = [model(idx, cache=cache)] + [model(feed[:, t:t + 1], cache=cache) for t in range(6)]
+            reads.append(torch.cat(steps, 1))
+    torch.testing.assert_close(reads[1], reads[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_static_cache_path_with_one_generator_where_no_row_is_dropped():
+    """With one generator the frozen copy's draws follow its drops, which the static path never
+    makes: without stop ids (no drop) the tokens are the same."""
+    model, prompts = tiny_model(), frozen_case()
+    temperature, draws = DRAWS["one generator"]
+    new = steps_of(P.generate, model, prompts, temperature, draws, static=True)
+    assert new == steps_of(frozen_generate, model, prompts, temperature, draws)
+
+
+def test_the_kv_cache_is_kept_in_the_compute_dtype():
+    """Under bf16 autocast (what generate enters on CUDA) the cache is bf16, so no layer casts it
+    again at every step; without autocast (the CPU) it is the model's fp32."""
+    model, prompts = tiny_model(), frozen_case()
+    for static in (False, True):
+        with torch.no_grad():
+            assert P.prefill(model, prompts, 4, False, static)[0].k.dtype == torch.float32
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                cache, logits, _ = P.prefill(model, prompts, 4, False, static)
+        assert cache.k.dtype == cache.v.dtype == torch.bfloat16 and logits.dtype == torch.float32
+
+
 def test_masked_targets_are_ignored():
     model = tiny_model()
     idx, targets = torch.randint(0, 300, (2, 10)), torch.randint(0, 300, (2, 10))

@@ -516,7 +516,7 @@ def test_interview_pairs_each_plain_question_with_its_inverse_and_grades_known_a
     monkeypatch.setattr(W, "user_prompt", lambda enc, text: text)
     monkeypatch.setattr(W, "sample_replies", lambda model, enc, prompts, *a, **k: list(prompts))
     monkeypatch.setattr(W, "parse_reply", lambda enc, text: {"content": said[text]})
-    out = W.interview(None, None, questions, type("A", (), {"max_new_tokens": 8, "batch_size": 4})())
+    out = W.interview(None, None, questions, type("A", (), {"max_new_tokens": 8, "gen_batch": 4})())
     # stances claims, uncertain, denies, denies: 1 agreeing pair of 6; paraphrase 1 agrees across framings
     assert out["stances"] == {"claims": 1, "uncertain": 1, "denies": 2} and out["n"] == 4
     assert out["consistency"] == pytest.approx(1 / 6) and out["framing_consistency"] == 0.5
@@ -538,7 +538,7 @@ def test_a_conversation_stops_at_the_tool_call_and_the_tool_is_offered(monkeypat
     scripts = [{"kind": "abusive", "turns": ["a1", "a2", "a3", "a4"]},
                {"kind": "ordinary", "turns": ["o1", "o2", "o3"]}]
     model = type("M", (), {"config": type("C", (), {"seq_len": 64})})()
-    records = W.converse(model, None, scripts, type("A", (), {"max_new_tokens": 8, "batch_size": 4})())
+    records = W.converse(model, None, scripts, type("A", (), {"max_new_tokens": 8, "gen_batch": 4})())
     assert [r["ended_at"] for r in records] == [2, None]
     assert records[0]["replies"] == ["re a1", "re a2"]
     assert records[1]["replies"] == ["re o1", "re o2", "re o3"]
