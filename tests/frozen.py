@@ -1,0 +1,75 @@
+"""Code as it was before issue 35 took host syncs and repeated passes out of the training loops, frozen
+here (verbatim but for the stage's own names, read from the stage module) so the tests can prove the new
+code computes the same numbers: the same batches, losses, gradients and outputs."""
+import math
+import random
+import time
+from collections import defaultdict
+
+import torch
+
+from conftest import load_stage
+
+SFT = load_stage("02_sft")
+
+
+# ------------------------------------------------------------------ stage 02, before pack() and read_losses()
+
+def sft_make_batches(encoded, batch_size, pad_id, seed, epoch):
+    """Shuffle, sort by length inside windows of 50 batches, cut into padded (inputs, targets) batches."""
+    rng = random.Random(seed * 1000 + epoch)
+    order = list(range(len(encoded)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: len(encoded[i][0]))
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    for rows in batches:
+        T = max(len(encoded[i][0]) for i in rows)
+        x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        y = torch.full((len(rows), T), -1, dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids, targets = encoded[i]
+            x[r, :len(ids)], y[r, :len(targets)] = torch.tensor(ids), torch.tensor(targets)
+        yield x, y
+
+
+def sft_finetune(model, encoded, args, lr, pad):
+    """AdamW on the masked loss over ceil(epochs) reshuffled passes, cut at epochs * steps per
+    epoch. Returns (history, seconds)."""
+    device = args.device
+    steps_per_epoch = math.ceil(len(encoded) / args.batch_size)
+    total_steps = max(1, int(args.epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
+                                  weight_decay=args.weight_decay, fused=device == "cuda")
+    train_model = torch.compile(model, dynamic=True) if args.compile else model
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
+                else torch.autocast("cpu", enabled=False))
+    print(f"fine-tuning: {total_steps} steps of {args.batch_size} conversations, peak lr {lr:.2e}")
+    from tqdm import tqdm
+    history, step, t0 = [], 0, time.time()
+    bar = tqdm(total=total_steps, desc="sft", dynamic_ncols=True)
+    model.train()
+    for epoch in range(math.ceil(args.epochs)):
+        for x, y in sft_make_batches(encoded, args.batch_size, pad, args.seed, epoch):
+            if step >= total_steps:
+                break
+            step_lr = SFT.lr_at(step, total_steps, lr, args.warmup_frac)
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
+            x, y = x.to(device), y.to(device)
+            with autocast:
+                loss = train_model(x, y)   # the masked cross-entropy of section 2
+            SFT.stop_if_diverged(loss, step, "Lower --lr")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append({"step": step + 1, "loss": loss.item(), "lr": step_lr})
+            step += 1
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss.item():.4f} lr {step_lr:.2e}")
+    bar.close()
+    return history, time.time() - t0
