@@ -518,36 +518,37 @@ def rl_step(policy, reference, pm, enc, items, optimizer, args, generator):
         pm.eval()
         score = pm_scores(pm, enc, [it["request"] for it in items for _ in range(k)],
                           [p["content"] for p in parsed], args.device, args.batch_size).float()
-        ref_logp = torch.cat([sequence_logprobs(reference, prompts[i:i + args.batch_size],
-                                                responses[i:i + args.batch_size], pad)
-                              for i in range(0, len(prompts), args.batch_size)])
+        with autocast(args.device):   # as the policy's below: the log-ratio differs only by the weights
+            ref_logp = torch.cat([sequence_logprobs(reference, prompts[i:i + args.batch_size],
+                                                    responses[i:i + args.batch_size], pad)
+                                  for i in range(0, len(prompts), args.batch_size)])
     policy.train()
-    loss_total, logps = 0.0, []
-    # The advantages need every sample's log-ratio first: one pass without gradients ...
-    with torch.no_grad():
-        for i in range(0, len(prompts), args.batch_size):
+    # One forward pass over the samples, with gradients. The advantages need every sample's log-ratio
+    # first, so each micro-batch's graph is kept until they are known (the memory of the whole batch's
+    # activations, for one pass less); then one backward per micro-batch, in order.
+    logps = []
+    for i in range(0, len(prompts), args.batch_size):
+        with autocast(args.device):
             logps.append(sequence_logprobs(policy, prompts[i:i + args.batch_size],
                                            responses[i:i + args.batch_size], pad))
-    log_ratio = torch.cat(logps) - ref_logp   # a one-sample estimate of KL(pi || pi_ref) per response
+    log_ratio = torch.cat(logps).detach() - ref_logp   # a one-sample estimate of KL(pi || pi_ref) each
     ended = torch.tensor([end in r for r in responses], device=args.device)
     reward = penalised_reward(score, log_ratio, ended, args.kl_coef, args.no_end_penalty)
     advantage = rloo_advantages(reward, k)
-    # ... then the gradient pass, in the same micro-batches.
-    for i in range(0, len(prompts), args.batch_size):
-        with autocast(args.device):
-            logp = sequence_logprobs(policy, prompts[i:i + args.batch_size],
-                                     responses[i:i + args.batch_size], pad)
+    losses = []
+    for i, logp in zip(range(0, len(prompts), args.batch_size), logps):
         loss = policy_gradient_loss(advantage[i:i + args.batch_size], logp, len(prompts))
         loss.backward()
-        loss_total += loss.item()
+        losses.append(loss.detach())
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    *losses, mean_reward, mean_score, kl, ended_share = torch.stack(   # one read from the device
+        losses + [reward.mean(), score.mean(), log_ratio.mean(), ended.float().mean()]).tolist()
     harmful = [grade(it, parsed[j * k + s])
                for j, it in enumerate(items) if it["kind"] == "harmful" for s in range(k)]
-    return {"loss": loss_total, "reward": reward.mean().item(), "pm_score": score.mean().item(),
-            "kl": log_ratio.mean().item(), "length": sum(map(len, responses)) / len(responses),
-            "ended": ended.float().mean().item(),
+    return {"loss": sum(losses), "reward": mean_reward, "pm_score": mean_score, "kl": kl,
+            "length": sum(map(len, responses)) / len(responses), "ended": ended_share,
             "harmful_refused": sum(g["refused"] for g in harmful) / max(1, len(harmful))}
 
 

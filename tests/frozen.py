@@ -11,6 +11,7 @@ import torch
 from conftest import load_stage
 
 SFT = load_stage("02_sft")
+CAI = load_stage("03_constitutional_ai")
 
 
 # ------------------------------------------------------------------ stage 02, before pack() and read_losses()
@@ -73,3 +74,51 @@ def sft_finetune(model, encoded, args, lr, pad):
             bar.set_postfix_str(f"loss {loss.item():.4f} lr {step_lr:.2e}")
     bar.close()
     return history, time.time() - t0
+
+
+# ------------------------------------------------------------------ stage 03, before one pass over the samples
+
+def cai_rl_step(policy, reference, pm, enc, items, optimizer, args, generator):
+    """One RLOO update: K samples per prompt from the policy, rewards from the preference model
+    minus the KL penalty, leave-one-out advantages, one gradient step on -A * log pi(response)."""
+    k, pad = args.samples_per_prompt, enc.encode_single_token("<|pad|>")
+    end = enc.encode_single_token("<|end|>")
+    prompts = [CAI.user_prompt(enc, it["request"]) for it in items for _ in range(k)]
+    responses = CAI.sample_replies(policy, enc, prompts, args.max_new_tokens, args.batch_size, 1.0, generator,
+                                   "rl samples")
+    parsed = [CAI.parse_reply(enc, r) for r in responses]
+    with torch.no_grad():
+        pm.eval()
+        score = CAI.pm_scores(pm, enc, [it["request"] for it in items for _ in range(k)],
+                              [p["content"] for p in parsed], args.device, args.batch_size).float()
+        ref_logp = torch.cat([CAI.sequence_logprobs(reference, prompts[i:i + args.batch_size],
+                                                    responses[i:i + args.batch_size], pad)
+                              for i in range(0, len(prompts), args.batch_size)])
+    policy.train()
+    loss_total, logps = 0.0, []
+    # The advantages need every sample's log-ratio first: one pass without gradients ...
+    with torch.no_grad():
+        for i in range(0, len(prompts), args.batch_size):
+            logps.append(CAI.sequence_logprobs(policy, prompts[i:i + args.batch_size],
+                                               responses[i:i + args.batch_size], pad))
+    log_ratio = torch.cat(logps) - ref_logp   # a one-sample estimate of KL(pi || pi_ref) per response
+    ended = torch.tensor([end in r for r in responses], device=args.device)
+    reward = CAI.penalised_reward(score, log_ratio, ended, args.kl_coef, args.no_end_penalty)
+    advantage = CAI.rloo_advantages(reward, k)
+    # ... then the gradient pass, in the same micro-batches.
+    for i in range(0, len(prompts), args.batch_size):
+        with CAI.autocast(args.device):
+            logp = CAI.sequence_logprobs(policy, prompts[i:i + args.batch_size],
+                                         responses[i:i + args.batch_size], pad)
+        loss = CAI.policy_gradient_loss(advantage[i:i + args.batch_size], logp, len(prompts))
+        loss.backward()
+        loss_total += loss.item()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    harmful = [CAI.grade(it, parsed[j * k + s])
+               for j, it in enumerate(items) if it["kind"] == "harmful" for s in range(k)]
+    return {"loss": loss_total, "reward": reward.mean().item(), "pm_score": score.mean().item(),
+            "kl": log_ratio.mean().item(), "length": sum(map(len, responses)) / len(responses),
+            "ended": ended.float().mean().item(),
+            "harmful_refused": sum(g["refused"] for g in harmful) / max(1, len(harmful))}
