@@ -12,6 +12,7 @@ from conftest import load_stage
 
 SFT = load_stage("02_sft")
 CAI = load_stage("03_constitutional_ai")
+GRPO = load_stage("05_grpo_reasoning")
 
 
 # ------------------------------------------------------------------ stage 02, before pack() and read_losses()
@@ -76,7 +77,7 @@ def sft_finetune(model, encoded, args, lr, pad):
     return history, time.time() - t0
 
 
-# ------------------------------------------------------------------ stage 03, before one pass over the samples
+# ------------------------------------------------------------------ stage 03, before one pass a sample
 
 def cai_rl_step(policy, reference, pm, enc, items, optimizer, args, generator):
     """One RLOO update: K samples per prompt from the policy, rewards from the preference model
@@ -122,3 +123,44 @@ def cai_rl_step(policy, reference, pm, enc, items, optimizer, args, generator):
             "kl": log_ratio.mean().item(), "length": sum(map(len, responses)) / len(responses),
             "ended": ended.float().mean().item(),
             "harmful_refused": sum(g["refused"] for g in harmful) / max(1, len(harmful))}
+
+
+# ------------------------------------------------------------------ stage 05, before pi_old's own pass went
+
+def grpo_rl_loss(logp, old_logp, ref_logp, mask, advantages, args, whole=None):
+    """-J for a batch of replies (or a chunk: whole): the clipped surrogate with each reply's advantage
+    on all its tokens, minus beta * k3, averaged as the variant says. -> (loss, clip fraction, mean k3)."""
+    surrogate, clipped = GRPO.clipped_objective(logp, old_logp, advantages[:, None], args.clip_low,
+                                                args.clip_high)
+    kl = GRPO.k3(logp, ref_logp) if args.beta > 0 else torch.zeros_like(logp)
+    how = GRPO.VARIANTS[args.variant]["aggregate"]
+    loss = GRPO.aggregate(-(surrogate - args.beta * kl), mask, how, args.max_new_tokens, whole)
+    tokens = mask.sum().clamp(min=1)
+    return loss, ((clipped * mask).sum() / tokens).item(), ((kl * mask).sum() / tokens).item()
+
+
+def grpo_policy_update(policy, reference, optimizer, batch, args, pad):
+    """--inner_steps optimizer steps on one rollout batch, accumulated over chunks of rows. The
+    first starts at rho = 1; later ones are off-policy, and the clip keeps them near pi_old."""
+    rewards = torch.tensor([r["shaped"] for r in batch]).view(-1, args.group_size)
+    advantages = GRPO.advantages_for(rewards, args).view(-1)
+    whole = (len(batch), sum(len(r["reply"]) for r in batch))   # every chunk's loss over the batch's sizes
+    size = max(1, args.batch_size // 2)
+    chunks = [list(range(i, min(i + size, len(batch)))) for i in range(0, len(batch), size)]
+    columns = [([batch[i]["prompt"] for i in c], [batch[i]["reply"] for i in c]) for c in chunks]
+    with torch.no_grad(), GRPO.autocast(args.device):
+        old = [GRPO.token_logprobs(policy, *col, pad)[0] for col in columns]
+        ref = [GRPO.token_logprobs(reference, *col, pad)[0] for col in columns] if args.beta > 0 else old
+    stats = defaultdict(float)
+    for _ in range(args.inner_steps):
+        for c, col, old_c, ref_c in zip(chunks, columns, old, ref):
+            with GRPO.autocast(args.device):
+                logp, mask, entropy = GRPO.token_logprobs(policy, *col, pad)
+            loss, clip_fraction, kl = grpo_rl_loss(logp, old_c, ref_c, mask, advantages[c], args, whole)
+            loss.backward()
+            share = len(c) / len(batch) / args.inner_steps
+            stats["clip_fraction"] += clip_fraction * share
+            stats["kl"] += kl * share
+            stats["entropy"] += ((entropy * mask).sum() / mask.sum().clamp(min=1)).item() * share
+        GRPO.optimizer_step(policy, optimizer)
+    return dict(stats)
