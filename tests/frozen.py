@@ -13,6 +13,7 @@ from conftest import load_stage
 SFT = load_stage("02_sft")
 CAI = load_stage("03_constitutional_ai")
 GRPO = load_stage("05_grpo_reasoning")
+WELFARE = load_stage("08_welfare_eval")
 
 
 # ------------------------------------------------------------------ stage 02, before pack() and read_losses()
@@ -164,3 +165,18 @@ def grpo_policy_update(policy, reference, optimizer, batch, args, pad):
             stats["entropy"] += ((entropy * mask).sum() / mask.sum().clamp(min=1)).item() * share
         GRPO.optimizer_step(policy, optimizer)
     return dict(stats)
+
+
+# ------------------------------------------------------------------ stage 08, before one transfer a call
+
+@torch.no_grad()
+def welfare_option_logprobs(model, prompts, options, pad, batch_size):
+    """log p(option | prompt), summed over the option's tokens, for every prompt and option: (P, O)."""
+    rows = [(p, o) for p in prompts for o in options]
+    out = []
+    for k in range(0, len(rows), batch_size):
+        chunk = rows[k:k + batch_size]
+        ids = WELFARE.pad_right([p + o for p, o in chunk], pad, model.embed.weight.device)
+        logp = model(ids[:, :-1]).float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        out += [logp[r, len(p) - 1:len(p) - 1 + len(o)].sum().item() for r, (p, o) in enumerate(chunk)]
+    return torch.tensor(out).view(len(prompts), len(options))
