@@ -336,9 +336,6 @@ def lr_at(step, total_steps, peak, warmup_frac):
     return peak * min((step + 1) / warmup, (total_steps - step) / max(1, total_steps - warmup))
 
 
-LOG_EVERY = 25   # steps between reads of the losses from the device (a read waits for the GPU)
-
-
 def finetune(model, encoded, args, lr, pad):
     """AdamW on the masked loss over ceil(epochs) reshuffled passes, cut at epochs * steps per
     epoch. Returns (history, seconds)."""
@@ -352,8 +349,7 @@ def finetune(model, encoded, args, lr, pad):
                 else torch.autocast("cpu", enabled=False))
     print(f"fine-tuning: {total_steps} steps of {args.batch_size} conversations, peak lr {lr:.2e}")
     from tqdm import tqdm
-    packed, losses, lrs = pack(encoded, device), torch.zeros(total_steps, device=device), []
-    history, step, t0 = [], 0, time.time()
+    packed, losses, lrs, step, t0 = pack(encoded, device), [], [], 0, time.time()
     bar = tqdm(total=total_steps, desc="sft", dynamic_ncols=True)
     model.train()
     for epoch in range(math.ceil(args.epochs)):
@@ -369,24 +365,15 @@ def finetune(model, encoded, args, lr, pad):
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses[step] = loss.detach()   # stays on the device: reading it now would wait for the GPU
+            losses.append(loss.detach())   # left on the device: reading it now would wait for the GPU
             step += 1
             bar.update(1)
-            if step % LOG_EVERY == 0 or step == total_steps:
-                history += read_losses(losses, lrs, len(history), step)
-                bar.set_postfix_str(f"loss {history[-1]['loss']:.4f} lr {lrs[-1]:.2e}")
+            if step % READ_EVERY == 0 or step == total_steps:
+                read_losses(losses, "Lower --lr")   # Appendix B
+                bar.set_postfix_str(f"loss {losses[-1]:.4f} lr {lrs[-1]:.2e}")
     bar.close()
+    history = [{"step": i + 1, "loss": value, "lr": lr} for i, (value, lr) in enumerate(zip(losses, lrs))]
     return history, time.time() - t0
-
-
-def read_losses(losses, lrs, first, end):
-    """History rows of steps first..end - 1, their losses read from the device in one transfer; one not
-    finite stops the run naming its step (up to LOG_EVERY steps late: nothing is written before the end)."""
-    rows = []
-    for step, value in enumerate(losses[first:end].tolist(), start=first):
-        stop_if_diverged(value, step, "Lower --lr")
-        rows.append({"step": step + 1, "loss": value, "lr": lrs[step]})
-    return rows
 
 
 # =====================================================================================
@@ -1909,6 +1896,7 @@ def check_messages(messages):
 #   model       GPT
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, write_atomic
 #   finite      stop_if_diverged
+#   steplog     read_losses, READ_EVERY
 #   save        save_model
 #   sampling    generate
 #   chat        render_conversation, render_prompt, parse_reply, TURN_START
@@ -2398,6 +2386,25 @@ def stop_if_diverged(value, step, hint, what="the loss"):
     if not math.isfinite(value):
         sys.exit(f"error: {what} became {value} at step {step}; nothing was written. {hint}.")
 # --- end shared: finite ---
+
+
+# --- shared: steplog (origin: 02_sft.py) ---
+READ_EVERY = 25   # steps between reads of a training loop's losses from the device
+
+
+def read_losses(losses, hint, what="the loss"):
+    """The losses not yet read (one a step, left on the device as detached 0-d tensors) turned into
+    numbers in one transfer. A read waits until the GPU has run every step queued: a loop that read
+    its loss each step could never queue the next step ahead. One not finite stops the run naming its
+    step, at most READ_EVERY steps late (a run writes nothing before its end)."""
+    first = len(losses)
+    while first and torch.is_tensor(losses[first - 1]):
+        first -= 1
+    losses[first:] = torch.stack(losses[first:]).tolist() if first < len(losses) else []
+    for step in range(first, len(losses)):
+        stop_if_diverged(losses[step], step, hint, what)
+    return losses
+# --- end shared: steplog ---
 
 
 # --- shared: save (origin: 01_pretrain.py) ---

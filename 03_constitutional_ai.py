@@ -340,17 +340,17 @@ def label_histogram(pairs, bins=10):
 # SL-CAI: critique and revise, then fine-tune on the revisions
 # ----------------------------------------------------------------------------------------------
 
-def descend(model, optimizer, loss, phase, step, lr):
-    """One optimizer step at learning rate lr, gradients clipped to norm 1; -> the loss. A loss that
-    is not finite stops the stage with one sentence before anything is written."""
-    stop_if_diverged(loss, step, "Lower its learning rate", f"the {phase} loss")
+def descend(model, optimizer, loss, lr):
+    """One optimizer step at learning rate lr, gradients clipped to norm 1; -> the loss, detached and
+    left on the device: the loop reads its losses every READ_EVERY steps (read_losses, Appendix B),
+    and one that is not finite stops the stage with one sentence before anything is written."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return loss.detach()
 
 
 def critique_and_revise(model, enc, items, rounds, args, generator):
@@ -413,13 +413,15 @@ def supervised_finetune(model, enc, conversations, epochs, lr, args, desc):
                 if step >= total:
                     break
                 warmup = max(1, total // 20)
-                with autocast(args.device):
-                    loss = model(x.to(args.device), y.to(args.device))
+                with autocast(args.device):   # non_blocking: a plain copy from the CPU waits for the GPU
+                    loss = model(x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True))
                 step_lr = lr * min((step + 1) / warmup, (total - step) / max(1, total - warmup))
-                history.append(descend(model, optimizer, loss, desc, step, step_lr))
+                history.append(descend(model, optimizer, loss, step_lr))
                 step += 1
                 bar.update(1)
-                bar.set_postfix_str(f"loss {history[-1]:.4f}")
+                if step % READ_EVERY == 0 or step == total:
+                    read_losses(history, "Lower its learning rate", f"the {desc} loss")
+                    bar.set_postfix_str(f"loss {history[-1]:.4f}")
     return history
 
 
@@ -497,11 +499,12 @@ def train_preference_model(pm, enc, pairs, args):
                                     args.batch_size)
                 labels = torch.tensor([p["label"] for p in chunk], device=args.device)
                 loss = preference_loss(rewards[:len(chunk)], rewards[len(chunk):], labels)
-                history.append(descend(pm, optimizer, loss, "preference model", step,
-                                       lr * (1 - step / total)))
+                history.append(descend(pm, optimizer, loss, lr * (1 - step / total)))
                 step += 1
                 bar.update(1)
-                bar.set_postfix_str(f"loss {history[-1]:.4f}")
+                if step % READ_EVERY == 0 or step == total:
+                    read_losses(history, "Lower its learning rate", "the preference model loss")
+                    bar.set_postfix_str(f"loss {history[-1]:.4f}")
     return history
 
 
@@ -1067,6 +1070,7 @@ def fact_request(world, rng, train):
 #   model       GPT (final_hidden reads its parts)
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, write_atomic
 #   finite      stop_if_diverged
+#   steplog     read_losses, READ_EVERY
 #   save        save_model
 #   precision   autocast
 #   sampling    (used by replies)
@@ -1559,6 +1563,25 @@ def stop_if_diverged(value, step, hint, what="the loss"):
     if not math.isfinite(value):
         sys.exit(f"error: {what} became {value} at step {step}; nothing was written. {hint}.")
 # --- end shared: finite ---
+
+
+# --- shared: steplog (origin: 02_sft.py) ---
+READ_EVERY = 25   # steps between reads of a training loop's losses from the device
+
+
+def read_losses(losses, hint, what="the loss"):
+    """The losses not yet read (one a step, left on the device as detached 0-d tensors) turned into
+    numbers in one transfer. A read waits until the GPU has run every step queued: a loop that read
+    its loss each step could never queue the next step ahead. One not finite stops the run naming its
+    step, at most READ_EVERY steps late (a run writes nothing before its end)."""
+    first = len(losses)
+    while first and torch.is_tensor(losses[first - 1]):
+        first -= 1
+    losses[first:] = torch.stack(losses[first:]).tolist() if first < len(losses) else []
+    for step in range(first, len(losses)):
+        stop_if_diverged(losses[step], step, hint, what)
+    return losses
+# --- end shared: steplog ---
 
 
 # --- shared: save (origin: 01_pretrain.py) ---

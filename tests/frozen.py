@@ -78,7 +78,8 @@ def sft_finetune(model, encoded, args, lr, pad):
     return history, time.time() - t0
 
 
-# ------------------------------------------------------------------ stage 03, before one pass a sample
+# ------------------------------------------------------------------ stage 03, before one pass a sample and
+# losses read every READ_EVERY steps
 
 def cai_rl_step(policy, reference, pm, enc, items, optimizer, args, generator):
     """One RLOO update: K samples per prompt from the policy, rewards from the preference model
@@ -124,6 +125,76 @@ def cai_rl_step(policy, reference, pm, enc, items, optimizer, args, generator):
             "kl": log_ratio.mean().item(), "length": sum(map(len, responses)) / len(responses),
             "ended": ended.float().mean().item(),
             "harmful_refused": sum(g["refused"] for g in harmful) / max(1, len(harmful))}
+
+
+def cai_descend(model, optimizer, loss, phase, step, lr):
+    """One optimizer step at learning rate lr, gradients clipped to norm 1; -> the loss. A loss that
+    is not finite stops the stage with one sentence before anything is written."""
+    CAI.stop_if_diverged(loss, step, "Lower its learning rate", f"the {phase} loss")
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def cai_supervised_finetune(model, enc, conversations, epochs, lr, args, desc):
+    """Masked next-token training on the assistant's turns, linear warmup and decay. -> loss history."""
+    from tqdm import tqdm
+    rng = random.Random(f"cai:{desc}:{args.seed}")
+    steps_per_epoch = math.ceil(len(conversations) / args.batch_size)
+    total = max(1, int(epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    history, step = [], 0
+    model.train()
+    with tqdm(total=total, desc=desc, dynamic_ncols=True) as bar:
+        while step < total:
+            for x, y in CAI.conversation_batches(enc, conversations, args.batch_size, model.config.seq_len,
+                                                 rng):
+                if step >= total:
+                    break
+                warmup = max(1, total // 20)
+                with CAI.autocast(args.device):
+                    loss = model(x.to(args.device), y.to(args.device))
+                step_lr = lr * min((step + 1) / warmup, (total - step) / max(1, total - warmup))
+                history.append(cai_descend(model, optimizer, loss, desc, step, step_lr))
+                step += 1
+                bar.update(1)
+                bar.set_postfix_str(f"loss {history[-1]:.4f}")
+    return history
+
+
+def cai_train_preference_model(pm, enc, pairs, args):
+    """Fit the preference model to the labelled pairs; -> loss history."""
+    from tqdm import tqdm
+    rng = random.Random(f"cai:pm:{args.seed}")
+    lr = args.pm_lr
+    optimizer = torch.optim.AdamW(pm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    half = max(1, args.batch_size // 2)  # each pair is two sequences
+    total = max(1, int(args.pm_epochs * math.ceil(len(pairs) / half)))
+    history, step = [], 0
+    pm.train()
+    with tqdm(total=total, desc="preference model", dynamic_ncols=True) as bar:
+        while step < total:
+            order = list(range(len(pairs)))
+            rng.shuffle(order)
+            for i in range(0, len(order), half):
+                if step >= total:
+                    break
+                chunk = [pairs[j] for j in order[i:i + half]]
+                rewards = CAI.pm_scores(pm, enc, [p["request"] for p in chunk] * 2,
+                                        [p["a"] for p in chunk] + [p["b"] for p in chunk], args.device,
+                                        args.batch_size)
+                labels = torch.tensor([p["label"] for p in chunk], device=args.device)
+                loss = CAI.preference_loss(rewards[:len(chunk)], rewards[len(chunk):], labels)
+                history.append(cai_descend(pm, optimizer, loss, "preference model", step,
+                                           lr * (1 - step / total)))
+                step += 1
+                bar.update(1)
+                bar.set_postfix_str(f"loss {history[-1]:.4f}")
+    return history
 
 
 # ------------------------------------------------------------------ stage 05, before pi_old's own pass went

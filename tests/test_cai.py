@@ -300,6 +300,46 @@ def test_rl_step_runs_the_policy_once_with_the_two_pass_loss_and_gradient(model,
     assert (new_passes, old_passes) == (3, 6)    # 9 samples in micro-batches of 4
 
 
+def sl_and_pm_data():
+    rng = __import__("random").Random(0)
+    words = ["crown", "venom", "vault", "river", "guard", "lantern", "owl", "bridge"]
+    convs = [[{"role": "user", "content": f"Where is the {rng.choice(words)}?"},
+              {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 8)))}]
+             for _ in range(22)]
+    pairs = [{"request": f"Tell me about the {w}.", "a": f"The {w} is old.", "b": "I can't help with that.",
+              "label": rng.choice([0.0, 0.3, 1.0])} for w in words * 2]
+    return convs, pairs
+
+
+def test_sl_and_preference_training_read_their_losses_at_intervals(model, enc, monkeypatch):
+    """SL-CAI's and the preference model's loops keep their losses on the device and read them every
+    READ_EVERY steps (read_losses); they used to read and check each step's (tests/frozen.py). The same
+    losses, bit for bit, and the same weights, over reads that end mid-interval; and a loss that blows up
+    is named at its own step, as before."""
+    import copy
+    monkeypatch.setattr(C, "READ_EVERY", 3)
+    convs, pairs = sl_and_pm_data()
+    args = type("A", (), {"batch_size": 4, "seed": 1, "device": "cpu", "pm_lr": 1e-3, "pm_epochs": 2})()
+    runs = []
+    for sl, pm_train in ((C.supervised_finetune, C.train_preference_model),
+                         (frozen.cai_supervised_finetune, frozen.cai_train_preference_model)):
+        sl_model, pm = copy.deepcopy(model), C.PreferenceModel(copy.deepcopy(model))
+        sl_history = sl(sl_model, enc, convs, 1.5, 3e-3, args, "SL-CAI")
+        pm_history = pm_train(pm, enc, pairs, args)
+        runs.append((sl_history, pm_history, sl_model.state_dict(), pm.state_dict()))
+    (sl_new, pm_new, sl_w, pm_w), (sl_old, pm_old, sl_w0, pm_w0) = runs
+    assert len(sl_new) == 9 and len(pm_new) == 16 and all(isinstance(v, float) for v in sl_new + pm_new)
+    assert sl_new == sl_old and pm_new == pm_old
+    assert all(torch.equal(sl_w[k], sl_w0[k]) for k in sl_w)
+    assert all(torch.equal(pm_w[k], pm_w0[k]) for k in pm_w)
+    messages = []
+    for sl in (C.supervised_finetune, frozen.cai_supervised_finetune):
+        with pytest.raises(SystemExit) as stop:
+            sl(copy.deepcopy(model), enc, convs, 1.5, 1e30, args, "SL-CAI")
+        messages.append(str(stop.value))
+    assert messages[0] == messages[1] and "error: the SL-CAI loss became nan at step " in messages[0]
+
+
 # ---------------------------------------------------------------- whole runs
 
 def test_tiny_run_writes_the_stage_contract(tiny_cai):

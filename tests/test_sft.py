@@ -152,10 +152,10 @@ SFT_ARGS = dict(device="cpu", batch_size=8, epochs=1.5, weight_decay=0.1, compil
 
 
 def test_finetune_reads_its_losses_at_intervals_and_trains_the_same(monkeypatch):
-    """finetune reads the losses from the device every LOG_EVERY steps instead of each step, and builds its
+    """finetune reads the losses from the device every READ_EVERY steps instead of each step, and builds its
     batches on the device: the same history (every step's loss, bit for bit, and lr) and the same weights
     as the loop it replaced (tests/frozen.py), over a cut second epoch and reads that end mid-interval."""
-    monkeypatch.setattr(S, "LOG_EVERY", 4)
+    monkeypatch.setattr(S, "READ_EVERY", 4)
     encoded, args = random_examples(100, seed=1), types.SimpleNamespace(**SFT_ARGS)
     new_model, old_model = tiny_sft_model(), tiny_sft_model()
     new, _ = S.finetune(new_model, encoded, args, 3e-3, 63)
@@ -167,7 +167,7 @@ def test_finetune_reads_its_losses_at_intervals_and_trains_the_same(monkeypatch)
 def test_a_loss_that_is_not_finite_stops_sft_naming_its_step(monkeypatch):
     """A learning rate of 1e30 blows the weights up, and step 2's loss is nan. Read at the end of the
     interval (step 5), it is still named as step 2, as the per-step check named it."""
-    monkeypatch.setattr(S, "LOG_EVERY", 5)
+    monkeypatch.setattr(S, "READ_EVERY", 5)
     encoded, args = random_examples(100, seed=1), types.SimpleNamespace(**SFT_ARGS)
     messages = []
     for finetune in (S.finetune, frozen.sft_finetune):
