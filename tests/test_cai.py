@@ -317,7 +317,7 @@ def test_sl_and_preference_training_read_their_losses_at_intervals(model, enc, m
     losses, bit for bit, and the same weights, over reads that end mid-interval; and a loss that blows up
     is named at its own step, as before."""
     import copy
-    monkeypatch.setattr(C, "READ_EVERY", 3)
+    monkeypatch.setattr(C, "READ_EVERY", 5)   # 9 and 16 steps: each loop ends mid-interval
     convs, pairs = sl_and_pm_data()
     args = type("A", (), {"batch_size": 4, "seed": 1, "device": "cpu", "pm_lr": 1e-3, "pm_epochs": 2})()
     runs = []
