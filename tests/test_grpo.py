@@ -265,6 +265,7 @@ def test_pi_old_is_the_first_inner_steps_own_pass(variant, inner_steps, beta, mo
         results.append((stats, list(grads), sum(m is policy for m in passes), policy.state_dict()))
     (new, new_grads, new_passes, new_weights), (old, old_grads, old_passes, old_weights) = results
     assert new == old and list(new) == ["clip_fraction", "kl", "entropy"]
+    assert all(type(v) is float for v in new.values())   # read from the device, as numbers
     assert len(new_grads) == len(old_grads) == inner_steps
     assert all(torch.equal(a, b) for g, g0 in zip(new_grads, old_grads) for a, b in zip(g, g0))
     assert all(torch.equal(new_weights[k], old_weights[k]) for k in new_weights)
