@@ -234,7 +234,7 @@ def fine_tunes_on_accepted(args):
 
 def rl_loss(logp, old_logp, ref_logp, mask, advantages, args, whole=None):
     """-J for a batch of replies (or a chunk: whole): the clipped surrogate with each reply's advantage
-    on all its tokens, minus beta * k3, averaged per the variant. -> tensors (loss, clip fraction, mean k3)."""
+    on all its tokens, minus beta * k3, averaged per the variant. -> tensors: loss, clip fraction, mean k3."""
     surrogate, clipped = clipped_objective(logp, old_logp, advantages[:, None], args.clip_low, args.clip_high)
     kl = k3(logp, ref_logp) if args.beta > 0 else torch.zeros_like(logp)
     how = VARIANTS[args.variant]["aggregate"]
