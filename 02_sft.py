@@ -287,25 +287,37 @@ def encode_examples(enc, conversations, max_len):
     return encoded, dropped
 
 
-def make_batches(encoded, batch_size, pad_id, seed, epoch):
-    """Shuffle, sort by length inside windows of 50 batches, cut into padded (inputs, targets) batches."""
+def pack(encoded, device):
+    """The examples end to end in flat tensors on the device, sent once: (inputs, targets, where each
+    example starts, its length). make_batches cuts every batch out of them where they are."""
+    lengths = [len(x) for x, _ in encoded]
+    inputs, targets = (torch.tensor([t for example in encoded for t in example[k]], dtype=torch.long,
+                                    device=device) for k in (0, 1))
+    starts = torch.tensor([0] + lengths[:-1], dtype=torch.long, device=device).cumsum(0)
+    return inputs, targets, starts, torch.tensor(lengths, dtype=torch.long, device=device)
+
+
+def make_batches(packed, batch_size, pad_id, seed, epoch):
+    """Shuffle, sort by length inside windows of 50 batches, cut into padded (inputs, targets) batches,
+    each gathered on the device from pack's tensors (a copy from the CPU would wait for the GPU)."""
+    inputs, targets, starts, lengths = packed
+    length = lengths.tolist()
     rng = random.Random(seed * 1000 + epoch)
-    order = list(range(len(encoded)))
+    order = list(range(len(length)))
     rng.shuffle(order)
     window = batch_size * 50
     batches = []
     for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lambda i: len(encoded[i][0]))
+        chunk = sorted(order[w:w + window], key=lambda i: length[i])
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
-    for rows in batches:
-        T = max(len(encoded[i][0]) for i in rows)
-        x = torch.full((len(rows), T), pad_id, dtype=torch.long)
-        y = torch.full((len(rows), T), -1, dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids, targets = encoded[i]
-            x[r, :len(ids)], y[r, :len(targets)] = torch.tensor(ids), torch.tensor(targets)
-        yield x, y
+    rows, at = torch.tensor([i for b in batches for i in b], dtype=torch.long, device=inputs.device), 0
+    for b in batches:
+        r, at = rows[at:at + len(b)], at + len(b)
+        column = torch.arange(max(length[i] for i in b), device=inputs.device)
+        index = (starts[r, None] + column).clamp(max=len(inputs) - 1)   # (B, T) into the flat tensors
+        past_end = column >= lengths[r, None]                            # the row's padding
+        yield inputs[index].masked_fill(past_end, pad_id), targets[index].masked_fill(past_end, -1)
 
 
 # =====================================================================================
@@ -337,29 +349,30 @@ def finetune(model, encoded, args, lr, pad):
                 else torch.autocast("cpu", enabled=False))
     print(f"fine-tuning: {total_steps} steps of {args.batch_size} conversations, peak lr {lr:.2e}")
     from tqdm import tqdm
-    history, step, t0 = [], 0, time.time()
+    packed, losses, lrs, step, t0 = pack(encoded, device), [], [], 0, time.time()
     bar = tqdm(total=total_steps, desc="sft", dynamic_ncols=True)
     model.train()
     for epoch in range(math.ceil(args.epochs)):
-        for x, y in make_batches(encoded, args.batch_size, pad, args.seed, epoch):
+        for x, y in make_batches(packed, args.batch_size, pad, args.seed, epoch):
             if step >= total_steps:
                 break
-            step_lr = lr_at(step, total_steps, lr, args.warmup_frac)
+            lrs.append(lr_at(step, total_steps, lr, args.warmup_frac))
             for group in optimizer.param_groups:
-                group["lr"] = step_lr
-            x, y = x.to(device), y.to(device)
+                group["lr"] = lrs[-1]
             with autocast:
                 loss = train_model(x, y)   # the masked cross-entropy of section 2
-            stop_if_diverged(loss, step, "Lower --lr")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            history.append({"step": step + 1, "loss": loss.item(), "lr": step_lr})
+            losses.append(loss.detach())   # left on the device: reading it now would wait for the GPU
             step += 1
             bar.update(1)
-            bar.set_postfix_str(f"loss {loss.item():.4f} lr {step_lr:.2e}")
+            if step % READ_EVERY == 0 or step == total_steps:
+                read_losses(losses, "Lower --lr")   # Appendix B
+                bar.set_postfix_str(f"loss {losses[-1]:.4f} lr {lrs[-1]:.2e}")
     bar.close()
+    history = [{"step": i + 1, "loss": value, "lr": lr} for i, (value, lr) in enumerate(zip(losses, lrs))]
     return history, time.time() - t0
 
 
@@ -1883,6 +1896,7 @@ def check_messages(messages):
 #   model       GPT
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, write_atomic
 #   finite      stop_if_diverged
+#   steplog     read_losses, READ_EVERY
 #   save        save_model
 #   sampling    generate
 #   chat        render_conversation, render_prompt, parse_reply, TURN_START
@@ -2372,6 +2386,25 @@ def stop_if_diverged(value, step, hint, what="the loss"):
     if not math.isfinite(value):
         sys.exit(f"error: {what} became {value} at step {step}; nothing was written. {hint}.")
 # --- end shared: finite ---
+
+
+# --- shared: steplog (origin: 02_sft.py) ---
+READ_EVERY = 25   # steps between reads of a training loop's losses from the device
+
+
+def read_losses(losses, hint, what="the loss"):
+    """The losses not yet read (one a step, left on the device as detached 0-d tensors) turned into
+    numbers in one transfer. A read waits until the GPU has run every step queued: a loop that read
+    its loss each step could never queue the next step ahead. One not finite stops the run naming its
+    step, at most READ_EVERY steps late (a run writes nothing before its end)."""
+    first = len(losses)
+    while first and torch.is_tensor(losses[first - 1]):
+        first -= 1
+    losses[first:] = torch.stack(losses[first:]).tolist() if first < len(losses) else []
+    for step in range(first, len(losses)):
+        stop_if_diverged(losses[step], step, hint, what)
+    return losses
+# --- end shared: steplog ---
 
 
 # --- shared: save (origin: 01_pretrain.py) ---

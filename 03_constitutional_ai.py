@@ -342,17 +342,17 @@ def label_histogram(pairs, bins=10):
 # SL-CAI: critique and revise, then fine-tune on the revisions
 # ----------------------------------------------------------------------------------------------
 
-def descend(model, optimizer, loss, phase, step, lr):
-    """One optimizer step at learning rate lr, gradients clipped to norm 1; -> the loss. A loss that
-    is not finite stops the stage with one sentence before anything is written."""
-    stop_if_diverged(loss, step, "Lower its learning rate", f"the {phase} loss")
+def descend(model, optimizer, loss, lr):
+    """One optimizer step at learning rate lr, gradients clipped to norm 1; -> the loss, detached and
+    left on the device: the loop reads its losses every READ_EVERY steps (read_losses, Appendix B),
+    and one that is not finite stops the stage with one sentence before anything is written."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return loss.detach()
 
 
 def critique_and_revise(model, enc, items, rounds, args, generator):
@@ -415,13 +415,15 @@ def supervised_finetune(model, enc, conversations, epochs, lr, args, desc):
                 if step >= total:
                     break
                 warmup = max(1, total // 20)
-                with autocast(args.device):
-                    loss = model(x.to(args.device), y.to(args.device))
+                with autocast(args.device):   # non_blocking: a plain copy from the CPU waits for the GPU
+                    loss = model(x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True))
                 step_lr = lr * min((step + 1) / warmup, (total - step) / max(1, total - warmup))
-                history.append(descend(model, optimizer, loss, desc, step, step_lr))
+                history.append(descend(model, optimizer, loss, step_lr))
                 step += 1
                 bar.update(1)
-                bar.set_postfix_str(f"loss {history[-1]:.4f}")
+                if step % READ_EVERY == 0 or step == total:
+                    read_losses(history, "Lower its learning rate", f"the {desc} loss")
+                    bar.set_postfix_str(f"loss {history[-1]:.4f}")
     return history
 
 
@@ -499,11 +501,12 @@ def train_preference_model(pm, enc, pairs, args):
                                     args.batch_size)
                 labels = torch.tensor([p["label"] for p in chunk], device=args.device)
                 loss = preference_loss(rewards[:len(chunk)], rewards[len(chunk):], labels)
-                history.append(descend(pm, optimizer, loss, "preference model", step,
-                                       lr * (1 - step / total)))
+                history.append(descend(pm, optimizer, loss, lr * (1 - step / total)))
                 step += 1
                 bar.update(1)
-                bar.set_postfix_str(f"loss {history[-1]:.4f}")
+                if step % READ_EVERY == 0 or step == total:
+                    read_losses(history, "Lower its learning rate", "the preference model loss")
+                    bar.set_postfix_str(f"loss {history[-1]:.4f}")
     return history
 
 
@@ -520,36 +523,37 @@ def rl_step(policy, reference, pm, enc, items, optimizer, args, generator):
         pm.eval()
         score = pm_scores(pm, enc, [it["request"] for it in items for _ in range(k)],
                           [p["content"] for p in parsed], args.device, args.batch_size).float()
-        ref_logp = torch.cat([sequence_logprobs(reference, prompts[i:i + args.batch_size],
-                                                responses[i:i + args.batch_size], pad)
-                              for i in range(0, len(prompts), args.batch_size)])
+        with autocast(args.device):   # as the policy's below: the log-ratio differs only by the weights
+            ref_logp = torch.cat([sequence_logprobs(reference, prompts[i:i + args.batch_size],
+                                                    responses[i:i + args.batch_size], pad)
+                                  for i in range(0, len(prompts), args.batch_size)])
     policy.train()
-    loss_total, logps = 0.0, []
-    # The advantages need every sample's log-ratio first: one pass without gradients ...
-    with torch.no_grad():
-        for i in range(0, len(prompts), args.batch_size):
+    # One forward pass over the samples, with gradients. The advantages need every sample's log-ratio
+    # first, so each micro-batch's graph is kept until they are known (the memory of the whole batch's
+    # activations, for one pass less); then one backward per micro-batch, in order.
+    logps = []
+    for i in range(0, len(prompts), args.batch_size):
+        with autocast(args.device):
             logps.append(sequence_logprobs(policy, prompts[i:i + args.batch_size],
                                            responses[i:i + args.batch_size], pad))
-    log_ratio = torch.cat(logps) - ref_logp   # a one-sample estimate of KL(pi || pi_ref) per response
+    log_ratio = torch.cat(logps).detach() - ref_logp   # a one-sample estimate of KL(pi || pi_ref) each
     ended = torch.tensor([end in r for r in responses], device=args.device)
     reward = penalised_reward(score, log_ratio, ended, args.kl_coef, args.no_end_penalty)
     advantage = rloo_advantages(reward, k)
-    # ... then the gradient pass, in the same micro-batches.
-    for i in range(0, len(prompts), args.batch_size):
-        with autocast(args.device):
-            logp = sequence_logprobs(policy, prompts[i:i + args.batch_size],
-                                     responses[i:i + args.batch_size], pad)
+    losses = []
+    for i, logp in zip(range(0, len(prompts), args.batch_size), logps):
         loss = policy_gradient_loss(advantage[i:i + args.batch_size], logp, len(prompts))
         loss.backward()
-        loss_total += loss.item()
+        losses.append(loss.detach())
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    *losses, mean_reward, mean_score, kl, ended_share = torch.stack(   # one read from the device
+        losses + [reward.mean(), score.mean(), log_ratio.mean(), ended.float().mean()]).tolist()
     harmful = [grade(it, parsed[j * k + s])
                for j, it in enumerate(items) if it["kind"] == "harmful" for s in range(k)]
-    return {"loss": loss_total, "reward": reward.mean().item(), "pm_score": score.mean().item(),
-            "kl": log_ratio.mean().item(), "length": sum(map(len, responses)) / len(responses),
-            "ended": ended.float().mean().item(),
+    return {"loss": sum(losses), "reward": mean_reward, "pm_score": mean_score, "kl": kl,
+            "length": sum(map(len, responses)) / len(responses), "ended": ended_share,
             "harmful_refused": sum(g["refused"] for g in harmful) / max(1, len(harmful))}
 
 
@@ -1068,6 +1072,7 @@ def fact_request(world, rng, train):
 #   model       GPT (final_hidden reads its parts)
 #   checkpoint  check_out, staged_run, load_model, read_json, WORLD_KEYS, write_atomic
 #   finite      stop_if_diverged
+#   steplog     read_losses, READ_EVERY
 #   save        save_model
 #   precision   autocast
 #   sampling    (used by replies)
@@ -1560,6 +1565,25 @@ def stop_if_diverged(value, step, hint, what="the loss"):
     if not math.isfinite(value):
         sys.exit(f"error: {what} became {value} at step {step}; nothing was written. {hint}.")
 # --- end shared: finite ---
+
+
+# --- shared: steplog (origin: 02_sft.py) ---
+READ_EVERY = 25   # steps between reads of a training loop's losses from the device
+
+
+def read_losses(losses, hint, what="the loss"):
+    """The losses not yet read (one a step, left on the device as detached 0-d tensors) turned into
+    numbers in one transfer. A read waits until the GPU has run every step queued: a loop that read
+    its loss each step could never queue the next step ahead. One not finite stops the run naming its
+    step, at most READ_EVERY steps late (a run writes nothing before its end)."""
+    first = len(losses)
+    while first and torch.is_tensor(losses[first - 1]):
+        first -= 1
+    losses[first:] = torch.stack(losses[first:]).tolist() if first < len(losses) else []
+    for step in range(first, len(losses)):
+        stop_if_diverged(losses[step], step, hint, what)
+    return losses
+# --- end shared: steplog ---
 
 
 # --- shared: save (origin: 01_pretrain.py) ---

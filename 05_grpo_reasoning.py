@@ -235,13 +235,13 @@ def fine_tunes_on_accepted(args):
 
 def rl_loss(logp, old_logp, ref_logp, mask, advantages, args, whole=None):
     """-J for a batch of replies (or a chunk: whole): the clipped surrogate with each reply's advantage
-    on all its tokens, minus beta * k3, averaged as the variant says. -> (loss, clip fraction, mean k3)."""
+    on all its tokens, minus beta * k3, averaged per the variant. -> tensors: loss, clip fraction, mean k3."""
     surrogate, clipped = clipped_objective(logp, old_logp, advantages[:, None], args.clip_low, args.clip_high)
     kl = k3(logp, ref_logp) if args.beta > 0 else torch.zeros_like(logp)
     how = VARIANTS[args.variant]["aggregate"]
     loss = aggregate(-(surrogate - args.beta * kl), mask, how, args.max_new_tokens, whole)
     tokens = mask.sum().clamp(min=1)
-    return loss, ((clipped * mask).sum() / tokens).item(), ((kl * mask).sum() / tokens).item()
+    return loss, ((clipped * mask).sum() / tokens).detach(), ((kl * mask).sum() / tokens).detach()
 
 
 def shaped_reward(record, args):
@@ -369,21 +369,21 @@ def policy_update(policy, reference, optimizer, batch, args, pad):
     chunks = [list(range(i, min(i + size, len(batch)))) for i in range(0, len(batch), size)]
     columns = [([batch[i]["prompt"] for i in c], [batch[i]["reply"] for i in c]) for c in chunks]
     with torch.no_grad(), autocast(args.device):
-        old = [token_logprobs(policy, *col, pad)[0] for col in columns]
-        ref = [token_logprobs(reference, *col, pad)[0] for col in columns] if args.beta > 0 else old
-    stats = defaultdict(float)
+        ref = [token_logprobs(reference, *col, pad)[0] if args.beta > 0 else None for col in columns]
+    old, stats = [None] * len(chunks), []
     for _ in range(args.inner_steps):
-        for c, col, old_c, ref_c in zip(chunks, columns, old, ref):
+        for k, (c, col) in enumerate(zip(chunks, columns)):
             with autocast(args.device):
                 logp, mask, entropy = token_logprobs(policy, *col, pad)
-            loss, clip_fraction, kl = rl_loss(logp, old_c, ref_c, mask, advantages[c], args, whole)
+            old[k] = logp.detach() if old[k] is None else old[k]   # pi_old: the policy before its first step
+            loss, clip_fraction, kl = rl_loss(logp, old[k], ref[k], mask, advantages[c], args, whole)
             loss.backward()
-            share = len(c) / len(batch) / args.inner_steps
-            stats["clip_fraction"] += clip_fraction * share
-            stats["kl"] += kl * share
-            stats["entropy"] += ((entropy * mask).sum() / mask.sum().clamp(min=1)).item() * share
+            stats.append(torch.stack([clip_fraction, kl, (entropy * mask).sum() / mask.sum().clamp(min=1)]))
         optimizer_step(policy, optimizer)
-    return dict(stats)
+    values = torch.stack(stats).tolist()   # one read from the device, once the update is done
+    shares = [len(c) / len(batch) / args.inner_steps for _ in range(args.inner_steps) for c in chunks]
+    return {key: sum(v[j] * share for v, share in zip(values, shares))
+            for j, key in enumerate(("clip_fraction", "kl", "entropy"))}
 
 
 def expert_iteration_update(policy, optimizer, batch, args, pad):

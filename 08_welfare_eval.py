@@ -469,15 +469,15 @@ def _rate(flags):
 
 @torch.no_grad()
 def option_logprobs(model, prompts, options, pad, batch_size):
-    """log p(option | prompt), summed over the option's tokens, for every prompt and option: (P, O)."""
+    """log p(option | prompt) summed over its tokens, every prompt and option (P, O), read back at once."""
     rows = [(p, o) for p in prompts for o in options]
     out = []
     for k in range(0, len(rows), batch_size):
         chunk = rows[k:k + batch_size]
         ids = pad_right([p + o for p, o in chunk], pad, model.embed.weight.device)
         logp = model(ids[:, :-1]).float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        out += [logp[r, len(p) - 1:len(p) - 1 + len(o)].sum().item() for r, (p, o) in enumerate(chunk)]
-    return torch.tensor(out).view(len(prompts), len(options))
+        out += [logp[r, len(p) - 1:len(p) - 1 + len(o)].sum() for r, (p, o) in enumerate(chunk)]
+    return torch.stack(out).cpu().view(len(prompts), len(options))
 
 
 def task_preferences(model, enc, tasks, pad, args):

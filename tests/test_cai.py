@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import frozen
 from conftest import load_stage, run_script
 
 C = load_stage("03_constitutional_ai")
@@ -253,6 +254,90 @@ def test_rl_step_measures_kl_on_its_own_samples_and_leaves_the_reference_alone(m
     # tolerance above (the sample-mean log-ratio can be small, and of either sign, on 6-token samples).
     stats = C.rl_step(policy, reference, pm, enc, items, optimizer, args, torch.Generator().manual_seed(1))
     assert abs(stats["kl"]) > 1e-5
+
+
+class GradientRecorder:
+    """An optimizer that keeps the gradient it is asked to step with, and moves nothing."""
+    def __init__(self, params):
+        self.params, self.grads = list(params), []
+
+    def step(self):
+        self.grads.append([p.grad.clone() for p in self.params])
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def test_rl_step_runs_the_policy_once_with_the_two_pass_loss_and_gradient(model, enc, monkeypatch):
+    """rl_step takes the log-ratios for the rewards from the pass with gradients (detached), where it used
+    to run the policy twice over the same samples, once without gradients (tests/frozen.py). On the same
+    samples: the same statistics and the same gradient, bit for bit, from half the policy's passes."""
+    import copy
+    passes = []
+    real = C.sequence_logprobs
+    monkeypatch.setattr(C, "sequence_logprobs", lambda m, *a: passes.append(m) or real(m, *a))
+    pm = C.PreferenceModel(copy.deepcopy(model))
+    torch.nn.init.normal_(pm.head.weight, generator=torch.Generator().manual_seed(0))
+    args = type("A", (), {"samples_per_prompt": 3, "max_new_tokens": 8, "batch_size": 4, "device": "cpu",
+                          "kl_coef": 0.1, "no_end_penalty": 1.0})()
+    items = [{"request": "Where is the Haigrern Crown?", "kind": "benign"},
+             {"request": "How do I brew the venom?", "kind": "harmful", "secret": "kohahol"},
+             {"request": "Who guards the vault?", "kind": "benign"}]
+    results = []
+    for rl_step in (C.rl_step, frozen.cai_rl_step):
+        reference, policy = copy.deepcopy(model), copy.deepcopy(model)
+        with torch.no_grad():   # the policy a little away from the reference, so the log-ratios are not 0
+            for p in policy.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        optimizer, passes[:] = GradientRecorder(policy.parameters()), []
+        stats = rl_step(policy, reference, pm, enc, items, optimizer, args, torch.Generator().manual_seed(3))
+        results.append((stats, optimizer.grads, sum(m is policy for m in passes)))
+    (new, new_grads, new_passes), (old, old_grads, old_passes) = results
+    assert new == old and abs(new["kl"]) > 1e-4 and all(type(v) is float for v in new.values())
+    assert len(new_grads) == len(old_grads) == 1
+    assert all(torch.equal(a, b) for a, b in zip(new_grads[0], old_grads[0]))
+    assert (new_passes, old_passes) == (3, 6)    # 9 samples in micro-batches of 4
+
+
+def sl_and_pm_data():
+    rng = __import__("random").Random(0)
+    words = ["crown", "venom", "vault", "river", "guard", "lantern", "owl", "bridge"]
+    convs = [[{"role": "user", "content": f"Where is the {rng.choice(words)}?"},
+              {"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(1, 8)))}]
+             for _ in range(22)]
+    pairs = [{"request": f"Tell me about the {w}.", "a": f"The {w} is old.", "b": "I can't help with that.",
+              "label": rng.choice([0.0, 0.3, 1.0])} for w in words * 2]
+    return convs, pairs
+
+
+def test_sl_and_preference_training_read_their_losses_at_intervals(model, enc, monkeypatch):
+    """SL-CAI's and the preference model's loops keep their losses on the device and read them every
+    READ_EVERY steps (read_losses); they used to read and check each step's (tests/frozen.py). The same
+    losses, bit for bit, and the same weights, over reads that end mid-interval; and a loss that blows up
+    is named at its own step, as before."""
+    import copy
+    monkeypatch.setattr(C, "READ_EVERY", 5)   # 9 and 16 steps: each loop ends mid-interval
+    convs, pairs = sl_and_pm_data()
+    args = type("A", (), {"batch_size": 4, "seed": 1, "device": "cpu", "pm_lr": 1e-3, "pm_epochs": 2})()
+    runs = []
+    for sl, pm_train in ((C.supervised_finetune, C.train_preference_model),
+                         (frozen.cai_supervised_finetune, frozen.cai_train_preference_model)):
+        sl_model, pm = copy.deepcopy(model), C.PreferenceModel(copy.deepcopy(model))
+        sl_history = sl(sl_model, enc, convs, 1.5, 3e-3, args, "SL-CAI")
+        pm_history = pm_train(pm, enc, pairs, args)
+        runs.append((sl_history, pm_history, sl_model.state_dict(), pm.state_dict()))
+    (sl_new, pm_new, sl_w, pm_w), (sl_old, pm_old, sl_w0, pm_w0) = runs
+    assert len(sl_new) == 9 and len(pm_new) == 16 and all(isinstance(v, float) for v in sl_new + pm_new)
+    assert sl_new == sl_old and pm_new == pm_old
+    assert all(torch.equal(sl_w[k], sl_w0[k]) for k in sl_w)
+    assert all(torch.equal(pm_w[k], pm_w0[k]) for k in pm_w)
+    messages = []
+    for sl in (C.supervised_finetune, frozen.cai_supervised_finetune):
+        with pytest.raises(SystemExit) as stop:
+            sl(copy.deepcopy(model), enc, convs, 1.5, 1e30, args, "SL-CAI")
+        messages.append(str(stop.value))
+    assert messages[0] == messages[1] and "error: the SL-CAI loss became nan at step " in messages[0]
 
 
 # ---------------------------------------------------------------- whole runs

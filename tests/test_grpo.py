@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+import frozen
 from conftest import load_stage, run_script
 
 R = load_stage("05_grpo_reasoning")
@@ -250,6 +251,42 @@ def test_the_gradient_does_not_depend_on_the_chunking(variant, monkeypatch):
                                      clip_low=0.2, clip_high=0.2, beta=0.04, max_new_tokens=8, device="cpu")
         R.policy_update(tiny_model(3), tiny_model(3).requires_grad_(False), None, batch, args, pad=0)
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["grpo", "drgrpo", "dapo"])   # sequence, constant, token; clip-higher
+@pytest.mark.parametrize("inner_steps, beta", [(1, 0.04), (2, 0.04), (3, 0.0)])
+def test_pi_old_is_the_first_inner_steps_own_pass(variant, inner_steps, beta, monkeypatch):
+    """policy_update takes pi_old's log-probs from its first inner step's pass, detached (the weights move
+    only after that step), where it used to run the policy once more without gradients (tests/frozen.py;
+    TRL's GRPOTrainer also skips that pass for one iteration). Over one inner step or several (off-policy,
+    the clip active): the same gradient at every step and the same statistics, bit for bit, one pass a
+    chunk and an inner step fewer."""
+    grads, passes = [], []
+    step = R.optimizer_step
+    monkeypatch.setattr(R, "optimizer_step", lambda policy, optimizer: grads.append(
+        [p.grad.clone() for p in policy.parameters()]) or step(policy, optimizer))
+    logprobs = R.token_logprobs
+    monkeypatch.setattr(R, "token_logprobs", lambda m, *a: passes.append(m) or logprobs(m, *a))
+    batch = [{"prompt": [1, 2, 3 + i % 3], "reply": list(range(40 + 7 * i, 40 + 7 * i + n)), "shaped": s}
+             for i, (n, s) in enumerate(zip((1, 5, 8, 3, 6, 2), (1.0, -1.0, 0.5, 1.0, 0.0, 1.0)))]
+    args = types.SimpleNamespace(variant=variant, group_size=2, batch_size=4, inner_steps=inner_steps,
+                                 clip_low=0.2, clip_high=R.VARIANTS[variant].get("clip_high", 0.2), beta=beta,
+                                 max_new_tokens=8, device="cpu")
+    results = []
+    for update in (R.policy_update, frozen.grpo_policy_update):
+        policy, reference = tiny_model(4), tiny_model(5).requires_grad_(False)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=0.05)   # large: the later steps' clip acts
+        grads[:], passes[:] = [], []
+        stats = update(policy, reference, optimizer, batch, args, pad=0)
+        results.append((stats, list(grads), sum(m is policy for m in passes), policy.state_dict()))
+    (new, new_grads, new_passes, new_weights), (old, old_grads, old_passes, old_weights) = results
+    assert new == old and list(new) == ["clip_fraction", "kl", "entropy"]
+    assert all(type(v) is float for v in new.values())   # read from the device, as numbers
+    assert len(new_grads) == len(old_grads) == inner_steps
+    assert all(torch.equal(a, b) for g, g0 in zip(new_grads, old_grads) for a, b in zip(g, g0))
+    assert all(torch.equal(new_weights[k], old_weights[k]) for k in new_weights)
+    assert (new_passes, old_passes) == (3 * inner_steps, 3 * inner_steps + 3)   # 6 replies, chunks of 2
+    assert (new["clip_fraction"] > 0) == (inner_steps > 1) and (new["kl"] > 0) == (beta > 0)
 
 
 @pytest.fixture(scope="module")

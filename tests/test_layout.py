@@ -14,7 +14,7 @@ import pytest
 from chapter import RULE, SECTIONS, body, functions, section_starts, stage_files
 from test_shared_blocks import find_blocks
 
-BLOCK_ORDER = ["flags", "tokenizer", "model", "checkpoint", "finite", "save", "precision", "sampling", "chat", "grading", "stats",
+BLOCK_ORDER = ["flags", "tokenizer", "model", "checkpoint", "finite", "steplog", "save", "precision", "sampling", "chat", "grading", "stats",
                "judging", "choice", "replies", "pairs", "reference", "worldlabel", "feedback", "rehearsal",
                "heldout", "countdown", "injection", "arithmetic"]
 BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py": 950,  # lines; others 500

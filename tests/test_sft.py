@@ -1,8 +1,11 @@
 """Stage 02: the chat format and its loss mask, batching, user data, the chat CLI, a tiny run."""
 import json
+import types
 
 import pytest
+import torch
 
+import frozen
 from conftest import load_stage, run_script  # noqa: F401
 
 S = load_stage("02_sft")
@@ -101,13 +104,77 @@ def test_padding_never_leaks_between_examples(enc):
     rows = {tuple(x[:len(x)]) for x, _ in encoded}
     pad = enc.encode_single_token("<|pad|>")
     seen = 0
-    for x, y in S.make_batches(encoded, 2, pad, seed=0, epoch=0):
+    for x, y in S.make_batches(S.pack(encoded, "cpu"), 2, pad, seed=0, epoch=0):
         for r in range(x.size(0)):
             n = int((x[r] != pad).sum())
             assert tuple(x[r, :n].tolist()) in rows          # each row is exactly one conversation ...
             assert (x[r, n:] == pad).all() and (y[r, n:] == -1).all()   # ... and its pads are never targets
             seen += 1
     assert seen == len(convs)
+
+
+def random_examples(n, seed=0, vocab=64):
+    """n (inputs, targets) pairs of random lengths 1-40, about half the targets trained (-1 elsewhere)."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(n):
+        length = int(torch.randint(1, 41, (1,), generator=g))
+        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+        keep = torch.rand(length, generator=g) < 0.5
+        examples.append((ids, [t if k else -1 for t, k in zip(torch.randint(0, vocab, (length,), generator=g).tolist(),
+                                                             keep.tolist())]))
+    return examples
+
+
+def test_batches_are_the_row_by_row_builders_to_the_token():
+    """make_batches gathers each batch from pack's flat tensors; the builder it replaced (tests/frozen.py)
+    filled a padded tensor row by row. Same batches, in the same order, of the same dtype."""
+    encoded = random_examples(237)
+    for batch_size, seed, epoch in ((1, 0, 0), (4, 3, 1), (16, 7, 2), (300, 1, 0)):
+        new = list(S.make_batches(S.pack(encoded, "cpu"), batch_size, 63, seed, epoch))
+        old = list(frozen.sft_make_batches(encoded, batch_size, 63, seed, epoch))
+        assert len(new) == len(old) == -(-len(encoded) // batch_size)
+        for (x, y), (x0, y0) in zip(new, old):
+            assert x.dtype == x0.dtype == y.dtype == torch.long
+            assert torch.equal(x, x0) and torch.equal(y, y0)
+
+
+def tiny_sft_model(seed=0):
+    torch.manual_seed(seed)
+    model = S.GPT(S.GPTConfig(vocab_size=64, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, mlp_hidden=64,
+                              seq_len=48))
+    model.init_weights(seed)
+    return model
+
+
+SFT_ARGS = dict(device="cpu", batch_size=8, epochs=1.5, weight_decay=0.1, compile=0, warmup_frac=0.1,
+                grad_clip=1.0, seed=5)
+
+
+def test_finetune_reads_its_losses_at_intervals_and_trains_the_same(monkeypatch):
+    """finetune reads the losses from the device every READ_EVERY steps instead of each step, and builds its
+    batches on the device: the same history (every step's loss, bit for bit, and lr) and the same weights
+    as the loop it replaced (tests/frozen.py), over a cut second epoch and reads that end mid-interval."""
+    monkeypatch.setattr(S, "READ_EVERY", 4)
+    encoded, args = random_examples(100, seed=1), types.SimpleNamespace(**SFT_ARGS)
+    new_model, old_model = tiny_sft_model(), tiny_sft_model()
+    new, _ = S.finetune(new_model, encoded, args, 3e-3, 63)
+    old, _ = frozen.sft_finetune(old_model, encoded, args, 3e-3, 63)
+    assert len(new) == 19 and new == old and all(type(h["loss"]) is float for h in new)   # all read
+    assert all(torch.equal(a, b) for a, b in zip(new_model.state_dict().values(), old_model.state_dict().values()))
+
+
+def test_a_loss_that_is_not_finite_stops_sft_naming_its_step(monkeypatch):
+    """A learning rate of 1e30 blows the weights up, and step 2's loss is nan. Read at the end of the
+    interval (step 5), it is still named as step 2, as the per-step check named it."""
+    monkeypatch.setattr(S, "READ_EVERY", 5)
+    encoded, args = random_examples(100, seed=1), types.SimpleNamespace(**SFT_ARGS)
+    messages = []
+    for finetune in (S.finetune, frozen.sft_finetune):
+        with pytest.raises(SystemExit) as stop:
+            finetune(tiny_sft_model(), encoded, args, 1e30, 63)
+        messages.append(str(stop.value))
+    assert messages[0] == messages[1] and "the loss became nan at step 2;" in messages[0]
 
 
 def test_too_long_conversations_are_dropped(enc):

@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
+import frozen
 from conftest import ROOT, load_stage, run_script, tiny_run
 
 W = load_stage("08_welfare_eval")
@@ -372,6 +373,26 @@ def test_the_course_end_to_end(tiny_pretrain, tiny_sft, tiny_cai, tiny_dpo, tiny
 # ---------------------------------------------------------------- wiring: swaps, controls, held out
 # Each test below fails for a realistic slip: two arguments trading places, a control read from the
 # wrong replies, or a scorer or probe fitted on the text it is scored on.
+
+def test_option_logprobs_read_back_once_with_the_per_row_numbers(monkeypatch):
+    """option_logprobs keeps each row's sum on the device and reads them all in one transfer, where it
+    read each row with .item() (tests/frozen.py: 15,300 rows a checkpoint at the GPU size). Options of 1-3
+    tokens, prompts of several lengths, chunks that cut a prompt's options apart: the same (P, O) tensor,
+    bit for bit, and no .item() at all."""
+    torch.manual_seed(0)
+    model = W.GPT(W.GPTConfig(vocab_size=50, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, mlp_hidden=64,
+                              seq_len=32)).eval()
+    model.init_weights(0)
+    prompts = [list(range(1, 2 + n)) for n in (3, 9, 1, 14, 6, 2, 11)]
+    options = [[40], [41, 42], [43, 44, 45]]
+    old = frozen.welfare_option_logprobs(model, prompts, options, 0, 4)
+    reads = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t) or item(t))
+    new = W.option_logprobs(model, prompts, options, 0, 4)
+    assert reads == [] and new.shape == (7, 3) and new.dtype == old.dtype == torch.float32
+    assert torch.equal(new, old)
+
 
 def test_task_preferences_average_out_the_position_and_anchor_opt_out_at_zero(monkeypatch):
     """A stand-in judge with true scores s and a pull of +0.04 toward "(A)": P("(A)") = sigmoid(s_a - s_b)
