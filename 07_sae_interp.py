@@ -312,7 +312,7 @@ def ablated_everywhere(model, unit):
 
 def difference_of_means(acts, mask):
     """mean of acts where mask, minus mean where not: a concept's direction."""
-    return acts[mask].mean(0) - acts[~mask].mean(0)
+    return acts[mask.to(acts.device)].mean(0) - acts[~mask.to(acts.device)].mean(0)
 
 
 def net_detection(detection, false_positive):
@@ -361,10 +361,10 @@ def detected_before_mentioned(text, concept):
 
 @torch.no_grad()
 def residuals(model, rows, layer, pad, batch_size):
-    """The residual stream after `layer` blocks at every real position of every row (len, d) each."""
+    """The residual stream after `layer` blocks at each real position of each row: (len, d), on its device."""
     grabbed, out = [], []
     device = model.embed.weight.device
-    with residual_edit(model, layer, lambda x, positions, rows: grabbed.append(x.float().cpu()) or x):
+    with residual_edit(model, layer, lambda x, positions, rows: grabbed.append(x.float()) or x):
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
             model(pad_right(chunk, pad, device))
@@ -587,24 +587,24 @@ def concept_counts(sae, table, thresholds):
     """Counts for precision_recall over pieces of text, a latent being on in a piece when it passes its
     threshold on any of the piece's tokens (a name is one token, a reply many). thresholds
     (T, latents) -> co (T, latents, concepts), n_active (T, latents), n_label (concepts)."""
-    X, Y, unit = table["X"], table["Y"], table["unit"]
-    co, n_label = torch.zeros(*thresholds.shape, Y.size(1)), torch.zeros(Y.size(1))
-    n_active = torch.zeros(thresholds.shape)
+    X, Y, unit, thresholds = table["X"], table["Y"], table["unit"], thresholds.to(sae.W_dec.device)
+    co, n_label = thresholds.new_zeros(*thresholds.shape, Y.size(1)), thresholds.new_zeros(Y.size(1))
+    n_active, device = thresholds.new_zeros(thresholds.shape), thresholds.device
     i = 0
     while i < len(X):
         j = min(i + 8192, len(X))
         while j < len(X) and unit[j] == unit[j - 1]:   # never cut a piece in two
             j += 1
         local = unit[i:j] - unit[i]
-        strongest = pooled(sae(X[i:j].to(sae.W_dec.device))[1].cpu(), local)   # (pieces, latents)
-        labelled = (pooled(Y[i:j].float(), local) > 0).float()
+        strongest = pooled(sae(X[i:j].to(device))[1], local)   # (pieces, latents), on the SAE's device
+        labelled = (pooled(Y[i:j].to(device).float(), local) > 0).float()
         for t, threshold in enumerate(thresholds):
             on = strongest > threshold
             co[t] += on.float().T @ labelled
             n_active[t] += on.sum(0)
         n_label += labelled.sum(0)
         i = j
-    return co, n_active, n_label
+    return co.cpu(), n_active.cpu(), n_label.cpu()   # the count tables only come to the host
 
 
 def label_latents(sae, fit, test, concepts):
@@ -633,9 +633,9 @@ def label_latents(sae, fit, test, concepts):
 
 
 def pooled(scores, unit):
-    """Each piece of text's largest score per column: (units, columns)."""
-    out = torch.full((int(unit[-1]) + 1, scores.size(1)), float("-inf"))
-    return out.scatter_reduce_(0, unit[:, None].expand_as(scores), scores, "amax")
+    """Each piece of text's largest score per column: (units, columns), on the scores' device."""
+    out = torch.full((int(unit[-1]) + 1, scores.size(1)), float("-inf"), device=scores.device)
+    return out.scatter_reduce_(0, unit.to(scores.device)[:, None].expand_as(scores), scores, "amax")
 
 
 def probe_ceiling(fit, test, concepts, steps=600, seed=0):
@@ -643,10 +643,10 @@ def probe_ceiling(fit, test, concepts, steps=600, seed=0):
     labels on the fit text (positives up-weighted by the square root of their rarity), on where its
     logit passes a threshold chosen by F1 on the fit pieces, precision and recall on the test pieces.
     The SAE, which never sees a label, is judged against it."""
-    g, X, Y = torch.Generator().manual_seed(seed), fit["X"], fit["Y"].float()
+    g, X, Y = torch.Generator().manual_seed(seed), fit["X"], fit["Y"].float().to(fit["X"].device)
     mean, std, share = X.mean(0), X.std(0), Y.mean(0).clamp(min=1e-4)
-    W, b = torch.zeros(X.size(1), Y.size(1), requires_grad=True), torch.zeros(Y.size(1), requires_grad=True)
-    optimizer = torch.optim.Adam([W, b], lr=1e-2)
+    W, b = torch.zeros(X.size(1), Y.size(1), device=X.device), torch.zeros(Y.size(1), device=X.device)
+    optimizer = torch.optim.Adam([W.requires_grad_(), b.requires_grad_()], lr=1e-2)
     for step in range(steps):
         i = torch.randint(len(X), (8192,), generator=g)
         loss = F.binary_cross_entropy_with_logits((X[i] - mean) / std @ W + b, Y[i],
@@ -656,7 +656,7 @@ def probe_ceiling(fit, test, concepts, steps=600, seed=0):
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        score, true = [pooled((t["X"] - mean) / std @ W + b, t["unit"]) for t in (fit, test)], \
+        score, true = [pooled((t["X"] - mean) / std @ W + b, t["unit"]).cpu() for t in (fit, test)], \
             [pooled(t["Y"].float(), t["unit"]) > 0 for t in (fit, test)]
     best, threshold = torch.full((Y.size(1),), -1.0), torch.zeros(Y.size(1))
     for t in torch.arange(-4.0, 12.0, 0.5):   # one threshold at a time: (pieces, concepts) in memory
@@ -667,7 +667,7 @@ def probe_ceiling(fit, test, concepts, steps=600, seed=0):
     hit, n_on, n_true = (on & true[1]).sum(0), on.sum(0).clamp(min=1), true[1].sum(0)
     return {c: {"precision": (hit[j] / n_on[j]).item(), "recall": (hit[j] / n_true[j]).item(),
                 "n_test_units": int(n_true[j]), "n_test_texts": int(test["n_texts"][j])}
-            for j, c in enumerate(concepts) if n_true[j] and Y[:, j].any()}
+            for j, c in enumerate(concepts) if n_true[j] and fit["Y"][:, j].any()}
 
 
 def countable(label):

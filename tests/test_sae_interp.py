@@ -987,3 +987,48 @@ def test_only_a_relu_dictionary_resamples_its_dead_latents(monkeypatch):
         sae, history = S.train_sae(X, 8, kind, k, l1, args, seed=0)
         assert sae.kind == kind and history[-1]["step"] == 624
     assert calls == ["relu"]
+
+
+# ---------------------------------------------------------------- on a GPU: the same numbers, off the host
+# "meta" tensors (shapes, no
+# data) stand in for a GPU's where a test must show that nothing is copied to the host.
+
+
+def copied_to_host(monkeypatch):
+    """Makes .cpu() of a meta tensor a zero tensor of its shape, recording the shape: what would cross."""
+    copied, cpu = [], torch.Tensor.cpu
+
+    def to_host(self, *args, **kwargs):
+        if self.device.type != "meta":
+            return cpu(self, *args, **kwargs)
+        copied.append(tuple(self.shape))
+        return torch.zeros(self.shape, dtype=self.dtype)
+    monkeypatch.setattr(torch.Tensor, "cpu", to_host)
+    return copied
+
+
+def test_residuals_stay_on_the_model_s_device():
+    acts = S.residuals(tiny_model().to("meta"), [[1, 5, 9], [1, 7]], 1, 0, 4)
+    assert [(a.device.type, len(a)) for a in acts] == [("meta", 3), ("meta", 2)]
+
+
+def test_concept_counts_stay_on_the_sae_s_device_and_only_the_count_tables_cross(monkeypatch):
+    """The dictionary's activations (tokens x latents) are pooled and counted where the SAE is; only the
+    (thresholds, latents, concepts) co-occurrences, the (thresholds, latents) and (concepts,) counts cross."""
+    copied = copied_to_host(monkeypatch)
+    table = {"X": torch.randn(30, 2).to("meta"), "Y": torch.rand(30, 3) < 0.3,
+             "unit": torch.arange(30) // 2}
+    S.concept_counts(exact_dictionary(2).to("meta"), table, torch.zeros(2, 4))
+    assert copied == [(2, 4, 3), (2, 4), (3,)]
+
+
+def test_the_probe_ceiling_trains_where_the_activations_are(monkeypatch):
+    """Only each piece's score (pieces, concepts) crosses to the host, for the thresholds."""
+    copied = copied_to_host(monkeypatch)
+    monkeypatch.setattr(S, "stop_if_diverged", lambda *a: None)   # a meta loss has no value to check
+    X = torch.randn(50, 4).to("meta")
+    fit = {"X": X, "Y": torch.rand(50, 2) < 0.3, "unit": torch.arange(50)}
+    test = {**fit, "unit": torch.arange(50) // 2, "n_texts": torch.tensor([3, 3])}
+    assert set(S.probe_ceiling(fit, test, ["a", "b"], steps=3)) <= {"a", "b"}
+    assert copied == [(50, 2), (25, 2)]
+
