@@ -187,6 +187,21 @@ def parse_args(argv=None):
 # =====================================================================================
 # A reader who wants another SAE (JumpReLU, BatchTopK) or another edit changes this section only.
 
+# Device types on the GPU paths: a sparse TopK decode, and no host read in a training step. The CPU keeps
+# the old paths: the same sums in another order would move a CPU run's numbers by rounding.
+GPU_PATHS = ("cuda",)
+
+
+def dictionary_sum(W_dec, z, kept=None):
+    """z @ W_dec.T. Given kept = (values, latents) (..., k), z's only nonzeros, a GPU path reads just those
+    k decoder columns a row (F.embedding_bag), not a matmul of zeros but for 32 of 16,384 latents a row."""
+    if kept is None or z.device.type not in GPU_PATHS:
+        return z @ W_dec.T
+    values, latents = (t.reshape(-1, t.size(-1)) for t in kept)
+    out = F.embedding_bag(latents, W_dec.T.contiguous(), per_sample_weights=values, mode="sum")   # (rows, d)
+    return out.view(*z.shape[:-1], -1)
+
+
 class SparseAutoencoder(nn.Module):
     """x (..., d) in the model's units -> (x_hat, z, pre). Inputs are scaled by input_scale inside,
     so that a training set's mean squared norm is d; the scale never leaks out (SAELens #518)."""
@@ -205,18 +220,20 @@ class SparseAutoencoder(nn.Module):
         return (x.float() * self.input_scale - self.b_pre) @ self.W_enc.T + self.b_enc
 
     def activate(self, pre):
+        """-> (z, kept): kept = (values, latents) of topk's k largest, for dictionary_sum; relu: None."""
         if self.kind == "relu":
-            return F.relu(pre)
-        values, indices = pre.topk(self.k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
+            return F.relu(pre), None
+        values, latents = pre.topk(self.k, dim=-1)
+        values = F.relu(values)
+        return torch.zeros_like(pre).scatter(-1, latents, values), (values, latents)
 
-    def decode(self, z):
-        return (z @ self.W_dec.T + self.b_pre) / self.input_scale
+    def decode(self, z, kept=None):
+        return (dictionary_sum(self.W_dec, z, kept) + self.b_pre) / self.input_scale
 
     def forward(self, x):
         pre = self.pre_activations(x)
-        z = self.activate(pre)
-        return self.decode(z), z, pre
+        z, kept = self.activate(pre)
+        return self.decode(z, kept), z, pre
 
 
 def normalized_mse(x, x_hat):
@@ -226,13 +243,16 @@ def normalized_mse(x, x_hat):
 
 def auxk_loss(sae, missed, pre, dead, k_aux):
     """OpenAI's AuxK: the k_aux largest pre-activations among dead latents try to reconstruct what the
-    SAE missed (detached). Only dead latents receive its gradient; 0 when none is dead."""
-    n_dead = int(dead.sum())
-    if n_dead == 0:
+    SAE missed (detached). Only dead latents receive its gradient; 0 when none is dead. On a GPU path
+    no count is read on the host: live latents enter the top k_aux at -inf (so at relu 0), and the
+    loss is multiplied by whether any latent is dead."""
+    if dead.device.type not in GPU_PATHS and not dead.any():
         return pre.new_zeros(())
-    values, indices = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
-    z = torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
-    return normalized_mse(missed, z @ sae.W_dec.T / sae.input_scale)
+    values, latents = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, pre.size(-1)), dim=-1)
+    values = F.relu(values)
+    z = torch.zeros_like(pre).scatter(-1, latents, values)
+    x_aux = dictionary_sum(sae.W_dec, z, (values, latents)) / sae.input_scale
+    return normalized_mse(missed, x_aux) * dead.any()
 
 
 def sae_loss(sae, x, dead, l1, aux_coef=1 / 32):
@@ -280,7 +300,7 @@ def best_latents(co, n_active, n_label):
 
 def clamp_latent(x, sae, latent, value):
     """x with one latent's activation set to value; every other latent and the SAE's error kept."""
-    z = sae.activate(sae.pre_activations(x))[..., latent]
+    z = sae.activate(sae.pre_activations(x))[0][..., latent]
     return x + ((value - z) / sae.input_scale)[..., None] * sae.W_dec[:, latent].to(x.dtype)
 
 
@@ -433,9 +453,22 @@ def geometric_median(x, iters=30):
     return m
 
 
+@contextlib.contextmanager
+def tf32_matmuls(device):
+    """On CUDA, fp32 matmuls in TF32 (10-bit mantissas in, fp32 sums), restored after; the CPU's stay IEEE."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = before or torch.device(device).type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def train_sae(X, n_latents, kind, k, l1, args, seed):
-    """One dictionary on the token table X; -> (sae, history). Dead: silent for dead_tokens tokens."""
-    g = torch.Generator().manual_seed(seed)
+    """One dictionary on the token table X; -> (sae, history). Dead: silent for dead_tokens tokens. No host
+    read a step: nan is looked for every 50 steps (and before a resample) and its first step named."""
+    g, X = torch.Generator().manual_seed(seed), X.to(args.device)
+    draw = g if X.device.type == "cpu" else torch.Generator(X.device).manual_seed(seed)   # batches
     scale = math.sqrt(X.size(1) / X.pow(2).sum(1).mean().item())
     sample = X[torch.randperm(len(X), generator=g)[:8192]] * scale
     sae = SparseAutoencoder(X.size(1), n_latents, kind, k, scale, geometric_median(sample), seed)
@@ -443,24 +476,29 @@ def train_sae(X, n_latents, kind, k, l1, args, seed):
     optimizer = torch.optim.Adam(sae.parameters(), lr=args.sae_lr, eps=6.25e-10)
     silent = torch.zeros(n_latents, device=args.device)     # tokens since each latent last fired
     dead_tokens, history = min(len(X), 50 * args.sae_batch), []
-    for step in range(args.sae_steps):
-        x = X[torch.randint(len(X), (args.sae_batch,), generator=g)].to(args.device)
-        for group in optimizer.param_groups:   # linear decay over the last fifth
-            group["lr"] = args.sae_lr * min(1.0, 5 * (1 - step / args.sae_steps))
-        loss, fvu, z = sae_loss(sae, x, silent > dead_tokens, l1)
-        stop_if_diverged(loss, step, "Lower --sae_lr", "the SAE loss")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        remove_parallel_gradient(sae.W_dec)
-        optimizer.step()
-        renormalise_decoder(sae.W_dec)
-        silent += len(x)
-        silent[(z > 0).any(0)] = 0
-        if kind == "relu" and step % 500 == 499 and step < 0.8 * args.sae_steps:
-            resample(sae, optimizer, X, silent > 250 * args.sae_batch, g)
-        if step % 50 == 0 or step == args.sae_steps - 1:
-            dead = (silent > dead_tokens).float().mean().item()
-            history.append({"step": step, "fvu": fvu.item(), "dead": dead})
+    losses = torch.zeros(args.sae_steps, device=args.device)
+    with tf32_matmuls(args.device):
+        for step in range(args.sae_steps):
+            x = X[torch.randint(len(X), (args.sae_batch,), generator=draw, device=X.device)]
+            for group in optimizer.param_groups:   # linear decay over the last fifth
+                group["lr"] = args.sae_lr * min(1.0, 5 * (1 - step / args.sae_steps))
+            loss, fvu, z = sae_loss(sae, x, silent > dead_tokens, l1)
+            losses[step] = loss.detach()
+            if step % 50 in (0, 49) or step == args.sae_steps - 1:
+                bad = int((~losses[:step + 1].isfinite()).float().argmax())   # the first, or 0
+                stop_if_diverged(losses[bad], bad, "Lower --sae_lr", "the SAE loss")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            remove_parallel_gradient(sae.W_dec)
+            optimizer.step()
+            renormalise_decoder(sae.W_dec)
+            silent += len(x)
+            silent.masked_fill_((z > 0).any(0), 0)
+            if kind == "relu" and step % 500 == 499 and step < 0.8 * args.sae_steps:
+                resample(sae, optimizer, X, silent > 250 * args.sae_batch, g)
+            if step % 50 == 0 or step == args.sae_steps - 1:
+                dead = (silent > dead_tokens).float().mean().item()
+                history.append({"step": step, "fvu": fvu.item(), "dead": dead})
     return sae.eval(), history
 
 
