@@ -464,9 +464,10 @@ def tf32_matmuls(device):
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def train_sae(X, n_latents, kind, k, l1, args, seed):
-    """One dictionary on the token table X; -> (sae, history). Dead: silent for dead_tokens tokens. No host
-    read a step: nan is looked for every 50 steps (and before a resample) and its first step named."""
+def train_sae(X, n_latents, kind, k, l1, args, seed, held=None):
+    """One dictionary on the token table X; -> (sae, history). Dead: silent for dead_tokens tokens. History:
+    every 50 steps the batch's FVU and dead share; at ten even steps the FVU on `held` (held-out tokens), the
+    curve to choose --sae_steps by. No host read a step: nan is looked for every 50 steps and named."""
     g, X = torch.Generator().manual_seed(seed), X.to(args.device)
     draw = g if X.device.type == "cpu" else torch.Generator(X.device).manual_seed(seed)   # batches
     scale = math.sqrt(X.size(1) / X.pow(2).sum(1).mean().item())
@@ -476,7 +477,7 @@ def train_sae(X, n_latents, kind, k, l1, args, seed):
     optimizer = torch.optim.Adam(sae.parameters(), lr=args.sae_lr, eps=6.25e-10)
     silent = torch.zeros(n_latents, device=args.device)     # tokens since each latent last fired
     dead_tokens, history = min(len(X), 50 * args.sae_batch), []
-    losses = torch.zeros(args.sae_steps, device=args.device)
+    losses, every = torch.zeros(args.sae_steps, device=args.device), max(1, args.sae_steps // 10)
     with tf32_matmuls(args.device):
         for step in range(args.sae_steps):
             x = X[torch.randint(len(X), (args.sae_batch,), generator=draw, device=X.device)]
@@ -496,9 +497,11 @@ def train_sae(X, n_latents, kind, k, l1, args, seed):
             silent.masked_fill_((z > 0).any(0), 0)
             if kind == "relu" and step % 500 == 499 and step < 0.8 * args.sae_steps:
                 resample(sae, optimizer, X, silent > 250 * args.sae_batch, g)
-            if step % 50 == 0 or step == args.sae_steps - 1:
+            curve = held is not None and (step + 1) % every == 0
+            if step % 50 == 0 or step == args.sae_steps - 1 or curve:
                 dead = (silent > dead_tokens).float().mean().item()
-                history.append({"step": step, "fvu": fvu.item(), "dead": dead})
+                history.append({"step": step, "fvu": fvu.item(), "dead": dead,
+                                **({"held_out_fvu": sae_metrics(sae, held)["fvu"]} if curve else {})})
     return sae.eval(), history
 
 
@@ -914,12 +917,13 @@ def run_dictionary(model, enc, world, pad, args):
     """Labelled text -> residuals -> the main SAE and the sweep, each measured on held-out text."""
     sets, concepts = text_sets(model, enc, world, pad, args)
     X, d, sweep, main = sets["fit"]["X"], sets["fit"]["X"].size(1), {}, None
+    held = sets["held_out"]["X"][::max(1, len(sets["held_out"]["X"]) // 8192)][:8192]   # for the FVU curve
     arms = [(args.sae, args.expansion, args.k if args.sae == "topk" else args.l1), *args.sweep]  # main first
     for kind, expansion, k_or_l1 in dict.fromkeys(arms):
         k, l1 = (k_or_l1, None) if kind == "topk" else (None, k_or_l1)
         name = f"{kind} {expansion}x " + (f"k={k}" if kind == "topk" else f"l1={l1}")
         t = time.time()
-        sae, history = train_sae(X, expansion * d, kind, k, l1, args, args.seed)
+        sae, history = train_sae(X, expansion * d, kind, k, l1, args, args.seed, held)
         m = sweep[name] = {"kind": kind, "latents": expansion * d, "k": k, "l1": l1,
                            **measure_sae(model, sae, sets, concepts, args, pad), "history": history}
         m["seconds"] = time.time() - t
@@ -940,7 +944,7 @@ def run_dictionary(model, enc, world, pad, args):
     print(f"a linear probe trained with the labels: {len(monosemantic(probe))} of {n_concepts} concepts "
           f"({COUNTED}) at P, R >= 0.8 on new templates")
     return ({"main": name, "sweep": sweep, "browser": browser, "bos_norm_ratio": sets["bos_ratio"],
-             "n_concepts": n_concepts, "too_few_texts": few, "probe": probe,
+             "n_concepts": n_concepts, "too_few_texts": few, "probe": probe, "fit_tokens": len(X),
              "probe_captured": monosemantic(probe)}, sae, labels, (sets["fit"], concepts))
 
 

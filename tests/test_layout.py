@@ -38,7 +38,7 @@ BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py
                                               # request and reply; and (+9) revealed preferences net of a
                                               # control frame naming no trait (a second likelihood pass
                                               # over the same pairs, its Elo, and the net in the report);
-               "07_sae_interp.py": 1220,      # 07: three experiments: an SAE sweep with labels (at fitted
+               "07_sae_interp.py": 1224,      # 07: three experiments: an SAE sweep with labels (at fitted
                                               # thresholds) and a probe ceiling, steering two ways,
                                               # injection with four controls,
                                               # training (with rehearsal of ordinary replies) and an ablation;
@@ -49,7 +49,7 @@ BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py
                                               # plot, and concepts counted on distinct test sentences;
                                               # 1220 since issue 35's GPU paths (+38): a sparse TopK decode,
                                               # SAE steps in TF32 with no host read a step, batches drawn
-                                              # on the device;
+                                              # on the device; and (+4) a held-out FVU curve per dictionary;
                "08_welfare_eval.py": 999}     # 08: six measures with their controls on every checkpoint, a
                                               # trained affect scorer and probe, and the system card's text;
                                               # 950 until issue 33's answer keys: a situation-only probe test

@@ -957,20 +957,21 @@ def test_detection_batches_inject_exactly_the_concept_the_answer_names(monkeypat
 
 
 def test_the_main_dictionary_is_the_sae_flag_s_kind_and_the_sweep_adds_only_new_ones(monkeypatch):
-    X = torch.randn(10, 2)
-    sets = {"fit": {"X": X}, "held_out": {"X": X}, "test": {"X": X, "where": None, "rows": []},
+    X, held = torch.randn(10, 2), torch.randn(6, 2)
+    sets = {"fit": {"X": X}, "held_out": {"X": held}, "test": {"X": X, "where": None, "rows": []},
             "bos_ratio": 1.0}
-    trained = []
+    trained, curves = [], []
     monkeypatch.setattr(S, "text_sets", lambda *a: (sets, ["c"]))
     monkeypatch.setattr(S, "probe_ceiling", lambda *a, **k: {})
-    monkeypatch.setattr(S, "train_sae", lambda X, n, kind, k, l1, args, seed: trained.append((kind, n, k, l1))
-                        or (f"sae {len(trained)}", []))
+    monkeypatch.setattr(S, "train_sae", lambda X, n, kind, k, l1, args, seed, held: curves.append(held)
+                        or trained.append((kind, n, k, l1)) or (f"sae {len(trained)}", []))
     measured = {"fvu": 0.1, "fvu_new_templates": 0.2, "l0": 1.0, "dead": 0.0, "ce_loss_score": 0.9,
                 "delta_ce": 0.1, "monosemantic": [], "monosemantic_any": [], "labels": {}}
     monkeypatch.setattr(S, "measure_sae", lambda *a: measured)
     args = args_of(sae="relu", expansion=4, k=8, l1=0.01, sweep=(("topk", 2, 4), ("relu", 4, 0.01)))
     out, sae, _, _ = S.run_dictionary(None, None, None, 0, args)
     assert trained == [("relu", 8, None, 0.01), ("topk", 4, 4, None)]   # the main one first; no duplicate
+    assert all(torch.equal(c, held) for c in curves)   # the FVU curve on held-out tokens
     assert out["main"] == "relu 4x l1=0.01" and sae == "sae 1" and list(out["sweep"]) == ["relu 4x l1=0.01",
                                                                                           "topk 2x k=4"]
     trained.clear()
@@ -1122,6 +1123,8 @@ def test_training_on_the_cpu_gives_the_old_dictionary_bit_for_bit(kind, k, l1, n
     new, history = S.train_sae(X, n_latents, kind, k, l1, args, 5)
     assert same_parameters(old, new) and history == old_history
     assert kind == "relu" or max(h["dead"] for h in history) > 0.2   # AuxK had dead latents to reach
+    curved, _ = S.train_sae(X, n_latents, kind, k, l1, args, 5, sae_data(100, seed=1))
+    assert same_parameters(old, curved)
 
 
 def test_training_on_a_gpu_path_stays_within_rounding_of_the_cpu_s(monkeypatch):
@@ -1169,6 +1172,16 @@ def test_a_training_step_on_a_gpu_path_reads_nothing_on_the_host(monkeypatch):
         counts.append(len(reads))
     assert max(h["dead"] for h in history) > 0    # the dead count mattered
     assert counts[1] - counts[0] <= 20, counts
+
+
+def test_the_fvu_curve_is_read_on_the_held_out_tokens_at_ten_steps():
+    """Ten even steps of a 40-step run log the FVU on the held-out tokens: the last is the trained SAE's."""
+    X, held = sae_data(), sae_data(200, seed=1)
+    sae, history = S.train_sae(X, 32, "topk", 4, None, args_of(sae_steps=40, sae_batch=16, sae_lr=3e-3), 5,
+                               held)
+    curve = [(h["step"], h["held_out_fvu"]) for h in history if "held_out_fvu" in h]
+    assert [step for step, _ in curve] == list(range(3, 40, 4))
+    assert curve[-1][1] == S.sae_metrics(sae, held)["fvu"] and curve[0][1] > curve[-1][1]
 
 
 def test_tf32_is_on_for_cuda_only_and_while_a_dictionary_trains(monkeypatch):
@@ -1229,4 +1242,3 @@ def test_the_probe_ceiling_trains_where_the_activations_are(monkeypatch):
     test = {**fit, "unit": torch.arange(50) // 2, "n_texts": torch.tensor([3, 3])}
     assert set(S.probe_ceiling(fit, test, ["a", "b"], steps=3)) <= {"a", "b"}
     assert copied == [(50, 2), (25, 2)]
-
