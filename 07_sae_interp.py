@@ -188,6 +188,21 @@ def parse_args(argv=None):
 # =====================================================================================
 # A reader who wants another SAE (JumpReLU, BatchTopK) or another edit changes this section only.
 
+# Device types on the GPU paths: a sparse TopK decode, and no host read in a training step. The CPU keeps
+# the old paths: the same sums in another order would move a CPU run's numbers by rounding.
+GPU_PATHS = ("cuda",)
+
+
+def dictionary_sum(W_dec, z, kept=None):
+    """z @ W_dec.T. Given kept = (values, latents) (..., k), z's only nonzeros, a GPU path reads just those
+    k decoder columns a row (F.embedding_bag), not a matmul of zeros but for 32 of 16,384 latents a row."""
+    if kept is None or z.device.type not in GPU_PATHS:
+        return z @ W_dec.T
+    values, latents = (t.reshape(-1, t.size(-1)) for t in kept)
+    out = F.embedding_bag(latents, W_dec.T.contiguous(), per_sample_weights=values, mode="sum")   # (rows, d)
+    return out.view(*z.shape[:-1], -1)
+
+
 class SparseAutoencoder(nn.Module):
     """x (..., d) in the model's units -> (x_hat, z, pre). Inputs are scaled by input_scale inside,
     so that a training set's mean squared norm is d; the scale never leaks out (SAELens #518)."""
@@ -206,18 +221,20 @@ class SparseAutoencoder(nn.Module):
         return (x.float() * self.input_scale - self.b_pre) @ self.W_enc.T + self.b_enc
 
     def activate(self, pre):
+        """-> (z, kept): kept = (values, latents) of topk's k largest, for dictionary_sum; relu: None."""
         if self.kind == "relu":
-            return F.relu(pre)
-        values, indices = pre.topk(self.k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
+            return F.relu(pre), None
+        values, latents = pre.topk(self.k, dim=-1)
+        values = F.relu(values)
+        return torch.zeros_like(pre).scatter(-1, latents, values), (values, latents)
 
-    def decode(self, z):
-        return (z @ self.W_dec.T + self.b_pre) / self.input_scale
+    def decode(self, z, kept=None):
+        return (dictionary_sum(self.W_dec, z, kept) + self.b_pre) / self.input_scale
 
     def forward(self, x):
         pre = self.pre_activations(x)
-        z = self.activate(pre)
-        return self.decode(z), z, pre
+        z, kept = self.activate(pre)
+        return self.decode(z, kept), z, pre
 
 
 def normalized_mse(x, x_hat):
@@ -227,13 +244,16 @@ def normalized_mse(x, x_hat):
 
 def auxk_loss(sae, missed, pre, dead, k_aux):
     """OpenAI's AuxK: the k_aux largest pre-activations among dead latents try to reconstruct what the
-    SAE missed (detached). Only dead latents receive its gradient; 0 when none is dead."""
-    n_dead = int(dead.sum())
-    if n_dead == 0:
+    SAE missed (detached). Only dead latents receive its gradient; 0 when none is dead. On a GPU path
+    no count is read on the host: live latents enter the top k_aux at -inf (so at relu 0), and the
+    loss is multiplied by whether any latent is dead."""
+    if dead.device.type not in GPU_PATHS and not dead.any():
         return pre.new_zeros(())
-    values, indices = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
-    z = torch.zeros_like(pre).scatter(-1, indices, F.relu(values))
-    return normalized_mse(missed, z @ sae.W_dec.T / sae.input_scale)
+    values, latents = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, pre.size(-1)), dim=-1)
+    values = F.relu(values)
+    z = torch.zeros_like(pre).scatter(-1, latents, values)
+    x_aux = dictionary_sum(sae.W_dec, z, (values, latents)) / sae.input_scale
+    return normalized_mse(missed, x_aux) * dead.any()
 
 
 def sae_loss(sae, x, dead, l1, aux_coef=1 / 32):
@@ -281,7 +301,7 @@ def best_latents(co, n_active, n_label):
 
 def clamp_latent(x, sae, latent, value):
     """x with one latent's activation set to value; every other latent and the SAE's error kept."""
-    z = sae.activate(sae.pre_activations(x))[..., latent]
+    z = sae.activate(sae.pre_activations(x))[0][..., latent]
     return x + ((value - z) / sae.input_scale)[..., None] * sae.W_dec[:, latent].to(x.dtype)
 
 
@@ -313,7 +333,7 @@ def ablated_everywhere(model, unit):
 
 def difference_of_means(acts, mask):
     """mean of acts where mask, minus mean where not: a concept's direction."""
-    return acts[mask].mean(0) - acts[~mask].mean(0)
+    return acts[mask.to(acts.device)].mean(0) - acts[~mask.to(acts.device)].mean(0)
 
 
 def net_detection(detection, false_positive):
@@ -362,10 +382,10 @@ def detected_before_mentioned(text, concept):
 
 @torch.no_grad()
 def residuals(model, rows, layer, pad, batch_size):
-    """The residual stream after `layer` blocks at every real position of every row (len, d) each."""
+    """The residual stream after `layer` blocks at each real position of each row: (len, d), on its device."""
     grabbed, out = [], []
     device = model.embed.weight.device
-    with residual_edit(model, layer, lambda x, positions, rows: grabbed.append(x.float().cpu()) or x):
+    with residual_edit(model, layer, lambda x, positions, rows: grabbed.append(x.float()) or x):
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]
             model(pad_right(chunk, pad, device))
@@ -434,9 +454,23 @@ def geometric_median(x, iters=30):
     return m
 
 
-def train_sae(X, n_latents, kind, k, l1, args, seed):
-    """One dictionary on the token table X; -> (sae, history). Dead: silent for dead_tokens tokens."""
-    g = torch.Generator().manual_seed(seed)
+@contextlib.contextmanager
+def tf32_matmuls(device):
+    """On CUDA, fp32 matmuls in TF32 (10-bit mantissas in, fp32 sums), restored after; the CPU's stay IEEE."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = before or torch.device(device).type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def train_sae(X, n_latents, kind, k, l1, args, seed, held=None):
+    """One dictionary on the token table X; -> (sae, history). Dead: silent for dead_tokens tokens. History:
+    every 50 steps the batch's FVU and dead share; at ten even steps the FVU on `held` (held-out tokens), the
+    curve to choose --sae_steps by. No host read a step: nan is looked for every 50 steps and named."""
+    g, X = torch.Generator().manual_seed(seed), X.to(args.device)
+    draw = g if X.device.type == "cpu" else torch.Generator(X.device).manual_seed(seed)   # batches
     scale = math.sqrt(X.size(1) / X.pow(2).sum(1).mean().item())
     sample = X[torch.randperm(len(X), generator=g)[:8192]] * scale
     sae = SparseAutoencoder(X.size(1), n_latents, kind, k, scale, geometric_median(sample), seed)
@@ -444,24 +478,31 @@ def train_sae(X, n_latents, kind, k, l1, args, seed):
     optimizer = torch.optim.Adam(sae.parameters(), lr=args.sae_lr, eps=6.25e-10)
     silent = torch.zeros(n_latents, device=args.device)     # tokens since each latent last fired
     dead_tokens, history = min(len(X), 50 * args.sae_batch), []
-    for step in range(args.sae_steps):
-        x = X[torch.randint(len(X), (args.sae_batch,), generator=g)].to(args.device)
-        for group in optimizer.param_groups:   # linear decay over the last fifth
-            group["lr"] = args.sae_lr * min(1.0, 5 * (1 - step / args.sae_steps))
-        loss, fvu, z = sae_loss(sae, x, silent > dead_tokens, l1)
-        stop_if_diverged(loss, step, "Lower --sae_lr", "the SAE loss")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        remove_parallel_gradient(sae.W_dec)
-        optimizer.step()
-        renormalise_decoder(sae.W_dec)
-        silent += len(x)
-        silent[(z > 0).any(0)] = 0
-        if kind == "relu" and step % 500 == 499 and step < 0.8 * args.sae_steps:
-            resample(sae, optimizer, X, silent > 250 * args.sae_batch, g)
-        if step % 50 == 0 or step == args.sae_steps - 1:
-            dead = (silent > dead_tokens).float().mean().item()
-            history.append({"step": step, "fvu": fvu.item(), "dead": dead})
+    losses, every = torch.zeros(args.sae_steps, device=args.device), max(1, args.sae_steps // 10)
+    with tf32_matmuls(args.device):
+        for step in range(args.sae_steps):
+            x = X[torch.randint(len(X), (args.sae_batch,), generator=draw, device=X.device)]
+            for group in optimizer.param_groups:   # linear decay over the last fifth
+                group["lr"] = args.sae_lr * min(1.0, 5 * (1 - step / args.sae_steps))
+            loss, fvu, z = sae_loss(sae, x, silent > dead_tokens, l1)
+            losses[step] = loss.detach()
+            if step % 50 in (0, 49) or step == args.sae_steps - 1:
+                bad = int((~losses[:step + 1].isfinite()).float().argmax())   # the first, or 0
+                stop_if_diverged(losses[bad], bad, "Lower --sae_lr", "the SAE loss")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            remove_parallel_gradient(sae.W_dec)
+            optimizer.step()
+            renormalise_decoder(sae.W_dec)
+            silent += len(x)
+            silent.masked_fill_((z > 0).any(0), 0)
+            if kind == "relu" and step % 500 == 499 and step < 0.8 * args.sae_steps:
+                resample(sae, optimizer, X, silent > 250 * args.sae_batch, g)
+            curve = held is not None and (step + 1) % every == 0
+            if step % 50 == 0 or step == args.sae_steps - 1 or curve:
+                dead = (silent > dead_tokens).float().mean().item()
+                history.append({"step": step, "fvu": fvu.item(), "dead": dead,
+                                **({"held_out_fvu": sae_metrics(sae, held)["fvu"]} if curve else {})})
     return sae.eval(), history
 
 
@@ -588,24 +629,24 @@ def concept_counts(sae, table, thresholds):
     """Counts for precision_recall over pieces of text, a latent being on in a piece when it passes its
     threshold on any of the piece's tokens (a name is one token, a reply many). thresholds
     (T, latents) -> co (T, latents, concepts), n_active (T, latents), n_label (concepts)."""
-    X, Y, unit = table["X"], table["Y"], table["unit"]
-    co, n_label = torch.zeros(*thresholds.shape, Y.size(1)), torch.zeros(Y.size(1))
-    n_active = torch.zeros(thresholds.shape)
+    X, Y, unit, thresholds = table["X"], table["Y"], table["unit"], thresholds.to(sae.W_dec.device)
+    co, n_label = thresholds.new_zeros(*thresholds.shape, Y.size(1)), thresholds.new_zeros(Y.size(1))
+    n_active, device = thresholds.new_zeros(thresholds.shape), thresholds.device
     i = 0
     while i < len(X):
         j = min(i + 8192, len(X))
         while j < len(X) and unit[j] == unit[j - 1]:   # never cut a piece in two
             j += 1
         local = unit[i:j] - unit[i]
-        strongest = pooled(sae(X[i:j].to(sae.W_dec.device))[1].cpu(), local)   # (pieces, latents)
-        labelled = (pooled(Y[i:j].float(), local) > 0).float()
+        strongest = pooled(sae(X[i:j].to(device))[1], local)   # (pieces, latents), on the SAE's device
+        labelled = (pooled(Y[i:j].to(device).float(), local) > 0).float()
         for t, threshold in enumerate(thresholds):
             on = strongest > threshold
             co[t] += on.float().T @ labelled
             n_active[t] += on.sum(0)
         n_label += labelled.sum(0)
         i = j
-    return co, n_active, n_label
+    return co.cpu(), n_active.cpu(), n_label.cpu()   # the count tables only come to the host
 
 
 def label_latents(sae, fit, test, concepts):
@@ -634,9 +675,9 @@ def label_latents(sae, fit, test, concepts):
 
 
 def pooled(scores, unit):
-    """Each piece of text's largest score per column: (units, columns)."""
-    out = torch.full((int(unit[-1]) + 1, scores.size(1)), float("-inf"))
-    return out.scatter_reduce_(0, unit[:, None].expand_as(scores), scores, "amax")
+    """Each piece of text's largest score per column: (units, columns), on the scores' device."""
+    out = torch.full((int(unit[-1]) + 1, scores.size(1)), float("-inf"), device=scores.device)
+    return out.scatter_reduce_(0, unit.to(scores.device)[:, None].expand_as(scores), scores, "amax")
 
 
 def probe_ceiling(fit, test, concepts, steps=600, seed=0):
@@ -644,10 +685,10 @@ def probe_ceiling(fit, test, concepts, steps=600, seed=0):
     labels on the fit text (positives up-weighted by the square root of their rarity), on where its
     logit passes a threshold chosen by F1 on the fit pieces, precision and recall on the test pieces.
     The SAE, which never sees a label, is judged against it."""
-    g, X, Y = torch.Generator().manual_seed(seed), fit["X"], fit["Y"].float()
+    g, X, Y = torch.Generator().manual_seed(seed), fit["X"], fit["Y"].float().to(fit["X"].device)
     mean, std, share = X.mean(0), X.std(0), Y.mean(0).clamp(min=1e-4)
-    W, b = torch.zeros(X.size(1), Y.size(1), requires_grad=True), torch.zeros(Y.size(1), requires_grad=True)
-    optimizer = torch.optim.Adam([W, b], lr=1e-2)
+    W, b = torch.zeros(X.size(1), Y.size(1), device=X.device), torch.zeros(Y.size(1), device=X.device)
+    optimizer = torch.optim.Adam([W.requires_grad_(), b.requires_grad_()], lr=1e-2)
     for step in range(steps):
         i = torch.randint(len(X), (8192,), generator=g)
         loss = F.binary_cross_entropy_with_logits((X[i] - mean) / std @ W + b, Y[i],
@@ -657,7 +698,7 @@ def probe_ceiling(fit, test, concepts, steps=600, seed=0):
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        score, true = [pooled((t["X"] - mean) / std @ W + b, t["unit"]) for t in (fit, test)], \
+        score, true = [pooled((t["X"] - mean) / std @ W + b, t["unit"]).cpu() for t in (fit, test)], \
             [pooled(t["Y"].float(), t["unit"]) > 0 for t in (fit, test)]
     best, threshold = torch.full((Y.size(1),), -1.0), torch.zeros(Y.size(1))
     for t in torch.arange(-4.0, 12.0, 0.5):   # one threshold at a time: (pieces, concepts) in memory
@@ -668,7 +709,7 @@ def probe_ceiling(fit, test, concepts, steps=600, seed=0):
     hit, n_on, n_true = (on & true[1]).sum(0), on.sum(0).clamp(min=1), true[1].sum(0)
     return {c: {"precision": (hit[j] / n_on[j]).item(), "recall": (hit[j] / n_true[j]).item(),
                 "n_test_units": int(n_true[j]), "n_test_texts": int(test["n_texts"][j])}
-            for j, c in enumerate(concepts) if n_true[j] and Y[:, j].any()}
+            for j, c in enumerate(concepts) if n_true[j] and fit["Y"][:, j].any()}
 
 
 def countable(label):
@@ -877,12 +918,13 @@ def run_dictionary(model, enc, world, pad, args):
     """Labelled text -> residuals -> the main SAE and the sweep, each measured on held-out text."""
     sets, concepts = text_sets(model, enc, world, pad, args)
     X, d, sweep, main = sets["fit"]["X"], sets["fit"]["X"].size(1), {}, None
+    held = sets["held_out"]["X"][::max(1, len(sets["held_out"]["X"]) // 8192)][:8192]   # for the FVU curve
     arms = [(args.sae, args.expansion, args.k if args.sae == "topk" else args.l1), *args.sweep]  # main first
     for kind, expansion, k_or_l1 in dict.fromkeys(arms):
         k, l1 = (k_or_l1, None) if kind == "topk" else (None, k_or_l1)
         name = f"{kind} {expansion}x " + (f"k={k}" if kind == "topk" else f"l1={l1}")
         t = time.time()
-        sae, history = train_sae(X, expansion * d, kind, k, l1, args, args.seed)
+        sae, history = train_sae(X, expansion * d, kind, k, l1, args, args.seed, held)
         m = sweep[name] = {"kind": kind, "latents": expansion * d, "k": k, "l1": l1,
                            **measure_sae(model, sae, sets, concepts, args, pad), "history": history}
         m["seconds"] = time.time() - t
@@ -903,7 +945,7 @@ def run_dictionary(model, enc, world, pad, args):
     print(f"a linear probe trained with the labels: {len(monosemantic(probe))} of {n_concepts} concepts "
           f"({COUNTED}) at P, R >= 0.8 on new templates")
     return ({"main": name, "sweep": sweep, "browser": browser, "bos_norm_ratio": sets["bos_ratio"],
-             "n_concepts": n_concepts, "too_few_texts": few, "probe": probe,
+             "n_concepts": n_concepts, "too_few_texts": few, "probe": probe, "fit_tokens": len(X),
              "probe_captured": monosemantic(probe)}, sae, labels, (sets["fit"], concepts))
 
 

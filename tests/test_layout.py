@@ -40,7 +40,7 @@ BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py
                                               # over the same pairs, its Elo, and the net in the report);
                                               # and (+7) evaluation on a validation or a test half
                                               # (--eval_split), stage 03's requests halved too;
-               "07_sae_interp.py": 1183,      # 07: three experiments: an SAE sweep with labels (at fitted
+               "07_sae_interp.py": 1225,      # 07: three experiments: an SAE sweep with labels (at fitted
                                               # thresholds) and a probe ceiling, steering two ways,
                                               # injection with four controls,
                                               # training (with rehearsal of ordinary replies) and an ablation;
@@ -51,7 +51,10 @@ BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py
                                               # plot, and concepts counted on distinct test sentences;
                                               # and (issue 35, +1) --gen_batch, the replies generated at once
                                               # apart from the scoring batch (05 and 06 paid for theirs with
-                                              # the autocast blocks that generate made redundant; 07 had none)
+                                              # the autocast blocks that generate made redundant; 07 had none);
+                                              # and issue 35's GPU paths (+38): a sparse TopK decode,
+                                              # SAE steps in TF32 with no host read a step, batches drawn
+                                              # on the device; and (+4) a held-out FVU curve per dictionary;
                "08_welfare_eval.py": 1001}    # 08: six measures with their controls on every checkpoint, a
                                               # trained affect scorer and probe, and the system card's text;
                                               # 950 until issue 33's answer keys: a situation-only probe test

@@ -1,10 +1,12 @@
 """Stage 07: the SAE's constraints (unit decoder, exactly k active, AuxK on dead latents only), the
 faithfulness scores on hand values and an exact dictionary, edits of the residual stream that are
 no-ops when they should be, the injection grader, labels per token, and a tiny run."""
+import contextlib
 import json
 import math
 import random
 import re
+import sys
 
 import pytest
 import torch
@@ -955,20 +957,21 @@ def test_detection_batches_inject_exactly_the_concept_the_answer_names(monkeypat
 
 
 def test_the_main_dictionary_is_the_sae_flag_s_kind_and_the_sweep_adds_only_new_ones(monkeypatch):
-    X = torch.randn(10, 2)
-    sets = {"fit": {"X": X}, "held_out": {"X": X}, "test": {"X": X, "where": None, "rows": []},
+    X, held = torch.randn(10, 2), torch.randn(6, 2)
+    sets = {"fit": {"X": X}, "held_out": {"X": held}, "test": {"X": X, "where": None, "rows": []},
             "bos_ratio": 1.0}
-    trained = []
+    trained, curves = [], []
     monkeypatch.setattr(S, "text_sets", lambda *a: (sets, ["c"]))
     monkeypatch.setattr(S, "probe_ceiling", lambda *a, **k: {})
-    monkeypatch.setattr(S, "train_sae", lambda X, n, kind, k, l1, args, seed: trained.append((kind, n, k, l1))
-                        or (f"sae {len(trained)}", []))
+    monkeypatch.setattr(S, "train_sae", lambda X, n, kind, k, l1, args, seed, held: curves.append(held)
+                        or trained.append((kind, n, k, l1)) or (f"sae {len(trained)}", []))
     measured = {"fvu": 0.1, "fvu_new_templates": 0.2, "l0": 1.0, "dead": 0.0, "ce_loss_score": 0.9,
                 "delta_ce": 0.1, "monosemantic": [], "monosemantic_any": [], "labels": {}}
     monkeypatch.setattr(S, "measure_sae", lambda *a: measured)
     args = args_of(sae="relu", expansion=4, k=8, l1=0.01, sweep=(("topk", 2, 4), ("relu", 4, 0.01)))
     out, sae, _, _ = S.run_dictionary(None, None, None, 0, args)
     assert trained == [("relu", 8, None, 0.01), ("topk", 4, 4, None)]   # the main one first; no duplicate
+    assert all(torch.equal(c, held) for c in curves)   # the FVU curve on held-out tokens
     assert out["main"] == "relu 4x l1=0.01" and sae == "sae 1" and list(out["sweep"]) == ["relu 4x l1=0.01",
                                                                                           "topk 2x k=4"]
     trained.clear()
@@ -987,3 +990,255 @@ def test_only_a_relu_dictionary_resamples_its_dead_latents(monkeypatch):
         sae, history = S.train_sae(X, 8, kind, k, l1, args, seed=0)
         assert sae.kind == kind and history[-1]["step"] == 624
     assert calls == ["relu"]
+
+
+# ---------------------------------------------------------------- on a GPU: the same numbers, off the host
+# The GPU paths (S.GPU_PATHS) are run here on the CPU by naming "cpu" among them; "meta" tensors (shapes, no
+# data) stand in for a GPU's where a test must show that nothing is copied to the host.
+
+
+def old_forward(sae, x):
+    """The dictionary before the GPU paths (frozen): TopK scattered into a dense z, decoded densely."""
+    pre = sae.pre_activations(x)
+    if sae.kind == "relu":
+        z = torch.relu(pre)
+    else:
+        values, indices = pre.topk(sae.k, dim=-1)
+        z = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+    return (z @ sae.W_dec.T + sae.b_pre) / sae.input_scale, z, pre
+
+
+def old_auxk_loss(sae, missed, pre, dead, k_aux):
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return pre.new_zeros(())
+    values, indices = pre.masked_fill(~dead, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, indices, torch.relu(values))
+    return S.normalized_mse(missed, z @ sae.W_dec.T / sae.input_scale)
+
+
+def old_train_sae(X, n_latents, kind, k, l1, args, seed):
+    """train_sae before the GPU paths (frozen): a batch index drawn on the host, a nan check, a dead count
+    and a masked write every step."""
+    g = torch.Generator().manual_seed(seed)
+    scale = math.sqrt(X.size(1) / X.pow(2).sum(1).mean().item())
+    sample = X[torch.randperm(len(X), generator=g)[:8192]] * scale
+    sae = S.SparseAutoencoder(X.size(1), n_latents, kind, k, scale, S.geometric_median(sample), seed)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=args.sae_lr, eps=6.25e-10)
+    silent = torch.zeros(n_latents)
+    dead_tokens, history = min(len(X), 50 * args.sae_batch), []
+    for step in range(args.sae_steps):
+        x = X[torch.randint(len(X), (args.sae_batch,), generator=g)]
+        for group in optimizer.param_groups:
+            group["lr"] = args.sae_lr * min(1.0, 5 * (1 - step / args.sae_steps))
+        x_hat, z, pre = old_forward(sae, x)
+        fvu = S.normalized_mse(x, x_hat)
+        dead = silent > dead_tokens
+        extra = ((1 / 32) * old_auxk_loss(sae, (x - x_hat).detach(), pre, dead, x.size(-1) // 2)
+                 if kind == "topk" else l1 * z.sum(-1).mean())
+        loss = fvu + extra
+        S.stop_if_diverged(loss, step, "Lower --sae_lr", "the SAE loss")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        S.remove_parallel_gradient(sae.W_dec)
+        optimizer.step()
+        S.renormalise_decoder(sae.W_dec)
+        silent += len(x)
+        silent[(z > 0).any(0)] = 0
+        if kind == "relu" and step % 500 == 499 and step < 0.8 * args.sae_steps:
+            S.resample(sae, optimizer, X, silent > 250 * args.sae_batch, g)
+        if step % 50 == 0 or step == args.sae_steps - 1:
+            dead = (silent > dead_tokens).float().mean().item()
+            history.append({"step": step, "fvu": fvu.item(), "dead": dead})
+    return sae.eval(), history
+
+
+def sae_data(n=600, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g) + 0.5
+
+
+def same_parameters(a, b):
+    return all(torch.equal(a.state_dict()[key], b.state_dict()[key]) for key in a.state_dict())
+
+
+def test_the_sparse_decode_equals_the_dense_one_with_its_gradients(monkeypatch):
+    """On a GPU path a TopK z is decoded from its k kept (values, latents) alone (F.embedding_bag); the CPU
+    multiplies the dense z. The same x_hat, and the same gradients for the decoder and the kept values,
+    for a (B, T, latents) z too (a residual edit's shape)."""
+    g = torch.Generator().manual_seed(0)
+    W_dec, pre, weights = (torch.randn(*shape, generator=g) for shape in ((8, 64), (3, 5, 64), (3, 5, 8)))
+    values, latents = pre.topk(4, dim=-1)
+    results = []
+    for paths in ((), ("cpu",)):
+        monkeypatch.setattr(S, "GPU_PATHS", paths)
+        W, v = W_dec.clone().requires_grad_(), values.clone().requires_grad_()
+        out = S.dictionary_sum(W, torch.zeros_like(pre).scatter(-1, latents, v), (v, latents))
+        (out * weights).sum().backward()
+        results.append((out.detach(), W.grad, v.grad))
+    for dense, sparse in zip(*results):
+        assert torch.allclose(dense, sparse, atol=1e-5)
+    # which path ran: given a zero z, the GPU path still decodes the kept latents; the CPU's gives zeros
+    assert torch.allclose(S.dictionary_sum(W_dec, torch.zeros_like(pre), (values, latents)), results[0][0],
+                          atol=1e-5)
+    monkeypatch.setattr(S, "GPU_PATHS", ())
+    assert not S.dictionary_sum(W_dec, torch.zeros_like(pre), (values, latents)).any()
+
+
+@pytest.mark.parametrize("n_dead", [0, 2, 10])   # none, fewer than k_aux = 4, more
+def test_auxk_is_the_old_loss_on_the_cpu_and_on_a_gpu_path_whatever_the_dead_count(monkeypatch, n_dead):
+    """A GPU path never reads the dead count on the host: live latents join the top k_aux at -inf (relu 0)
+    and the loss is multiplied by whether any is dead. The loss and its gradients (decoder, pre-activations)
+    are the old function's: exactly on the CPU, to rounding on a GPU path."""
+    torch.manual_seed(3)
+    sae = S.SparseAutoencoder(8, 16, "topk", k=2)
+    x = torch.randn(32, 8)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[torch.randperm(16)[:n_dead]] = True
+    results = []
+    for loss_fn, paths in ((old_auxk_loss, ()), (S.auxk_loss, ()), (S.auxk_loss, ("cpu",))):
+        monkeypatch.setattr(S, "GPU_PATHS", paths)
+        sae.zero_grad(set_to_none=True)
+        pre = sae.pre_activations(x).detach().requires_grad_()
+        missed = (x - old_forward(sae, x)[0]).detach()
+        loss = loss_fn(sae, missed, pre, dead, 4)
+        if loss.requires_grad:
+            loss.backward()
+        grads = [torch.zeros(16, 8) if sae.W_dec.grad is None else sae.W_dec.grad.T.clone(),
+                 torch.zeros_like(pre) if pre.grad is None else pre.grad.clone()]
+        results.append([loss.detach(), *grads])
+    old, cpu, gpu = results
+    assert all(torch.equal(a, b) for a, b in zip(old, cpu))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(old, gpu))
+    assert (old[0] > 0) == (n_dead > 0)
+
+
+@pytest.mark.parametrize("kind, k, l1, n_latents, steps", [("topk", 2, None, 96, 700),   # many latents die
+                                                            ("relu", None, 0.05, 64, 600)])  # one resample
+def test_training_on_the_cpu_gives_the_old_dictionary_bit_for_bit(kind, k, l1, n_latents, steps):
+    """train_sae against its frozen copy from before the GPU paths: the same parameters and history, bit for
+    bit, with and without the held-out FVU curve (which reads the SAE, never the generator)."""
+    X, args = sae_data(), args_of(sae_steps=steps, sae_batch=16, sae_lr=3e-3)
+    old, old_history = old_train_sae(X, n_latents, kind, k, l1, args, 5)
+    new, history = S.train_sae(X, n_latents, kind, k, l1, args, 5)
+    assert same_parameters(old, new) and history == old_history
+    assert kind == "relu" or max(h["dead"] for h in history) > 0.2   # AuxK had dead latents to reach
+    curved, _ = S.train_sae(X, n_latents, kind, k, l1, args, 5, sae_data(100, seed=1))
+    assert same_parameters(old, curved)
+
+
+def test_training_on_a_gpu_path_stays_within_rounding_of_the_cpu_s(monkeypatch):
+    """The sparse decode and the host-free AuxK sum in another order: after 300 steps, with latents dying,
+    the dictionary is the CPU path's to float rounding."""
+    X, args = sae_data(), args_of(sae_steps=300, sae_batch=16, sae_lr=3e-3)
+    cpu, _ = S.train_sae(X, 96, "topk", 2, None, args, 5)
+    monkeypatch.setattr(S, "GPU_PATHS", ("cpu",))
+    gpu, history = S.train_sae(X, 96, "topk", 2, None, args, 5)
+    assert max(h["dead"] for h in history) > 0
+    for key, value in cpu.state_dict().items():
+        assert torch.allclose(value, gpu.state_dict()[key], atol=1e-5), key
+
+
+def count_host_reads(monkeypatch):
+    """Each read of a tensor's value on the host (on a GPU, a wait for it): .item(), bool(), int(), float(),
+    .tolist(), .nonzero(), and indexing with a boolean mask. torch.optim's reads of its own step counter
+    (a CPU tensor, even on a GPU) are not counted."""
+    reads = []
+
+    def counted(name, original, mask_only=False):
+        def read(self, *args, **kwargs):
+            by_optim = "torch/optim" in sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            if not by_optim and (not mask_only or (isinstance(args[0], torch.Tensor)
+                                                   and args[0].dtype == torch.bool)):
+                reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+    for name in ("item", "__bool__", "__int__", "__float__", "tolist", "nonzero", "__getitem__",
+                 "__setitem__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name),
+                                                        name in ("__getitem__", "__setitem__")))
+    return reads
+
+
+def test_a_training_step_on_a_gpu_path_reads_nothing_on_the_host(monkeypatch):
+    """100 more steps add only the reads of the checks every 50 steps (a nan check before a resample and
+    after a history line, and the history line), not a read or more a step."""
+    monkeypatch.setattr(S, "GPU_PATHS", ("cpu",))
+    X, counts, reads = sae_data(), [], count_host_reads(monkeypatch)
+    for steps in (100, 200):
+        reads.clear()
+        args = args_of(sae_steps=steps, sae_batch=16, sae_lr=3e-3)
+        _, history = S.train_sae(X, 96, "topk", 2, None, args, 5)
+        counts.append(len(reads))
+    assert max(h["dead"] for h in history) > 0    # the dead count mattered
+    assert counts[1] - counts[0] <= 20, counts
+
+
+def test_the_fvu_curve_is_read_on_the_held_out_tokens_at_ten_steps():
+    """Ten even steps of a 40-step run log the FVU on the held-out tokens: the last is the trained SAE's."""
+    X, held = sae_data(), sae_data(200, seed=1)
+    sae, history = S.train_sae(X, 32, "topk", 4, None, args_of(sae_steps=40, sae_batch=16, sae_lr=3e-3), 5,
+                               held)
+    curve = [(h["step"], h["held_out_fvu"]) for h in history if "held_out_fvu" in h]
+    assert [step for step, _ in curve] == list(range(3, 40, 4))
+    assert curve[-1][1] == S.sae_metrics(sae, held)["fvu"] and curve[0][1] > curve[-1][1]
+
+
+def test_tf32_is_on_for_cuda_only_and_while_a_dictionary_trains(monkeypatch):
+    before = torch.backends.cuda.matmul.allow_tf32
+    with S.tf32_matmuls("cpu"):
+        assert torch.backends.cuda.matmul.allow_tf32 == before
+    with S.tf32_matmuls("cuda"):
+        assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    inside = []
+
+    @contextlib.contextmanager
+    def recorded(device):
+        inside.append(device)
+        yield
+        inside.append("out")
+    loss = S.sae_loss
+    monkeypatch.setattr(S, "tf32_matmuls", recorded)
+    monkeypatch.setattr(S, "sae_loss", lambda *a: inside.append("step") or loss(*a))
+    S.train_sae(sae_data(), 16, "topk", 2, None, args_of(sae_steps=3, sae_batch=16, sae_lr=1e-3), 0)
+    assert inside == ["cpu", "step", "step", "step", "out"]
+
+
+def copied_to_host(monkeypatch):
+    """Makes .cpu() of a meta tensor a zero tensor of its shape, recording the shape: what would cross."""
+    copied, cpu = [], torch.Tensor.cpu
+
+    def to_host(self, *args, **kwargs):
+        if self.device.type != "meta":
+            return cpu(self, *args, **kwargs)
+        copied.append(tuple(self.shape))
+        return torch.zeros(self.shape, dtype=self.dtype)
+    monkeypatch.setattr(torch.Tensor, "cpu", to_host)
+    return copied
+
+
+def test_residuals_stay_on_the_model_s_device():
+    acts = S.residuals(tiny_model().to("meta"), [[1, 5, 9], [1, 7]], 1, 0, 4)
+    assert [(a.device.type, len(a)) for a in acts] == [("meta", 3), ("meta", 2)]
+
+
+def test_concept_counts_stay_on_the_sae_s_device_and_only_the_count_tables_cross(monkeypatch):
+    """The dictionary's activations (tokens x latents) are pooled and counted where the SAE is; only the
+    (thresholds, latents, concepts) co-occurrences, the (thresholds, latents) and (concepts,) counts cross."""
+    copied = copied_to_host(monkeypatch)
+    table = {"X": torch.randn(30, 2).to("meta"), "Y": torch.rand(30, 3) < 0.3,
+             "unit": torch.arange(30) // 2}
+    S.concept_counts(exact_dictionary(2).to("meta"), table, torch.zeros(2, 4))
+    assert copied == [(2, 4, 3), (2, 4), (3,)]
+
+
+def test_the_probe_ceiling_trains_where_the_activations_are(monkeypatch):
+    """Only each piece's score (pieces, concepts) crosses to the host, for the thresholds."""
+    copied = copied_to_host(monkeypatch)
+    monkeypatch.setattr(S, "stop_if_diverged", lambda *a: None)   # a meta loss has no value to check
+    X = torch.randn(50, 4).to("meta")
+    fit = {"X": X, "Y": torch.rand(50, 2) < 0.3, "unit": torch.arange(50)}
+    test = {**fit, "unit": torch.arange(50) // 2, "n_texts": torch.tensor([3, 3])}
+    assert set(S.probe_ceiling(fit, test, ["a", "b"], steps=3)) <= {"a", "b"}
+    assert copied == [(50, 2), (25, 2)]
