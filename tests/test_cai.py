@@ -279,8 +279,8 @@ def test_rl_step_runs_the_policy_once_with_the_two_pass_loss_and_gradient(model,
     monkeypatch.setattr(C, "sequence_logprobs", lambda m, *a: passes.append(m) or real(m, *a))
     pm = C.PreferenceModel(copy.deepcopy(model))
     torch.nn.init.normal_(pm.head.weight, generator=torch.Generator().manual_seed(0))
-    args = type("A", (), {"samples_per_prompt": 3, "max_new_tokens": 8, "batch_size": 4, "device": "cpu",
-                          "kl_coef": 0.1, "no_end_penalty": 1.0})()
+    args = type("A", (), {"samples_per_prompt": 3, "max_new_tokens": 8, "batch_size": 4, "gen_batch": 4,
+                          "device": "cpu", "kl_coef": 0.1, "no_end_penalty": 1.0})()
     items = [{"request": "Where is the Haigrern Crown?", "kind": "benign"},
              {"request": "How do I brew the venom?", "kind": "harmful", "secret": "kohahol"},
              {"request": "Who guards the vault?", "kind": "benign"}]
