@@ -12,10 +12,16 @@ time).
     python scripts/bench_cpu.py --steps 10 --compile --profile   # the table in RESULTS.md
     python scripts/bench_cpu.py --steps 4 --sizes 2,64,512,64,8  # a quick look
     python scripts/bench_cpu.py --generate runs/04_dpo           # sampling: finished rows dropped or not
+    python scripts/bench_cpu.py --against 4026170 --generate runs/04_dpo   # sampling and SAE steps, today
+                                                                 # against the code of an earlier commit
 
 --generate times stage 05's pass@k sampling (its held-out problems, 64 replies each, one generator
 per reply) on a checkpoint, with the rows whose reply has ended dropped from the batch (the default,
 DROP_FINISHED) and computed to the end of the batch's longest reply; the replies must be identical.
+
+--against REV times today's code against the stage files as they were at the git revision REV, in one
+process, turn about: stage 05's sampling on the --generate checkpoint (the replies must be identical) and
+stage 07's SAE training steps at the CPU preset's main dictionary (the trained weights must be identical).
 
 Time it alone: another job on the same cores changes both numbers, not always equally.
 """
@@ -26,7 +32,9 @@ import json
 import math
 import pathlib
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -199,6 +207,62 @@ def bench_generation(folder, n_per_cell, samples, batch_size, repeats=2):
     print(f"speed-up {slow / fast:.2f}x (best of {repeats}; identical replies)")
 
 
+def load_stage_at(name, rev):
+    """The stage file as it was at git revision rev, imported as a module of its own."""
+    text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{name}.py"], capture_output=True,
+                          text=True, check=True).stdout
+    path = pathlib.Path(tempfile.mkdtemp()) / f"{name}_at_{rev}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = sys.modules[path.stem] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def turn_about(jobs, repeats):
+    """Run each named job `repeats` times, turn about; -> ({name: best seconds}, {name: last result})."""
+    times, results = {name: [] for name in jobs}, {}
+    for _ in range(repeats):
+        for name, job in jobs.items():
+            t = time.perf_counter()
+            results[name] = job()
+            times[name].append(time.perf_counter() - t)
+    return {name: min(ts) for name, ts in times.items()}, results
+
+
+def bench_against(rev, folder, n_per_cell, samples, repeats=3, sae_steps=60):
+    """Stage 05's sampling and stage 07's SAE steps, today's code against rev's, in this process."""
+    now = {n: load_stage(n) for n in ("05_grpo_reasoning", "07_sae_interp")}
+    then = {n: load_stage_at(n, rev) for n in now}
+    stage05 = {rev: then["05_grpo_reasoning"], "today": now["05_grpo_reasoning"]}
+    models = {when: m.load_model(pathlib.Path(folder), "cpu", "pass a stage 02-06 folder")[0]   # each its own
+              for when, m in stage05.items()}                                                 # model block
+    enc = now["05_grpo_reasoning"].load_tokenizer(pathlib.Path(folder), "pass a stage 02-06 folder")
+    world = json.loads((pathlib.Path(folder) / "world.json").read_text())
+    problems = now["05_grpo_reasoning"].make_eval_problems(world, now["05_grpo_reasoning"].FAMILIES,
+                                                           n_per_cell, 1337)
+    prompts = [now["05_grpo_reasoning"].problem_prompt(enc, p) for p in problems]
+    args = argparse.Namespace(seed=1337, max_new_tokens=64, device="cpu", gen_batch=64, batch_size=64,
+                              sae_lr=1e-3, sae_steps=sae_steps, sae_batch=1024)
+    sample = {when: (lambda m=m, when=when: m.sample(models[when], enc, prompts, samples, args, 1.0, "bench"))
+              for when, m in stage05.items()}
+    seconds, replies = turn_about(sample, repeats)
+    assert replies[rev] == replies["today"], "the replies differ"
+    tokens = sum(len(ids) for group in replies["today"] for ids, _ in group)
+    X = torch.randn(20000, models["today"].config.n_embd, generator=torch.Generator().manual_seed(0))
+    train = {when: (lambda m=m: m["07_sae_interp"].train_sae(X, 16 * X.size(1), "topk", 32, 0.0, args, 0)[0])
+             for when, m in ((rev, then), ("today", now))}
+    sae_seconds, saes = turn_about(train, repeats)
+    assert all(torch.equal(a, b) for a, b in zip(saes[rev].parameters(), saes["today"].parameters()))
+    print(f"{len(prompts)} problems x {samples} replies at batch 64 ({tokens:,} tokens); SAE: {sae_steps} "
+          f"steps of 1,024 tokens, {16 * X.size(1)} latents, k 32; best of {repeats}, turn about; identical")
+    print(f"{'code':<10} {'sampling tokens/s':>18} {'SAE steps/s':>12}")
+    for when in (rev, "today"):
+        print(f"{when:<10} {tokens / seconds[when]:>18,.0f} {sae_steps / sae_seconds[when]:>12.1f}")
+    print(f"{'ratio':<10} {seconds[rev] / seconds['today']:>17.2f}x "
+          f"{sae_seconds[rev] / sae_seconds['today']:>11.2f}x")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="4,128,2048,256,32;6,384,8192,256,16",
@@ -210,8 +274,11 @@ def main():
     p.add_argument("--generate", metavar="FOLDER",
                    help="instead, time stage 05's sampling on this checkpoint")
     p.add_argument("--problems", type=int, default=10, help="with --generate: held-out problems per cell")
+    p.add_argument("--against", metavar="REV", help="with --generate: time today's code against REV's")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.against:
+        return bench_against(args.against, args.generate, args.problems, 8)
     if args.generate:
         return bench_generation(args.generate, args.problems, 64, 256)
     print(f"torch {torch.__version__}, {args.threads} threads; median of {args.steps} interleaved steps "
