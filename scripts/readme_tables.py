@@ -553,7 +553,8 @@ def reasoning_after_character(base, seeds):
         m05 = load(s / "05_grpo")
         if not m05 or not all((s / name / "model.pt").exists() for name in rates):
             continue
-        args = argparse.Namespace(**{**m05["args"], "device": "cpu"})   # its problems, its decoding
+        # its problems, its decoding (a run before --gen_batch generated at its batch_size)
+        args = argparse.Namespace(**{"gen_batch": m05["args"]["batch_size"], **m05["args"], "device": "cpu"})
         world = json.loads((s / "05_grpo" / "world.json").read_text())
         problems = stage05.make_eval_problems(world, args.families, args.eval_problems, args.seed)
         for name in rates:   # stage 05's own evaluation, with one sampled reply (only greedy is read)
