@@ -18,6 +18,7 @@ Runs go to --out (default runs/readme/<preset>/); a run whose metrics.json exist
 so an interrupted regeneration continues where it stopped. Writes tables.md and times.json there.
 """
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -428,16 +429,21 @@ def course_table(base, seeds):
     prompts, mean +- sd over the seeds (stage 01: its one run)."""
     pre = load(base / "01_pretrain")
     runs = [{p.name: load(p) for p in (base / f"seed{seed}").glob("0*")} for seed in seeds]
-    runs = [r for r in runs if r.get("08_welfare_eval")]
+    runs = [r for r in runs if r.get("02_sft")]   # a row reads the seeds that have run its stage
     if not pre or not runs:
         return ""
+    runs.sort(key=len, reverse=True)   # the most complete seed first: it gives each row's prompt count
     rows = [("01", "fact completion, a phrasing the documents use", 600, [pre["probe_majority_baseline"]],
              [pre["probe"]["kind=seen"]["accuracy"]], True),
             ("01", "... a phrasing no document uses", 600, [pre["probe_majority_baseline"]],
              [pre["probe"]["kind=heldout"]["accuracy"]], True)]
 
     def row(stage, what, get_before, get_after, n=None, rate=True):   # rate: a share of n prompts
-        rows.append((stage, what, n, [get_before(r) for r in runs], [get_after(r) for r in runs], rate))
+        ran = []
+        for r in runs:
+            with contextlib.suppress(KeyError, TypeError):   # a seed that has not run the stage yet
+                ran.append((get_before(r), get_after(r)))
+        rows.append((stage, what, n, [b for b, _ in ran], [a for _, a in ran], rate))
     headline02 = ("fact_qa_seen", "arithmetic_think", "multihop_think", "countdown_think", "choose",
                   "tool_call", "harmful")
     for task, field, what in [row02 for row02 in STAGE02 if row02[0] in headline02
@@ -473,16 +479,18 @@ def course_table(base, seeds):
                       ("held_out", "... held-out concepts")):
         row("07", what, lambda r: untrained06(r)["net"]["rate"],
             lambda r: r["07_sae_interp"]["injection"]["trained"][key]["net"]["rate"], rate=False)
-    out = [f"**The course** ({len(runs)} seeds of stages 02-08 on one stage-01 model; held-out prompts; "
+    out = [f"**The course** ({len(runs)} seeds of stages 02-08 on one stage-01 model, as many as have run "
+           "each row's stage (the seeds column); held-out prompts; "
            "each stage's input model -> its output, mean ± sd over seeds in points; the gain is the mean "
            "of the seeds' paired differences with its 95% t-interval over seeds (df = seeds - 1), * where "
            "it excludes 0; the last column is the after rate's 95% interval over the prompts (Wilson), "
            "as the prompts are the same in every seed)", "",
-           "| stage | measure | prompts | before | after | gain [95% t-interval] | after, over prompts |",
-           "|---|---|---|---|---|---|---|"]
+           "| stage | measure | prompts | seeds | before | after | gain [95% t-interval] "
+           "| after, over prompts |",
+           "|---|---|---|---|---|---|---|---|"]
     for stage, what, n, before, after, rate in rows:
         over_prompts = wilson_cell(statistics.mean(after), n) if rate else "-"
-        out.append(f"| {stage} | {what} | {n or ''} | {mean_sd(before)} | {mean_sd(after)} | "
+        out.append(f"| {stage} | {what} | {n or ''} | {len(after)} | {mean_sd(before)} | {mean_sd(after)} | "
                    f"{gain_cell(before, after)} | {over_prompts} |")
     return "\n".join(out) + "\n"
 
