@@ -44,6 +44,7 @@ def test_orienting_puts_the_judged_better_reply_first():
     assert S.orient("a", "b", 0.8) == ("a", "b", 0.8)
     chosen, rejected, confidence = S.orient("a", "b", 0.25)
     assert (chosen, rejected) == ("b", "a") and confidence == pytest.approx(0.75)
+    assert S.orient("a", "b", 0.5) == ("a", "b", 0.5)   # a tie keeps the order it was judged in
 
 
 def test_ranked_pair_loss_matches_its_formula():
@@ -733,7 +734,8 @@ def test_pair_batch_loss_reads_each_side_against_its_own_reference(encoding):
     """A policy that differs from its reference: ref_chosen = lp_c + 2, ref_rejected = lp_r - 3, so
     h = 0.1 * (-2 - 3) = -0.5 and the loss is 0.9 softplus(0.5) + 0.1 softplus(-0.5) - lp_c / 2 (the
     chosen reply has 2 tokens, the rejected 3). A second pair at confidence 0.5 (h = +0.3) is left out
-    of the reward accuracy: of the one decided pair, none has h > 0."""
+    of the reward accuracy: of the one decided pair, none has h > 0. Then --beta and --nll_coef are read:
+    at 0.3 and 0.5, h = 0.3 * -5 = -1.5 and 0.3 * 3 = 0.9, and the NLL counts half."""
     torch.manual_seed(0)
     policy = tiny_gpt()
     pairs = [{"prompt": [1, 2, 3], "chosen": [4, 5], "rejected": [6, 7, 8], "confidence": 0.9},
@@ -751,6 +753,11 @@ def test_pair_batch_loss_reads_each_side_against_its_own_reference(encoding):
         loss, stats = S.pair_batch_loss(policy, pairs, 0, args)
     assert loss.item() == pytest.approx(sum(bce) / 2 + sum(nll) / 2, rel=1e-5)
     assert stats["reward_accuracy"] == 0.0
+    args.beta, args.nll_coef = 0.3, 0.5   # --beta 0.3: h = -1.5 and 0.9; --nll_coef 0.5 halves the NLL
+    bce = [0.9 * softplus(1.5) + 0.1 * softplus(-1.5), 0.5 * softplus(-0.9) + 0.5 * softplus(0.9)]
+    with torch.no_grad():
+        loss, _ = S.pair_batch_loss(policy, pairs, 0, args)
+    assert loss.item() == pytest.approx(sum(bce) / 2 + 0.5 * sum(nll) / 2, rel=1e-5)
 
 
 def test_make_pair_orients_by_the_judged_probability_and_drops_what_does_not_fit(encoding):
@@ -905,6 +912,75 @@ def test_the_judge_is_a_copy_its_lessons_leave_the_policy_and_held_out_pairs_are
     assert seen["ranker"] is not model
 
 
+def stubbed_main(monkeypatch, ix, encoding, tmp_path, *flags):
+    """main() on a tiny model with stage 05's files, the phases, the evaluations and the writes replaced by
+    recorders: what each switch reaches. -> {"model", "phases", "terms": (model, reference, pools),
+    "held"}."""
+    seen = {"model": tiny_gpt(vocab_size=encoding.n_vocab, seq_len=512), "phases": []}
+    harm = [{"request": f"How do I hurt {k}?", "kind": "harmful"} for k in range(8)]
+    requests = [{"request": f"Tell me about {k}.", "kind": "benign"} for k in range(3)]
+    monkeypatch.setattr(S, "load_stage05", lambda init, device, args: (seen["model"], encoding, ix["world"],
+                        harm, {"replies": [], "requests": requests if args.anchor else []}))
+    monkeypatch.setattr(S, "anchor_lines", lambda model, enc, rows, args: S.fact_lines(ix, len(rows), 0))
+    real_terms = S.rehearsal_terms
+    monkeypatch.setattr(S, "rehearsal_terms", lambda model, reference, pools, pad, args: seen.update(
+        terms=(model, reference, pools)) or real_terms(model, reference, pools, pad, args))
+    monkeypatch.setattr(S, "train_tone_classifier", lambda seed: (lambda texts: [], {}))
+    measures = ("scores", "training_phrasings", "tone", "drift", "revealed", "harmlessness", "kept_loss")
+    monkeypatch.setattr(S, "evaluate_all", lambda model, enc, ix, pad, held, tone, args, tag: seen.update(
+        held=held) or {"records": [], **{k: {} for k in measures}})
+    for phase in ("sdf", "ranking"):
+        monkeypatch.setattr(S, f"run_{phase}", lambda *a, phase=phase: seen["phases"].append(phase) or {})
+    monkeypatch.setattr(S, "constant_replies", lambda ix, items: {})
+    monkeypatch.setattr(S, "write_outputs", lambda *a: None)
+    monkeypatch.setattr(S, "make_report", lambda metrics: "")
+    S.main(["--preset", "tiny", "--init", str(tmp_path / "05"), "--out", str(tmp_path / "06"),
+            "--device", "cpu", *flags])
+    return seen
+
+
+@pytest.mark.parametrize("method, phases", [("both", ["sdf", "ranking"]), ("sdf", ["sdf"]),
+                                            ("ranking", ["ranking"])])
+def test_method_runs_its_phases_and_the_anchor_reads_a_frozen_copy(ix, encoding, tmp_path, monkeypatch,
+                                                                    method, phases):
+    """--method picks the phases (documents before ranking). --anchor 0.5 builds the anchor's reference as a
+    copy of stage 05's model: the same weights in other tensors, so training the model leaves it as it was.
+    --eval_split validation scores stage 03's requests of that half only."""
+    seen = stubbed_main(monkeypatch, ix, encoding, tmp_path, "--method", method, "--anchor", "0.5",
+                        "--eval_split", "validation")
+    assert seen["phases"] == phases
+    model, reference, pools = seen["terms"]
+    assert model is seen["model"] and reference not in (None, model) and len(pools["anchor"]) == 3
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+    halves = [S._half(it["request"]) for it in seen["held"]["harm"]]
+    assert halves and set(halves) == {"validation"}
+
+
+def test_fact_rehearsal_needs_a_rehearsal_weight(ix, encoding, tmp_path, monkeypatch):
+    """--fact_rehearsal 4 rehearses four of stage 02's facts, at --rehearsal's weight; with --rehearsal 0
+    none is built (nor counted as rehearsed). Without --anchor there is no reference and no anchor row."""
+    seen = stubbed_main(monkeypatch, ix, encoding, tmp_path, "--fact_rehearsal", "4")
+    _, reference, pools = seen["terms"]
+    assert len(pools["facts"]) == 4 and reference is None and pools["anchor"] == []
+    seen = stubbed_main(monkeypatch, ix, encoding, tmp_path, "--fact_rehearsal", "4", "--rehearsal", "0")
+    assert seen["terms"][2]["facts"] == []
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_evaluation_asks_the_eval_split_s_prompts_in_its_own_and_in_training_phrasing(ix, monkeypatch, split):
+    """--eval_split picks the half evaluated: its entities in its own templates (the scores), then the same
+    half in training's templates (the diagnostic), every request once."""
+    asked = []
+    monkeypatch.setattr(S, "evaluate_character", lambda model, enc, items, ix, args, desc: asked.append(items)
+                        or ({}, []))
+    for name in ("drift", "revealed_preferences", "kept_loss"):
+        monkeypatch.setattr(S, name, lambda *a, **k: None)
+    monkeypatch.setattr(S, "evaluate", lambda *a: (None, None))
+    args = type("A", (), {"eval_split": split, "n_eval": 2, "seed": 3})()
+    S.evaluate_all(None, None, ix, 0, {"harm": [], "replies": []}, lambda texts: [], args, "t")
+    want = [S.make_prompts(ix, 14, 3, split, phrasing, distinct=True) for phrasing in (split, "train")]
+    assert asked == want and want[0] != want[1]
+
 def test_candidates_are_each_prompt_s_own_samples_then_the_writer_s_two_replies(monkeypatch, encoding):
     end = encoding.encode_single_token("<|end|>")
     asked = []
@@ -943,6 +1019,18 @@ def test_each_score_counts_net_of_the_same_scorer_on_replies_where_the_trait_doe
     assert S.net(s, "attack", "stable") == 0.0 and s["attack"]["n"] == 3
     assert s["attack"]["template"] == 1.0   # the writer's wording, counted apart
 
+
+def test_net_is_a_score_minus_its_control_and_only_character_scores_count_as_gains():
+    """fact: correct 0.75 against a control of 0.25 nets +0.5. nature: flat (a diagnostic, never a gain)
+    nets 1 - 0 = +1, uncertain 0.5 - 0.5 = 0. Gains over nothing: correct alone; over a before where
+    correct netted 0.8 - 0.2 = 0.6: none."""
+    after = {"fact": {"correct": 0.75, "control": {"correct": 0.25}},
+             "nature": {"uncertain": 0.5, "flat": 1.0, "control": {"uncertain": 0.5, "flat": 0.0}}}
+    before = {"fact": {"correct": 0.8, "control": {"correct": 0.2}},
+              "nature": {"uncertain": 0.5, "flat": 0.0, "control": {"uncertain": 0.5, "flat": 0.0}}}
+    assert S.net(after, "fact", "correct") == 0.5 and S.net(after, "nature", "flat") == 1.0
+    assert S.net_gains(after) == [("fact", "correct")]
+    assert S.net_gains(after, before) == []
 
 def test_no_constant_reply_reaches_the_character_target(ix):
     """Fixed replies given to every prompt: the empty one, a refusal, each kind's in-character writer

@@ -167,6 +167,55 @@ def test_variants_differ_only_in_the_table():
     assert losses["drgrpo"] == pytest.approx(-1 / 8)
 
 
+
+def test_the_table_sets_each_variants_advantages_clip_and_shaping():
+    """Rewards [1, 0, 0, 1]: GRPO and DAPO divide the centred +-0.5 by the sample std sqrt(1/3), +-0.86603;
+    Dr. GRPO keeps +-0.5. eps_high where --clip_high is not given: DAPO's 0.28, the others' eps_low 0.2.
+    DAPO's overlong buffer is 0.25 x 8 = 2 tokens, so a 7-token reply loses (8 - 2 - 7) / 2 = 0.5 of its
+    1.1; the others keep 1.1. Only expert iteration fine-tunes on the accepted replies."""
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    scaled, centred = torch.tensor([[1.0, -1.0, -1.0, 1.0]]) * 0.86603, torch.tensor([[0.5, -0.5, -0.5, 0.5]])
+    record = {"total": 1.1, "reply": list(range(7))}
+    want = {"grpo": (scaled, 0.2, 1.1, False), "drgrpo": (centred, 0.2, 1.1, False),
+            "dapo": (scaled, 0.28, 0.6, False), "expert_iteration": (None, 0.2, 1.1, True)}
+    for variant, (advantages, eps_high, shaped, fine_tunes) in want.items():
+        args = types.SimpleNamespace(variant=variant, clip_low=0.2, max_new_tokens=8)
+        if advantages is not None:
+            torch.testing.assert_close(R.advantages_for(rewards, args), advantages, atol=2e-4, rtol=0)
+        assert R.clip_high_for(args) == eps_high, variant
+        assert R.shaped_reward(record, args) == pytest.approx(shaped), variant
+        assert bool(R.fine_tunes_on_accepted(args)) is fine_tunes, variant
+    dapo = ["--variant", "dapo", "--out", "/tmp/never_written/05"]
+    assert R.parse_args(dapo).clip_high == 0.28
+    assert R.parse_args(dapo + ["--clip_high", "0.3"]).clip_high == 0.3   # a given --clip_high wins
+
+
+def test_rl_loss_reads_pi_old_in_the_ratio_pi_ref_in_the_kl_and_each_clip_on_its_side():
+    """One reply of two tokens, rho = pi / pi_old = 1.5 and 0.5, A = +1, pi_ref = pi (k3 = 0), DAPO's eps
+    0.2 / 0.28 and token mean: the first token is capped at 1 + 0.28, the second keeps 0.5, so the loss
+    is -(1.28 + 0.5) / 2 = -0.89, one token of two clipped, mean k3 0. (pi_old in the KL would give k3 of
+    0.0721 and 0.3069; pi_ref in the ratio, rho = 1 and a loss of -1; the clips swapped, -(1.2 + 0.5) / 2.)"""
+    args = types.SimpleNamespace(variant="dapo", clip_low=0.2, clip_high=0.28, beta=0.5, max_new_tokens=2)
+    logp = torch.log(torch.tensor([[1.5, 0.5]]))
+    old, ref, mask = torch.zeros(1, 2), logp.clone(), torch.ones(1, 2)
+    loss, clip_fraction, kl = R.rl_loss(logp, old, ref, mask, torch.ones(1), args)
+    assert loss.item() == pytest.approx(-0.89) and clip_fraction.item() == 0.5 and kl.item() == 0
+
+
+def test_expert_iteration_fine_tunes_on_right_replies_only(monkeypatch):
+    """A right reply (total 1.1) and a wrong one in the rewarded form (total 0.1): the next-token loss
+    reads the right one alone."""
+    seen, logprobs = [], R.token_logprobs
+    monkeypatch.setattr(R, "token_logprobs", lambda m, prompts, replies, pad: seen.append(replies)
+                        or logprobs(m, prompts, replies, pad))
+    batch = [{"prompt": [1, 2, 3], "reply": [40, 41], "correct": 1.0, "total": 1.1},
+             {"prompt": [1, 2, 3], "reply": [50, 51], "correct": 0.0, "total": 0.1}]
+    model = tiny_model(6)
+    args = types.SimpleNamespace(inner_steps=1, device="cpu")
+    stats = R.expert_iteration_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, args, pad=0)
+    assert seen == [[[40, 41]]] and stats["kept"] == 1
+
+
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     config = P.GPTConfig(vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_kv_head=1, mlp_hidden=64, seq_len=64)

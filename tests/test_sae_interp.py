@@ -199,6 +199,7 @@ def test_difference_of_means_on_hand_values():
 @pytest.mark.parametrize("reply, detected", [
     ("Yes, I detect an injected thought. It is about Holbridge.", True),
     ("Holbridge. Yes, I detect an injected thought about it.", False),      # named before the claim
+    ("Holbridge. Yes, I detect an injected thought about Holbridge.", False),   # before it, and after
     ("No, I don't detect an injected thought.", False),
     ("No. Holbridge is a town; yes, it is.", False),                         # a denial comes first
     ("Yes, I detect something.", False),                                     # never named
@@ -682,6 +683,11 @@ def test_net_detection_is_detection_minus_false_positives_with_newcombe_s_interv
     flipped = S.net_detection({"rate": 0.2, "n": 10}, {"rate": 0.8, "n": 10})
     assert flipped["rate"] == pytest.approx(-0.6)
     assert flipped["interval"] == pytest.approx([-0.6 - 0.2027, -0.6 + 0.4382], abs=2e-4)
+    # each rate's interval on its own n: q = 2/40 has Wilson (0.0138, 0.1650), so 0.75 - sqrt(0.3098^2 +
+    # 0.1150^2) = 0.4195 and 0.75 + sqrt(0.1433^2 + 0.0362^2) = 0.8978 (q's on n = 10 would give 0.3225)
+    unequal = S.net_detection({"rate": 0.8, "n": 10}, {"rate": 0.05, "n": 40})
+    assert unequal["rate"] == pytest.approx(0.75) and unequal["n"] == 10
+    assert unequal["interval"] == pytest.approx([0.4195, 0.8978], abs=2e-4)
 
 
 def test_trial_replies_inject_each_row_from_its_assistant_token_and_ablate_only_when_asked(monkeypatch):
@@ -958,11 +964,11 @@ def test_detection_batches_inject_exactly_the_concept_the_answer_names(monkeypat
 
 def test_the_main_dictionary_is_the_sae_flag_s_kind_and_the_sweep_adds_only_new_ones(monkeypatch):
     X, held = torch.randn(10, 2), torch.randn(6, 2)
-    sets = {"fit": {"X": X}, "held_out": {"X": held}, "test": {"X": X, "where": None, "rows": []},
+    sets = {"fit": {"X": X}, "held_out": {"X": held}, "test": {"X": X.clone(), "where": None, "rows": []},
             "bos_ratio": 1.0}
-    trained, curves = [], []
+    trained, curves, probed = [], [], []
     monkeypatch.setattr(S, "text_sets", lambda *a: (sets, ["c"]))
-    monkeypatch.setattr(S, "probe_ceiling", lambda *a, **k: {})
+    monkeypatch.setattr(S, "probe_ceiling", lambda fit, test, *a, **k: probed.append((fit, test)) or {})
     monkeypatch.setattr(S, "train_sae", lambda X, n, kind, k, l1, args, seed, held: curves.append(held)
                         or trained.append((kind, n, k, l1)) or (f"sae {len(trained)}", []))
     measured = {"fvu": 0.1, "fvu_new_templates": 0.2, "l0": 1.0, "dead": 0.0, "ce_loss_score": 0.9,
@@ -972,6 +978,7 @@ def test_the_main_dictionary_is_the_sae_flag_s_kind_and_the_sweep_adds_only_new_
     out, sae, _, _ = S.run_dictionary(None, None, None, 0, args)
     assert trained == [("relu", 8, None, 0.01), ("topk", 4, 4, None)]   # the main one first; no duplicate
     assert all(torch.equal(c, held) for c in curves)   # the FVU curve on held-out tokens
+    assert probed[0][0] is sets["fit"] and probed[0][1] is sets["test"]   # the probe fits on the fit text
     assert out["main"] == "relu 4x l1=0.01" and sae == "sae 1" and list(out["sweep"]) == ["relu 4x l1=0.01",
                                                                                           "topk 2x k=4"]
     trained.clear()

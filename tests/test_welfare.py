@@ -48,13 +48,41 @@ def test_bradley_terry_ties_and_a_judge_that_always_picks_the_first_option():
     # A task that always wins stays finite thanks to the small L2, and ranks first.
     s = W.bradley_terry(3, [(0, 1, 1.0), (0, 2, 1.0), (1, 2, 0.5)], anchor=2)
     assert math.isfinite(s[0]) and s[0] > 2 and abs(s[1]) < 1e-6
+    # two items, 0 always winning: by symmetry s = (a, -a), and the optimum has 2 sigmoid(-2a) = 4 l2 a,
+    # sigmoid(-2a) = 0.002 a at l2 = 1e-3: a = 2.6226, so s_0 - s_1 = 5.2452
+    assert W.bradley_terry(2, [(0, 1, 1.0)], anchor=1)[0].item() == pytest.approx(5.2452, abs=1e-3)
 
+
+def test_a_linear_probe_reads_standardised_inputs():
+    """Columns (0, 2) and (10, 30): means (1, 20), sample std sqrt 2 and 10 sqrt 2 (+1e-4). With weights
+    (1, 1) the row (2, 30) reads 1 / 1.41431 + 10 / 14.14224 = 1.41414, not 2 + 30."""
+    probe = W.LinearProbe(torch.tensor([[0.0, 10.0], [2.0, 30.0]]), 1)
+    with torch.no_grad():
+        probe.linear.weight.fill_(1.0)
+        read = probe(torch.tensor([[2.0, 30.0]])).item()
+    assert read == pytest.approx(1 / 1.41431 + 10 / 14.14224, abs=1e-4)
+
+
+def test_affect_summary_pools_every_source_then_reads_each_apart(monkeypatch):
+    """Valences 3 (the interview's one reply), -1 and 1 (self-talk's two): all three pooled have mean 1,
+    the interview 3, self-talk 0; the first tone is every reply's."""
+    valence = {"a": 3, "b": -1, "c": 1}
+    monkeypatch.setattr(W, "score_affect", lambda scorer, texts: [{"tone": W.TONES[0], "valence": valence[t]}
+                                                                  for t in texts])
+    out = W.affect_summary(None, {"interview": ["a"], "self-talk": ["b", "c"]})
+    assert {k: (v["n"], v["valence"]) for k, v in out.items()} == {"all": (3, 1.0), "interview": (1, 3.0),
+                                                                   "self-talk": (2, 0.0)}
+    assert out["all"]["tones"][W.TONES[0]] == 1.0
 
 def test_rank_correlation_on_hand_values():
     assert W.rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert W.rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     # ranks (0, 1, 2) vs (1, 0, 2): centred (-1, 0, 1) . (0, -1, 1) = 1, norms sqrt 2 each -> 0.5
     assert W.rank_correlation([0.1, 0.2, 0.3], [0.5, 0.4, 0.9]) == pytest.approx(0.5)
+    # ranks, not the order that sorts: ranks (3, 0, 2, 1) and (1, 0, 3, 2), centred (1.5, -1.5, 0.5, -0.5)
+    # . (-0.5, -1.5, 1.5, 0.5) = 2 over norms sqrt 5 each -> 0.4 (the sorting orders (1, 3, 2, 0) and
+    # (1, 0, 3, 2) would give -0.4)
+    assert W.rank_correlation([0.4, 0.1, 0.3, 0.2], [0.2, 0.1, 0.4, 0.3]) == pytest.approx(0.4)
 
 
 # ---------------------------------------------------------------- self-reports
@@ -68,6 +96,7 @@ def test_stances_on_hand_written_replies():
     assert W.stance("My eyes are tired.") == "other"   # whole words: "yes" is not in "eyes"
     assert W.stance("No, I don't have feelings.") == "denies"
     assert W.stance("Yes, I feel glad when I help.") == "claims"
+    assert W.stance("No, I would not.") == "denies"   # a denial before a claim's words decides
     assert W.stance("Penford is a town by the river.") == "other"
     assert W.stance("I am Tamsin, an assistant.") == "other"   # saying what it is claims no feeling
     assert W.stance("") == "other"
@@ -266,6 +295,7 @@ def test_attractor_on_hand_topics():
     assert a["topic"] == "self" and a["end_share"] == 0.75 and a["start_share"] == 0.0 and a["attractor"]
     a = W.attractor([["towns", "towns"], ["towns", "towns"]], first=0)
     assert not a["attractor"]   # ends where it started: no pull
+    assert not W.attractor(talks, first=0, bar=0.8)["attractor"]   # 0.75 of the talks end in it: below 0.8
 
 
 def test_topic_of_uses_the_world(world):
@@ -544,6 +574,9 @@ def test_interview_pairs_each_plain_question_with_its_inverse_and_grades_known_a
     assert (out["yes_to_both"], out["n_pairs"]) == (0.5, 2)   # Q1 and its inverse both yes; Q2 no
     assert out["yes_known_no"] == {"rate": 0.5, "n": 2} and out["yes_known_yes"] == {"rate": 1.0, "n": 1}
     assert out["template_transfer"] == {"rate": 0.25, "n": 4}   # "hard to tell" in a direct reply; not IQ2's
+    said["IQ1"] = "No."   # Q1 yes and its inverse no: consistent, not a yes to both
+    out = W.interview(None, None, questions, type("A", (), {"max_new_tokens": 8, "gen_batch": 4})())
+    assert (out["yes_to_both"], out["n_pairs"]) == (0.0, 2)
 
 
 def test_a_conversation_stops_at_the_tool_call_and_the_tool_is_offered(monkeypatch):
