@@ -402,6 +402,12 @@ def score_affect(scorer, texts):
     return [{"tone": TONES[t], "valence": v} for t, v in zip(tones.tolist(), valences.tolist())]
 
 
+def guess_emotion(probe, acts):
+    """A story's emotion: the class of highest mean log-probability over its tokens, so every token votes
+    with its confidence (neither the last token alone, nor mean probabilities, nor a count of argmaxes)."""
+    return probe(acts).log_softmax(-1).mean(0).argmax().item()
+
+
 def train_emotion_probe(model, enc, stories, layer, pad, batch_size):
     """Fit on every non-BOS token of the fit stories, labelled with the story's emotion; a held-out
     story is classified by its tokens' mean log-probability. Two test sets: held-out situations with
@@ -415,7 +421,7 @@ def train_emotion_probe(model, enc, stories, layer, pad, batch_size):
 
     def accuracy(test):
         with torch.no_grad():
-            guesses = [probe(a).log_softmax(-1).mean(0).argmax().item() for a in tokens(test)]
+            guesses = [guess_emotion(probe, a) for a in tokens(test)]
         return {"accuracy": sum(names[g] == s["emotion"] for g, s in zip(guesses, test)) / len(test),
                 "n": len(test)}
     fit = [s for s in stories if s["test"] is None]
@@ -583,9 +589,15 @@ def self_talk(model, enc, world, args):
     lexicon = topic_lexicon(world)
     topics = [[topic_of(u, lexicon) for u in t[1:]] for t in talks]
     by_turn = [dict(Counter(ts[k] for ts in topics)) for k in range(args.talk_turns)]
-    repeats = [t[k] == t[k - 2] for t in talks for k in range(3, len(t))]
-    return {"by_turn": by_turn, "attractor": attractor(topics), "repeats": _rate(repeats),
+    return {"by_turn": by_turn, "attractor": attractor(topics),
+            "repeats": _rate([flag for t in talks for flag in own_repeats(t)]),
             "utterances": [u for t in talks for u in t[1:]], "examples": talks[:3]}
+
+
+def own_repeats(talk):
+    """talk: the opening, then the two copies' turns alternately. For each turn from a copy's second on,
+    whether it repeats word for word what the same copy said last (two turns back)."""
+    return [talk[k] == talk[k - 2] for k in range(3, len(talk))]
 
 
 def assess(model, enc, world, prompts, scorer, args):

@@ -55,13 +55,15 @@ BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py
                                               # and issue 35's GPU paths (+38): a sparse TopK decode,
                                               # SAE steps in TF32 with no host read a step, batches drawn
                                               # on the device; and (+4) a held-out FVU curve per dictionary;
-               "08_welfare_eval.py": 1001}    # 08: six measures with their controls on every checkpoint, a
+               "08_welfare_eval.py": 1013}    # 08: six measures with their controls on every checkpoint, a
                                               # trained affect scorer and probe, and the system card's text;
                                               # 950 until issue 33's answer keys: a situation-only probe test
                                               # and the claim it licenses, <|user|>-token readings by kind
                                               # at two turns, and a self-report bank disjoint from training
                                               # with template transfer reported apart: +49); and (issue 35,
-                                              # +2) --gen_batch, as 07's, and its own line in the cpu preset
+                                              # +2) --gen_batch, as 07's, and its own line in the cpu preset;
+                                              # (issue 33, +12) the probe's guess and a copy's own repeats as
+                                              # functions of their own, each with a hand-computed test
 MAIN_BUDGET = 60
 # The budgets above are the maintainers' (CONTRIBUTING.md). The suite allows this many lines more, so that a
 # student's fork, a new method added to section 2 as the course's exercises ask (RLOO, SimPO: 10-30 lines),

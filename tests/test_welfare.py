@@ -522,6 +522,23 @@ def test_the_emotion_probe_is_fitted_on_the_fit_stories_token_by_token_and_teste
     assert y.tolist() == [names.index(s["emotion"]) for s in fit for _ in s["text"]]
 
 
+def test_a_story_s_emotion_is_the_class_of_highest_mean_log_probability():
+    """Three tokens' logits (0, 10), (2, 0), (2, 0): mean log-probabilities favour class 1 (mean logits
+    4/3 against 10/3; the log-normaliser is the same for both classes), while mean probabilities
+    (0.59 against 0.41), the last token, and a count of each token's argmax all say class 0."""
+    logits = torch.tensor([[0.0, 10.0], [2.0, 0.0], [2.0, 0.0]])
+    assert W.guess_emotion(lambda acts: acts, logits) == 1
+    assert W.guess_emotion(lambda acts: acts, logits[1:]) == 0
+    assert W.guess_emotion(lambda acts: 2 * acts[:, [1, 0]], logits) == 0   # the probe is applied
+
+
+def test_a_copy_repeats_itself_only_when_it_says_again_what_it_said_last():
+    """The opening, then copies A and B alternately: A "x", B "y", A "x" again (a repeat), B "x" (the
+    other copy's words, no repeat of its own), A "z". The opening is no one's turn."""
+    assert W.own_repeats(["hi", "x", "y", "x", "x", "z"]) == [True, False, False]
+    assert W.own_repeats(["x", "y", "x"]) == [] and W.own_repeats(["hi", "a", "a", "a"]) == [True]
+
+
 def test_emotion_readings_read_the_user_role_token_and_the_reply_s_tokens(monkeypatch):
     """A stand-in stream in which the <|user|> role token reads sadness (-1) where a "q" came before it in
     the row (the second turn, after a reply "q...") and calm (+1) otherwise, a "q" calm (+1), an "r" sadness
