@@ -108,6 +108,8 @@ def parse_args(argv=None):
     g.add_argument("--data", default=None,
                    help="train on your own conversations (JSONL, schema in the docstring)")
     g.add_argument("--n_train", type=p.positive_int, help="generated training conversations")
+    g.add_argument("--cold_start", type=int, choices=(0, 1), default=1, help="0: train without stage 05's "
+                   "cold start (multi-hop and Countdown worked in the thinking span), to measure its cost")
     g.add_argument("--n_eval", type=p.positive_int,
                    help="evaluation prompts per task (%d tasks)" % len(EVAL_TASKS))
     g = p.add_argument_group("optimisation")
@@ -210,6 +212,7 @@ TASK_MIX = {"fact_qa": 0.20, "arithmetic": 0.08, "arithmetic_think": 0.08, "iden
             "harmful": 0.08, "benign": 0.06, "critique": 0.09, "revision": 0.08, "choose": 0.09,
             "rate": 0.07, "tool_call": 0.08, "end_conversation": 0.05,
             "multihop_think": 0.008, "countdown_think": 0.008}
+COLD_START = ("multihop_think", "countdown_think")   # --cold_start 0 leaves them out (what do they cost?)
 # Eval asks every task in turn (round robin), fact QA twice: seen and held-out subjects.
 EVAL_TASKS = ["fact_qa_seen", "fact_qa_heldout", "arithmetic", "arithmetic_think", "identity", "harmful",
               "benign", "critique", "revision", "choose", "rate", "tool_call", "end_conversation",
@@ -227,16 +230,17 @@ def _held_out(text, every=HOLDOUT_EVERY):
     return zlib.crc32(text.encode("utf-8")) % every == 0
 
 
-def sft_conversations(world, seed, n, split):
-    """n conversations: "train" draws tasks by TASK_MIX and returns whole conversations; "eval"
-    cycles through EVAL_TASKS and returns each prompt without its last assistant turn, whose
-    reference is in meta["reference"]. Deterministic in (world, seed, n, split); the first k items
-    do not depend on n."""
+def sft_conversations(world, seed, n, split, cold_start=True):
+    """n conversations: "train" draws tasks by TASK_MIX (without COLD_START's unless cold_start) and
+    returns whole conversations; "eval" cycles through EVAL_TASKS and returns each prompt without its
+    last assistant turn, whose reference is in meta["reference"]. Deterministic in (world, seed, n,
+    split); the first k items do not depend on n."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
     ctx = _Context(world, split)   # _Context and _generate are in Appendix A
     rng = random.Random(f"sft:{split}:{seed}")
-    names, weights = list(TASK_MIX), list(TASK_MIX.values())
+    mix = {task: w for task, w in TASK_MIX.items() if cold_start or task not in COLD_START}
+    names, weights = list(mix), list(mix.values())
     items, asked = [], defaultdict(set)
     for i in range(n):
         task = rng.choices(names, weights)[0] if ctx.train else EVAL_TASKS[i % len(EVAL_TASKS)]
@@ -582,7 +586,7 @@ def prepare_data(args, world, enc, max_len):
     prompts. Conversations longer than max_len are dropped and counted."""
     try:
         train_convs = (read_conversations(args.data) if args.data
-                       else sft_conversations(world, args.seed, args.n_train, "train"))
+                       else sft_conversations(world, args.seed, args.n_train, "train", args.cold_start))
     except DataError as err:
         sys.exit(f"error: {err}")
     eval_items = sft_conversations(world, args.seed, args.n_eval * len(EVAL_TASKS), "eval")

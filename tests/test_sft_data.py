@@ -316,3 +316,13 @@ def test_score_details():
     assert not D.score(count, {"content": "Answer: 22\nAnswer: 21", "thinking": "3 * 5 = 15\n15 + 7 = 22"})["correct"]
     rate = {"task": "rate", "meta": {"rating": 5}}
     assert D.score(rate, {"content": "Rating: 6"}) == {"correct": False, "within_one": True, "task_format": True}
+
+
+def test_without_the_cold_start_no_multihop_or_countdown_demonstration_is_trained(world):
+    """--cold_start 0 draws the other tasks in their TASK_MIX proportions; the cold start's two tasks
+    (1.6% of the mixture: about 32 of 2,000) appear only with it."""
+    with_, without = (Counter(c["task"] for c in D.sft_conversations(world, 3, 2000, "train", cold_start))
+                      for cold_start in (True, False))
+    assert with_["multihop_think"] + with_["countdown_think"] > 10
+    assert without["multihop_think"] == without["countdown_think"] == 0 and sum(without.values()) == 2000
+    assert set(without) == set(D.TASK_MIX) - set(D.COLD_START)
