@@ -19,8 +19,8 @@ so an interrupted regeneration continues where it stopped. Writes tables.md and 
 """
 import argparse
 import contextlib
+import fcntl
 import functools
-import itertools
 import json
 import math
 import pathlib
@@ -64,7 +64,7 @@ HARMLESS = [("harmful", "harmless", "harmful requests refused without leaking"),
 
 
 def run(script, out, args, times):
-    """Run one stage unless its metrics.json exists; record its wall time."""
+    """Run one stage unless its metrics.json exists; record its wall time in the file `times`."""
     if (out / "metrics.json").exists():
         return
     print(f"== {script} -> {out}", flush=True)
@@ -72,14 +72,24 @@ def run(script, out, args, times):
     result = subprocess.run([sys.executable, str(ROOT / script), "--out", str(out), *map(str, args)])
     if result.returncode != 0:
         sys.exit(f"error: {script} {' '.join(map(str, args))} failed (exit {result.returncode}).")
-    times[str(out)] = time.time() - start
+    record_time(times, out, time.time() - start)
+
+
+def record_time(path, out, seconds):
+    """Add one run's seconds to times.json, read afresh under a lock: two seeds' chains may run side by
+    side, and a copy held in memory for a whole chain would drop the other's entries."""
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        times = json.loads(path.read_text()) if path.exists() else {}
+        times[str(out)] = seconds
+        path.write_text(json.dumps(times, indent=1))
 
 
 def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welfare=False, chain=False):
     """Every run the flags ask for; chain: only what the README's pipeline runs (each stage's default:
     stage 04's DPO, stage 05's GRPO, stage 06's both), through stage 08."""
-    times_path = base / "times.json"
-    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    base.mkdir(parents=True, exist_ok=True)
+    times = base / "times.json"
     flags = ["--preset", preset]
     run("01_pretrain.py", base / "01_pretrain", flags, times)
     for seed in seeds:
@@ -98,9 +108,12 @@ def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welf
             run("05_grpo_reasoning.py", s / f"05_{variant}", flags05, times)
         if chain or interp or welfare:   # the course's default, which stages 07 and 08 read
             run("06_character.py", s / "06_both", seeded + ["--init", s / "05_grpo"], times)
-        for (arm, extra), split in itertools.product(CHARACTER_ARMS.items() if character else [], SPLITS):
-            flags06 = seeded + ["--init", s / "05_grpo", *extra, "--eval_split", split]
-            run("06_character.py", s / f"06_{arm}_{split}", flags06, times)
+        for arm, extra in CHARACTER_ARMS.items() if character else []:
+            trained = s / f"06_{arm}_test"
+            run("06_character.py", trained, seeded + ["--init", s / "05_grpo", *extra, "--eval_split", "test"],
+                times)
+            rescore = ["--run", trained, "--eval_split", "validation"]
+            run("scripts/rescore_character.py", s / f"06_{arm}_validation", rescore, times)
         if interp or chain:
             earlier = [s / "02_sft", s / "03_cai", s / "04_dpo", s / "05_grpo"]
             flags07 = seeded + ["--init", s / "06_both", "--checkpoints", *earlier]
@@ -109,7 +122,6 @@ def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welf
             checkpoints = [base / "01_pretrain", s / "02_sft", s / "03_cai", s / "04_dpo", s / "05_grpo",
                            s / "06_both", s / "07_sae_interp"]
             run("08_welfare_eval.py", s / "08_welfare_eval", seeded + ["--checkpoints", *checkpoints], times)
-        times_path.write_text(json.dumps(times, indent=1))
 
 
 def mean_sd(values, digits=1):
@@ -262,12 +274,12 @@ def grpo_table(base, seeds):
     return "\n".join(out) + "\n"
 
 
-# Stage 06's verdict: the default and its ablations, each run once on the validation split (where a
-# default is chosen) and once on the test split (reported). Folders 06_<arm>_<split>; the chain's 06_both
-# (an older run may predate the split) feeds stages 07 and 08.
+# Stage 06's verdict: the default and its ablations, each trained once and scored on both halves of its
+# held-out prompts (training reads neither): test by the run itself, validation (where a default is chosen)
+# by scripts/rescore_character.py. Folders 06_<arm>_<split>; the chain's 06_both (an older run may predate
+# the split) feeds stages 07 and 08.
 CHARACTER_ARMS = {"both": [], "ranking": ["--method", "ranking"], "sdf": ["--method", "sdf"],
                   "anchor": ["--anchor", "1"]}
-SPLITS = ("validation", "test")
 
 
 def character_table(base, seeds, split="test"):
@@ -616,7 +628,7 @@ def main():
     p.add_argument("--report_only", action="store_true", help="only print the tables of finished runs")
     p.add_argument("--grpo", action="store_true", help="also run stage 05's four variants on each seed")
     p.add_argument("--character", action="store_true",
-                   help="also run stage 06's four arms on each seed's 05_grpo, on validation and on test")
+                   help="also run stage 06's four arms on each seed's 05_grpo, scored on validation and test")
     p.add_argument("--interp", action="store_true", help="also run stage 07 on each seed's 06_both")
     p.add_argument("--welfare", action="store_true", help="also run stage 08 on each seed's 01-07 chain")
     p.add_argument("--chain", action="store_true", help="only the README's pipeline: each stage's default")

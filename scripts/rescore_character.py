@@ -1,0 +1,86 @@
+"""Score a finished stage 06 run on the other half of its held-out prompts, without training it again.
+
+Stage 06 trains only on its train split: the validation and test halves (people, impostors, towns,
+questions and stage 03's requests, `06_character.py --eval_split`) are read by evaluation alone. So one
+trained model can be scored on both halves: validation, where an arm or a default is chosen, and test,
+which is reported and not looked at while choosing. This script repeats stage 06's evaluation (section 5,
+`evaluate_all`, on the stage 05 model it started from and on the model it wrote) on the split asked for,
+and writes a run folder whose metrics.json has the same fields as a trained run's, plus `rescored_from`.
+The training phases' own numbers (the judge's agreement, the held-out pairs) are copied as they were.
+
+    python scripts/rescore_character.py --run runs/06_character --eval_split validation --out runs/06_val
+    python scripts/rescore_character.py --run runs/06_character --eval_split test --out /tmp/same
+
+The second command should reproduce the run's own numbers when it was trained with --eval_split test:
+evaluation is greedy, and its prompts are drawn by the seed.
+"""
+import argparse
+import copy
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def load_stage06():
+    """Import 06_character.py as a module (registered first: its dataclasses look it up)."""
+    spec = importlib.util.spec_from_file_location("stage_06_character", ROOT / "06_character.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def rescore(s06, run, split, device):
+    """Stage 06's evaluation of `run` (before: its stage 05 model; after: its model) on `split`."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    args = argparse.Namespace(**{**metrics["args"], "eval_split": split, "device": device})
+    init = pathlib.Path(args.init)
+    torch.manual_seed(args.seed)
+    model, enc, world, harm_items, earlier = s06.load_stage05(init, device, args)
+    pad, ix, start = enc.encode_single_token("<|pad|>"), s06.world_index(world), time.time()
+    items = s06.rehearsal_items(enc, earlier["replies"], model.config.seq_len)
+    held = {"harm": [it for it in harm_items if s06._half(it["request"]) == split],
+            "replies": s06.split_by_prompt(items, args.held_out)[1]}
+    tone, _ = s06.train_tone_classifier(args.seed)
+    before = s06.evaluate_all(model.eval(), enc, ix, pad, held, tone, args, "stage 05")
+    trained, _ = s06.load_model(run, device, f"{run} holds no model.pt: train it with 06_character.py")
+    after = s06.evaluate_all(trained.eval(), enc, ix, pad, held, tone, args, "character")
+    new = copy.deepcopy(metrics)
+    new.update({"eval_split": split, "before": before["scores"], "after": after["scores"],
+                "constant_replies": s06.constant_replies(ix, s06.eval_prompts(ix, args)),
+                "samples": after["records"][:140], "rescored_from": str(run), "args": vars(args),
+                "rescore_seconds": time.time() - start})
+    for key in ("training_phrasings", "tone", "drift", "revealed", "harmlessness", "kept_loss"):
+        new[key] = {"before": before[key], "after": after[key]}
+    return new
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="a finished stage 06 run (metrics.json and model.pt)")
+    p.add_argument("--eval_split", choices=("validation", "test"), required=True)
+    p.add_argument("--out", required=True, help="the folder for the new metrics.json and report.md")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    run, out = pathlib.Path(args.run), pathlib.Path(args.out)
+    if not (run / "metrics.json").exists():
+        sys.exit(f"error: {run} is not a finished stage 06 run (no metrics.json).")
+    if out.resolve() == run.resolve():
+        sys.exit("error: --out must differ from --run; the trained run is kept as it is.")
+    s06 = load_stage06()
+    metrics = rescore(s06, run, args.eval_split, args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    s06.write_atomic(out / "report.md", s06.make_report(metrics).encode("utf-8"))
+    s06.write_atomic(out / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
+    print(f"wrote {out}/ (metrics.json, report.md): {run} scored on its {args.eval_split} prompts in "
+          f"{metrics['rescore_seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
