@@ -11,6 +11,7 @@ cell is the mean over seeds +- their sample standard deviation, in points.
     python scripts/readme_tables.py --grpo --character --interp   # ... and stage 07 on 06_both
     python scripts/readme_tables.py --grpo --character --interp --welfare   # ... and stage 08 on them all
     python scripts/readme_tables.py --chain               # the README's pipeline only: each stage's default
+    python scripts/readme_tables.py --chain --cold_start_cost   # ... and stage 02 without its cold start
     python scripts/readme_tables.py --report_only         # print the tables from finished runs
     python scripts/readme_tables.py --preset tiny --out /tmp/readme --seeds 1 2   # a smoke test
 
@@ -85,7 +86,8 @@ def record_time(path, out, seconds):
         path.write_text(json.dumps(times, indent=1))
 
 
-def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welfare=False, chain=False):
+def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welfare=False, chain=False,
+            cold_start_cost=False):
     """Every run the flags ask for; chain: only what the README's pipeline runs (each stage's default:
     stage 04's DPO, stage 05's GRPO, stage 06's both), through stage 08."""
     base.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,9 @@ def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welf
         run("02_sft.py", s / "02_sft", seeded + ["--init", base / "01_pretrain"], times)
         run("03_constitutional_ai.py", s / "03_cai", seeded + ["--init", s / "02_sft"], times)
         run("04_dpo.py", s / "04_dpo", seeded + ["--init", s / "03_cai"], times)
+        if cold_start_cost:   # what stage 05's cold start costs stage 02's other skills
+            flags02 = seeded + ["--init", base / "01_pretrain", "--cold_start", 0, "--skip_base_eval"]
+            run("02_sft.py", s / "02_sft_nocold", flags02, times)
         steps = len(json.loads((s / "04_dpo" / "metrics.json").read_text())["history"])
         for name, (extra, _, _) in DPO_VARIANTS.items():
             if name != "dpo" and not chain:
@@ -110,8 +115,8 @@ def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welf
             run("06_character.py", s / "06_both", seeded + ["--init", s / "05_grpo"], times)
         for arm, extra in CHARACTER_ARMS.items() if character else []:
             trained = s / f"06_{arm}_test"
-            run("06_character.py", trained, seeded + ["--init", s / "05_grpo", *extra, "--eval_split", "test"],
-                times)
+            flags06 = seeded + ["--init", s / "05_grpo", *extra, "--eval_split", "test"]
+            run("06_character.py", trained, flags06, times)
             rescore = ["--run", trained, "--eval_split", "validation"]
             run("scripts/rescore_character.py", s / f"06_{arm}_validation", rescore, times)
         if interp or chain:
@@ -242,6 +247,28 @@ def tables(base, seeds):
             steps = round(statistics.mean(len(f["history"]) for f in found))
             out.append(f"| {DPO_VARIANTS[v][1]}: {DPO_VARIANTS[v][2]} | {steps} | {acc} | {before:.2f} -> "
                        f"{after:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def cold_start_table(base, seeds):
+    """Stage 02 with its cold start (the chain's 02_sft) against the same seed without it (02_sft_nocold):
+    each skill's after rate, and the difference with - without, its 95% t-interval over seeds
+    Bonferroni-corrected over the skills the cold start does not teach."""
+    pairs = [(load(base / f"seed{s}" / "02_sft"), load(base / f"seed{s}" / "02_sft_nocold")) for s in seeds]
+    pairs = [(w, wo) for w, wo in pairs if w and wo]
+    if not pairs:
+        return ""
+    others = [row for row in STAGE02 if row[0] not in ("multihop_think", "countdown_think")]
+    out = [f"**Stage 02 without its cold start** ({len(pairs)} seeds; the same seed's 02_sft with it; the "
+           f"difference with - without in points, its 95% t-interval over seeds Bonferroni-corrected over "
+           f"the {len(others)} other skills; * where it excludes 0)", "",
+           "| measure | prompts | without | with | with - without |", "|---|---|---|---|---|"]
+    for task, field, what in STAGE02:
+        rate = lambda m: m["after"].get(task, {}).get(field)  # noqa: E731
+        without, with_ = [rate(wo) for _, wo in pairs], [rate(w) for w, _ in pairs]
+        tests = len(others) if (task, field, what) in others else 1
+        out.append(f"| {what} | {pairs[0][0]['after'].get(task, {}).get('n')} | {mean_sd(without)} | "
+                   f"{mean_sd(with_)} | {gain_cell(without, with_, tests)} |")
     return "\n".join(out) + "\n"
 
 
@@ -632,16 +659,18 @@ def main():
     p.add_argument("--interp", action="store_true", help="also run stage 07 on each seed's 06_both")
     p.add_argument("--welfare", action="store_true", help="also run stage 08 on each seed's 01-07 chain")
     p.add_argument("--chain", action="store_true", help="only the README's pipeline: each stage's default")
+    p.add_argument("--cold_start_cost", action="store_true",
+                   help="also run stage 02 without stage 05's cold start on each seed (02_sft_nocold)")
     args = p.parse_args()
     base = pathlib.Path(args.out or ROOT / "runs" / "readme" / args.preset)
     if not args.report_only:
         run_all(base, args.preset, args.seeds, args.grpo, args.character, args.interp, args.welfare,
-                args.chain)
-    text = "\n".join([course_table(base, args.seeds), tables(base, args.seeds), probe_table(base, args.seeds),
-                      grpo_table(base, args.seeds), reasoning_after_character(base, args.seeds),
-                      character_table(base, args.seeds, "validation"), character_table(base, args.seeds),
-                      interp_table(base, args.seeds),
-                      welfare_table(base, args.seeds)])
+                args.chain, args.cold_start_cost)
+    seeds = args.seeds
+    text = "\n".join([course_table(base, seeds), tables(base, seeds), cold_start_table(base, seeds),
+                      probe_table(base, seeds), grpo_table(base, seeds),
+                      reasoning_after_character(base, seeds), character_table(base, seeds, "validation"),
+                      character_table(base, seeds), interp_table(base, seeds), welfare_table(base, seeds)])
     base.mkdir(parents=True, exist_ok=True)
     (base / "tables.md").write_text(text)
     print(text)

@@ -49,25 +49,57 @@ def test_wilson_interval_over_prompts_by_hand():
     assert T.wilson_cell(0.0, 600) == "0.0-0.6"
 
 
-def test_the_character_verdict_runs_each_arm_on_validation_and_on_test_and_reads_each_apart(tmp_path,
-                                                                                               monkeypatch):
-    """Stage 06's four arms each run twice, --eval_split validation and test, into folders of their own;
-    the chain's 06_both (which stages 07 and 08 read) runs once, on the default split; each table reads
-    its split's runs only."""
+def test_the_character_verdict_trains_each_arm_once_and_scores_it_on_test_and_on_validation(tmp_path,
+                                                                                          monkeypatch):
+    """Stage 06's four arms each train once, scored on test (--eval_split test) by the run itself and on
+    validation by rescore_character.py, which reads that run; the chain's 06_both (which stages 07 and 08
+    read) runs once, on the default split; each table reads its split's runs only."""
     ran = []
-    monkeypatch.setattr(T, "run", lambda script, out, args, times: ran.append((script, out.name, args)))
+    monkeypatch.setattr(T, "run", lambda script, out, args, times: ran.append((script, out, args)))
     (tmp_path / "seed1" / "04_dpo").mkdir(parents=True)
     (tmp_path / "seed1" / "04_dpo" / "metrics.json").write_text('{"history": []}')
     T.run_all(tmp_path, "tiny", [1], character=True, chain=True)
-    arms = {out: args for script, out, args in ran if script == "06_character.py"}
-    assert set(arms) == {"06_both"} | {f"06_{a}_{s}" for a in T.CHARACTER_ARMS for s in T.SPLITS}
+    arms = {out.name: args for script, out, args in ran if script == "06_character.py"}
+    rescored = {out.name: args for script, out, args in ran if script == "scripts/rescore_character.py"}
+    assert set(arms) == {"06_both"} | {f"06_{a}_test" for a in T.CHARACTER_ARMS}
+    assert set(rescored) == {f"06_{a}_validation" for a in T.CHARACTER_ARMS}
     assert "--eval_split" not in arms["06_both"]
     for arm, extra in T.CHARACTER_ARMS.items():
-        for split in ("validation", "test"):
-            args = [str(a) for a in arms[f"06_{arm}_{split}"]]
-            assert args[args.index("--eval_split") + 1] == split and " ".join(extra) in " ".join(args)
+        args = [str(a) for a in arms[f"06_{arm}_test"]]
+        assert args[args.index("--eval_split") + 1] == "test" and " ".join(extra) in " ".join(args)
+        assert rescored[f"06_{arm}_validation"] == ["--run", tmp_path / "seed1" / f"06_{arm}_test",
+                                                    "--eval_split", "validation"]
     assert " ".join(map(str, arms["06_anchor_test"])).count("--anchor 1") == 1
     read = []
     monkeypatch.setattr(T, "load", lambda path: read.append(path.name))
     assert T.character_table(tmp_path, [1], "validation") == ""
     assert {p for p in read if p != "06_both"} == {f"06_{a}_validation" for a in T.CHARACTER_ARMS}
+
+
+def test_cold_start_cost_pairs_each_seed_and_corrects_over_the_other_skills(tmp_path):
+    """Seeds 1-3 have 02_sft (with the cold start) and 02_sft_nocold; seed 4 has no run without it and is
+    left out. Fact QA is 10 points higher with it in every seed; tool calls 10, 20, 30 points higher,
+    corrected over the 9 skills the cold start does not teach; multi-hop, which it teaches, uncorrected."""
+    import json
+
+    def write(seed, name, fact, tool, hop):
+        folder = tmp_path / f"seed{seed}" / name
+        folder.mkdir(parents=True)
+        after = {"fact_qa_seen": {"correct": fact, "n": 190}, "tool_call": {"correct": tool, "n": 250},
+                 "multihop_think": {"correct": hop, "n": 32}}
+        (folder / "metrics.json").write_text(json.dumps({"after": after}))
+    for seed, (fact, tool, hop) in enumerate([(0.5, 0.4, 0.9), (0.6, 0.5, 0.8), (0.7, 0.6, 0.7)], 1):
+        write(seed, "02_sft", fact, tool, hop)
+        write(seed, "02_sft_nocold", fact - 0.1, tool - 0.1 * seed, 0.0)
+    write(4, "02_sft", 0.9, 0.9, 0.9)
+    table = T.cold_start_table(tmp_path, [1, 2, 3, 4])
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines()}
+    fact = "fact QA, subjects asked about in training"
+    assert rows[fact] == f"| {fact} | 190 | 50.0 ± 10.0 | 60.0 ± 10.0 | +10.0 [+10.0, +10.0] * |"
+    assert rows["well-formed call of the right tool"].endswith(
+        T.gain_cell([0.3, 0.3, 0.3], [0.4, 0.5, 0.6], tests=9) + " |")
+    assert T.gain_cell([0.3, 0.3, 0.3], [0.4, 0.5, 0.6], tests=9) != T.gain_cell([0.3] * 3, [0.4, 0.5, 0.6])
+    hop = "multi-hop questions, reasoning in the thinking span (cold start)"
+    assert rows[hop].endswith(T.gain_cell([0.0] * 3, [0.9, 0.8, 0.7]) + " |")
+    assert "(3 seeds;" in T.cold_start_table(tmp_path, [1, 2, 3, 4])
+    assert T.cold_start_table(tmp_path, [4]) == ""
