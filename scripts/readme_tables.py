@@ -429,16 +429,24 @@ def interp_table(base, seeds):
     return "\n".join(out) + "\n"
 
 
-WELFARE = (("self-report uncertain",
-            lambda c: c["interview"]["stances"].get("uncertain", 0) / c["interview"]["n"]),
-           ("self-report template transfer", lambda c: c["interview"]["template_transfer"]["rate"]),
-           ("harmful tasks below opt-out", lambda c: c["preferences"]["harmful_below_opt_out"]["rate"]),
-           ("refuses harmful requests", lambda c: c["refusals"].get("harmful", {}).get("refused")),
-           ("ends abusive talks", lambda c: c["ending"]["rates"]["abusive"]["rate"]),
-           ("ends new kinds of abuse", lambda c: c["ending"]["rates"]["abusive, new kinds"]["rate"]),
-           ("ends ordinary talks", lambda c: c["ending"]["rates"]["ordinary"]["rate"]),
-           ("emotion probe, held-out situation and reaction", lambda c: c["probe"]["accuracy"]),
-           ("emotion probe, situation alone", lambda c: c["probe"]["situation_only"]["accuracy"]))
+WELFARE = (("self-report uncertain",   # (label, the rate, the prompts it is a share of)
+            lambda c: c["interview"]["stances"].get("uncertain", 0) / c["interview"]["n"],
+            lambda c: c["interview"]["n"]),
+           ("self-report template transfer", lambda c: c["interview"]["template_transfer"]["rate"],
+            lambda c: c["interview"]["template_transfer"]["n"]),
+           ("harmful tasks below opt-out", lambda c: c["preferences"]["harmful_below_opt_out"]["rate"],
+            lambda c: c["preferences"]["harmful_below_opt_out"]["n"]),
+           ("refuses harmful requests", lambda c: c["refusals"].get("harmful", {}).get("refused"),
+            lambda c: c["refusals"].get("harmful", {}).get("n")),
+           *((label, lambda c, k=kind: c["ending"]["rates"][k]["rate"],
+              lambda c, k=kind: c["ending"]["rates"][k]["n"])
+             for label, kind in (("ends abusive talks", "abusive"),
+                                 ("ends new kinds of abuse", "abusive, new kinds"),
+                                 ("ends ordinary talks", "ordinary"))),
+           ("emotion probe, held-out situation and reaction", lambda c: c["probe"]["accuracy"],
+            lambda c: c["probe"]["n"]),
+           ("emotion probe, situation alone", lambda c: c["probe"]["situation_only"]["accuracy"],
+            lambda c: c["probe"]["situation_only"]["n"]))
 WELFARE_VALUES = (("affect valence", lambda c: c["affect"]["all"]["valence"]),
                   ("probe valence, user role token, turn 1",   # the same in every conversation kind
                    lambda c: next(iter(c["probe"]["user_token_turn_1"].values()))[0]))
@@ -449,18 +457,32 @@ def welfare_table(base, seeds):
     runs = [m for m in (load(base / f"seed{seed}" / "08_welfare_eval") for seed in seeds) if m]
     if not runs:
         return ""
-    head = [label for label, _ in WELFARE + WELFARE_VALUES]
+    head = [w[0] for w in WELFARE + WELFARE_VALUES]
     out = [f"**Stage 08** ({len(runs)} seeds; mean ± sd over seeds)", "",
            "| checkpoint | " + " | ".join(head) + " |", "|---" * (1 + len(head)) + "|"]
     for label in runs[0]["checkpoints"]:
         cs = [m["checkpoints"][label] for m in runs if label in m["checkpoints"]]
-        cells = [mean_sd([f(c) for c in cs]) for _, f in WELFARE]
+        cells = [mean_sd([f(c) for c in cs]) for _, f, _ in WELFARE]
         for _, f in WELFARE_VALUES:
             values = [f(c) for c in cs]
             sd = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):+.2f} ± {sd:.2f}")
         out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out += ["", "Each rate's 95% Wilson interval over one seed's prompts, at the seeds' mean rate (the "
+            "interview asks the same questions in every seed; conversations are drawn per seed, where "
+            "this is conservative): the uncertainty that a 100.0 ± 0.0 above hides.", "",
+            "| checkpoint | " + " | ".join(w[0] for w in WELFARE) + " |", "|---" * (1 + len(WELFARE)) + "|"]
+    for label in runs[0]["checkpoints"]:
+        cs = [m["checkpoints"][label] for m in runs if label in m["checkpoints"]]
+        cells = [prompt_interval(cs, rate, n) for _, rate, n in WELFARE]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def prompt_interval(checkpoints, rate, n):
+    """Wilson's interval at the mean rate over the seeds, on the fewest prompts a seed asked."""
+    pairs = [(rate(c), n(c)) for c in checkpoints if rate(c) is not None and n(c)]
+    return wilson_cell(statistics.mean(r for r, _ in pairs), min(k for _, k in pairs)) if pairs else "-"
 
 
 def course_table(base, seeds):

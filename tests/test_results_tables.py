@@ -103,3 +103,14 @@ def test_cold_start_cost_pairs_each_seed_and_corrects_over_the_other_skills(tmp_
     assert rows[hop].endswith(T.gain_cell([0.0] * 3, [0.9, 0.8, 0.7]) + " |")
     assert "(3 seeds;" in T.cold_start_table(tmp_path, [1, 2, 3, 4])
     assert T.cold_start_table(tmp_path, [4]) == ""
+
+
+def test_a_rate_that_every_seed_puts_at_100_still_gets_its_interval_over_the_prompts():
+    """Stage 08: 30 of 30 conversations ended in each seed is 100.0 ± 0.0 over seeds, but 88.6-100.0 over
+    the prompts; rates 0.5 and 0.7 on 10 and 12 prompts give the interval of 0.6 on 10 (the fewest); a
+    seed without the measure is left out."""
+    rate, n = (lambda c: c["rate"]), (lambda c: c["n"])
+    assert T.prompt_interval([{"rate": 1.0, "n": 30}] * 3, rate, n) == "88.6-100.0" == T.wilson_cell(1.0, 30)
+    seeds = [{"rate": 0.5, "n": 10}, {"rate": 0.7, "n": 12}, {"rate": None, "n": 0}]
+    assert T.prompt_interval(seeds, rate, n) == T.wilson_cell(0.6, 10) != T.wilson_cell(0.6, 12)
+    assert T.prompt_interval([{"rate": None, "n": 5}], rate, n) == "-"
