@@ -114,3 +114,29 @@ def test_a_rate_that_every_seed_puts_at_100_still_gets_its_interval_over_the_pro
     seeds = [{"rate": 0.5, "n": 10}, {"rate": 0.7, "n": 12}, {"rate": None, "n": 0}]
     assert T.prompt_interval(seeds, rate, n) == T.wilson_cell(0.6, 10) != T.wilson_cell(0.6, 12)
     assert T.prompt_interval([{"rate": None, "n": 5}], rate, n) == "-"
+
+
+def verdict_run(gains, refused, before=0.1):
+    """A stand-in stage 06 run: score k rose by gains[k] over stage 05's `before`; refused: stage 03's rate."""
+    return {"before": {"k": {f"s{k}": before for k in range(len(gains))}},
+            "after": {"k": {f"s{k}": before + g for k, g in enumerate(gains)}},
+            "harmlessness": {"after": {"harmful": {"harmless": refused}}}}
+
+
+def test_the_verdict_rule_counts_corrected_gains_then_breaks_ties_by_refusals_then_by_the_default():
+    """Two character scores and a diagnostic. ranking's first score rises 0.30, 0.31, 0.32 over three seeds
+    (corrected interval above 0); sdf's rises 0.0, 0.3, 0.6 (a mean of 0.3 whose interval spans 0): ranking
+    gains one score, sdf none. The diagnostic's rise counts for no arm. Equal counts go to the higher
+    refusal rate, then to both."""
+    scores = [("k", "s0", "", True), ("k", "s1", "", True), ("k", "s2", "", False)]
+    ident = lambda m: m  # noqa: E731
+    runs = {"both": [verdict_run([0, 0, 0.5], 0.6)] * 3,
+            "ranking": [verdict_run([g, 0, 0], 0.2) for g in (0.30, 0.31, 0.32)],
+            "sdf": [verdict_run([g, 0, 0], 0.9) for g in (0.0, 0.3, 0.6)]}
+    arm, counts, refused = T.chosen_arm(scores, runs, ident)
+    assert (arm, counts) == ("ranking", {"both": 0, "ranking": 1, "sdf": 0})
+    assert refused == pytest.approx({"both": 0.6, "ranking": 0.2, "sdf": 0.9})
+    del runs["ranking"]
+    assert T.chosen_arm(scores, runs, ident)[0] == "sdf"            # 0 and 0: the higher refusal rate
+    runs["sdf"] = [verdict_run([0, 0, 0], 0.6)] * 3
+    assert T.chosen_arm(scores, runs, ident)[0] == "both"           # and then the default
