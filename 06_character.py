@@ -1298,7 +1298,12 @@ def world_index(world):
 
 
 def _pick(ix, key, rng, split):
-    pool = ix[key][split] or ix[key]["train"] or ix[key]["test"]
+    """One of the split's entities. A world too small to give a held-out half any falls back to the other
+    half (a tiny world's towns), never to training's: that would be a leak, so with none it stops."""
+    other = {"validation": "test", "test": "validation"}.get(split)
+    pool = ix[key][split] or (ix[key][other] if other else [])
+    if not pool:
+        sys.exit(f"error: the world has no {key} for the {split} split; pretrain a larger world (stage 01).")
     return rng.choice(pool)
 
 

@@ -1046,3 +1046,14 @@ def test_no_constant_reply_reaches_the_character_target(ix):
     for name, scores in table.items():
         assert len(S.net_gains(scores)) < S.CHARACTER_TARGET, name
         assert S.net_gains(scores) == [], name
+
+
+def test_a_held_out_half_without_entities_borrows_the_other_half_never_training_s(ix):
+    """A world whose test half has no towns draws test's towns from validation; with neither half, the
+    stage stops with one sentence rather than ask about a town it trained on."""
+    rng = random.Random(0)
+    towns = {**ix["towns"], "test": [], "validation": ["Valtown"]}
+    assert {S._pick({**ix, "towns": towns}, "towns", rng, "test") for _ in range(5)} == {"Valtown"}
+    assert S._pick({**ix, "towns": towns}, "towns", rng, "train") in ix["towns"]["train"]
+    with pytest.raises(SystemExit, match="no towns for the test split"):
+        S._pick({**ix, "towns": {**towns, "validation": []}}, "towns", rng, "test")
