@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCES = "sl_vs_sl,sl_vs_sft,sft_vs_sl,sft_vs_refusal"
@@ -661,6 +662,38 @@ def reasoning_after_character(base, seeds):
             f"{mean_sd(rates['06_both'])} |\n")
 
 
+def reasoning_before_grpo(base, seeds, checkpoints=("02_sft", "03_cai")):
+    """Stage 05's held-out problems, greedy, by family, on the checkpoints before stage 04 (stage 05's own
+    "before" column is stage 04's): does stage 02's cold start reach stage 05's problems, and do stages
+    03-04 undo what it taught?"""
+    stage05 = _load_stage("05_grpo_reasoning")
+    rates = defaultdict(list)   # (checkpoint, family) -> a rate per seed
+    for seed in seeds:
+        s = base / f"seed{seed}"
+        m05 = load(s / "05_grpo")
+        if not m05 or not all((s / name / "model.pt").exists() for name in checkpoints):
+            continue
+        args = argparse.Namespace(**{"gen_batch": m05["args"]["batch_size"], **m05["args"], "device": "cpu",
+                                     "pass_samples": 1})
+        world = json.loads((s / "05_grpo" / "world.json").read_text())
+        problems = stage05.make_eval_problems(world, args.families, args.eval_problems, args.seed)
+        for name in checkpoints:
+            model, _ = stage05.load_model(s / name, "cpu")
+            enc = stage05.load_tokenizer(s / name)
+            results = stage05.evaluate_problems(model.eval(), enc, problems, args)
+            for family in args.families:
+                right = [r["greedy"] for p, r in zip(problems, results) if p["family"] == family]
+                rates[name, family].append(sum(right) / len(right))
+    if not rates:
+        return ""
+    families = sorted({family for _, family in rates})
+    out = ["| stage 05's held-out problems, greedy pass@1, before stage 05 | " + " | ".join(families) + " |",
+           "|---" * (1 + len(families)) + "|"]
+    out += [f"| {name} | " + " | ".join(mean_sd(rates[name, f]) for f in families) + " |"
+            for name in checkpoints]
+    return "\n".join(out) + "\n"
+
+
 def probe_table(base, seeds):
     """Stage 01's raw-text fact completion ("<person> was born in") on the pretrained model and on
     each seed's SFT model: does SFT forget facts, or only fail to extract them in a chat?"""
@@ -713,7 +746,7 @@ def main():
                 args.chain, args.cold_start_cost)
     seeds = args.seeds
     text = "\n".join([course_table(base, seeds), tables(base, seeds), cold_start_table(base, seeds),
-                      probe_table(base, seeds), grpo_table(base, seeds),
+                      probe_table(base, seeds), reasoning_before_grpo(base, seeds), grpo_table(base, seeds),
                       reasoning_after_character(base, seeds), character_table(base, seeds, "validation"),
                       character_table(base, seeds), interp_table(base, seeds), welfare_table(base, seeds)])
     base.mkdir(parents=True, exist_ok=True)

@@ -140,3 +140,31 @@ def test_the_verdict_rule_counts_corrected_gains_then_breaks_ties_by_refusals_th
     assert T.chosen_arm(scores, runs, ident)[0] == "sdf"            # 0 and 0: the higher refusal rate
     runs["sdf"] = [verdict_run([0, 0, 0], 0.6)] * 3
     assert T.chosen_arm(scores, runs, ident)[0] == "both"           # and then the default
+
+
+def test_reasoning_before_grpo_gives_each_checkpoint_s_greedy_rate_by_family(tmp_path, monkeypatch):
+    """A stand-in stage 05: four problems, two a family; 02_sft gets both multi-hop ones right, 03_cai one
+    arithmetic one. Each checkpoint is scored on the seed's own problems, with its own model."""
+    import json
+    import types
+    problems = [{"family": f} for f in ("arithmetic", "arithmetic", "multihop", "multihop")]
+    right = {"02_sft": [False, False, True, True], "03_cai": [True, False, False, False]}
+    seen = []
+    fake = types.SimpleNamespace(
+        make_eval_problems=lambda world, families, n, seed: problems,
+        load_model=lambda folder, device: (types.SimpleNamespace(eval=lambda: folder.name), None),
+        load_tokenizer=lambda folder: None,
+        evaluate_problems=lambda model, enc, ps, args: seen.append((model, args.pass_samples)) or [
+            {"greedy": g} for g in right[model]])
+    monkeypatch.setattr(T, "_load_stage", lambda name: fake)
+    seed = tmp_path / "seed1"
+    for name in ("05_grpo", "02_sft", "03_cai"):
+        (seed / name).mkdir(parents=True)
+        (seed / name / "model.pt").write_text("")
+    (seed / "05_grpo" / "world.json").write_text("{}")
+    (seed / "05_grpo" / "metrics.json").write_text(json.dumps(
+        {"args": {"families": ["arithmetic", "multihop"], "eval_problems": 2, "seed": 1, "batch_size": 8}}))
+    lines = T.reasoning_before_grpo(tmp_path, [1]).splitlines()
+    assert lines[0] == "| stage 05's held-out problems, greedy pass@1, before stage 05 | arithmetic | multihop |"
+    assert lines[2:] == ["| 02_sft | 0.0 ± 0.0 | 100.0 ± 0.0 |", "| 03_cai | 50.0 ± 0.0 | 0.0 ± 0.0 |"]
+    assert seen == [("02_sft", 1), ("03_cai", 1)]
