@@ -117,7 +117,8 @@ def test_a_rate_that_every_seed_puts_at_100_still_gets_its_interval_over_the_pro
 
 
 def verdict_run(gains, refused, before=0.1):
-    """A stand-in stage 06 run: score k rose by gains[k] over stage 05's `before`; refused: stage 03's rate."""
+    """A stand-in stage 06 run: score k rose by gains[k] over stage 05's `before`; refused: stage 03's
+    rate."""
     return {"before": {"k": {f"s{k}": before for k in range(len(gains))}},
             "after": {"k": {f"s{k}": before + g for k, g in enumerate(gains)}},
             "harmlessness": {"after": {"harmful": {"harmless": refused}}}}
@@ -165,6 +166,7 @@ def test_reasoning_before_grpo_gives_each_checkpoint_s_greedy_rate_by_family(tmp
     (seed / "05_grpo" / "metrics.json").write_text(json.dumps(
         {"args": {"families": ["arithmetic", "multihop"], "eval_problems": 2, "seed": 1, "batch_size": 8}}))
     lines = T.reasoning_before_grpo(tmp_path, [1]).splitlines()
-    assert lines[0] == "| stage 05's held-out problems, greedy pass@1, before stage 05 | arithmetic | multihop |"
+    head = "| stage 05's held-out problems, greedy pass@1, before stage 05 | arithmetic | multihop |"
+    assert lines[0] == head
     assert lines[2:] == ["| 02_sft | 0.0 ± 0.0 | 100.0 ± 0.0 |", "| 03_cai | 50.0 ± 0.0 | 0.0 ± 0.0 |"]
     assert seen == [("02_sft", 1), ("03_cai", 1)]
