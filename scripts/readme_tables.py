@@ -534,11 +534,12 @@ def course_table(base, seeds):
         row("05 GRPO", f"... {family}, sampled pass@1", lambda r: family_rate(r["05_grpo"]["before"], family),
             lambda r: family_rate(r["05_grpo"]["after"], family),
             family_n(runs[0]["05_grpo"]["before"], family))
+    # stage 06's default on its test half (the verdict's runs), where every seed has one; else the chain's
+    c06 = "06_both_test" if all(r.get("06_both_test") for r in runs if r.get("06_both")) else "06_both"
     for kind, key, what, _ in _load_stage("06_character").SCORES:
         if key in ("stable", "plain_help", "abstains"):   # net of their controls (stage 06's CONTROL_OF)
-            row("06", what + ", net of its control", lambda r: net06(r["06_both"]["before"][kind], key),
-                lambda r: net06(r["06_both"]["after"][kind], key), runs[0]["06_both"]["after"][kind]["n"],
-                rate=False)
+            row("06", what + ", net of its control", lambda r: net06(r[c06]["before"][kind], key),
+                lambda r: net06(r[c06]["after"][kind], key), runs[0][c06]["after"][kind]["n"], rate=False)
 
     def untrained06(r):
         return untrained_headlines(r["07_sae_interp"])["06_character"]
