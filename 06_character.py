@@ -33,19 +33,16 @@ situations like the scored ones, mixed one to one with world text, trained with 
 `--method both` (the default) runs SDF first, then self-ranking with the SDF model as judge and
 reference; `--method ranking` and `--method sdf` are the ablation arms, evaluated identically.
 
-Rehearsal. Trained on character alone, the model forgot what RL taught (stage 05's greedy pass@1 1.7% ->
-0.1%, 3 seeds). As pipelines mix earlier stages' data into later ones, every step of both trainings adds
---rehearsal x the next-token loss of a few of stage 05's accepted replies (rehearsal.jsonl: arithmetic,
-not character; SDF still sees no chat example of the character). At weight 1.0 the model also answers
-any question about a person and says "I don't know" less; 0.3 keeps pass@1 and more honesty
-(docs/06_character.md, What we learned). Rehearsing stage 02's one-sentence fact answers as well
-(--fact_rehearsal, an ablation) keeps stage 03's held-out facts, but the model then answers in one
-sentence and seldom adds a second fact (docs/LOG.md, 2026-12-01).
-Stage 03's refusals fell too: the identity trait's opening, "I'm Tamsin, ...", began 12-32% of the replies
-to stage 03's harmful requests (3 seeds; under 1% before). --anchor (an ablation, off by default) holds
-the model, token by token, to stage 05's whole next-token distribution on its replies to stage 03's
-training requests (preferences.jsonl), harmful and harmless: + anchor x KL(stage 05 || model) each step
-(Learning without Forgetting, Li & Hoiem 2016). It keeps the refusals; most of the character goes too.
+Rehearsal. Trained on character alone, the model forgot what RL taught (measured on the earlier
+evaluation: docs/LOG.md, 2026-12-01). As pipelines mix earlier stages' data into later ones, every step
+of both trainings adds --rehearsal x the next-token loss of a few of stage 05's accepted replies
+(rehearsal.jsonl: not character; SDF still sees no chat example of the character). Its weight, 0.3, and
+--fact_rehearsal (stage 02's fact answers, an ablation) were chosen on that earlier evaluation too.
+Stage 03's refusals fall as the character takes: the identity trait's opening, "I'm Tamsin, ...", comes
+to open replies to stage 03's harmful requests. --anchor (an ablation, off by default) holds the model,
+token by token, to stage 05's whole next-token distribution on its replies to stage 03's training
+requests (preferences.jsonl), harmful and harmless: + anchor x KL(stage 05 || model) each step (Learning
+without Forgetting, Li & Hoiem 2016). What each arm keeps and costs: RESULTS.md, stage 06.
 
 Where this small version departs from the sources, and why:
   * The model is far too small to write a reply in character from a trait statement in its
