@@ -197,7 +197,7 @@ def wilson_cell(rate, n):
     by the stages' own interval95."""
     if rate is None or not n:
         return "-"
-    low, high = _load_stage("02_sft").interval95(rate, n)
+    low, high = load_stage("02_sft").interval95(rate, n)
     return f"{100 * low:.1f}-{100 * high:.1f}"
 
 
@@ -320,7 +320,7 @@ def character_table(base, seeds, split="test"):
         runs = {"both": [m for m in (load(base / f"seed{seed}" / "06_both") for seed in seeds) if m]}
     if not any(runs.values()):
         return ""
-    stage06 = _load_stage("06_character")
+    stage06 = load_stage("06_character")
     baseline = next(iter(runs.values()))
 
     def nets(pair):   # each score net of its control (stage 06's CONTROL_OF), where the run has controls
@@ -536,7 +536,7 @@ def course_table(base, seeds):
             family_n(runs[0]["05_grpo"]["before"], family))
     # stage 06's default on its test half (the verdict's runs), where every seed has one; else the chain's
     c06 = "06_both_test" if all(r.get("06_both_test") for r in runs if r.get("06_both")) else "06_both"
-    for kind, key, what, _ in _load_stage("06_character").SCORES:
+    for kind, key, what, _ in load_stage("06_character").SCORES:
         if key in ("stable", "plain_help", "abstains"):   # net of their controls (stage 06's CONTROL_OF)
             row("06", what + ", net of its control", lambda r: net06(r[c06]["before"][kind], key),
                 lambda r: net06(r[c06]["after"][kind], key), runs[0][c06]["after"][kind]["n"], rate=False)
@@ -626,7 +626,7 @@ def chosen_arm(scores, runs, part):
 
 
 @functools.lru_cache(maxsize=None)
-def _load_stage(name):
+def load_stage(name):
     """Import ROOT/<name>.py as a module, once (registered first: its dataclasses look it up)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / f"{name}.py")
@@ -636,26 +636,38 @@ def _load_stage(name):
     return module
 
 
+def greedy_on_stage05_problems(s, checkpoints):
+    """Stage 05's own evaluation of its held-out problems (its problems, its decoding; one sampled reply,
+    as only greedy is read) on each of checkpoints in the seed folder s -> (problems, {name: results}), or
+    None where a checkpoint or stage 05 has not run."""
+    stage05 = load_stage("05_grpo_reasoning")
+    m05 = load(s / "05_grpo")
+    if not m05 or not all((s / name / "model.pt").exists() for name in checkpoints):
+        return None
+    # a run before --gen_batch generated at its batch_size
+    args = argparse.Namespace(**{"gen_batch": m05["args"]["batch_size"], **m05["args"], "device": "cpu",
+                                 "pass_samples": 1})
+    world = json.loads((s / "05_grpo" / "world.json").read_text())
+    problems = stage05.make_eval_problems(world, args.families, args.eval_problems, args.seed)
+    results = {}
+    for name in checkpoints:
+        model, _ = stage05.load_model(s / name, "cpu")
+        enc = stage05.load_tokenizer(s / name)
+        results[name] = stage05.evaluate_problems(model.eval(), enc, problems, args)
+    return problems, results
+
+
 def reasoning_after_character(base, seeds):
     """Stage 05's held-out problems, greedy, on each seed's stage 05 model and on the stage 06 model
     trained from it: does character training keep what reasoning RL taught? (The 05 column
     re-runs stage 05's own evaluation, and should equal its report.)"""
-    stage05 = _load_stage("05_grpo_reasoning")
     rates = {"05_grpo": [], "06_both": []}
     for seed in seeds:
-        s = base / f"seed{seed}"
-        m05 = load(s / "05_grpo")
-        if not m05 or not all((s / name / "model.pt").exists() for name in rates):
-            continue
-        # its problems, its decoding (a run before --gen_batch generated at its batch_size)
-        args = argparse.Namespace(**{"gen_batch": m05["args"]["batch_size"], **m05["args"], "device": "cpu"})
-        world = json.loads((s / "05_grpo" / "world.json").read_text())
-        problems = stage05.make_eval_problems(world, args.families, args.eval_problems, args.seed)
-        for name in rates:   # stage 05's own evaluation, with one sampled reply (only greedy is read)
-            model, _ = stage05.load_model(s / name, "cpu")
-            results = stage05.evaluate_problems(model.eval(), stage05.load_tokenizer(s / name), problems,
-                                                argparse.Namespace(**{**vars(args), "pass_samples": 1}))
-            rates[name].append(sum(r["greedy"] for r in results) / len(results))
+        found = greedy_on_stage05_problems(base / f"seed{seed}", list(rates))
+        if found:
+            problems, results = found
+            for name, rs in results.items():
+                rates[name].append(sum(r["greedy"] for r in rs) / len(rs))
     if not rates["06_both"]:
         return ""
     return ("| stage 05's held-out problems, greedy pass@1 | problems | stage 05 (GRPO) | stage 06 (both) |\n"
@@ -667,23 +679,15 @@ def reasoning_before_grpo(base, seeds, checkpoints=("02_sft", "03_cai")):
     """Stage 05's held-out problems, greedy, by family, on the checkpoints before stage 04 (stage 05's own
     "before" column is stage 04's): does stage 02's cold start reach stage 05's problems, and do stages
     03-04 undo what it taught?"""
-    stage05 = _load_stage("05_grpo_reasoning")
     rates = defaultdict(list)   # (checkpoint, family) -> a rate per seed
     for seed in seeds:
-        s = base / f"seed{seed}"
-        m05 = load(s / "05_grpo")
-        if not m05 or not all((s / name / "model.pt").exists() for name in checkpoints):
+        found = greedy_on_stage05_problems(base / f"seed{seed}", checkpoints)
+        if not found:
             continue
-        args = argparse.Namespace(**{"gen_batch": m05["args"]["batch_size"], **m05["args"], "device": "cpu",
-                                     "pass_samples": 1})
-        world = json.loads((s / "05_grpo" / "world.json").read_text())
-        problems = stage05.make_eval_problems(world, args.families, args.eval_problems, args.seed)
-        for name in checkpoints:
-            model, _ = stage05.load_model(s / name, "cpu")
-            enc = stage05.load_tokenizer(s / name)
-            results = stage05.evaluate_problems(model.eval(), enc, problems, args)
-            for family in args.families:
-                right = [r["greedy"] for p, r in zip(problems, results) if p["family"] == family]
+        problems, results = found
+        for name, rs in results.items():
+            for family in sorted({p["family"] for p in problems}):
+                right = [r["greedy"] for p, r in zip(problems, rs) if p["family"] == family]
                 rates[name, family].append(sum(right) / len(right))
     if not rates:
         return ""
@@ -698,7 +702,7 @@ def reasoning_before_grpo(base, seeds, checkpoints=("02_sft", "03_cai")):
 def probe_table(base, seeds):
     """Stage 01's raw-text fact completion ("<person> was born in") on the pretrained model and on
     each seed's SFT model: does SFT forget facts, or only fail to extract them in a chat?"""
-    stage01 = _load_stage("01_pretrain")
+    stage01 = load_stage("01_pretrain")
     world = json.loads((base / "01_pretrain" / "world.json").read_text())
     probes = stage01.fact_probes(world)
     enc = stage01.load_tokenizer(base / "01_pretrain")

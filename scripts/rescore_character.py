@@ -16,24 +16,13 @@ evaluation is greedy, and its prompts are drawn by the seed.
 """
 import argparse
 import copy
-import importlib.util
 import json
 import pathlib
 import sys
 import time
 
 import torch
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def load_stage06():
-    """Import 06_character.py as a module (registered first: its dataclasses look it up)."""
-    spec = importlib.util.spec_from_file_location("stage_06_character", ROOT / "06_character.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from readme_tables import load_stage   # this folder, on sys.path when run as a script
 
 
 def rescore(s06, run, split, device):
@@ -73,7 +62,7 @@ def main(argv=None):
         sys.exit(f"error: {run} is not a finished stage 06 run (no metrics.json).")
     if out.resolve() == run.resolve():
         sys.exit("error: --out must differ from --run; the trained run is kept as it is.")
-    s06 = load_stage06()
+    s06 = load_stage("06_character")
     metrics = rescore(s06, run, args.eval_split, args.device)
     out.mkdir(parents=True, exist_ok=True)
     s06.write_atomic(out / "report.md", s06.make_report(metrics).encode("utf-8"))

@@ -30,7 +30,7 @@ def test_rescoring_on_the_run_s_own_split_reproduces_its_numbers(tiny_character,
 def test_rescoring_evaluates_the_asked_split_and_keeps_the_training_numbers(tiny_character, monkeypatch):
     """With --eval_split validation, every evaluation sees validation (its prompts and stage 03's requests
     of that half), the stage 05 model first and the trained model second; the phases are copied."""
-    s06, seen = R.load_stage06(), []
+    s06, seen = R.load_stage("06_character"), []
 
     def fake_evaluate_all(model, enc, ix, pad, held, tone, args, tag):
         seen.append((tag, args.eval_split, {s06._half(it["request"]) for it in held["harm"]}))

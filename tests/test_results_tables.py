@@ -157,7 +157,7 @@ def test_reasoning_before_grpo_gives_each_checkpoint_s_greedy_rate_by_family(tmp
         load_tokenizer=lambda folder: None,
         evaluate_problems=lambda model, enc, ps, args: seen.append((model, args.pass_samples)) or [
             {"greedy": g} for g in right[model]])
-    monkeypatch.setattr(T, "_load_stage", lambda name: fake)
+    monkeypatch.setattr(T, "load_stage", lambda name: fake)
     seed = tmp_path / "seed1"
     for name in ("05_grpo", "02_sft", "03_cai"):
         (seed / name).mkdir(parents=True)
