@@ -2214,9 +2214,12 @@ class GPT(nn.Module):
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, at=None):
         """idx (B, T) -> logits (B, T, vocab); with targets (B, T), the mean cross-entropy over the
-        positions whose target is not -1 (later stages mask prompts that way) instead."""
+        positions whose target is not -1 (later stages mask prompts that way) instead. With `at`, a
+        (B, T) bool mask, only those positions' logits, (N, vocab) in row-major order: a reply's
+        log-probability needs a few positions, and the head and softmax over every position cost a
+        third of a small model's pass."""
         T = idx.size(1)
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         if cache is not None:   # after the cached tokens; a left-padded row's first real token at 0
@@ -2227,7 +2230,7 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.norm(x)).float()
+        logits = self.lm_head(self.norm(x if at is None else x[at])).float()
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

@@ -20,8 +20,10 @@ per reply) on a checkpoint, with the rows whose reply has ended dropped from the
 DROP_FINISHED) and computed to the end of the batch's longest reply; the replies must be identical.
 
 --against REV times today's code against the stage files as they were at the git revision REV, in one
-process, turn about: stage 05's sampling on the --generate checkpoint (the replies must be identical) and
-stage 07's SAE training steps at the CPU preset's main dictionary (the trained weights must be identical).
+process, turn about: stage 05's sampling on the --generate checkpoint (the replies must be identical),
+stage 07's SAE training steps at the CPU preset's main dictionary (the trained weights must be identical),
+and stage 06's judge steps on the checkpoint (losses and gradients equal to float rounding: the head and
+softmax run at the answer's positions only since the model's `at`).
 
 Time it alone: another job on the same cores changes both numbers, not always equally.
 """
@@ -254,13 +256,46 @@ def bench_against(rev, folder, n_per_cell, samples, repeats=3, sae_steps=60):
              for when, m in ((rev, then), ("today", now))}
     sae_seconds, saes = turn_about(train, repeats)
     assert all(torch.equal(a, b) for a, b in zip(saes[rev].parameters(), saes["today"].parameters()))
+    judge_seconds, n_lessons = judge_steps(rev, folder, world, enc, repeats)
     print(f"{len(prompts)} problems x {samples} replies at batch 64 ({tokens:,} tokens); SAE: {sae_steps} "
-          f"steps of 1,024 tokens, {16 * X.size(1)} latents, k 32; best of {repeats}, turn about; identical")
-    print(f"{'code':<10} {'sampling tokens/s':>18} {'SAE steps/s':>12}")
+          f"steps of 1,024 tokens, {16 * X.size(1)} latents, k 32 (identical); judge: {JUDGE_STEPS} steps "
+          f"over stage 06's {n_lessons} lessons (losses, gradients equal to 1e-5); best of {repeats}, "
+          "turn about")
+    print(f"{'code':<10} {'sampling tokens/s':>18} {'SAE steps/s':>12} {'judge steps/s':>14}")
     for when in (rev, "today"):
-        print(f"{when:<10} {tokens / seconds[when]:>18,.0f} {sae_steps / sae_seconds[when]:>12.1f}")
+        print(f"{when:<10} {tokens / seconds[when]:>18,.0f} {sae_steps / sae_seconds[when]:>12.1f} "
+              f"{JUDGE_STEPS / judge_seconds[when]:>14.2f}")
     print(f"{'ratio':<10} {seconds[rev] / seconds['today']:>17.2f}x "
-          f"{sae_seconds[rev] / sae_seconds['today']:>11.2f}x")
+          f"{sae_seconds[rev] / sae_seconds['today']:>11.2f}x "
+          f"{judge_seconds[rev] / judge_seconds['today']:>13.2f}x")
+
+
+JUDGE_STEPS = 4
+
+
+def judge_steps(rev, folder, world, enc, repeats):
+    """Stage 06's judge lessons, forward and backward (the CPU preset's batch of 32 lessons, two options
+    each), today's code against rev's, each with its own model block; -> ({when: seconds}, lessons)."""
+    stages = {rev: load_stage_at("06_character", rev), "today": load_stage("06_character")}
+    ix = stages["today"].world_index(world)
+    lessons = stages["today"].judge_lessons(ix, enc, JUDGE_STEPS * 16, 1337)[:JUDGE_STEPS * 32]
+    pad = enc.encode_single_token("<|pad|>")
+    models = {when: m.load_model(pathlib.Path(folder), "cpu")[0] for when, m in stages.items()}
+
+    def steps(when):
+        m, model, losses = stages[when], models[when], []
+        model.zero_grad()
+        for i in range(0, len(lessons), 32):
+            chunk = lessons[i:i + 32]
+            lp = m.answer_logprob_pairs(model, enc, [ids for ids, _ in chunk], pad)
+            loss = m.judge_loss(lp, torch.tensor([a for _, a in chunk]))
+            loss.backward()
+            losses.append(loss.item())
+        return losses, [q.grad.clone() for q in model.parameters()]
+    seconds, results = turn_about({when: (lambda when=when: steps(when)) for when in stages}, repeats)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(*(results[w][1] for w in stages)))
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(*(results[w][0] for w in stages)))
+    return seconds, len(lessons)
 
 
 def main():

@@ -209,6 +209,32 @@ def test_sequence_logprobs_count_only_response_tokens(model, enc):
         assert batched[i].item() == pytest.approx(manual, abs=1e-4)
 
 
+def test_sequence_logprobs_gradient_is_that_of_the_full_pass(model, enc):
+    """The response's positions alone give the same sums and the same gradient as log-softmax over
+    every position, masked: the positions skipped carry no gradient."""
+    prompts = [C.user_prompt(enc, "Hello?"), C.user_prompt(enc, "Where is the Haigrern Crown?")]
+    responses = [enc.encode_ordinary("Hello there."), enc.encode_ordinary("It is kept in Esholm, far away.")]
+    pad = enc.encode_single_token("<|pad|>")
+
+    def full_pass():
+        ids = C.pad_right([p + r for p, r in zip(prompts, responses)], pad, "cpu")
+        logp = model(ids[:, :-1]).log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        mask = torch.zeros_like(logp, dtype=torch.bool)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            mask[i, len(p) - 1:len(p) + len(r) - 1] = True
+        return (logp * mask).sum(1)
+    weights = torch.tensor([1.0, -2.0])
+    grads = []
+    for f in (full_pass, lambda: C.sequence_logprobs(model, prompts, responses, pad)):
+        model.zero_grad()
+        value = f()
+        (value * weights).sum().backward()
+        grads.append((value.detach(), model.lm_head.weight.grad.clone(), model.embed.weight.grad.clone()))
+    model.zero_grad()
+    for expected, got in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_rloo_advantages_leave_one_out():
     """Group [1, 2, 3, 6]: each minus the mean of the other three; groups do not mix."""
     adv = C.rloo_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0]), 4)

@@ -104,6 +104,19 @@ def test_future_tokens_do_not_change_past_logits(n_experts):
     assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-3   # and the future ones do change
 
 
+def test_logits_at_some_positions_are_those_positions_of_the_full_pass():
+    """`at` keeps the positions it marks, in row-major order, each with its own logits: a mask
+    misread as positions, transposed, or applied before the blocks would give other rows."""
+    model = tiny_model()
+    idx = torch.randint(0, 300, (3, 9))
+    at = torch.zeros(3, 9, dtype=torch.bool)
+    at[0, 2], at[0, 7], at[2, 0], at[2, 8] = True, True, True, True
+    with torch.no_grad():
+        full, some = model(idx), model(idx, at=at)
+    assert some.shape == (4, full.size(-1))
+    torch.testing.assert_close(some, full[[0, 0, 2, 2], [2, 7, 0, 8]], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("n_experts", [0, 4])
 def test_kv_cache_matches_full_recomputation(n_experts):
     model = tiny_model(n_experts=n_experts)
