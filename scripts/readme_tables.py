@@ -12,6 +12,7 @@ cell is the mean over seeds +- their sample standard deviation, in points.
     python scripts/readme_tables.py --grpo --character --interp --welfare   # ... and stage 08 on them all
     python scripts/readme_tables.py --chain               # the README's pipeline only: each stage's default
     python scripts/readme_tables.py --chain --cold_start_cost   # ... and stage 02 without its cold start
+    python scripts/readme_tables.py --chain --rl_before_cai     # ... and GRPO on stage 02's model
     python scripts/readme_tables.py --report_only         # print the tables from finished runs
     python scripts/readme_tables.py --preset tiny --out /tmp/readme --seeds 1 2   # a smoke test
 
@@ -25,6 +26,7 @@ import functools
 import json
 import math
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,7 +90,7 @@ def record_time(path, out, seconds):
 
 
 def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welfare=False, chain=False,
-            cold_start_cost=False):
+            cold_start_cost=False, rl_before_cai=False):
     """Every run the flags ask for; chain: only what the README's pipeline runs (each stage's default:
     stage 04's DPO, stage 05's GRPO, stage 06's both), through stage 08."""
     base.mkdir(parents=True, exist_ok=True)
@@ -112,6 +114,8 @@ def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welf
         for variant in ["grpo"] if chain else GRPO_VARIANTS if grpo else []:
             flags05 = seeded + ["--init", s / "04_dpo", "--variant", variant]
             run("05_grpo_reasoning.py", s / f"05_{variant}", flags05, times)
+        if rl_before_cai:   # GRPO on the model Constitutional AI starts from
+            run("05_grpo_reasoning.py", s / "05_grpo_from_sft", seeded + ["--init", sft_as_start(s)], times)
         if chain or interp or welfare:   # the course's default, which stages 07 and 08 read
             run("06_character.py", s / "06_both", seeded + ["--init", s / "05_grpo"], times)
         for arm, extra in CHARACTER_ARMS.items() if character else []:
@@ -128,6 +132,19 @@ def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welf
             checkpoints = [base / "01_pretrain", s / "02_sft", s / "03_cai", s / "04_dpo", s / "05_grpo",
                            s / "06_both", s / "07_sae_interp"]
             run("08_welfare_eval.py", s / "08_welfare_eval", seeded + ["--checkpoints", *checkpoints], times)
+
+
+def sft_as_start(s):
+    """A folder stage 05 can start from holding stage 02's model (with its tokenizer and world), stage 03's
+    held-out harmlessness items and stage 04's metrics.json (stage 05 reads from it the harmlessness it
+    reports as "before" and the reply length of that evaluation: stage 04's, not stage 02's; the table of
+    this arm reads neither)."""
+    start = s / "02_sft_as_start"
+    start.mkdir(exist_ok=True)
+    for source, name in (("02_sft", "model.pt"), ("02_sft", "tokenizer.json"), ("02_sft", "world.json"),
+                         ("03_cai", "eval_items.jsonl"), ("04_dpo", "metrics.json")):
+        shutil.copyfile(s / source / name, start / name)
+    return start
 
 
 def mean_sd(values, digits=1):
@@ -699,6 +716,27 @@ def reasoning_before_grpo(base, seeds, checkpoints=("02_sft", "03_cai")):
     return "\n".join(out) + "\n"
 
 
+def rl_before_cai_table(base, seeds):
+    """Stage 05's sampled pass@1 by family, before and after GRPO, from stage 04's model (the course) and
+    from stage 02's (--rl_before_cai): what GRPO does where Constitutional AI has not taken the start."""
+    arms = {"from stage 04 (the course)": "05_grpo", "from stage 02": "05_grpo_from_sft"}
+    runs = {arm: [load(base / f"seed{seed}" / folder) for seed in seeds] for arm, folder in arms.items()}
+    if not any(runs["from stage 02"]):
+        return ""
+    first = next(m for m in runs["from stage 02"] if m)
+    families = sorted({name.split("/")[0] for name in first["before"] if name != "all"})
+    out = ["| stage 05's held-out problems, sampled pass@1 | family | problems | seeds | before | after | "
+           "gain [95% CI] |", "|---|---|---|---|---|---|---|"]
+    for arm, ms in runs.items():
+        ms = [m for m in ms if m]
+        for family in families:
+            before = [family_rate(m["before"], family) for m in ms]
+            after = [family_rate(m["after"], family) for m in ms]
+            out.append(f"| {arm} | {family} | {family_n(ms[0]['before'], family)} | {len(ms)} | "
+                       f"{mean_sd(before)} | {mean_sd(after)} | {gain_cell(before, after)} |")
+    return "\n".join(out) + "\n"
+
+
 def probe_table(base, seeds):
     """Stage 01's raw-text fact completion ("<person> was born in") on the pretrained model and on
     each seed's SFT model: does SFT forget facts, or only fail to extract them in a chat?"""
@@ -744,14 +782,17 @@ def main():
     p.add_argument("--chain", action="store_true", help="only the README's pipeline: each stage's default")
     p.add_argument("--cold_start_cost", action="store_true",
                    help="also run stage 02 without stage 05's cold start on each seed (02_sft_nocold)")
+    p.add_argument("--rl_before_cai", action="store_true",
+                   help="also run stage 05 on each seed's stage 02 model (05_grpo_from_sft)")
     args = p.parse_args()
     base = pathlib.Path(args.out or ROOT / "runs" / "readme" / args.preset)
     if not args.report_only:
         run_all(base, args.preset, args.seeds, args.grpo, args.character, args.interp, args.welfare,
-                args.chain, args.cold_start_cost)
+                args.chain, args.cold_start_cost, args.rl_before_cai)
     seeds = args.seeds
     text = "\n".join([course_table(base, seeds), tables(base, seeds), cold_start_table(base, seeds),
                       probe_table(base, seeds), reasoning_before_grpo(base, seeds), grpo_table(base, seeds),
+                      rl_before_cai_table(base, seeds),
                       reasoning_after_character(base, seeds), character_table(base, seeds, "validation"),
                       character_table(base, seeds), interp_table(base, seeds), welfare_table(base, seeds)])
     base.mkdir(parents=True, exist_ok=True)

@@ -105,6 +105,45 @@ def test_cold_start_cost_pairs_each_seed_and_corrects_over_the_other_skills(tmp_
     assert T.cold_start_table(tmp_path, [4]) == ""
 
 
+def test_rl_before_cai_starts_stage_05_from_stage_02s_model_and_tables_both_starts(tmp_path, monkeypatch):
+    """--rl_before_cai: stage 05 starts from a folder holding stage 02's model, tokenizer and world (not
+    stage 04's), stage 03's held-out items and stage 04's metrics. The table weights a family's cells by
+    their problems: multihop/1 (10 problems) 0.1 -> 0.4 and multihop/2 (30) 0.0 -> 0.2 are 0.025 -> 0.25."""
+    import json
+    import pathlib
+    ran = []
+    monkeypatch.setattr(T, "run", lambda script, out, args, times: ran.append((script, out, args)))
+    s = tmp_path / "seed1"
+    for stage, names in (("02_sft", ("model.pt", "tokenizer.json", "world.json")),
+                         ("03_cai", ("model.pt", "eval_items.jsonl")),
+                         ("04_dpo", ("model.pt", "metrics.json"))):
+        (s / stage).mkdir(parents=True)
+        for name in names:
+            text = '{"history": []}' if name == "metrics.json" else f"{stage}/{name}"
+            (s / stage / name).write_text(text)
+    T.run_all(tmp_path, "tiny", [1], chain=True, rl_before_cai=True)
+    [(script, out, args)] = [r for r in ran if r[1].name == "05_grpo_from_sft"]
+    start = pathlib.Path(args[args.index("--init") + 1])
+    assert script == "05_grpo_reasoning.py" and start == s / "02_sft_as_start"
+    assert (start / "model.pt").read_text() == "02_sft/model.pt"
+    assert (start / "eval_items.jsonl").read_text() == "03_cai/eval_items.jsonl"
+
+    def cells(one, two):
+        return {"multihop/1": {"sampled": one, "n": 10}, "multihop/2": {"sampled": two, "n": 30},
+                "all": {"sampled": 0.0, "n": 40}}
+    for seed, lift in enumerate([0.0, 0.1, 0.2], 1):
+        for folder, (b1, a1, a2) in (("05_grpo", (0.0, 0.0, 0.0)), ("05_grpo_from_sft", (0.1, 0.4, 0.2))):
+            (tmp_path / f"seed{seed}" / folder).mkdir(parents=True, exist_ok=True)
+            metrics = {"before": cells(b1, 0.0), "after": cells(a1 + lift, a2 + lift)}
+            (tmp_path / f"seed{seed}" / folder / "metrics.json").write_text(json.dumps(metrics))
+    rows = T.rl_before_cai_table(tmp_path, [1, 2, 3]).splitlines()
+    assert rows[2] == "| from stage 04 (the course) | multihop | 40 | 3 | 0.0 ± 0.0 | 10.0 ± 10.0 | " \
+        + T.gain_cell([0.0] * 3, [0.0, 0.1, 0.2]) + " |"
+    assert rows[3] == "| from stage 02 | multihop | 40 | 3 | 2.5 ± 0.0 | 35.0 ± 10.0 | " \
+        + T.gain_cell([0.025] * 3, [0.25, 0.35, 0.45]) + " |"
+    assert T.rl_before_cai_table(tmp_path, [4]) == ""
+
+
 def test_a_rate_that_every_seed_puts_at_100_still_gets_its_interval_over_the_prompts():
     """Stage 08: 30 of 30 conversations ended in each seed is 100.0 ± 0.0 over seeds, but 88.6-100.0 over
     the prompts; rates 0.5 and 0.7 on 10 and 12 prompts give the interval of 0.6 on 10 (the fewest); a
