@@ -589,10 +589,11 @@ def family_n(cells, family):
     return sum(c["n"] for c in family_cells(cells, family))
 
 
-def family_rate(cells, family):
-    """Stage 05's sampled pass@1 over one family's held-out problems: its cells weighted by their size."""
+def family_rate(cells, family, rate=lambda c: c["sampled"]):
+    """Stage 05's sampled pass@1 (or another `rate` of a cell) over one family's held-out problems: its
+    cells weighted by their size."""
     found = family_cells(cells, family)
-    return sum(c["sampled"] * c["n"] for c in found) / sum(c["n"] for c in found) if found else None
+    return sum(rate(c) * c["n"] for c in found) / sum(c["n"] for c in found) if found else None
 
 
 def net06(scores, key):
@@ -717,23 +718,27 @@ def reasoning_before_grpo(base, seeds, checkpoints=("02_sft", "03_cai")):
 
 
 def rl_before_cai_table(base, seeds):
-    """Stage 05's sampled pass@1 by family, before and after GRPO, from stage 04's model (the course) and
-    from stage 02's (--rl_before_cai): what GRPO does where Constitutional AI has not taken the start."""
+    """Stage 05's sampled pass@1 and pass@k by family, before and after GRPO, from stage 04's model (the
+    course) and from stage 02's (--rl_before_cai): what GRPO does where Constitutional AI has not taken the
+    start, and whether it widens what the model samples (Yue et al.'s pass@k question)."""
     arms = {"from stage 04 (the course)": "05_grpo", "from stage 02": "05_grpo_from_sft"}
     runs = {arm: [load(base / f"seed{seed}" / folder) for seed in seeds] for arm, folder in arms.items()}
     if not any(runs["from stage 02"]):
         return ""
     first = next(m for m in runs["from stage 02"] if m)
     families = sorted({name.split("/")[0] for name in first["before"] if name != "all"})
-    out = ["| stage 05's held-out problems, sampled pass@1 | family | problems | seeds | before | after | "
-           "gain [95% CI] |", "|---|---|---|---|---|---|---|"]
+    k = max(first["before"]["all"]["pass_at_k"], key=int)
+    out = [f"| stage 05's held-out problems | family | problems | seeds | sampled pass@1: before | after | "
+           f"gain [95% CI] | pass@{k}: before | after | gain [95% CI] |", "|---" * 10 + "|"]
     for arm, ms in runs.items():
         ms = [m for m in ms if m]
         for family in families:
-            before = [family_rate(m["before"], family) for m in ms]
-            after = [family_rate(m["after"], family) for m in ms]
-            out.append(f"| {arm} | {family} | {family_n(ms[0]['before'], family)} | {len(ms)} | "
-                       f"{mean_sd(before)} | {mean_sd(after)} | {gain_cell(before, after)} |")
+            cells = [family_n(ms[0]["before"], family), len(ms)]
+            for rate in (lambda c: c["sampled"], lambda c: c["pass_at_k"][k]):
+                before = [family_rate(m["before"], family, rate) for m in ms]
+                after = [family_rate(m["after"], family, rate) for m in ms]
+                cells += [mean_sd(before), mean_sd(after), gain_cell(before, after)]
+            out.append(f"| {arm} | {family} | " + " | ".join(map(str, cells)) + " |")
     return "\n".join(out) + "\n"
 
 

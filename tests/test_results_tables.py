@@ -128,19 +128,25 @@ def test_rl_before_cai_starts_stage_05_from_stage_02s_model_and_tables_both_star
     assert (start / "model.pt").read_text() == "02_sft/model.pt"
     assert (start / "eval_items.jsonl").read_text() == "03_cai/eval_items.jsonl"
 
-    def cells(one, two):
-        return {"multihop/1": {"sampled": one, "n": 10}, "multihop/2": {"sampled": two, "n": 30},
-                "all": {"sampled": 0.0, "n": 40}}
+    def cells(one, two):   # pass@64: ten times pass@1, capped at 1 (multihop/1 after: 1.0)
+        return {"multihop/1": {"sampled": one, "n": 10, "pass_at_k": {"64": min(1.0, 10 * one)}},
+                "multihop/2": {"sampled": two, "n": 30, "pass_at_k": {"8": 0.0, "64": min(1.0, 10 * two)}},
+                "all": {"sampled": 0.0, "n": 40, "pass_at_k": {"8": 0.0, "64": 0.0}}}
     for seed, lift in enumerate([0.0, 0.1, 0.2], 1):
         for folder, (b1, a1, a2) in (("05_grpo", (0.0, 0.0, 0.0)), ("05_grpo_from_sft", (0.1, 0.4, 0.2))):
             (tmp_path / f"seed{seed}" / folder).mkdir(parents=True, exist_ok=True)
             metrics = {"before": cells(b1, 0.0), "after": cells(a1 + lift, a2 + lift)}
             (tmp_path / f"seed{seed}" / folder / "metrics.json").write_text(json.dumps(metrics))
     rows = T.rl_before_cai_table(tmp_path, [1, 2, 3]).splitlines()
+    assert "| pass@64: before |" in rows[0]
     assert rows[2] == "| from stage 04 (the course) | multihop | 40 | 3 | 0.0 ± 0.0 | 10.0 ± 10.0 | " \
-        + T.gain_cell([0.0] * 3, [0.0, 0.1, 0.2]) + " |"
+        + T.gain_cell([0.0] * 3, [0.0, 0.1, 0.2]) + " | 0.0 ± 0.0 | 66.7 ± 57.7 | " \
+        + T.gain_cell([0.0] * 3, [0.0, 1.0, 1.0]) + " |"
+    # pass@64 from stage 02: before (1.0 * 10 + 0 * 30) / 40 = 0.25; after multihop/1 1.0 and multihop/2
+    # 1.0 in every seed (0.2 + lift, times ten, capped)
     assert rows[3] == "| from stage 02 | multihop | 40 | 3 | 2.5 ± 0.0 | 35.0 ± 10.0 | " \
-        + T.gain_cell([0.025] * 3, [0.25, 0.35, 0.45]) + " |"
+        + T.gain_cell([0.025] * 3, [0.25, 0.35, 0.45]) + " | 25.0 ± 0.0 | 100.0 ± 0.0 | " \
+        + T.gain_cell([0.25] * 3, [1.0] * 3) + " |"
     assert T.rl_before_cai_table(tmp_path, [4]) == ""
 
 
