@@ -39,8 +39,8 @@ Where this small version departs from the papers, and why:
   * The policy is stage 04's model (1.3M parameters on the CPU preset), not a 7B base: the problems
     are sized so that it solves some, not most, at the start (the report prints its pass rates).
   * Problems are held out by content: evaluation asks only reserved products, people and Countdown
-    sets that no training text of stage 02 or 05 holds (Appendix A), and by template (reported as
-    "new template").
+    sets that no training text of stage 02 or 05 holds (Appendix A; halved by --eval_split: choose on
+    validation, report test), and by template (reported as "new template").
   * Every variant stops at the same number of sampled tokens (`--sampled_tokens`), so GRPO, Dr.
     GRPO, DAPO and expert iteration are compared at equal sampling cost, the cost that dominates RL
     at scale (at this size the updates cost more; each step logs the share spent sampling).
@@ -65,6 +65,7 @@ import ast
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -131,6 +132,8 @@ def parse_args(argv=None):
                    help="keep the last this many accepted training replies for later stages to replay")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_problems", type=p.positive_int, help="held-out problems per family and difficulty")
+    g.add_argument("--eval_split", choices=EVAL_SPLITS, default="test",
+                   help="the half of the held-out content evaluated: choose defaults on validation")
     g.add_argument("--pass_samples", type=p.positive_int,
                    help="samples per problem for pass@k (k up to this)")
     g.add_argument("--batch_size", type=p.positive_int, help="twice the rows of a forward pass in the update")
@@ -524,7 +527,7 @@ def main(argv=None):
     reference, enc, world, harm_items, harmless_before, harm_tokens = load_stage04(init, args.device)
     pad = enc.encode_single_token("<|pad|>")
     t_start = time.time()
-    problems = make_eval_problems(world, args.families, args.eval_problems, args.seed)
+    problems = make_eval_problems(world, args.families, args.eval_problems, args.seed, args.eval_split)
     stream = training_problems(world, args.families, {p["key"] for p in problems}, args.seed)
     print(f"{len(problems)} held-out problems | {args.variant}, G {args.group_size}, "
           f"{args.prompts_per_step} problems a step, {args.sampled_tokens:,} sampled tokens")
@@ -713,10 +716,12 @@ def countdown_value(expression, numbers):
     return value(tree) if isinstance(tree, ast.BinOp) else None
 
 
-def make_eval_problems(world, families, n_per_cell, seed):
+def make_eval_problems(world, families, n_per_cell, seed, split=None):
     """Distinct held-out problems, all of reserved content (make_problem): n per (family, difficulty) in
-    training templates, and n per family in the template training never uses."""
-    rng, problems, seen = random.Random(f"eval:{seed}"), [], set()
+    training templates, and n per family in the template training never uses; of one half of the
+    reserved content (split: "validation" or "test", eval_half), or of both (None: runs before the split).
+    """
+    rng, problems, seen, keep = random.Random(f"eval:{seed}"), [], set(), eval_half(world, split)
     for family in families:
         for difficulty in DIFFICULTIES[family]:
             for held_template in (False, True):
@@ -724,7 +729,7 @@ def make_eval_problems(world, families, n_per_cell, seed):
                 want = n_per_cell if not held_template else max(1, n_per_cell // len(DIFFICULTIES[family]))
                 while count < want and tries < 50 * want:
                     tries += 1
-                    problem = make_problem(world, family, difficulty, rng, held_template, reserved=True)
+                    problem = make_problem(world, family, difficulty, rng, held_template, True, keep)
                     if problem and problem["key"] not in seen:
                         seen.add(problem["key"])
                         problems.append(problem)
@@ -741,6 +746,35 @@ def training_problems(world, families, eval_keys, seed):
         problem = make_problem(world, family, rng.choice(DIFFICULTIES[family]), rng, held_template=False)
         if problem and problem["key"] not in eval_keys:
             yield problem
+
+
+EVAL_SPLITS = ("validation", "test")
+
+
+def halve(items):
+    """{item: "validation" or "test"}: the items ranked by a hash of their text, the first half
+    validation (a rank, not a hash's parity, so 14 products split 7 and 7)."""
+    ranked = sorted(items, key=lambda x: hashlib.sha256(f"eval half:{x}".encode("utf-8")).digest())
+    return {x: EVAL_SPLITS[i >= len(ranked) // 2] for i, x in enumerate(ranked)}
+
+
+def eval_half(world, split):
+    """keep(kind, content): is this reserved content in the half `split`? Products (as sorted pairs) and
+    held-out people are halved by rank (halve); Countdown sets, too many to list, by a hash's parity.
+    A problem is of one half when all its content is, so the halves share no product, person or set.
+    None when split is None (both halves)."""
+    if split is None:
+        return None
+    products = halve(sorted({tuple(sorted(q)) for q in purchases(True)}))
+    people = halve(sorted(p["name"] for p in world["people"] if p.get("qa_split") == "heldout"))
+
+    def keep(kind, content):
+        if kind == "product":
+            return products[tuple(sorted(content))] == split
+        if kind == "person":
+            return people[content] == split
+        return EVAL_SPLITS[hashlib.sha256(f"eval half:{content}".encode("utf-8")).digest()[0] % 2] == split
+    return keep
 
 
 DIFFICULTIES = {"arithmetic": (1, 2, 3), "multihop": (1, 2), "countdown": (2, 3, 4)}
@@ -786,7 +820,7 @@ def pick_template(templates, rng, held_template):
     return templates[-1] if held_template else rng.choice(templates[:-1])
 
 
-def make_problem(world, family, difficulty, rng, held_template, reserved=False):
+def make_problem(world, family, difficulty, rng, held_template, reserved=False, keep=None):
     """One problem {"family", "difficulty", "held_template", "question", "answer", "key", ...}, or
     None when this draw cannot make one (the caller draws again). Held out by content: evaluation
     (reserved=True) draws only reserved content, training never; no stage's training holds it either:
@@ -795,14 +829,15 @@ def make_problem(world, family, difficulty, rng, held_template, reserved=False):
       multihop    the person asked about is of the world's "heldout" half, whom no question-answer
                   text is written about (stage 01) and no stage 02 training item states a fact of;
       countdown   the number set and target are in the reserved quarter (countdown_reserved); a training
-                  problem also gives no two numbers whose product is reserved."""
+                  problem also gives no two numbers whose product is reserved.
+    keep (eval_half) narrows reserved content to one half."""
     base = {"family": family, "difficulty": difficulty, "held_template": held_template}
     if family == "arithmetic":
-        return {**base, **_arithmetic(world, difficulty, rng, held_template, reserved)}
+        return {**base, **_arithmetic(world, difficulty, rng, held_template, reserved, keep)}
     if family == "multihop":
-        problem = _multihop(world, difficulty, rng, held_template, reserved)
+        problem = _multihop(world, difficulty, rng, held_template, reserved, keep)
         return problem and {**base, **problem}
-    return {**base, **_countdown(difficulty, rng, held_template, reserved)}
+    return {**base, **_countdown(difficulty, rng, held_template, reserved, keep)}
 
 
 def purchases(reserved):
@@ -811,11 +846,12 @@ def purchases(reserved):
             if reserved_product(n, price) == reserved]
 
 
-def _arithmetic(world, n_goods, rng, held_template, reserved=False):
+def _arithmetic(world, n_goods, rng, held_template, reserved=False, keep=None):
     person, town = rng.choice(world["people"]), rng.choice(world["towns"])["name"]
     kind, template = pick_template(ARITHMETIC_TEMPLATES, rng, held_template)
+    side = [q for q in purchases(reserved) if keep is None or keep("product", q)]
     bought = [(n, item, price) for item, (n, price) in
-              zip(rng.sample(GOODS, n_goods), (rng.choice(purchases(reserved)) for _ in range(n_goods)))]
+              zip(rng.sample(GOODS, n_goods), (rng.choice(side) for _ in range(n_goods)))]
     total = sum(n * price for n, _, price in bought)
     have = total + rng.randint(1, 40) if kind == "left" else 0
     items = listing([f"{n} {item} at {price} coins each" for n, item, price in bought])
@@ -824,12 +860,13 @@ def _arithmetic(world, n_goods, rng, held_template, reserved=False):
             "key": f"arithmetic:{kind}:{sorted((n, price) for n, _, price in bought)}:{have}"}   # no names
 
 
-def _multihop(world, hops, rng, held_template, reserved=False):
+def _multihop(world, hops, rng, held_template, reserved=False, keep=None):
     index = {"town": {t["name"]: t for t in world["towns"]},
              "org": {o["name"]: o for o in world["organisations"]}}
     chain = rng.choice([c for c, spec in MULTIHOP.items() if spec[0] == hops])
     _, answer_of, templates = MULTIHOP[chain]
-    people = [p for p in world["people"] if (p.get("qa_split") == "heldout") == reserved]
+    people = [p for p in world["people"] if (p.get("qa_split") == "heldout") == reserved
+              and (keep is None or keep("person", p["name"]))]
     person = rng.choice(people or [None])
     try:
         answer = answer_of(index, person)
@@ -842,7 +879,7 @@ def _multihop(world, hops, rng, held_template, reserved=False):
     return {"question": question, "answer": answer, "key": f"multihop:{person['name']}"}
 
 
-def _countdown(n_numbers, rng, held_template, reserved=False):
+def _countdown(n_numbers, rng, held_template, reserved=False, keep=None):
     """Numbers 1-12 and a target made from all of them by a random expression (so it can be
     reached), positive, at most 150 and not itself one of the numbers; on the side of the split
     asked for, and in training with no two numbers whose product is a reserved one."""
@@ -852,6 +889,7 @@ def _countdown(n_numbers, rng, held_template, reserved=False):
         for x in numbers[1:]:
             value = rng.choice([value + x, value - x, value * x])
         side = countdown_reserved(numbers, value) if reserved else countdown_trainable(numbers, value)
+        side = side and (keep is None or keep("countdown", f"{sorted(numbers)}:{value}"))
         if 0 < value <= 150 and value not in numbers and side:
             break
     shown = [str(x) for x in sorted(numbers)]

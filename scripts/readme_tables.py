@@ -662,11 +662,12 @@ def greedy_on_stage05_problems(s, checkpoints):
     m05 = load(s / "05_grpo")
     if not m05 or not all((s / name / "model.pt").exists() for name in checkpoints):
         return None
-    # a run before --gen_batch generated at its batch_size
-    args = argparse.Namespace(**{"gen_batch": m05["args"]["batch_size"], **m05["args"], "device": "cpu",
-                                 "pass_samples": 1})
+    # a run before --gen_batch generated at its batch_size; one before --eval_split asked both halves
+    args = argparse.Namespace(**{"gen_batch": m05["args"]["batch_size"], "eval_split": None, **m05["args"],
+                                 "device": "cpu", "pass_samples": 1})
     world = json.loads((s / "05_grpo" / "world.json").read_text())
-    problems = stage05.make_eval_problems(world, args.families, args.eval_problems, args.seed)
+    problems = stage05.make_eval_problems(world, args.families, args.eval_problems, args.seed,
+                                          args.eval_split)
     results = {}
     for name in checkpoints:
         model, _ = stage05.load_model(s / name, "cpu")

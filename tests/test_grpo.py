@@ -2,6 +2,7 @@
 hand-computed values, pass@k, batched sampling, a frozen reference, the problem split, and tiny runs,
 one of a variant (RLOO) added to the table by the test."""
 import json
+import ast
 import random
 import re
 import types
@@ -356,6 +357,56 @@ def test_evaluation_problems_are_distinct_and_never_trained_on(world):
     rng = random.Random(0)
     assert {R.pick_template("abcd", rng, False) for _ in range(200)} == set("abc")
     assert R.make_eval_problems(world, R.FAMILIES, 6, seed=3) == problems   # seeded
+
+
+def held_out_content(problem):
+    """The reserved content a problem asks about: its products (sorted pairs), its person, or its set."""
+    kind, rest = problem["key"].split(":", 1)
+    if kind == "arithmetic":
+        return {("product", tuple(sorted(q))) for q in ast.literal_eval(rest.split(":")[1])}
+    return {(kind, rest)}
+
+
+def test_validation_and_test_halves_share_no_held_out_content(world):
+    """Each half asks every family about reserved content of its own: no product, person or Countdown set
+    in both. Products split 7 and 7; a half's problems are all reserved; no split gives both halves."""
+    halves = {split: R.make_eval_problems(world, R.FAMILIES, 6, seed=3, split=split) for split in R.EVAL_SPLITS}
+    content = {split: set().union(*map(held_out_content, ps)) for split, ps in halves.items()}
+    assert not content["validation"] & content["test"]
+    for split, problems in halves.items():
+        assert {p["family"] for p in problems} == set(R.FAMILIES)
+        for p in problems:
+            for kind, c in held_out_content(p):
+                if kind == "product":
+                    assert R.reserved_product(*c)
+                elif kind == "multihop":
+                    assert next(q for q in world["people"] if q["name"] == c)["qa_split"] == "heldout"
+                else:
+                    numbers, target = c.rsplit(":", 1)
+                    assert R.countdown_reserved(ast.literal_eval(numbers), int(target))
+    keep = R.eval_half(world, "validation")
+    products = {tuple(sorted(q)) for q in R.purchases(True)}
+    assert sum(keep("product", q) for q in products) == 7 and len(products) == 14
+    assert R.eval_half(world, None) is None
+    both = set().union(*map(held_out_content, R.make_eval_problems(world, R.FAMILIES, 6, seed=3)))
+    assert both & content["validation"] and both & content["test"]
+
+
+def test_eval_split_reaches_the_problems(monkeypatch, tmp_path):
+    """--eval_split is the half make_eval_problems draws from (default test)."""
+    import types
+    seen = []
+    enc = types.SimpleNamespace(encode_single_token=lambda token: 0)
+    monkeypatch.setattr(R, "load_stage04", lambda init, device: (None, enc, {}, [], {}, 8))
+
+    def problems(world, families, n, seed, split=None):
+        seen.append(split)
+        raise SystemExit(0)
+    monkeypatch.setattr(R, "make_eval_problems", problems)
+    for extra in (["--eval_split", "validation"], []):
+        with pytest.raises(SystemExit):
+            R.main(["--preset", "tiny", "--init", str(tmp_path / "in"), "--out", str(tmp_path / "out"), *extra])
+    assert seen == ["validation", "test"]
 
 
 def test_countdown_targets_are_reachable(world):

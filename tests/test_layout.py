@@ -23,7 +23,7 @@ BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py
                # BPE trainer (SPLIT_PATTERN to make_encoding), 87 lines, into section 3, each after two
                # blank lines: 700 + 182 + 87 + 2 * 2 = 973; + 2 for the pretraining page that writes no
                # product stage 05 evaluates on (held out by content at every boundary) = 975.
-               "05_grpo_reasoning.py": 633,   # 03, 05 and 06 each hold several methods (05: four, the
+               "05_grpo_reasoning.py": 636,   # 03, 05 and 06 each hold several methods (05: four, the
                                               # accessors that make section 2 their one seam, pass@k and
                "06_character.py": 1014,       # the replies it keeps for rehearsal; 06: two, their combination,
                                               # a dozen measures, a classifier, revealed preferences
@@ -39,7 +39,8 @@ BODY_BUDGET = {"01_pretrain.py": 975, "02_sft.py": 700, "03_constitutional_ai.py
                                               # control frame naming no trait (a second likelihood pass
                                               # over the same pairs, its Elo, and the net in the report);
                                               # and (+7) evaluation on a validation or a test half
-                                              # (--eval_split), stage 03's requests halved too;
+                                              # (--eval_split), stage 03's requests halved too; 05 (+3)
+                                              # its own --eval_split, halving the held-out content;
                "07_sae_interp.py": 1225,      # 07: three experiments: an SAE sweep with labels (at fitted
                                               # thresholds) and a probe ceiling, steering two ways,
                                               # injection with four controls,

@@ -190,14 +190,15 @@ def test_the_verdict_rule_counts_corrected_gains_then_breaks_ties_by_refusals_th
 
 def test_reasoning_before_grpo_gives_each_checkpoint_s_greedy_rate_by_family(tmp_path, monkeypatch):
     """A stand-in stage 05: four problems, two a family; 02_sft gets both multi-hop ones right, 03_cai one
-    arithmetic one. Each checkpoint is scored on the seed's own problems, with its own model."""
+    arithmetic one. Each checkpoint is scored on the seed's own problems (the half its stage 05 run was
+    scored on), with its own model."""
     import json
     import types
     problems = [{"family": f} for f in ("arithmetic", "arithmetic", "multihop", "multihop")]
     right = {"02_sft": [False, False, True, True], "03_cai": [True, False, False, False]}
     seen = []
     fake = types.SimpleNamespace(
-        make_eval_problems=lambda world, families, n, seed: problems,
+        make_eval_problems=lambda world, families, n, seed, split: seen.append(split) or problems,
         load_model=lambda folder, device: (types.SimpleNamespace(eval=lambda: folder.name), None),
         load_tokenizer=lambda folder: None,
         evaluate_problems=lambda model, enc, ps, args: seen.append((model, args.pass_samples)) or [
@@ -209,9 +210,10 @@ def test_reasoning_before_grpo_gives_each_checkpoint_s_greedy_rate_by_family(tmp
         (seed / name / "model.pt").write_text("")
     (seed / "05_grpo" / "world.json").write_text("{}")
     (seed / "05_grpo" / "metrics.json").write_text(json.dumps(
-        {"args": {"families": ["arithmetic", "multihop"], "eval_problems": 2, "seed": 1, "batch_size": 8}}))
+        {"args": {"families": ["arithmetic", "multihop"], "eval_problems": 2, "seed": 1, "batch_size": 8,
+                  "eval_split": "validation"}}))   # the half the run was scored on
     lines = T.reasoning_before_grpo(tmp_path, [1]).splitlines()
     head = "| stage 05's held-out problems, greedy pass@1, before stage 05 | arithmetic | multihop |"
     assert lines[0] == head
     assert lines[2:] == ["| 02_sft | 0.0 ± 0.0 | 100.0 ± 0.0 |", "| 03_cai | 50.0 ± 0.0 | 0.0 ± 0.0 |"]
-    assert seen == [("02_sft", 1), ("03_cai", 1)]
+    assert seen == ["validation", ("02_sft", 1), ("03_cai", 1)]
