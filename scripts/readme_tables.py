@@ -291,8 +291,11 @@ def cold_start_table(base, seeds):
 
 
 def grpo_table(base, seeds):
-    """Stage 05: held-out pass rates before (stage 04's model) and after each variant, per cell."""
-    runs = {v: [load(base / f"seed{seed}" / f"05_{v}") for seed in seeds] for v in GRPO_VARIANTS}
+    """Stage 05: held-out pass rates before (stage 04's model) and after each variant, per cell; the
+    default's on its test half where every seed has that run (05_grpo_test), else the chain's."""
+    test = all(load(base / f"seed{seed}" / "05_grpo_test") for seed in seeds)
+    runs = {v: [load(base / f"seed{seed}" / f"05_{v}{'_test' if test and v == 'grpo' else ''}")
+                for seed in seeds] for v in GRPO_VARIANTS}
     runs = {v: [m for m in ms if m] for v, ms in runs.items() if any(ms)}
     if not runs:
         return ""
@@ -542,15 +545,15 @@ def course_table(base, seeds):
             row(stage, what, lambda r: r["03_cai"]["stages"][start][kind][field],
                 lambda r: r[folder]["stages"][key][kind][field],
                 runs[0]["03_cai"]["stages"]["sft"][kind]["n"])
-    k = max(runs[0]["05_grpo"]["before"]["all"]["pass_at_k"], key=int)
+    c05 = "05_grpo_test" if all(r.get("05_grpo_test") for r in runs if r.get("05_grpo")) else "05_grpo"
+    k = max(runs[0][c05]["before"]["all"]["pass_at_k"], key=int)
     for key, what in (("greedy", "held-out problems, greedy pass@1"), ("pass_at_k", f"... pass@{k}")):
         get = (lambda c: c[key][k]) if key == "pass_at_k" else (lambda c: c[key])
-        row("05 GRPO", what, lambda r: get(r["05_grpo"]["before"]["all"]),
-            lambda r: get(r["05_grpo"]["after"]["all"]), runs[0]["05_grpo"]["before"]["all"]["n"])
+        row("05 GRPO", what, lambda r: get(r[c05]["before"]["all"]),
+            lambda r: get(r[c05]["after"]["all"]), runs[0][c05]["before"]["all"]["n"])
     for family in ("arithmetic", "multihop", "countdown"):   # the stage's target: +10 points on two
-        row("05 GRPO", f"... {family}, sampled pass@1", lambda r: family_rate(r["05_grpo"]["before"], family),
-            lambda r: family_rate(r["05_grpo"]["after"], family),
-            family_n(runs[0]["05_grpo"]["before"], family))
+        row("05 GRPO", f"... {family}, sampled pass@1", lambda r: family_rate(r[c05]["before"], family),
+            lambda r: family_rate(r[c05]["after"], family), family_n(runs[0][c05]["before"], family))
     # stage 06's default on its test half (the verdict's runs), where every seed has one; else the chain's
     c06 = "06_both_test" if all(r.get("06_both_test") for r in runs if r.get("06_both")) else "06_both"
     for kind, key, what, _ in load_stage("06_character").SCORES:
@@ -659,7 +662,7 @@ def greedy_on_stage05_problems(s, checkpoints):
     as only greedy is read) on each of checkpoints in the seed folder s -> (problems, {name: results}), or
     None where a checkpoint or stage 05 has not run."""
     stage05 = load_stage("05_grpo_reasoning")
-    m05 = load(s / "05_grpo")
+    m05 = load(s / "05_grpo_test") or load(s / "05_grpo")   # the test half, where that run exists
     if not m05 or not all((s / name / "model.pt").exists() for name in checkpoints):
         return None
     # a run before --gen_batch generated at its batch_size; one before --eval_split asked both halves

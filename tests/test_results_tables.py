@@ -217,3 +217,23 @@ def test_reasoning_before_grpo_gives_each_checkpoint_s_greedy_rate_by_family(tmp
     assert lines[0] == head
     assert lines[2:] == ["| 02_sft | 0.0 ± 0.0 | 100.0 ± 0.0 |", "| 03_cai | 50.0 ± 0.0 | 0.0 ± 0.0 |"]
     assert seen == ["validation", ("02_sft", 1), ("03_cai", 1)]
+
+
+def test_stage_05_tables_read_the_test_half_where_every_seed_has_it(tmp_path):
+    """Each seed has the chain's 05_grpo (both halves, greedy after 0.1) and, once every seed has it, a
+    05_grpo_test (greedy after 0.3): the stage 05 table reads the test half then, the chain's before."""
+    import json
+
+    def write(seed, name, after):
+        cell = {"n": 10, "greedy": 0.0, "sampled": 0.0, "pass_at_k": {"1": 0.0}}
+        harm = {"harmful": {"harmless": 0.5}, "benign": {"helped": 0.5}}
+        metrics = {"before": {"all": cell}, "after": {"all": {**cell, "greedy": after}},
+                   "harmlessness": {"dpo": harm, "rl": harm}}
+        (tmp_path / f"seed{seed}" / name).mkdir(parents=True)
+        (tmp_path / f"seed{seed}" / name / "metrics.json").write_text(json.dumps(metrics))
+    for seed in (1, 2):
+        write(seed, "05_grpo", 0.1)
+    write(1, "05_grpo_test", 0.3)
+    assert "| all | 10 | 0.0 ± 0.0 / 0.0 ± 0.0 / 0.0 ± 0.0 | 10.0 ± 0.0 /" in T.grpo_table(tmp_path, [1, 2])
+    write(2, "05_grpo_test", 0.3)
+    assert "| all | 10 | 0.0 ± 0.0 / 0.0 ± 0.0 / 0.0 ± 0.0 | 30.0 ± 0.0 /" in T.grpo_table(tmp_path, [1, 2])
