@@ -114,6 +114,9 @@ def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welf
         for variant in ["grpo"] if chain else GRPO_VARIANTS if grpo else []:
             flags05 = seeded + ["--init", s / "04_dpo", "--variant", variant]
             run("05_grpo_reasoning.py", s / f"05_{variant}", flags05, times)
+        if chain or grpo:   # the default's run scored on the half where defaults are chosen
+            rescore05 = ["--run", s / "05_grpo", "--eval_split", "validation"]
+            run("scripts/rescore_reasoning.py", s / "05_grpo_validation", rescore05, times)
         if rl_before_cai:   # GRPO on the model Constitutional AI starts from
             run("05_grpo_reasoning.py", s / "05_grpo_from_sft", seeded + ["--init", sft_as_start(s)], times)
         if chain or interp or welfare:   # the course's default, which stages 07 and 08 read
@@ -290,12 +293,16 @@ def cold_start_table(base, seeds):
     return "\n".join(out) + "\n"
 
 
-def grpo_table(base, seeds):
+def grpo_table(base, seeds, split="test"):
     """Stage 05: held-out pass rates before (stage 04's model) and after each variant, per cell; the
-    default's on its test half where every seed has that run (05_grpo_test), else the chain's."""
-    test = all(load(base / f"seed{seed}" / "05_grpo_test") for seed in seeds)
-    runs = {v: [load(base / f"seed{seed}" / f"05_{v}{'_test' if test and v == 'grpo' else ''}")
-                for seed in seeds] for v in GRPO_VARIANTS}
+    default's on its test half where every seed has that run (05_grpo_test), else the chain's. With
+    split "validation": the default's runs rescored on validation (05_grpo_validation) alone."""
+    if split == "validation":
+        runs = {"grpo": [load(base / f"seed{seed}" / "05_grpo_validation") for seed in seeds]}
+    else:
+        test = all(load(base / f"seed{seed}" / "05_grpo_test") for seed in seeds)
+        runs = {v: [load(base / f"seed{seed}" / f"05_{v}{'_test' if test and v == 'grpo' else ''}")
+                    for seed in seeds] for v in GRPO_VARIANTS}
     runs = {v: [m for m in ms if m] for v, ms in runs.items() if any(ms)}
     if not runs:
         return ""
@@ -309,7 +316,8 @@ def grpo_table(base, seeds):
         found = [m[when][cell] for m in ms]
         return " / ".join([mean_sd([c["greedy"] for c in found]), mean_sd([c["sampled"] for c in found]),
                            mean_sd([c["pass_at_k"][k] for c in found])])
-    out = [f"**Stage 05** (held-out problems; seeds {len(baseline)}; greedy pass@1, then "
+    out = [f"**Stage 05** ({'validation half' if split == 'validation' else 'held-out problems'}; "
+           f"seeds {len(baseline)}; greedy pass@1, then "
            f"sampled pass@1 / pass@{k} at temperature 1)", "",
            "| cell | problems | stage 04 | " + " | ".join(runs) + " |", "|---|---|---|" + "---|" * len(runs)]
     for cell in cells:
@@ -800,7 +808,8 @@ def main():
                 args.chain, args.cold_start_cost, args.rl_before_cai)
     seeds = args.seeds
     text = "\n".join([course_table(base, seeds), tables(base, seeds), cold_start_table(base, seeds),
-                      probe_table(base, seeds), reasoning_before_grpo(base, seeds), grpo_table(base, seeds),
+                      probe_table(base, seeds), reasoning_before_grpo(base, seeds),
+                      grpo_table(base, seeds, "validation"), grpo_table(base, seeds),
                       rl_before_cai_table(base, seeds),
                       reasoning_after_character(base, seeds), character_table(base, seeds, "validation"),
                       character_table(base, seeds), interp_table(base, seeds), welfare_table(base, seeds)])

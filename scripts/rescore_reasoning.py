@@ -33,7 +33,10 @@ def rescore(s05, run, split, device):
     enc = s05.load_tokenizer(run)
     problems = s05.make_eval_problems(world, args.families, args.eval_problems, args.seed, split)
     results = {}
-    for when, folder in (("before", pathlib.Path(args.init)), ("after", run)):
+    init = pathlib.Path(args.init)
+    if not (init / "model.pt").exists():   # a relative --init, from another working folder: the sibling
+        init = run.parent / init.name
+    for when, folder in (("before", init), ("after", run)):
         model, _ = s05.load_model(folder, device, f"{folder} holds no model.pt")
         results[when] = s05.evaluate_problems(model.eval(), enc, problems, args)
     new = copy.deepcopy(metrics)

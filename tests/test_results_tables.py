@@ -70,6 +70,8 @@ def test_the_character_verdict_trains_each_arm_once_and_scores_it_on_test_and_on
         assert rescored[f"06_{arm}_validation"] == ["--run", tmp_path / "seed1" / f"06_{arm}_test",
                                                     "--eval_split", "validation"]
     assert " ".join(map(str, arms["06_anchor_test"])).count("--anchor 1") == 1
+    assert ("scripts/rescore_reasoning.py", tmp_path / "seed1" / "05_grpo_validation",
+            ["--run", tmp_path / "seed1" / "05_grpo", "--eval_split", "validation"]) in ran   # stage 05 too
     read = []
     monkeypatch.setattr(T, "load", lambda path: read.append(path.name))
     assert T.character_table(tmp_path, [1], "validation") == ""
