@@ -665,6 +665,30 @@ def load_stage(name):
     return module
 
 
+def rescore_main(argv, doc, stage_name, rescore, what):
+    """The command line of scripts/rescore_*.py: score the trained run --run on --eval_split with
+    rescore(stage, run, split, device), and write metrics.json and report.md to --out (never over --run).
+    `what`: the stage's held-out things, for the closing line."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--run", required=True, help=f"a finished {stage_name} run (metrics.json and model.pt)")
+    p.add_argument("--eval_split", choices=("validation", "test"), required=True)
+    p.add_argument("--out", required=True, help="the folder for the new metrics.json and report.md")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    run, out = pathlib.Path(args.run), pathlib.Path(args.out)
+    if not (run / "metrics.json").exists():
+        sys.exit(f"error: {run} is not a finished {stage_name} run (no metrics.json).")
+    if out.resolve() == run.resolve():
+        sys.exit("error: --out must differ from --run; the trained run is kept as it is.")
+    stage = load_stage(stage_name)
+    metrics = rescore(stage, run, args.eval_split, args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    stage.write_atomic(out / "report.md", stage.make_report(metrics).encode("utf-8"))
+    stage.write_atomic(out / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
+    print(f"wrote {out}/ (metrics.json, report.md): {run} scored on its {args.eval_split} {what} in "
+          f"{metrics['rescore_seconds'] / 60:.1f} min")
+
+
 def greedy_on_stage05_problems(s, checkpoints):
     """Stage 05's own evaluation of its held-out problems (its problems, its decoding; one sampled reply,
     as only greedy is read) on each of checkpoints in the seed folder s -> (problems, {name: results}), or

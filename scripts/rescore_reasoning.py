@@ -18,10 +18,9 @@ import argparse
 import copy
 import json
 import pathlib
-import sys
 import time
 
-from readme_tables import load_stage   # this folder, on sys.path when run as a script
+from readme_tables import load_stage, rescore_main   # this folder, on sys.path as a script
 
 
 def rescore(s05, run, split, device):
@@ -50,24 +49,7 @@ def rescore(s05, run, split, device):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="a finished stage 05 run (metrics.json and model.pt)")
-    p.add_argument("--eval_split", choices=("validation", "test"), required=True)
-    p.add_argument("--out", required=True, help="the folder for the new metrics.json and report.md")
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
-    run, out = pathlib.Path(args.run), pathlib.Path(args.out)
-    if not (run / "metrics.json").exists():
-        sys.exit(f"error: {run} is not a finished stage 05 run (no metrics.json).")
-    if out.resolve() == run.resolve():
-        sys.exit("error: --out must differ from --run; the trained run is kept as it is.")
-    s05 = load_stage("05_grpo_reasoning")
-    metrics = rescore(s05, run, args.eval_split, args.device)
-    out.mkdir(parents=True, exist_ok=True)
-    s05.write_atomic(out / "report.md", s05.make_report(metrics).encode("utf-8"))
-    s05.write_atomic(out / "metrics.json", json.dumps(metrics, indent=1).encode("utf-8"))
-    print(f"wrote {out}/ (metrics.json, report.md): {run} scored on its {args.eval_split} half in "
-          f"{metrics['rescore_seconds'] / 60:.1f} min")
+    rescore_main(argv, __doc__, "05_grpo_reasoning", rescore, "half")
 
 
 if __name__ == "__main__":
