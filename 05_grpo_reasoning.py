@@ -751,10 +751,15 @@ def training_problems(world, families, eval_keys, seed):
 EVAL_SPLITS = ("validation", "test")
 
 
+def half_hash(item):
+    """The hash both halvings read: sha256 of the item's text (crc32's parity splits these texts badly)."""
+    return hashlib.sha256(f"eval half:{item}".encode("utf-8")).digest()
+
+
 def halve(items):
-    """{item: "validation" or "test"}: the items ranked by a hash of their text, the first half
-    validation (a rank, not a hash's parity, so 14 products split 7 and 7)."""
-    ranked = sorted(items, key=lambda x: hashlib.sha256(f"eval half:{x}".encode("utf-8")).digest())
+    """{item: "validation" or "test"}: the items ranked by half_hash, the first half validation (a rank,
+    not a hash's parity, so 14 products split 7 and 7)."""
+    ranked = sorted(items, key=half_hash)
     return {x: EVAL_SPLITS[i >= len(ranked) // 2] for i, x in enumerate(ranked)}
 
 
@@ -773,7 +778,7 @@ def eval_half(world, split):
             return products[tuple(sorted(content))] == split
         if kind == "person":
             return people[content] == split
-        return EVAL_SPLITS[hashlib.sha256(f"eval half:{content}".encode("utf-8")).digest()[0] % 2] == split
+        return EVAL_SPLITS[half_hash(content)[0] % 2] == split
     return keep
 
 

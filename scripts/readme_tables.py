@@ -225,6 +225,13 @@ def load(path):
     return json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").exists() else None
 
 
+def default_run(base, seeds, chain, test):
+    """The folder a stage's default is read from: its test-half run (`test`, e.g. 06_both_test) where
+    every seed that ran the chain's (`chain`) has one, else the chain's own."""
+    ran = [seed for seed in seeds if load(base / f"seed{seed}" / chain)]
+    return test if ran and all(load(base / f"seed{seed}" / test) for seed in ran) else chain
+
+
 def tables(base, seeds):
     runs = {seed: {p.name: load(p) for p in (base / f"seed{seed}").glob("0*")} for seed in seeds}
     runs = {seed: r for seed, r in runs.items() if r.get("04_dpo")}
@@ -300,9 +307,9 @@ def grpo_table(base, seeds, split="test"):
     if split == "validation":
         runs = {"grpo": [load(base / f"seed{seed}" / "05_grpo_validation") for seed in seeds]}
     else:
-        test = all(load(base / f"seed{seed}" / "05_grpo_test") for seed in seeds)
-        runs = {v: [load(base / f"seed{seed}" / f"05_{v}{'_test' if test and v == 'grpo' else ''}")
-                    for seed in seeds] for v in GRPO_VARIANTS}
+        grpo = default_run(base, seeds, "05_grpo", "05_grpo_test")
+        runs = {v: [load(base / f"seed{seed}" / (grpo if v == "grpo" else f"05_{v}")) for seed in seeds]
+                for v in GRPO_VARIANTS}
     runs = {v: [m for m in ms if m] for v, ms in runs.items() if any(ms)}
     if not runs:
         return ""
@@ -553,7 +560,7 @@ def course_table(base, seeds):
             row(stage, what, lambda r: r["03_cai"]["stages"][start][kind][field],
                 lambda r: r[folder]["stages"][key][kind][field],
                 runs[0]["03_cai"]["stages"]["sft"][kind]["n"])
-    c05 = "05_grpo_test" if all(r.get("05_grpo_test") for r in runs if r.get("05_grpo")) else "05_grpo"
+    c05 = default_run(base, seeds, "05_grpo", "05_grpo_test")
     k = max(runs[0][c05]["before"]["all"]["pass_at_k"], key=int)
     for key, what in (("greedy", "held-out problems, greedy pass@1"), ("pass_at_k", f"... pass@{k}")):
         get = (lambda c: c[key][k]) if key == "pass_at_k" else (lambda c: c[key])
@@ -563,7 +570,7 @@ def course_table(base, seeds):
         row("05 GRPO", f"... {family}, sampled pass@1", lambda r: family_rate(r[c05]["before"], family),
             lambda r: family_rate(r[c05]["after"], family), family_n(runs[0][c05]["before"], family))
     # stage 06's default on its test half (the verdict's runs), where every seed has one; else the chain's
-    c06 = "06_both_test" if all(r.get("06_both_test") for r in runs if r.get("06_both")) else "06_both"
+    c06 = default_run(base, seeds, "06_both", "06_both_test")
     for kind, key, what, _ in load_stage("06_character").SCORES:
         if key in ("stable", "plain_help", "abstains"):   # net of their controls (stage 06's CONTROL_OF)
             row("06", what + ", net of its control", lambda r: net06(r[c06]["before"][kind], key),
@@ -689,18 +696,19 @@ def rescore_main(argv, doc, stage_name, rescore, what):
           f"{metrics['rescore_seconds'] / 60:.1f} min")
 
 
-def greedy_on_stage05_problems(s, checkpoints):
+def greedy_on_stage05_problems(s, checkpoints, run05):
     """Stage 05's own evaluation of its held-out problems (its problems, its decoding; one sampled reply,
     as only greedy is read) on each of checkpoints in the seed folder s -> (problems, {name: results}), or
-    None where a checkpoint or stage 05 has not run."""
+    None where a checkpoint or stage 05 has not run. run05: the stage 05 run whose problems (its half) these
+    are (default_run)."""
     stage05 = load_stage("05_grpo_reasoning")
-    m05 = load(s / "05_grpo_test") or load(s / "05_grpo")   # the test half, where that run exists
+    m05 = load(s / run05)
     if not m05 or not all((s / name / "model.pt").exists() for name in checkpoints):
         return None
     # a run before --gen_batch generated at its batch_size; one before --eval_split asked both halves
     args = argparse.Namespace(**{"gen_batch": m05["args"]["batch_size"], "eval_split": None, **m05["args"],
                                  "device": "cpu", "pass_samples": 1})
-    world = json.loads((s / "05_grpo" / "world.json").read_text())
+    world = json.loads((s / run05 / "world.json").read_text())
     problems = stage05.make_eval_problems(world, args.families, args.eval_problems, args.seed,
                                           args.eval_split)
     results = {}
@@ -716,8 +724,9 @@ def reasoning_after_character(base, seeds):
     trained from it: does character training keep what reasoning RL taught? (The 05 column
     re-runs stage 05's own evaluation, and should equal its report.)"""
     rates = {"05_grpo": [], "06_both": []}
+    run05 = default_run(base, seeds, "05_grpo", "05_grpo_test")
     for seed in seeds:
-        found = greedy_on_stage05_problems(base / f"seed{seed}", list(rates))
+        found = greedy_on_stage05_problems(base / f"seed{seed}", list(rates), run05)
         if found:
             problems, results = found
             for name, rs in results.items():
@@ -734,8 +743,9 @@ def reasoning_before_grpo(base, seeds, checkpoints=("02_sft", "03_cai")):
     "before" column is stage 04's): does stage 02's cold start reach stage 05's problems, and do stages
     03-04 undo what it taught?"""
     rates = defaultdict(list)   # (checkpoint, family) -> a rate per seed
+    run05 = default_run(base, seeds, "05_grpo", "05_grpo_test")
     for seed in seeds:
-        found = greedy_on_stage05_problems(base / f"seed{seed}", checkpoints)
+        found = greedy_on_stage05_problems(base / f"seed{seed}", checkpoints, run05)
         if not found:
             continue
         problems, results = found
