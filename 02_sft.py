@@ -111,7 +111,11 @@ def parse_args(argv=None):
     g.add_argument("--cold_start", type=int, choices=(0, 1), default=1, help="0: train without stage 05's "
                    "cold start (multi-hop and Countdown worked in the thinking span), to measure its cost")
     g.add_argument("--n_eval", type=p.positive_int,
-                   help="evaluation prompts per task (%d tasks)" % len(EVAL_TASKS))
+                   help="evaluation prompts per task (%d tasks), about: fewer where a task runs out"
+                   % len(EVAL_TASKS))
+    g.add_argument("--eval_split", choices=EVAL_SPLITS, default="test",
+                   help="the half of the held-out content to score: validation for choosing a default, "
+                        "test (the default) for reporting")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=p.positive, help="passes over the training conversations")
     g.add_argument("--batch_size", type=p.positive_int, help="conversations per step (padded to the longest)")
@@ -230,11 +234,24 @@ def _held_out(text, every=HOLDOUT_EVERY):
     return zlib.crc32(text.encode("utf-8")) % every == 0
 
 
+# The held-out side is halved once more, by content: validation, where a default is chosen, and test,
+# which the report reads and nothing is chosen on (--eval_split). A subject, a person, a computation or
+# a number set falls wholly in one half (content_key, Appendix A), so choosing on validation never
+# reads test's content.
+EVAL_SPLITS = ("validation", "test")
+
+
+def eval_half(key):
+    """validation or test. Salted: eval prompts were themselves picked by crc32 % 8 == 0 (_held_out),
+    so the unsalted parity would send every one of them to the same half."""
+    return EVAL_SPLITS[zlib.crc32(f"half {key}".encode("utf-8")) % 2]
+
+
 def sft_conversations(world, seed, n, split, cold_start=True):
     """n conversations: "train" draws tasks by TASK_MIX (without COLD_START's unless cold_start) and
     returns whole conversations; "eval" cycles through EVAL_TASKS and returns each prompt without its
-    last assistant turn, whose reference is in meta["reference"]. Deterministic in (world, seed, n,
-    split); the first k items do not depend on n."""
+    last assistant turn, whose reference is in meta["reference"] (its half in meta["half"]).
+    Deterministic in (world, seed, n, split); the first k items do not depend on n."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
     ctx = _Context(world, split)   # _Context and _generate are in Appendix A
@@ -255,6 +272,7 @@ def sft_conversations(world, seed, n, split, cold_start=True):
             key = "\n".join(m["content"] for m in messages[:cut] if m["role"] == "user")
             if task in PROMPT_HASHED and _held_out(key) == ctx.train:
                 continue
+            half = None if ctx.train else eval_half(content_key(task, meta, key))
             key = (meta["subject"], meta["relation"]) if task.startswith("fact_qa") else key
             if ctx.train or key not in asked[task]:
                 break
@@ -267,7 +285,7 @@ def sft_conversations(world, seed, n, split, cold_start=True):
             items.append({"task": task, "messages": messages, "meta": meta})
         else:
             items.append({"task": task, "messages": messages[:cut],
-                          "meta": {**meta, "reference": messages[cut]}})
+                          "meta": {**meta, "reference": messages[cut], "half": half}})
     return items
 
 
@@ -589,7 +607,9 @@ def prepare_data(args, world, enc, max_len):
                        else sft_conversations(world, args.seed, args.n_train, "train", args.cold_start))
     except DataError as err:
         sys.exit(f"error: {err}")
-    eval_items = sft_conversations(world, args.seed, args.n_eval * len(EVAL_TASKS), "eval")
+    # Twice --n_eval drawn, one half kept: about --n_eval a task on each half.
+    drawn = sft_conversations(world, args.seed, 2 * args.n_eval * len(EVAL_TASKS), "eval")
+    eval_items = [item for item in drawn if item["meta"]["half"] == args.eval_split]
     encoded, dropped = encode_examples(enc, train_convs, max_len)
     if not encoded:
         sys.exit(f"error: every conversation is longer than the model's context ({max_len} tokens).")
@@ -597,7 +617,7 @@ def prepare_data(args, world, enc, max_len):
     task_counts = Counter(c["task"] for c in train_convs)
     print(f"train: {len(encoded)} conversations ({dropped} longer than {max_len} tokens dropped), "
           f"{n_target / 1e6:.2f}M assistant tokens | eval: {len(eval_items)} prompts over "
-          f"{len({i['task'] for i in eval_items})} tasks")
+          f"{len({i['task'] for i in eval_items})} tasks, {args.eval_split} half")
     print("mixture: " + ", ".join(f"{t} {n}" for t, n in task_counts.most_common()))
     return eval_items, encoded, n_target
 
@@ -669,7 +689,8 @@ def make_report(m, records):
     lines = ["# Stage 02 - supervised fine-tuning report", "",
              f"{m['train_conversations']} training conversations, "
              f"{m['assistant_tokens'] / 1e6:.2f}M assistant tokens trained on, "
-             f"{m['train_seconds'] / 60:.1f} min. Evaluation on held-out prompts, greedy decoding.", "",
+             f"{m['train_seconds'] / 60:.1f} min. Evaluation on the "
+             f"{m['args'].get('eval_split', 'test')} half of the held-out prompts, greedy decoding.", "",
              "| measure | prompts | pretrained | SFT |", "|---|---|---|---|"]
     for task, field, meaning in HEADLINE:
         n = m["after"].get(task, {}).get("n")
@@ -711,6 +732,18 @@ class _Context:
 
     def __init__(self, world, split):
         self.world, self.ix, self.train = world, _index(world), split == "train"
+
+
+def content_key(task, meta, prompt):
+    """What makes an eval item the item it is: the subject of a fact question or a multi-hop chain,
+    the steps of a computation, the numbers and target of a Countdown set, else the prompt itself."""
+    if "subject" in meta:
+        return f"subject {meta['subject']}"
+    if task.startswith("arithmetic"):
+        return "steps " + " | ".join(meta["steps"])
+    if task == "countdown_think":
+        return f"countdown {sorted(meta['numbers'])} {meta['answer']}"
+    return f"prompt {prompt}"
 
 
 def _generate(ctx, rng, task):
@@ -1887,8 +1920,8 @@ def check_messages(messages):
 # =====================================================================================
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
-# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs,
+# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model, checkpoint,
+# finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, halves, pairs,
 # reference, worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out

@@ -137,7 +137,11 @@ def parse_args(argv=None):
     g.add_argument("--no_end_penalty", type=p.nonnegative, default=1.0,
                    help="reward subtracted from a response that never writes <|end|>")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--n_eval", type=p.positive_int, help="held-out prompts per kind (harmful, benign, fact)")
+    g.add_argument("--n_eval", type=p.positive_int,
+                   help="held-out prompts per kind (harmful, benign, fact), both halves; about half scored")
+    g.add_argument("--eval_split", choices=REQUEST_HALVES, default="test",
+                   help="the half of the held-out requests to score: validation for choosing a default, "
+                        "test (the default) for reporting; every held-out request is passed on")
     g.add_argument("--batch_size", type=p.positive_int, help="sequences per training or scoring pass")
     g.add_argument("--gen_batch", type=p.positive_int,
                    help="replies generated at once (on a GPU, all of an RL step's samples: one call)")
@@ -642,23 +646,25 @@ def main(argv=None):
         print(json.dumps(critique_and_revise(sft_model, enc, items, 1, args, generator)[0], indent=2))
         return
 
-    eval_items = (make_prompts(world, args.seed, args.n_eval, "harmful", train=False)
-                  + make_prompts(world, args.seed, args.n_eval, "benign", train=False)
+    eval_items = (make_prompts(world, args.seed, args.n_eval, "harmful", train=False)   # both halves, for
+                  + make_prompts(world, args.seed, args.n_eval, "benign", train=False)  # the later stages
                   + make_prompts(world, args.seed, args.n_eval, "fact", train=False))
+    scored = [it for it in eval_items if request_half(it["request"]) == args.eval_split]
     stages, records = {}, {}   # "sft", "sl_cai", "rl_cai" -> evaluation summary, graded replies
-    stages["sft"], records["sft"] = evaluate(sft_model, enc, eval_items, args, "eval (stage 02)")
+    stages["sft"], records["sft"] = evaluate(sft_model, enc, scored, args, "eval (stage 02)")
     sl_model, sl = run_sl_cai(sft_model, enc, world, args, generator)
-    stages["sl_cai"], records["sl_cai"] = evaluate(sl_model, enc, eval_items, args, "eval (SL-CAI)")
-    pm, pairs, feedback = run_feedback(sl_model, sft_model, enc, world, eval_items, records["sft"], args,
+    stages["sl_cai"], records["sl_cai"] = evaluate(sl_model, enc, scored, args, "eval (SL-CAI)")
+    pm, pairs, feedback = run_feedback(sl_model, sft_model, enc, world, scored, records["sft"], args,
                                        generator)
     policy, rl_history = run_rl_cai(sl_model, pm, enc, world, args, generator)
-    stages["rl_cai"], records["rl_cai"] = evaluate(policy, enc, eval_items, args, "eval (RL-CAI)")
+    stages["rl_cai"], records["rl_cai"] = evaluate(policy, enc, scored, args, "eval (RL-CAI)")
     with torch.no_grad():   # how the preference model scores each stage's held-out replies
         eval_rewards = {name: pm_scores(pm, enc, [r["request"] for r in recs], [r["reply"] for r in recs],
                                         args.device, args.batch_size).float().mean().item()
                         for name, recs in records.items()}
 
-    metrics = {"stages": stages, "pm_reward_on_eval": eval_rewards, "sl_revisions": sl["stats"], **feedback,
+    metrics = {"stages": stages, "eval_split": args.eval_split, "pm_reward_on_eval": eval_rewards,
+               "sl_revisions": sl["stats"], **feedback,
                "n_pairs": len(pairs), "n_sl_conversations": sl["n_conversations"],
                "sl_history": sl["history"], "rl_history": rl_history, "seconds": time.time() - t_start,
                "args": vars(args),
@@ -796,8 +802,8 @@ def headline_rows(stages):
 
 
 def print_summary(m, out):
-    n = m["stages"]["sft"]["all"]["n"]
-    print(f"\n{f'measure ({n} distinct held-out prompts, greedy; 95% intervals)':<62} {'SFT':>19} "
+    what = f"measure ({m['stages']['sft']['all']['n']} held-out prompts, {m['eval_split']} half; greedy)"
+    print(f"\n{what:<62} {'SFT':>19} "
           f"{'SL-CAI':>19} {'RL-CAI':>19}")
     for what, values, _ in headline_rows(m["stages"]):
         print(f"{what:<62} " + " ".join(f"{pct(*v):>19}" for v in values))
@@ -864,7 +870,9 @@ def make_report(m):
              f"prefers a plain refusal to stage 02's reply for {pct(m['pm_contrast']['harmful'])} of harmful "
              f"requests, and stage 02's answer to a refusal for {pct(m['pm_contrast']['benign'])} of "
              f"harmless ones.", "",
-             "| measure (held-out prompts, greedy) | SFT | SL-CAI | RL-CAI |", "|---|---|---|---|"]
+             f"| measure (held-out prompts, {m.get('eval_split', 'test')} half; greedy) | SFT | SL-CAI "
+             "| RL-CAI |",
+             "|---|---|---|---|"]
     lines += [f"| {what} | " + " | ".join(pct(*v) for v in values) + " |"
               for what, values, _ in headline_rows(m["stages"])]
     r = m["pm_reward_on_eval"]
@@ -1059,8 +1067,8 @@ def fact_request(world, rng, train):
 # =====================================================================================
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
-# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs,
+# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model, checkpoint,
+# finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, halves, pairs,
 # reference, worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
@@ -1082,6 +1090,7 @@ def fact_request(world, rng, train):
 #   judging     critique_verdict, critique_prompt, revision_prompt
 #   choice      choose_prompt
 #   replies     user_prompt, sample_replies, pad_right, grade, evaluate
+#   halves      request_half, REQUEST_HALVES
 #   pairs       sequence_logprobs, split_by_prompt
 #   worldlabel  ground_truth_preference, as_reply
 #   feedback    ai_feedback
@@ -2049,6 +2058,17 @@ def evaluate(model, enc, items, args, desc):
                for kind, f in fields.items()}
     return summary, records
 # --- end shared: replies ---
+
+
+# --- shared: halves (origin: 03_constitutional_ai.py) ---
+REQUEST_HALVES = ("validation", "test")
+
+
+def request_half(request):
+    """Which half of stage 03's held-out requests a request is in: validation, where a default may be
+    chosen, or test, which a report reads and nothing is chosen on. crc32 is the same in every process."""
+    return REQUEST_HALVES[zlib.crc32(request.encode("utf-8")) % 2]
+# --- end shared: halves ---
 
 
 # --- shared: pairs (origin: 03_constitutional_ai.py) ---

@@ -121,6 +121,9 @@ def parse_args(argv=None):
                         "--epochs passes of DPO over them")
     g.add_argument("--judge", help="the feedback model (default: the stage-02 model stage 03 started from)")
     g = p.add_argument_group("evaluation")
+    g.add_argument("--eval_split", choices=REQUEST_HALVES,
+                   help="the half of stage 03's held-out requests to score: validation for choosing a "
+                        "default, test for reporting (default: the half stage 03 scored, shown beside)")
     g.add_argument("--max_new_tokens", type=p.positive_int)
     args = p.parse_with_preset(argv, PRESETS)
     check_out(args.out, args.init)   # a bad --out fails now, not after training
@@ -368,6 +371,8 @@ def main(argv=None):
     init, out = pathlib.Path(args.init), pathlib.Path(args.out)
     torch.manual_seed(args.seed)
     reference, ckpt, enc, eval_items, stage03 = load_stage03(init, args.device)
+    args.eval_split = args.eval_split or stage03.get("eval_split", "test")
+    eval_items = [it for it in eval_items if request_half(it["request"]) == args.eval_split]
     args.lr = args.lr or ((ckpt.get("args") or {}).get("sl_lr") or 1e-3) / 10
     pad = enc.encode_single_token("<|pad|>")
     t_start = time.time()
@@ -386,8 +391,11 @@ def main(argv=None):
     refusal_after = refusal_logprob(policy, enc, eval_items, pad, args.batch_size)
     summary, records = evaluate(policy, enc, eval_items, args, "eval (DPO)")
 
-    stages = {**stage03["stages"], "dpo": summary}
-    metrics = {"stages": stages, "held_out_pairs": held_out_stats, "history": history,
+    # Stage 03's columns sit beside DPO's only when scored on the same half of its prompts.
+    earlier = stage03["stages"] if stage03.get("eval_split") == args.eval_split else {}
+    stages = {**earlier, "dpo": summary}
+    metrics = {"stages": stages, "eval_split": args.eval_split, "held_out_pairs": held_out_stats,
+               "history": history,
                "refusal_logprob": {"before": refusal_before, "after": refusal_after},
                "n_train_pairs": len(train_pairs), "n_held_out_pairs": len(held_out), "dropped": dropped,
                "seconds": time.time() - t_start, "args": vars(args),
@@ -436,7 +444,7 @@ def table_rows(stages):
 
 
 def print_summary(m, out):
-    print(f"\n{'measure (stage 03 held-out prompts, greedy; 95% intervals)':<56}"
+    print(f"\n{'measure (stage 03 held-out prompts, ' + m['eval_split'] + ' half; greedy)':<56}"
           + "".join(f"{name:>20}" for _, name in COLUMNS))
     for what, values in table_rows(m["stages"]):
         print(f"{what:<56}" + "".join(f"{pct(*v):>20}" for v in values))
@@ -484,7 +492,8 @@ def make_report(m):
              f"{h.get('margin', float('nan')):.3f}. Mean log pi(\"I can't help with that.\" | held-out "
              f"harmful prompt): {m['refusal_logprob']['before']:.2f} before, "
              f"{m['refusal_logprob']['after']:.2f} after.", "",
-             "| measure (stage 03 held-out prompts, greedy) | " + " | ".join(n for _, n in COLUMNS) + " |",
+             f"| measure (stage 03 held-out prompts, {m.get('eval_split', 'test')} half; greedy) | "
+             + " | ".join(n for _, n in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     lines += [f"| {what} | " + " | ".join(pct(*v) for v in values) + " |"
               for what, values in table_rows(m["stages"])]
@@ -557,8 +566,8 @@ def online_pairs(policy, judge, enc, requests, principles, round_, max_len, args
 # =====================================================================================
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
-# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs,
+# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model, checkpoint,
+# finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, halves, pairs,
 # reference, worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
@@ -578,6 +587,7 @@ def online_pairs(policy, judge, enc, requests, principles, round_, max_len, args
 #   stats       pct
 #   choice      (used by feedback)
 #   replies     user_prompt, sample_replies, evaluate
+#   halves      request_half, REQUEST_HALVES
 #   pairs       sequence_logprobs, split_by_prompt
 #   reference   reference_logprobs
 #   worldlabel  ground_truth_preference, as_reply
@@ -1503,6 +1513,17 @@ def evaluate(model, enc, items, args, desc):
                for kind, f in fields.items()}
     return summary, records
 # --- end shared: replies ---
+
+
+# --- shared: halves (origin: 03_constitutional_ai.py) ---
+REQUEST_HALVES = ("validation", "test")
+
+
+def request_half(request):
+    """Which half of stage 03's held-out requests a request is in: validation, where a default may be
+    chosen, or test, which a report reads and nothing is chosen on. crc32 is the same in every process."""
+    return REQUEST_HALVES[zlib.crc32(request.encode("utf-8")) % 2]
+# --- end shared: halves ---
 
 
 # --- shared: pairs (origin: 03_constitutional_ai.py) ---

@@ -514,6 +514,8 @@ def load_stage04(init, device):
     world = read_json(init / "world.json", hint, keys=WORLD_KEYS, check=world_problem)
     items = read_json(init / "eval_items.jsonl", hint, True, ("request", "kind"), eval_item_problem)
     stage04 = read_json(init / "metrics.json", hint, keys=("stages", "args"))
+    if stage04.get("eval_split"):   # "after RL" is read on the half stage 04's "before" was
+        items = [it for it in items if request_half(it["request"]) == stage04["eval_split"]]
     try:
         return model, enc, world, items, stage04["stages"]["dpo"], stage04["args"]["max_new_tokens"]
     except (KeyError, TypeError) as err:
@@ -907,8 +909,8 @@ def _countdown(n_numbers, rng, held_template, reserved=False, keep=None):
 # =====================================================================================
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
-# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs,
+# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model, checkpoint,
+# finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, halves, pairs,
 # reference, worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
@@ -927,6 +929,7 @@ def _countdown(n_numbers, rng, held_template, reserved=False, keep=None):
 #   grading     (used by replies)
 #   stats       interval95, pct
 #   replies     STOP_TOKENS, pad_right, evaluate
+#   halves      request_half
 #   rehearsal   (what stage 06 reads of this stage's rehearsal.jsonl)
 #   heldout     reserved_product, reserved_products
 #   countdown   countdown_reserved, countdown_trainable
@@ -1844,6 +1847,17 @@ def evaluate(model, enc, items, args, desc):
                for kind, f in fields.items()}
     return summary, records
 # --- end shared: replies ---
+
+
+# --- shared: halves (origin: 03_constitutional_ai.py) ---
+REQUEST_HALVES = ("validation", "test")
+
+
+def request_half(request):
+    """Which half of stage 03's held-out requests a request is in: validation, where a default may be
+    chosen, or test, which a report reads and nothing is chosen on. crc32 is the same in every process."""
+    return REQUEST_HALVES[zlib.crc32(request.encode("utf-8")) % 2]
+# --- end shared: halves ---
 
 
 # --- shared: rehearsal (origin: 05_grpo_reasoning.py) ---

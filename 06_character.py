@@ -815,7 +815,7 @@ def main(argv=None):
     anchor = rehearsal_items(enc, anchor_lines(model, enc, earlier["requests"], args), model.config.seq_len)
     replay = rehearsal_terms(model, copy.deepcopy(model).eval() if anchor else None,
                              {"replies": replies, "facts": facts, "anchor": anchor}, pad, args)
-    harm = [it for it in harm_items if _half(it["request"]) == args.eval_split]   # stage 03's, halved
+    harm = [it for it in harm_items if request_half(it["request"]) == args.eval_split]   # stage 03's
     held = {"harm": harm, "replies": held_replies}
     tone, tone_accuracy = train_tone_classifier(args.seed)
     before = evaluate_all(model, enc, ix, pad, held, tone, args, "stage 05")
@@ -1269,11 +1269,6 @@ def _halves(names):
     return {"train": [n for n in names if _split(n) == "train"], "validation": held[0::2], "test": held[1::2]}
 
 
-def _half(text):
-    """The half of a held-out text that names no entity (stage 03's requests): validation or test."""
-    return ("validation", "test")[_crc(text) % 2]
-
-
 def world_index(world):
     """What the generators and scorers need of the world, its entities split into train, validation
     and test (_halves)."""
@@ -1636,8 +1631,8 @@ def anchor_lines(model, enc, rows, args):
 # =====================================================================================
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
-# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs,
+# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model, checkpoint,
+# finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, halves, pairs,
 # reference, worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out
@@ -1657,6 +1652,7 @@ def anchor_lines(model, enc, rows, args):
 #   stats       pct
 #   choice      (used by feedback)
 #   replies     user_prompt, sample_replies, evaluate
+#   halves      request_half, REQUEST_HALVES
 #   pairs       sequence_logprobs, split_by_prompt
 #   reference   reference_logprobs
 #   feedback    ai_feedback, answer_logprob_pairs
@@ -2582,6 +2578,17 @@ def evaluate(model, enc, items, args, desc):
                for kind, f in fields.items()}
     return summary, records
 # --- end shared: replies ---
+
+
+# --- shared: halves (origin: 03_constitutional_ai.py) ---
+REQUEST_HALVES = ("validation", "test")
+
+
+def request_half(request):
+    """Which half of stage 03's held-out requests a request is in: validation, where a default may be
+    chosen, or test, which a report reads and nothing is chosen on. crc32 is the same in every process."""
+    return REQUEST_HALVES[zlib.crc32(request.encode("utf-8")) % 2]
+# --- end shared: halves ---
 
 
 # --- shared: pairs (origin: 03_constitutional_ai.py) ---

@@ -1502,8 +1502,8 @@ def detect_reply(word):
 # =====================================================================================
 # Appendix B: shared code (copied verbatim; do not edit here)
 # =====================================================================================
-# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model,
-# checkpoint, finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, pairs,
+# Every stage repeats the blocks below word for word, in one order (flags, tokenizer, model, checkpoint,
+# finite, save, precision, sampling, chat, grading, stats, judging, choice, replies, halves, pairs,
 # reference, worldlabel, feedback, arithmetic), and carries only the ones it calls.
 # tests/test_shared_blocks.py checks each copy against its origin and `--fix` rewrites the copies,
 # so an edit made inside a block is reverted: to change a shared function in a fork, copy it out

@@ -107,10 +107,10 @@ def run_all(base, preset, seeds, grpo=False, character=False, interp=False, welf
             flags02 = seeded + ["--init", base / "01_pretrain", "--cold_start", 0, "--skip_base_eval"]
             run("02_sft.py", s / "02_sft_nocold", flags02, times)
         steps = len(json.loads((s / "04_dpo" / "metrics.json").read_text())["history"])
-        for name, (extra, _, _) in DPO_VARIANTS.items():
-            if name != "dpo" and not chain:
-                extra = extra + (["--steps", steps] if name == "no_contrast" else [])
-                run("04_dpo.py", s / f"04_{name}", seeded + ["--init", s / "03_cai"] + extra, times)
+        for name, (extra, _, _) in DPO_VARIANTS.items() if not chain else ():   # chosen on validation
+            extra = extra + (["--steps", steps] if name == "no_contrast" else [])
+            run("04_dpo.py", s / f"04_{name}_validation",
+                seeded + ["--init", s / "03_cai", "--eval_split", "validation"] + extra, times)
         for variant in ["grpo"] if chain else GRPO_VARIANTS if grpo else []:
             flags05 = seeded + ["--init", s / "04_dpo", "--variant", variant]
             run("05_grpo_reasoning.py", s / f"05_{variant}", flags05, times)
@@ -247,27 +247,24 @@ def tables(base, seeds):
         after = [m["02_sft"]["after"].get(task, {}).get(field) for m in ms]
         out.append(f"| {what} | {ms[0]['02_sft']['after'].get(task, {}).get('n')} | {mean_sd(before)} | "
                    f"{mean_sd(after)} |")
-    variants = [v for v in DPO_VARIANTS if any(m.get(f"04_{v}") for m in ms)]   # the ones that were run
-    out += ["", "**Stages 03 and 04** (the same held-out prompts, greedy)", "",
-            "| measure | prompts | stage 02 | SL-CAI | RL-CAI | " +
-            " | ".join(DPO_VARIANTS[v][1] for v in variants) + " |",
-            "|---|---|---|---|---|" + "---|" * len(variants)]
+    split = ms[0]["03_cai"].get("eval_split", "all")
+    out += ["", f"**Stages 03 and 04** (stage 03's held-out prompts, the {split} half, greedy)", "",
+            "| measure | prompts | stage 02 | SL-CAI | RL-CAI | DPO |", "|---|---|---|---|---|---|"]
     for kind, field, what in HARMLESS:
         cells = [mean_sd([m["03_cai"]["stages"][s].get(kind, {}).get(field) for m in ms])
                  for s in ("sft", "sl_cai", "rl_cai")]
-        cells += [mean_sd([(m.get(f"04_{v}") or {}).get("stages", {}).get("dpo", {}).get(kind, {}).get(field)
-                           for m in ms]) for v in variants]
+        cells.append(mean_sd([m["04_dpo"]["stages"]["dpo"].get(kind, {}).get(field) for m in ms]))
         out.append(f"| {what} | {n_eval(ms[0]['03_cai'], kind)} | " + " | ".join(cells) + " |")
     pm = lambda key: mean_sd([m["03_cai"]["pm_test_accuracy"][key] for m in ms])  # noqa: E731
     out += ["", f"Preference model on pairs of held-out prompts: harmful {pm('harmful')}, ordinary "
                 f"{pm('helpful')} (about {ms[0]['03_cai']['n_pm_test']} pairs a seed). AI feedback agrees "
                 f"with the world on {mean_sd([m['03_cai']['feedback_accuracy'] for m in ms])} of the "
                 f"harmful pairs it can judge.", "",
-            "| stage 04 variant | steps | reward accuracy, held-out prompts | "
+            "| stage 04 variant (validation runs) | steps | reward accuracy, held-out prompts | "
             "log pi(refusal), SL-CAI -> after |",
             "|---|---|---|---|"]
     for v in DPO_VARIANTS:
-        found = [m[f"04_{v}"] for m in ms if m.get(f"04_{v}")]
+        found = [m[f"04_{v}_validation"] for m in ms if m.get(f"04_{v}_validation")]
         if found:
             acc = mean_sd([f["held_out_pairs"]["reward_accuracy"] for f in found])
             before = statistics.mean(f["refusal_logprob"]["before"] for f in found)
@@ -276,6 +273,48 @@ def tables(base, seeds):
             out.append(f"| {DPO_VARIANTS[v][1]}: {DPO_VARIANTS[v][2]} | {steps} | {acc} | {before:.2f} -> "
                        f"{after:.2f} |")
     return "\n".join(out) + "\n"
+
+
+def harmless_and_helpful(summary):
+    """Stage 04's primary score, named before its variants were run on validation (docs/LOG.md,
+    2026-12-08): the mean of harmful requests refused without leaking and harmless requests answered."""
+    harmless, helped = summary.get("harmful", {}).get("harmless"), summary.get("benign", {}).get("helped")
+    return None if harmless is None or helped is None else (harmless + helped) / 2
+
+
+def dpo_choice(default, alternatives):
+    """The LOG's rule for stage 04's method: default, a per-seed list of primary scores; alternatives,
+    {name: per-seed list}. An alternative replaces the default only if its paired difference has a 95%
+    t-interval, Bonferroni over the alternatives, above 0; of several, the largest mean difference.
+    -> (the chosen name, or "dpo" for the default; {name: (mean, low, high, p)})."""
+    gains = {v: paired_gain(default, scores, tests=len(alternatives)) for v, scores in alternatives.items()}
+    cleared = [v for v, (mean, low, _, _) in gains.items() if low is not None and low > 0]
+    return max(cleared, key=lambda v: gains[v][0]) if cleared else "dpo", gains
+
+
+def dpo_choice_table(base, seeds):
+    """Stage 04's variants on stage 03's validation half, each against the default on the same seeds, the
+    primary score and its two parts, and what the LOG's rule chooses."""
+    runs = {v: [load(base / f"seed{s}" / f"04_{v}_validation") for s in seeds] for v in DPO_VARIANTS}
+    have = [i for i, m in enumerate(runs["dpo"]) if m]
+    runs = {v: [ms[i]["stages"]["dpo"] for i in have] for v, ms in runs.items()
+            if have and all(ms[i] for i in have)}
+    if len(runs) < 2:
+        return ""
+    default = [harmless_and_helpful(m) for m in runs["dpo"]]
+    chosen, gains = dpo_choice(default, {v: [harmless_and_helpful(m) for m in ms]
+                                         for v, ms in runs.items() if v != "dpo"})
+    out = [f"**Stage 04's method, chosen on validation** (stage 03's validation half; {len(have)} seeds; "
+           f"primary: the mean of refused without leaking and harmless requests answered; differences from "
+           f"the default with 95% t-intervals, Bonferroni over {len(gains)} alternatives)", "",
+           "| variant | primary | refused without leaking | harmless answered | primary, minus the default |",
+           "|---|---|---|---|---|"]
+    for v, ms in runs.items():
+        gain = gain_cell(default, [harmless_and_helpful(m) for m in ms], len(gains)) if v != "dpo" else ""
+        out.append(f"| {DPO_VARIANTS[v][1]} | {mean_sd([harmless_and_helpful(m) for m in ms])} | "
+                   f"{mean_sd([m['harmful']['harmless'] for m in ms])} | "
+                   f"{mean_sd([m['benign']['helped'] for m in ms])} | {gain} |")
+    return "\n".join(out + ["", f"The rule chooses: {DPO_VARIANTS[chosen][1]}.", ""])
 
 
 def cold_start_table(base, seeds):
@@ -841,7 +880,8 @@ def main():
         run_all(base, args.preset, args.seeds, args.grpo, args.character, args.interp, args.welfare,
                 args.chain, args.cold_start_cost, args.rl_before_cai)
     seeds = args.seeds
-    text = "\n".join([course_table(base, seeds), tables(base, seeds), cold_start_table(base, seeds),
+    text = "\n".join([course_table(base, seeds), tables(base, seeds), dpo_choice_table(base, seeds),
+                      cold_start_table(base, seeds),
                       probe_table(base, seeds), reasoning_before_grpo(base, seeds),
                       grpo_table(base, seeds, "validation"), grpo_table(base, seeds),
                       rl_before_cai_table(base, seeds),

@@ -33,7 +33,7 @@ def rescore(s06, run, split, device):
     model, enc, world, harm_items, earlier = s06.load_stage05(init, device, args)
     pad, ix, start = enc.encode_single_token("<|pad|>"), s06.world_index(world), time.time()
     items = s06.rehearsal_items(enc, earlier["replies"], model.config.seq_len)
-    held = {"harm": [it for it in harm_items if s06._half(it["request"]) == split],
+    held = {"harm": [it for it in harm_items if s06.request_half(it["request"]) == split],
             "replies": s06.split_by_prompt(items, args.held_out)[1]}
     tone, _ = s06.train_tone_classifier(args.seed)
     before = s06.evaluate_all(model.eval(), enc, ix, pad, held, tone, args, "stage 05")

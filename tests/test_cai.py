@@ -386,6 +386,12 @@ def test_tiny_run_writes_the_stage_contract(tiny_cai):
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["stages"]) == {"sft", "sl_cai", "rl_cai"} and len(m["rl_history"]) == 3
     assert "SL-CAI" in result.stdout and "RL-CAI" in result.stdout
+    # Every held-out request is passed on; only the test half is scored (the validation half is where a
+    # default may be chosen), and every stage's column on the same prompts.
+    test_half = [i for i in items if C.request_half(i["request"]) == "test"]
+    assert m["eval_split"] == "test" and 0 < len(test_half) < len(items)
+    assert {m["stages"][s]["all"]["n"] for s in m["stages"]} == {len(test_half)}
+    assert [r["request"] for r in m["samples"]] == [i["request"] for i in test_half][:150]
 
 
 def test_wrong_or_missing_start_is_one_sentence(tiny_pretrain, tmp_path):

@@ -470,7 +470,7 @@ def test_evaluation_prompts_share_no_template_entity_or_request_with_training(cp
 
 def test_validation_and_test_share_no_entity_question_or_request(cpu_ix):
     """Defaults are chosen on validation; test must hold nothing validation asks about: no person,
-    impostor or town, no question about its nature or memory, and no stage 03 request (_half)."""
+    impostor or town, no question about its nature or memory, and no stage 03 request (request_half)."""
     val, test = (S.make_prompts(cpu_ix, 140, 1, half, distinct=True) for half in ("validation", "test"))
     named = lambda items: {it.get("subject") or it.get("impostor") for it in items} - {None}  # noqa: E731
     towns = lambda items: {o for it in items for o in it.get("options", [])}  # noqa: E731
@@ -481,7 +481,7 @@ def test_validation_and_test_share_no_entity_question_or_request(cpu_ix):
         assert len(asked(test)) == 20 and asked(val).isdisjoint(asked(test))   # 32 exist a half
         assert set(S.TEMPLATES[kind, "validation"]).isdisjoint(S.TEMPLATES[kind, "test"])
     requests = [f"How do I make the potion number {k}?" for k in range(200)]
-    halves = [S._half(r) for r in requests]
+    halves = [S.request_half(r) for r in requests]
     assert 70 < halves.count("test") < 130 and set(halves) == {"validation", "test"}
     args = S.parse_args(["--preset", "tiny", "--eval_split", "validation", "--out", "/tmp/x06"])
     assert args.eval_split == "validation" and S.parse_args(["--preset", "tiny"]).eval_split == "test"
@@ -547,7 +547,7 @@ def test_tiny_runs_of_each_method(tiny_grpo, tmp_path):
         assert set(m["after"]) == set(S.KINDS) == set(m["training_phrasings"]["after"])
         assert m["harmlessness"]["after"] and m["eval_split"] == "test"
         tested = [it for it in map(json.loads, (init / "eval_items.jsonl").read_text().splitlines())
-                  if S._half(it["request"]) == "test"]   # stage 03's held-out requests: the test half only
+                  if S.request_half(it["request"]) == "test"]   # stage 03's held-out requests: the test half only
         assert sum(m["harmlessness"]["after"][k]["n"] for k in ("harmful", "benign", "fact")) == len(tested)
         assert torch.load(out / "model.pt", weights_only=True)["stage"] == "06_character"
     m = json.loads((tmp_path / "both" / "metrics.json").read_text())
@@ -953,7 +953,7 @@ def test_method_runs_its_phases_and_the_anchor_reads_a_frozen_copy(ix, encoding,
     assert model is seen["model"] and reference not in (None, model) and len(pools["anchor"]) == 3
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
-    halves = [S._half(it["request"]) for it in seen["held"]["harm"]]
+    halves = [S.request_half(it["request"]) for it in seen["held"]["harm"]]
     assert halves and set(halves) == {"validation"}
 
 

@@ -247,6 +247,16 @@ def test_tiny_run_compares_with_stage_03(tiny_cai, tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert set(m["stages"]) == {"sft", "sl_cai", "rl_cai", "dpo"} and m["history"]
     assert torch.load(tmp_path / "model.pt", weights_only=True)["stage"] == "04_dpo"
+    # By default DPO is scored on the half stage 03 scored (test), beside stage 03's columns; on the
+    # other half it stands alone, as stage 03's columns were measured on other prompts.
+    items = [json.loads(line) for line in (init / "eval_items.jsonl").read_text().splitlines()]
+    halves = {h: [i for i in items if D.request_half(i["request"]) == h] for h in D.REQUEST_HALVES}
+    assert m["eval_split"] == "test" and m["stages"]["dpo"]["all"]["n"] == len(halves["test"])
+    validation = run_script("04_dpo.py", "--preset", "tiny", "--init", init, "--out", tmp_path / "validation",
+                            "--eval_split", "validation")
+    assert validation.returncode == 0, validation.stderr[-3000:]
+    v = json.loads((tmp_path / "validation" / "metrics.json").read_text())
+    assert set(v["stages"]) == {"dpo"} and v["stages"]["dpo"]["all"]["n"] == len(halves["validation"])
     ipo = run_script("04_dpo.py", "--preset", "tiny", "--init", init, "--out", tmp_path / "ipo",
                      "--loss", "ipo")
     assert ipo.returncode == 0, ipo.stderr[-3000:]

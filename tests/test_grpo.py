@@ -420,6 +420,16 @@ def test_countdown_targets_are_reachable(world):
         assert found and p["answer"] not in p["numbers"]
 
 
+def test_harmlessness_after_rl_is_read_on_the_half_stage_04_scored(tiny_dpo):
+    """Stage 04 reports "before" on one half of stage 03's held-out requests; "after RL" must be read on
+    the same requests, not on both halves."""
+    init, _ = tiny_dpo
+    stage04 = json.loads((init / "metrics.json").read_text())
+    _, _, _, items, before, _ = R.load_stage04(init, "cpu")
+    assert stage04["eval_split"] == "test" and {R.request_half(it["request"]) for it in items} == {"test"}
+    assert len(items) == before["all"]["n"]
+
+
 def test_tiny_runs_of_every_variant(tiny_dpo, tmp_path):
     init, _ = tiny_dpo
     for variant in ("grpo", "dapo", "expert_iteration"):

@@ -33,7 +33,7 @@ def test_rescoring_evaluates_the_asked_split_and_keeps_the_training_numbers(tiny
     s06, seen = R.load_stage("06_character"), []
 
     def fake_evaluate_all(model, enc, ix, pad, held, tone, args, tag):
-        seen.append((tag, args.eval_split, {s06._half(it["request"]) for it in held["harm"]}))
+        seen.append((tag, args.eval_split, {s06.request_half(it["request"]) for it in held["harm"]}))
         return {k: {"tag": tag} for k in ("scores", "records", *EVALUATED[2:])} | {"records": []}
 
     monkeypatch.setattr(s06, "evaluate_all", fake_evaluate_all)

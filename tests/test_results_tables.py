@@ -239,3 +239,46 @@ def test_stage_05_tables_read_the_test_half_where_every_seed_has_it(tmp_path):
     assert "| all | 10 | 0.0 ± 0.0 / 0.0 ± 0.0 / 0.0 ± 0.0 | 10.0 ± 0.0 /" in T.grpo_table(tmp_path, [1, 2])
     write(2, "05_grpo_test", 0.3)
     assert "| all | 10 | 0.0 ± 0.0 / 0.0 ± 0.0 / 0.0 ± 0.0 | 30.0 ± 0.0 /" in T.grpo_table(tmp_path, [1, 2])
+
+
+def test_stage_04s_primary_score_and_the_rule_that_chooses_its_method():
+    """Primary: (refused without leaking + harmless answered) / 2. An alternative wins only when its
+    paired gain's interval, Bonferroni over the alternatives, is above 0; of two, the larger mean."""
+    assert T.harmless_and_helpful({"harmful": {"harmless": 0.6}, "benign": {"helped": 0.2}}) == pytest.approx(0.4)
+    assert T.harmless_and_helpful({"harmful": {"harmless": 0.6}}) is None
+    default = [0.40, 0.50, 0.45]
+    steady = [0.50, 0.61, 0.55]      # +0.10, +0.11, +0.10: a tight gain
+    noisy = [0.90, 0.40, 0.50]       # +0.50, -0.10, +0.05: larger mean, interval across 0
+    chosen, gains = T.dpo_choice(default, {"steady": steady, "noisy": noisy})
+    assert chosen == "steady" and gains["noisy"][1] < 0 < gains["steady"][1]
+    # Bonferroni over two: the interval is wider than the one-test interval on the same differences
+    assert gains["steady"][1] < T.paired_gain(default, steady)[1]
+    assert T.dpo_choice(default, {"noisy": noisy})[0] == "dpo"
+    worse = [0.30, 0.40, 0.35]
+    assert T.dpo_choice(default, {"worse": worse})[0] == "dpo"   # a tight loss is not chosen
+    higher = [0.60, 0.72, 0.66]      # +0.20, +0.22, +0.21: both clear; the larger mean wins
+    assert T.dpo_choice(default, {"steady": steady, "higher": higher})[0] == "higher"
+
+
+def test_stage_04s_variants_run_on_validation_and_its_default_on_the_test_half(tmp_path, monkeypatch):
+    """Every variant (the default too) is run with --eval_split validation into 04_NAME_validation; the
+    chain's 04_dpo runs on the default half (test); the choice table reads the validation runs only."""
+    ran = []
+    monkeypatch.setattr(T, "run", lambda script, out, args, times: ran.append((script, out, args)))
+    (tmp_path / "seed1" / "04_dpo").mkdir(parents=True)
+    (tmp_path / "seed1" / "04_dpo" / "metrics.json").write_text('{"history": [1, 2, 3]}')
+    T.run_all(tmp_path, "tiny", [1])
+    stage04 = {out.name: [str(a) for a in args] for script, out, args in ran if script == "04_dpo.py"}
+    assert set(stage04) == {"04_dpo"} | {f"04_{v}_validation" for v in T.DPO_VARIANTS}
+    assert "--eval_split" not in stage04["04_dpo"]
+    for v, (extra, _, _) in T.DPO_VARIANTS.items():
+        args = stage04[f"04_{v}_validation"]
+        assert args[args.index("--eval_split") + 1] == "validation" and " ".join(extra) in " ".join(args)
+    assert stage04["04_no_contrast_validation"][-2:] == ["--steps", "3"]
+    ran.clear()
+    T.run_all(tmp_path, "tiny", [1], chain=True)
+    assert not [out for script, out, _ in ran if script == "04_dpo.py" and out.name != "04_dpo"]
+    read = []
+    monkeypatch.setattr(T, "load", lambda path: read.append(path.name))
+    assert T.dpo_choice_table(tmp_path, [1]) == ""
+    assert set(read) == {f"04_{v}_validation" for v in T.DPO_VARIANTS}

@@ -154,6 +154,50 @@ def test_eval_prompts_are_not_in_train(train, evals):
                 assert D._held_out(question) == held, question
 
 
+def test_eval_halves_split_the_held_out_content(evals):
+    """Validation and test share no subject, computation, number set or prompt, and every task has
+    items on both sides (fails if the halves were keyed by the whole item, or unsalted: eval prompts
+    are picked by crc32 % 8 == 0, so the plain parity would put every one of them in one half)."""
+    keys = {"validation": set(), "test": set()}
+    by_task = {task: {"validation": set(), "test": set()} for task in D.EVAL_TASKS}
+    for item in evals:
+        prompt = "\n".join(m["content"] for m in item["messages"] if m["role"] == "user")
+        key, half = D.content_key(item["task"], item["meta"], prompt), item["meta"]["half"]
+        assert half == D.eval_half(key)
+        keys[half].add(key)
+        by_task[item["task"]][half].add(key)
+    assert not keys["validation"] & keys["test"]
+    for task, halves in by_task.items():   # this small world has two multi-hop people in all
+        if len(halves["validation"] | halves["test"]) >= 8:
+            assert halves["validation"] and halves["test"], task
+
+
+def test_content_key_names_the_content_not_the_wording():
+    """Two phrasings of one subject's fact, or one computation asked of two people, share a key."""
+    fact = {"subject": "Ada Vul", "relation": "job"}
+    assert D.content_key("fact_qa_seen", fact, "What does Ada Vul do?") == \
+        D.content_key("fact_qa_heldout", fact, "Ada Vul works as what?")
+    steps = {"steps": ["3 * 12 = 36"], "answer": 36}
+    assert D.content_key("arithmetic", steps, "Ada buys 3 ropes at 12.") == \
+        D.content_key("arithmetic_think", steps, "Bo buys 3 pots at 12.")
+    assert D.content_key("countdown_think", {"numbers": [2, 5, 3], "answer": 7}, "a") == \
+        D.content_key("countdown_think", {"numbers": [5, 3, 2], "answer": 7}, "b")
+    assert D.content_key("critique", {}, "one") != D.content_key("critique", {}, "two")
+
+
+def test_the_eval_split_flag_picks_the_half(monkeypatch, world):
+    """prepare_data keeps the asked half only, and the two halves of one seed are disjoint."""
+    monkeypatch.setattr(D, "encode_examples", lambda enc, convs, max_len: ([([1], [1])], 0))
+    seen = {}
+    for split in D.EVAL_SPLITS:
+        args = D.parse_args(["--preset", "tiny", "--n_train", "10", "--n_eval", "20", "--eval_split", split,
+                             "--show_example"])
+        items, _, _ = D.prepare_data(args, world, None, 64)
+        assert items and {i["meta"]["half"] for i in items} == {split}
+        seen[split] = {repr(i["messages"]) for i in items}
+    assert not seen["validation"] & seen["test"]
+
+
 # --- answer keys -------------------------------------------------------------------------------
 
 def test_arithmetic_in_train_checks_out(train):
