@@ -211,6 +211,14 @@ def gain_cell(before, after, tests=1):
     return f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]{mark}"
 
 
+def one_run_cell(rates, n):
+    """'95.5 (93.7-96.8)': one run's rate on n prompts with its Wilson interval, where "mean ± sd" over
+    seeds would print ± 0.0 for what is a single measurement (one model, the same prompts)."""
+    if len(set(rates)) != 1:
+        raise ValueError(f"one run's rate expected, got {rates}")
+    return f"{100 * rates[0]:.1f} ({wilson_cell(rates[0], n)})"
+
+
 def wilson_cell(rate, n):
     """'31.2-48.9': Wilson's 95% interval in points for a rate on n prompts (the prompt-level interval,
     for measures asked on the same prompts in every seed, where the seeds' spread says nothing of them),
@@ -848,13 +856,16 @@ def probe_table(base, seeds):
                 accuracies[kind, split].append(summary[f"kind={kind}, qa_split={split}"]["accuracy"])
         rows[name] = accuracies
     n = {key: sum(p["kind"] == key[0] and p["qa_split"] == key[1] for p in probes) for key in keys}
-    out = ["| raw-text fact completion (stage 01's probe) | prompts | pretrained | SFT |",
-           "|---|---|---|---|"]
+    # One pretrained model, asked the same prompts by every seed: one measurement, with its interval over
+    # the prompts; the SFT models differ by seed, so their spread over seeds stands beside theirs.
+    out = ["| raw-text fact completion (stage 01's probe) | prompts | pretrained (95%, over prompts) | SFT | "
+           "SFT (95%, over prompts) |", "|---|---|---|---|---|"]
     for kind, split in keys:
         what = (f"{'seen' if kind == 'seen' else 'never-seen'} phrasing, subject "
                 f"{'with QA text' if split == 'train' else 'read about in prose only'}")
-        out.append(f"| {what} | {n[kind, split]} | {mean_sd(rows['pretrained'][kind, split])} | "
-                   f"{mean_sd(rows['SFT'][kind, split])} |")
+        sft, k = rows["SFT"][kind, split], n[kind, split]
+        out.append(f"| {what} | {k} | {one_run_cell(rows['pretrained'][kind, split], k)} | {mean_sd(sft)} | "
+                   f"{wilson_cell(statistics.mean(sft), k) if sft else '-'} |")
     return "\n".join(out) + "\n"
 
 

@@ -282,3 +282,14 @@ def test_stage_04s_variants_run_on_validation_and_its_default_on_the_test_half(t
     monkeypatch.setattr(T, "load", lambda path: read.append(path.name))
     assert T.dpo_choice_table(tmp_path, [1]) == ""
     assert set(read) == {f"04_{v}_validation" for v in T.DPO_VARIANTS}
+
+
+def test_a_single_measurement_shows_its_interval_over_prompts_not_a_spread_of_zero():
+    """One pretrained model on the same 600 prompts in every seed: 0.95 with Wilson's interval
+    (centre (0.95 + 1.92 / 600) / 1.0064 = 0.9471, half 1.96 sqrt(0.95 * 0.05 / 600 + 0.96 / 360000) / 1.0064
+    = 0.0176: 92.95-96.48)."""
+    assert T.one_run_cell([0.95], 600) == "95.0 (93.0-96.5)"
+    assert T.one_run_cell([0.95, 0.95], 600) == "95.0 (93.0-96.5)"   # read once per seed: the same value
+    assert "±" not in T.one_run_cell([0.0], 250)
+    with pytest.raises(ValueError):
+        T.one_run_cell([0.95, 0.90], 600)   # two different values are not one run
