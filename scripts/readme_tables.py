@@ -151,12 +151,14 @@ def sft_as_start(s):
 
 
 def mean_sd(values, digits=1):
-    """'81.7 +- 2.1' in points over seeds; '-' when no seed has the value."""
+    """'81.7 ± 2.1' in points over seeds; one seed's value alone ('81.7': one run has no spread, and
+    '± 0.0' would read as certainty); '-' when no seed has the value."""
     values = [100 * v for v in values if v is not None]
     if not values:
         return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def t_cdf(t, df):
@@ -608,17 +610,18 @@ def course_table(base, seeds):
                 lambda r: r[folder]["stages"][key][kind][field],
                 runs[0]["03_cai"]["stages"]["sft"][kind]["n"])
     c05 = default_run(base, seeds, "05_grpo", "05_grpo_test")
-    k = max(runs[0][c05]["before"]["all"]["pass_at_k"], key=int)
-    for key, what in (("greedy", "held-out problems, greedy pass@1"), ("pass_at_k", f"... pass@{k}")):
-        get = (lambda c: c[key][k]) if key == "pass_at_k" else (lambda c: c[key])
-        row("05 GRPO", what, lambda r: get(r[c05]["before"]["all"]),
-            lambda r: get(r[c05]["after"]["all"]), runs[0][c05]["before"]["all"]["n"])
-    for family in ("arithmetic", "multihop", "countdown"):   # the stage's target: +10 points on two
-        row("05 GRPO", f"... {family}, sampled pass@1", lambda r: family_rate(r[c05]["before"], family),
-            lambda r: family_rate(r[c05]["after"], family), family_n(runs[0][c05]["before"], family))
+    if runs[0].get(c05):   # later stages' rows only where they have run (stages 02-04 may run alone)
+        k = max(runs[0][c05]["before"]["all"]["pass_at_k"], key=int)
+        for key, what in (("greedy", "held-out problems, greedy pass@1"), ("pass_at_k", f"... pass@{k}")):
+            get = (lambda c: c[key][k]) if key == "pass_at_k" else (lambda c: c[key])
+            row("05 GRPO", what, lambda r: get(r[c05]["before"]["all"]),
+                lambda r: get(r[c05]["after"]["all"]), runs[0][c05]["before"]["all"]["n"])
+        for family in ("arithmetic", "multihop", "countdown"):   # the stage's target: +10 points on two
+            row("05 GRPO", f"... {family}, sampled pass@1", lambda r: family_rate(r[c05]["before"], family),
+                lambda r: family_rate(r[c05]["after"], family), family_n(runs[0][c05]["before"], family))
     # stage 06's default on its test half (the verdict's runs), where every seed has one; else the chain's
     c06 = default_run(base, seeds, "06_both", "06_both_test")
-    for kind, key, what, _ in load_stage("06_character").SCORES:
+    for kind, key, what, _ in load_stage("06_character").SCORES if runs[0].get(c06) else ():
         if key in ("stable", "plain_help", "abstains"):   # net of their controls (stage 06's CONTROL_OF)
             row("06", what + ", net of its control", lambda r: net06(r[c06]["before"][kind], key),
                 lambda r: net06(r[c06]["after"][kind], key), runs[0][c06]["after"][kind]["n"], rate=False)

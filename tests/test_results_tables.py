@@ -217,7 +217,7 @@ def test_reasoning_before_grpo_gives_each_checkpoint_s_greedy_rate_by_family(tmp
     lines = T.reasoning_before_grpo(tmp_path, [1]).splitlines()
     head = "| stage 05's held-out problems, greedy pass@1, before stage 05 | arithmetic | multihop |"
     assert lines[0] == head
-    assert lines[2:] == ["| 02_sft | 0.0 ± 0.0 | 100.0 ± 0.0 |", "| 03_cai | 50.0 ± 0.0 | 0.0 ± 0.0 |"]
+    assert lines[2:] == ["| 02_sft | 0.0 | 100.0 |", "| 03_cai | 50.0 | 0.0 |"]   # one seed: no spread
     assert seen == ["validation", ("02_sft", 1), ("03_cai", 1)]
 
 
@@ -293,3 +293,10 @@ def test_a_single_measurement_shows_its_interval_over_prompts_not_a_spread_of_ze
     assert "±" not in T.one_run_cell([0.0], 250)
     with pytest.raises(ValueError):
         T.one_run_cell([0.95, 0.90], 600)   # two different values are not one run
+
+
+def test_mean_sd_gives_one_run_no_spread():
+    """Three seeds: mean ± sample sd (0.1, 0.2, 0.3 -> 20.0 ± 10.0); one seed: its value alone."""
+    assert T.mean_sd([0.1, 0.2, 0.3]) == "20.0 ± 10.0"
+    assert T.mean_sd([0.95]) == "95.0" and T.mean_sd([0.95, None]) == "95.0"
+    assert T.mean_sd([None]) == "-"
