@@ -270,18 +270,18 @@ def tables(base, seeds):
                 f"{pm('helpful')} (about {ms[0]['03_cai']['n_pm_test']} pairs a seed). AI feedback agrees "
                 f"with the world on {mean_sd([m['03_cai']['feedback_accuracy'] for m in ms])} of the "
                 f"harmful pairs it can judge.", "",
-            "| stage 04 variant (validation runs) | steps | reward accuracy, held-out prompts | "
-            "log pi(refusal), SL-CAI -> after |",
+            "| stage 04 run | steps | reward accuracy, held-out prompts | log pi(refusal), SL-CAI -> after |",
             "|---|---|---|---|"]
-    for v in DPO_VARIANTS:
-        found = [m[f"04_{v}_validation"] for m in ms if m.get(f"04_{v}_validation")]
+    for v, name in [("dpo", "04_dpo")] + [(v, f"04_{v}_validation") for v in DPO_VARIANTS]:
+        found = [m[name] for m in ms if m.get(name)]
         if found:
             acc = mean_sd([f["held_out_pairs"]["reward_accuracy"] for f in found])
             before = statistics.mean(f["refusal_logprob"]["before"] for f in found)
             after = statistics.mean(f["refusal_logprob"]["after"] for f in found)
             steps = round(statistics.mean(len(f["history"]) for f in found))
-            out.append(f"| {DPO_VARIANTS[v][1]}: {DPO_VARIANTS[v][2]} | {steps} | {acc} | {before:.2f} -> "
-                       f"{after:.2f} |")
+            half = found[0].get("eval_split", "all")
+            out.append(f"| {DPO_VARIANTS[v][1]} ({half} half): {DPO_VARIANTS[v][2]} | {steps} | {acc} | "
+                       f"{before:.2f} -> {after:.2f} |")
     return "\n".join(out) + "\n"
 
 
@@ -595,7 +595,8 @@ def course_table(base, seeds):
         for r in runs:
             with contextlib.suppress(KeyError, TypeError):   # a seed that has not run the stage yet
                 ran.append((get_before(r), get_after(r)))
-        rows.append((stage, what, n, [b for b, _ in ran], [a for _, a in ran], rate))
+        if ran:   # a stage no seed has run has no row
+            rows.append((stage, what, n, [b for b, _ in ran], [a for _, a in ran], rate))
     headline02 = ("fact_qa_seen", "arithmetic_think", "multihop_think", "countdown_think", "choose",
                   "tool_call", "harmful")
     for task, field, what in [row02 for row02 in STAGE02 if row02[0] in headline02
