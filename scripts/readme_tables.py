@@ -638,8 +638,8 @@ def course_table(base, seeds):
            "each row's stage (the seeds column); held-out prompts; "
            "each stage's input model -> its output, mean ± sd over seeds in points; the gain is the mean "
            "of the seeds' paired differences with its 95% t-interval over seeds (df = seeds - 1), * where "
-           "it excludes 0; the last column is the after rate's 95% interval over the prompts (Wilson), "
-           "as the prompts are the same in every seed)", "",
+           "it excludes 0; the last column is the mean after rate's 95% interval over the prompts "
+           "(Wilson), on the first seed's count where the prompts differ by seed)", "",
            "| stage | measure | prompts | seeds | before | after | gain [95% t-interval] "
            "| after, over prompts |",
            "|---|---|---|---|---|---|---|---|"]
