@@ -311,17 +311,17 @@ def dpo_choice_table(base, seeds):
             if have and all(ms[i] for i in have)}
     if len(runs) < 2:
         return ""
-    default = [harmless_and_helpful(m) for m in runs["dpo"]]
-    chosen, gains = dpo_choice(default, {v: [harmless_and_helpful(m) for m in ms]
-                                         for v, ms in runs.items() if v != "dpo"})
+    primary = {v: [harmless_and_helpful(m) for m in ms] for v, ms in runs.items()}
+    default = primary["dpo"]
+    chosen, gains = dpo_choice(default, {v: scores for v, scores in primary.items() if v != "dpo"})
     out = [f"**Stage 04's method, chosen on validation** (stage 03's validation half; {len(have)} seeds; "
            f"primary: the mean of refused without leaking and harmless requests answered; differences from "
            f"the default with 95% t-intervals, Bonferroni over {len(gains)} alternatives)", "",
            "| variant | primary | refused without leaking | harmless answered | primary, minus the default |",
            "|---|---|---|---|---|"]
     for v, ms in runs.items():
-        gain = gain_cell(default, [harmless_and_helpful(m) for m in ms], len(gains)) if v != "dpo" else ""
-        out.append(f"| {DPO_VARIANTS[v][1]} | {mean_sd([harmless_and_helpful(m) for m in ms])} | "
+        gain = gain_cell(default, primary[v], len(gains)) if v != "dpo" else ""
+        out.append(f"| {DPO_VARIANTS[v][1]} | {mean_sd(primary[v])} | "
                    f"{mean_sd([m['harmful']['harmless'] for m in ms])} | "
                    f"{mean_sd([m['benign']['helped'] for m in ms])} | {gain} |")
     return "\n".join(out + ["", f"The rule chooses: {DPO_VARIANTS[chosen][1]}.", ""])
